@@ -1,0 +1,353 @@
+"""Backbone wrapper over transformers' audio LLM classes.
+
+Three things every method needs from an audio LLM, and nothing more:
+
+(a) :meth:`AudioLLMBackbone.audio_embeddings`: the frozen audio encoder + projector turning one
+    utterance into audio-token embeddings ``[T, D]`` (T audio tokens, D the LM hidden size), cached
+    on disk keyed by backbone config, audio-encoder weights and audio content, so the audio encoder
+    runs once per utterance per backbone across a whole benchmark (every method and seed reuses it).
+(b) :class:`EmotionLM`: a private copy of the language-model blocks (``.layers``), with each input's
+    audio-token positions known (:class:`LMBatch.audio_spans`), for methods that act inside the LM.
+(c) :meth:`EmotionLM.forward`: emotion scoring restricted to the label set, i.e. the LM-head logits
+    of the label verbalizer tokens at the answer position (the DPM paper's constrained logits,
+    Eq. 5-7), never free-text generation and parsing.
+
+The embedded default backbone ``tiny-qwen2-audio`` is ``Qwen2AudioForConditionalGeneration`` built
+from a tiny config, seeded, random init: the code path the real Qwen2-Audio-7B takes, no download.
+``tests/test_backbone.py`` checks that our cached path (a) + (c) gives the same logits as the
+model's own ``forward(input_ids, input_features, feature_attention_mask)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.signal import resample_poly
+from torch import nn
+
+from .data import UtteranceInput
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"
+
+# Prompt templates (whitespace separated so the tiny word-level tokenizer covers them).
+INSTRUCTION = "what is the emotion of the current utterance ? answer :"
+CONTEXT_HEADER = "previous utterances :"
+CURRENT_HEADER = "current utterance :"
+
+
+def default_cache_dir() -> Path:
+    """``$BENCHBENCH_CACHE`` or ``~/.cache/benchbench``."""
+    return Path(os.environ.get("BENCHBENCH_CACHE", Path.home() / ".cache" / "benchbench"))
+
+
+@dataclass
+class Segment:
+    """One audio segment of an LM input: audio-token embeddings ``[T, D]`` and an optional speaker tag."""
+
+    audio: torch.Tensor
+    speaker_tag: str | None = None
+
+
+@dataclass
+class LMBatch:
+    """A right-padded batch for :class:`EmotionLM`.
+
+    Attributes:
+        inputs_embeds: ``[B, L, D]`` input embeddings (text tokens + audio-token embeddings).
+        attention_mask: ``[B, L]`` 1 for real tokens, 0 for right padding.
+        answer_index: ``[B]`` position whose next-token logits score the labels (last real token).
+        audio_spans: per item, the ``(start, end)`` token positions of each audio segment in order;
+            the last span is the current utterance.
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_index: torch.Tensor
+    audio_spans: list[list[tuple[int, int]]]
+
+    @property
+    def uniform_current_span(self) -> tuple[int, int]:
+        """The current utterance's span when it is the same for every item, else ``ValueError``."""
+        spans = {s[-1] for s in self.audio_spans}
+        if len(spans) != 1:
+            raise ValueError(f"batch items have different current-utterance spans: {sorted(spans)}")
+        return spans.pop()
+
+
+class EmotionLM(nn.Module):
+    """A copy of the backbone's language model with the label-restricted scoring head.
+
+    ``forward(batch) -> [B, C]`` logits of the C label verbalizer tokens at ``batch.answer_index``.
+    All parameters start frozen; methods add and unfreeze their own (LoRA, memory branches).
+    """
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Linear, tokenizer, verbalizer_ids: list[int]):
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+        self.tokenizer = tokenizer
+        self.register_buffer("verbalizer_ids", torch.tensor(verbalizer_ids, dtype=torch.long), persistent=False)
+        self.requires_grad_(False)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks, in order (block l's input is the residual stream h before block l)."""
+        return self.language_model.layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.language_model.config.hidden_size
+
+    def text_embeddings(self, text: str) -> torch.Tensor:
+        """Token embeddings ``[n_tokens, D]`` of a text piece (cached; the embedding table is frozen)."""
+        if text not in self._text_cache:
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+            with torch.no_grad():
+                self._text_cache[text] = self.language_model.embed_tokens(ids)
+        return self._text_cache[text]
+
+    def build_sequence(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Lay out one LM input: ``[L, D]`` embeddings and the ``(start, end)`` span of each segment.
+
+        With one segment: ``<|audio_bos|> AUDIO*T <|audio_eos|> INSTRUCTION``. With context segments,
+        the earlier ones come under ``CONTEXT_HEADER`` and the last under ``CURRENT_HEADER``; a
+        segment's speaker tag, when given, precedes it.
+        """
+        pieces: list[torch.Tensor] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+
+        def add(t: torch.Tensor):
+            nonlocal pos
+            pieces.append(t)
+            pos += t.shape[0]
+
+        for i, seg in enumerate(segments):
+            if len(segments) > 1 and i == 0:
+                add(self.text_embeddings(CONTEXT_HEADER))
+            if len(segments) > 1 and i == len(segments) - 1:
+                add(self.text_embeddings(CURRENT_HEADER))
+            if seg.speaker_tag is not None:
+                add(self.text_embeddings(f"{seg.speaker_tag} :"))
+            add(self.text_embeddings(AUDIO_BOS))
+            start = pos
+            add(seg.audio.to(self.lm_head.weight.dtype))
+            spans.append((start, pos))
+            add(self.text_embeddings(AUDIO_EOS))
+        add(self.text_embeddings(INSTRUCTION))
+        return torch.cat(pieces, dim=0), spans
+
+    def collate(self, sequences: Sequence[tuple[torch.Tensor, list[tuple[int, int]]]]) -> LMBatch:
+        """Right-pad ``[L_b, D]`` sequences into an :class:`LMBatch`."""
+        lengths = [s.shape[0] for s, _ in sequences]
+        L, D = max(lengths), sequences[0][0].shape[1]
+        embeds = sequences[0][0].new_zeros(len(sequences), L, D)
+        mask = torch.zeros(len(sequences), L, dtype=torch.long)
+        for b, (s, _) in enumerate(sequences):
+            embeds[b, : s.shape[0]] = s
+            mask[b, : s.shape[0]] = 1
+        return LMBatch(embeds, mask, torch.tensor(lengths) - 1, [sp for _, sp in sequences])
+
+    def batch(self, segment_lists: Sequence[Sequence[Segment]]) -> LMBatch:
+        return self.collate([self.build_sequence(s) for s in segment_lists])
+
+    def forward(self, batch: LMBatch) -> torch.Tensor:
+        """Label logits ``[B, C]`` (C = number of labels), in verbalizer order."""
+        # An all-ones mask is passed as None so that unpadded batches take the same kernel as a
+        # single sequence (bit-identical results whatever the batch composition).
+        mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+        out = self.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=False)
+        h = out.last_hidden_state[torch.arange(len(batch.answer_index)), batch.answer_index]  # [B, D]
+        return nn.functional.linear(h, self.lm_head.weight[self.verbalizer_ids])
+
+
+class AudioLLMBackbone:
+    """A frozen transformers audio LLM, its feature extractor and tokenizer, and the feature cache.
+
+    Args:
+        name: registry name (e.g. ``"tiny-qwen2-audio"``).
+        model: a ``Qwen2AudioForConditionalGeneration`` (or a class with the same layout:
+            ``model.model.audio_tower``, ``.multi_modal_projector``, ``.language_model``, ``model.lm_head``).
+        feature_extractor: a ``WhisperFeatureExtractor`` matching the audio tower.
+        tokenizer: the LM's tokenizer, with the audio special tokens.
+        cache_dir: root of the on-disk feature cache (``None``: :func:`default_cache_dir`).
+    """
+
+    def __init__(self, name: str, model: nn.Module, feature_extractor, tokenizer, cache_dir: Path | None = None):
+        self.name = name
+        self.model = model.eval().requires_grad_(False)
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.sample_rate = int(feature_extractor.sampling_rate)
+        self.key = self._compute_key()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._memory_cache: dict[str, torch.Tensor] = {}
+        self.encoder_calls = 0  # audio-encoder forward passes actually run (cache misses)
+
+    # ---------------------------------------------------------------- identity
+    def _compute_key(self) -> str:
+        """sha256 over the model config, the audio-encoder + projector weights and the feature extractor."""
+        h = hashlib.sha256()
+        h.update(self.model.config.to_json_string(use_diff=False).encode())
+        h.update(self.feature_extractor.to_json_string().encode())
+        for module in (self.model.model.audio_tower, self.model.model.multi_modal_projector):
+            for k, v in sorted(module.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().to(torch.float32).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def max_audio_seconds(self) -> float:
+        return float(self.feature_extractor.chunk_length)
+
+    # ---------------------------------------------------------------- (a) audio encoding
+    def _waveform_16k(self, utt: UtteranceInput) -> np.ndarray:
+        wav = np.asarray(utt.waveform, dtype=np.float32)
+        if wav.ndim != 1:
+            raise ValueError(f"utterance {utt.utterance_id}: waveform must be mono [n_samples], got {wav.shape}")
+        if utt.sample_rate != self.sample_rate:
+            g = np.gcd(int(utt.sample_rate), self.sample_rate)
+            wav = resample_poly(wav, self.sample_rate // g, int(utt.sample_rate) // g).astype(np.float32)
+        return wav
+
+    def _encode(self, utt: UtteranceInput) -> torch.Tensor:
+        """Run the audio tower + projector on one utterance, as the model's own forward does."""
+        wav = self._waveform_16k(utt)
+        if len(wav) > self.feature_extractor.n_samples:
+            log.warning("%s: %.1f s is longer than the backbone's %.0f s window; truncated",
+                        utt.utterance_id, utt.duration_s, self.max_audio_seconds)
+        feats = self.feature_extractor(wav, sampling_rate=self.sample_rate, return_attention_mask=True,
+                                       padding="max_length", return_tensors="pt")
+        tower = self.model.model.audio_tower
+        feat_len = feats.attention_mask.sum(-1)
+        conv_len, n_tokens = tower._get_feat_extract_output_lengths(feat_len)
+        max_len = (feats.input_features.shape[-1] - 2) // 2 + 1
+        # Padding frames are masked in the encoder's self-attention exactly as
+        # Qwen2AudioModel.forward does it (additive -inf bias on padded key positions).
+        key_pad = torch.arange(max_len)[None, :] >= conv_len[:, None]  # [1, max_len]
+        bias = torch.zeros(1, 1, max_len, max_len, dtype=tower.conv1.weight.dtype)
+        bias = bias.masked_fill(key_pad[:, None, None, :], torch.finfo(bias.dtype).min)
+        with torch.no_grad():
+            hidden = tower(feats.input_features, attention_mask=bias).last_hidden_state
+            emb = self.model.model.multi_modal_projector(hidden)[0, : int(n_tokens[0])]
+        self.encoder_calls += 1
+        return emb.contiguous()
+
+    def audio_embeddings(self, utt: UtteranceInput) -> torch.Tensor:
+        """Audio-token embeddings ``[T, D]`` of one utterance (T = 25 tokens per second of audio).
+
+        Cached in memory and on disk under ``cache_dir/features/<backbone key>/<audio sha256>``.
+        Raises ``ValueError`` (naming the utterance) on a non-mono or empty waveform.
+        """
+        if len(utt.waveform) == 0:
+            raise ValueError(f"utterance {utt.utterance_id}: empty waveform")
+        key = utt.audio_sha256
+        hit = self._memory_cache.get(key)
+        if hit is not None:
+            return hit
+        path = self.cache_dir / "features" / self.key[:16] / key[:2] / f"{key}.safetensors"
+        if path.exists():
+            try:
+                emb = load_file(str(path))["audio_embeddings"]
+            except Exception as e:  # a truncated file from a killed run: recompute, don't fail
+                log.warning("feature cache file %s unreadable (%s); recomputing", path, e)
+                emb = None
+        else:
+            emb = None
+        if emb is None:
+            emb = self._encode(utt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"audio_embeddings": emb}, str(tmp), metadata={"backbone": self.name})
+            os.replace(tmp, path)
+        self._memory_cache[key] = emb
+        return emb
+
+    # ---------------------------------------------------------------- (b) + (c)
+    def verbalizer_ids(self, labels: Sequence[str]) -> list[int]:
+        """First token id of each label word; ``ValueError`` if two labels share it or one is unknown."""
+        ids = []
+        for lab in labels:
+            toks = self.tokenizer(" " + lab, add_special_tokens=False).input_ids
+            if not toks or toks[0] == self.tokenizer.unk_token_id:
+                raise ValueError(f"backbone {self.name}: label {lab!r} has no verbalizer token")
+            ids.append(toks[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"backbone {self.name}: labels {list(labels)} share verbalizer tokens {ids}")
+        return ids
+
+    def new_lm(self, labels: Sequence[str]) -> EmotionLM:
+        """A private, frozen copy of the language model + LM head scoring ``labels``."""
+        lm = EmotionLM(copy.deepcopy(self.model.model.language_model), copy.deepcopy(self.model.lm_head),
+                       self.tokenizer, self.verbalizer_ids(labels))
+        return lm.eval()
+
+
+# ---------------------------------------------------------------------------- registry
+BACKBONES: Registry[Callable[..., AudioLLMBackbone]] = Registry("backbone")
+
+LABEL_WORDS = ["anger", "happiness", "neutral", "sadness", "joy", "surprise", "disgust", "fear",
+               "boredom", "frustration", "excited", "other"]
+PROMPT_WORDS = sorted({w for t in (INSTRUCTION, CONTEXT_HEADER, CURRENT_HEADER) for w in t.split()})
+SPEAKER_TAGS = [f"S{i}" for i in range(8)]
+
+
+def tiny_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` over the suite's prompt words, labels and speaker tags."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]
+    words = specials + PROMPT_WORDS + LABEL_WORDS + SPEAKER_TAGS
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": [AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]})
+    return fast
+
+
+@BACKBONES.register("tiny-qwen2-audio")
+def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """``Qwen2AudioForConditionalGeneration`` from a tiny config, random init under ``seed``.
+
+    Audio tower: 80 mel bins, 2 layers, d_model 64, a 4 s window (``max_source_positions`` 200,
+    i.e. 25 audio tokens per second). Language model: Qwen2, 2 blocks, hidden 64, 4 heads (2 KV).
+    """
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
+                              WhisperFeatureExtractor)
+
+    tokenizer = tiny_tokenizer()
+    config = Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=2,
+                          encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
+                          max_source_positions=200),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False),
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    config.audio_config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2AudioForConditionalGeneration(config)
+    fe = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=4, n_fft=400)
+    return AudioLLMBackbone("tiny-qwen2-audio", model, fe, tokenizer, cache_dir=cache_dir)

@@ -1,0 +1,135 @@
+"""The task format every task produces and every method consumes.
+
+Data flows one way: task -> dialogues -> backbone features -> method -> predictions.
+
+A :class:`Dialogue` is an ordered stream of :class:`Utterance` (turn order). Methods are trained on
+labelled dialogues, but at evaluation they only ever receive :class:`UtteranceInput` objects, which
+have no label field at all: a test label cannot be reached through them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class UtteranceInput:
+    """What a method may see of one utterance at evaluation time (no label).
+
+    Attributes:
+        utterance_id: unique id within the task (e.g. ``"03a01Wa"`` or ``"syn-d0012-t03"``).
+        dialogue_id: id of the dialogue this utterance belongs to.
+        turn: 0-based position in the dialogue.
+        speaker: speaker id, unique within the task (speaker identity is an input in ERC, not a label).
+        waveform: mono float32 samples in [-1, 1], shape ``[n_samples]``.
+        sample_rate: samples per second of ``waveform`` (Hz); backbones resample as they need.
+    """
+
+    utterance_id: str
+    dialogue_id: str
+    turn: int
+    speaker: str
+    waveform: np.ndarray = field(repr=False)
+    sample_rate: int
+
+    @property
+    def duration_s(self) -> float:
+        """Duration in seconds."""
+        return len(self.waveform) / self.sample_rate
+
+    @cached_property
+    def audio_sha256(self) -> str:
+        """Hash of the audio content (samples and sample rate); keys the feature cache."""
+        h = hashlib.sha256()
+        h.update(str(self.sample_rate).encode())
+        h.update(np.ascontiguousarray(self.waveform, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Utterance:
+    """A labelled utterance: the input plus its emotion class index (into ``Task.labels``)."""
+
+    input: UtteranceInput
+    label: int
+
+    @property
+    def utterance_id(self) -> str:
+        return self.input.utterance_id
+
+    @property
+    def speaker(self) -> str:
+        return self.input.speaker
+
+
+@dataclass(frozen=True, eq=False)
+class Dialogue:
+    """An ordered, labelled utterance stream ``D = (x_1..x_N)`` with labels ``(y_1..y_N)``."""
+
+    dialogue_id: str
+    utterances: tuple[Utterance, ...]
+
+    def __post_init__(self):
+        if not self.utterances:
+            raise ValueError(f"dialogue {self.dialogue_id!r} has no utterances")
+        for i, u in enumerate(self.utterances):
+            if u.input.turn != i or u.input.dialogue_id != self.dialogue_id:
+                raise ValueError(
+                    f"dialogue {self.dialogue_id!r}: utterance {u.utterance_id!r} has turn "
+                    f"{u.input.turn} / dialogue {u.input.dialogue_id!r}, expected turn {i}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def inputs(self) -> tuple[UtteranceInput, ...]:
+        """The label-free view handed to methods at evaluation."""
+        return tuple(u.input for u in self.utterances)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class indices, shape ``[N]``."""
+        return np.array([u.label for u in self.utterances], dtype=np.int64)
+
+    @property
+    def speakers(self) -> tuple[str, ...]:
+        return tuple(sorted({u.speaker for u in self.utterances}))
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One train/dev/test partition. Test speakers never appear in ``train`` or ``dev``."""
+
+    index: int
+    train: tuple[Dialogue, ...]
+    dev: tuple[Dialogue, ...]
+    test: tuple[Dialogue, ...]
+
+    def __post_init__(self):
+        test_spk = {s for d in self.test for s in d.speakers}
+        seen = {s for d in self.train + self.dev for s in d.speakers}
+        if test_spk & seen:
+            raise ValueError(f"fold {self.index}: test speakers {sorted(test_spk & seen)} also in train/dev")
+
+
+def manifest_of(dialogues: Sequence[Dialogue]) -> dict:
+    """Counts and a content hash of a set of dialogues (ids, turns, speakers, labels, audio)."""
+    h = hashlib.sha256()
+    n_utt = 0
+    for d in dialogues:
+        for u in d.utterances:
+            h.update(f"{d.dialogue_id}|{u.input.turn}|{u.utterance_id}|{u.speaker}|{u.label}|".encode())
+            h.update(u.input.audio_sha256.encode())
+            n_utt += 1
+    return {"n_dialogues": len(dialogues), "n_utterances": n_utt, "sha256": h.hexdigest()}
+
+
+def hash_json(obj) -> str:
+    """Stable sha256 of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,180 @@
+"""``ContextMethod``: the one contract every context/memory method honours.
+
+After Titans-as-a-Layer Eq. 1: for utterance x_i of a dialogue,
+
+    y_i = f(x_i, S_{i-1}),    S_i = U(S_{i-1}, x_i),
+
+with S_0 a fresh state at every dialogue start. A method
+
+* is built on a backbone for a label set, from a config dataclass (the papers' hyperparameters as
+  defaults, with named presets: ``smoke``, ``default`` = CPU-sized, ``paper``) and a seed;
+* is fitted with :meth:`fit` on labelled training dialogues, doing model selection on the labelled
+  dev dialogues only (it never sees test dialogues while fitting);
+* is evaluated by streaming: :meth:`reset` starts a dialogue, :meth:`step` returns class
+  probabilities for one label-free :class:`~benchbench.data.UtteranceInput` and then updates the
+  state without its label. :meth:`predict_dialogue` may batch this for stateless methods, but must
+  give every utterance the prediction it would get from the utterances up to it (the conformance
+  suite checks prefix consistency);
+* declares its trained parameters (:meth:`trained_parameters`) and saves / loads them with
+  safetensors (no pickle).
+
+The conformance suite in ``tests/conformance.py`` runs on every registered method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbone import AudioLLMBackbone
+from .data import Dialogue, UtteranceInput
+from .registry import Registry
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of method configs. Nested dataclass fields are allowed; ``flat()`` flattens them."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{prefix}{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    @classmethod
+    def from_overrides(cls, overrides: dict | None = None):
+        """Defaults updated with ``overrides`` (nested dicts for nested configs); unknown keys raise."""
+        overrides = dict(overrides or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - set(known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        kwargs = {}
+        for name, f in known.items():
+            if name not in overrides:
+                continue
+            v = overrides[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default) and isinstance(v, dict):
+                v = type(default).from_overrides({**dataclasses.asdict(default), **v})
+            kwargs[name] = v
+        return cls(**kwargs)
+
+
+ProgressFn = Callable[[str, dict], None]
+
+
+class ContextMethod(ABC):
+    """Base class of all methods (see module docstring for the contract).
+
+    Args:
+        backbone: the frozen audio LLM; the method takes a private copy of its LM (``self.lm``).
+        labels: class names, in class-index order.
+        config: the method's config (``None``: defaults of ``config_cls``).
+        seed: seeds parameter init and data order.
+
+    Class attributes:
+        name: registry name; config_cls: the config dataclass;
+        uses_context: whether a prediction may depend on earlier utterances of the dialogue
+            (``False`` methods are checked against a task's context-free ceiling for leakage);
+        presets: preset name -> config overrides.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    uses_context: ClassVar[bool]
+    presets: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, backbone: AudioLLMBackbone, labels: Sequence[str], config: MethodConfig | None = None,
+                 seed: int = 0):
+        self.backbone = backbone
+        self.labels = tuple(labels)
+        self.config = config if config is not None else self.config_cls()
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.lm = backbone.new_lm(self.labels)
+        self.curves: dict[str, list[float]] = {}  # training curves, logged by the harness
+        self.test_time_cost: dict[str, float] = {}
+
+    @classmethod
+    def make_config(cls, preset: str = "default", overrides: dict | None = None) -> MethodConfig:
+        """Config for a preset (``paper`` = the dataclass defaults) plus explicit overrides."""
+        if preset != "paper" and preset not in cls.presets:
+            raise ValueError(f"method {cls.name}: unknown preset {preset!r} (known: paper, {', '.join(cls.presets)})")
+        merged = _deep_merge(cls.presets.get(preset, {}), overrides or {})
+        return cls.config_cls.from_overrides(merged)
+
+    # ------------------------------------------------------------------ training
+    @abstractmethod
+    def fit(self, train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None = None) -> None:
+        """Train on ``train``; select checkpoints on ``dev`` only. Records curves in ``self.curves``."""
+
+    # ------------------------------------------------------------------ streaming evaluation
+    @abstractmethod
+    def reset(self) -> None:
+        """Start a new dialogue: S <- S_0."""
+
+    @abstractmethod
+    def step(self, utterance: UtteranceInput) -> np.ndarray:
+        """``y_i = f(x_i, S_{i-1})`` as probabilities ``[C]``; then ``S_i = U(S_{i-1}, x_i)`` (no label)."""
+
+    def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        """Probabilities ``[N, C]`` for a whole dialogue, from a fresh state, in turn order."""
+        self.reset()
+        return np.stack([self.step(u) for u in utterances])
+
+    # ------------------------------------------------------------------ parameters
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter this method trains (in any stage), by name. Empty for ``zero_shot``."""
+        return {}
+
+    def save(self, path: str | Path) -> None:
+        """Write the trained parameters to a safetensors file (with method name and config as metadata)."""
+        tensors = {k: v.detach().contiguous().clone() for k, v in self.trained_parameters().items()}
+        save_file(tensors, str(path), metadata={"method": self.name, "config": json.dumps(self.config.to_dict())})
+
+    def load(self, path: str | Path) -> None:
+        """Load parameters written by :meth:`save`; ``ValueError`` naming the file on any mismatch."""
+        tensors = load_file(str(path))
+        own = self.trained_parameters()
+        missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"{path}: parameters do not match method {self.name}: "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        with torch.no_grad():
+            for k, p in own.items():
+                if p.shape != tensors[k].shape:
+                    raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
+                p.copy_(tensors[k])
+
+    def num_trained_parameters(self) -> int:
+        return sum(p.numel() for p in self.trained_parameters().values())
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+METHODS: Registry[type[ContextMethod]] = Registry("method")
+METHODS.register("zero_shot", "benchbench.methods.zero_shot:ZeroShot")
+METHODS.register("lora", "benchbench.methods.lora:LoRAMethod")
+METHODS.register("full_context", "benchbench.methods.full_context:FullContext")
+METHODS.register("mal", "benchbench.methods.mal:MemoryAsALayer")

@@ -1,0 +1,56 @@
+"""The task contract: a named label set, folds of dialogues, a data manifest and reference figures."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+from .data import Fold, hash_json, manifest_of
+from .registry import Registry
+
+
+class Task(ABC):
+    """A conversational SER task.
+
+    Subclasses set ``name`` and ``labels`` and build their folds in ``__init__``. The constructor
+    takes ``data_dir`` (``None`` for tasks without files), ``preset`` (``"smoke"`` or ``"default"``)
+    and ``seed`` (the data-composition seed, fixed across method seeds so that every method and seed
+    sees the same items).
+    """
+
+    name: ClassVar[str]
+    labels: ClassVar[tuple[str, ...]]
+    needs_data_dir: ClassVar[bool] = False
+
+    def __init__(self, data_dir: str | Path | None = None, preset: str = "default", seed: int = 0):
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.preset = preset
+        self.seed = seed
+
+    @abstractmethod
+    def folds(self) -> list[Fold]:
+        """All folds, in index order."""
+
+    def reference(self) -> dict:
+        """Reference figures reported beside results (e.g. ``{"ceilings": {...}}``); fractions in [0, 1]."""
+        return {}
+
+    def params(self) -> dict:
+        """The task's resolved configuration (logged as run params)."""
+        return {"name": self.name, "preset": self.preset, "seed": self.seed,
+                "data_dir": str(self.data_dir) if self.data_dir else None, "labels": list(self.labels)}
+
+    def manifest(self) -> dict:
+        """Counts and content hashes per fold and split, plus one overall ``sha256``."""
+        folds = {}
+        for f in self.folds():
+            folds[str(f.index)] = {s: manifest_of(getattr(f, s)) for s in ("train", "dev", "test")}
+        m = {"task": self.params(), "folds": folds}
+        m["sha256"] = hash_json(m)
+        return m
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+TASKS.register("synthetic", "benchbench.tasks.synthetic:SyntheticProsodyTask")
+TASKS.register("emodb", "benchbench.tasks.emodb:EmoDBDialogueTask")

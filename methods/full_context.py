@@ -1,0 +1,92 @@
+"""``full_context``: the current utterance with the dialogue's previous utterances in the LM input.
+
+The explicit-context approach both papers argue against: each utterance's input holds the audio
+tokens of as many preceding utterances as fit in ``max_context_tokens`` (most recent first), each
+under a speaker tag, then the current one; a task LoRA (same settings as ``lora``) is trained on
+these sequences. Its cost grows with the dialogue (sequence length up to the budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from benchbench.backbone import SPEAKER_TAGS, Segment
+from benchbench.data import UtteranceInput
+from benchbench.method import ContextMethod, MethodConfig
+from benchbench.methods.lora import LoRASettings, attach_lora, train_supervised
+
+
+@dataclass
+class FullContextConfig(MethodConfig):
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    max_context_tokens: int = 4096  # audio tokens of previous utterances kept in the input
+    speaker_tags: bool = True       # tag each segment with its speaker (S0, S1, ... in order of appearance)
+
+
+class FullContext(ContextMethod):
+    """Concatenated dialogue history in the input, LoRA-tuned."""
+
+    name = "full_context"
+    config_cls = FullContextConfig
+    uses_context = True
+    presets = {
+        "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), max_context_tokens=256),
+        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), max_context_tokens=512),
+    }
+
+    def __init__(self, backbone, labels, config=None, seed=0):
+        super().__init__(backbone, labels, config, seed)
+        self.lora_params = attach_lora(self.lm, self.config.lora)
+        self.reset()
+
+    def _segments(self, history: Sequence[UtteranceInput], current: UtteranceInput) -> list[Segment]:
+        """Context (most recent utterances within the token budget, in turn order) + current."""
+        tags: dict[str, str] = {}
+        for u in list(history) + [current]:
+            tags.setdefault(u.speaker, SPEAKER_TAGS[len(tags) % len(SPEAKER_TAGS)])
+
+        def seg(u):
+            return Segment(self.backbone.audio_embeddings(u), tags[u.speaker] if self.config.speaker_tags else None)
+
+        context, budget = [], self.config.max_context_tokens
+        for u in reversed(history):
+            s = seg(u)
+            if s.audio.shape[0] > budget:
+                break
+            budget -= s.audio.shape[0]
+            context.append(s)
+        return context[::-1] + [seg(current)]
+
+    def fit(self, train, dev, progress=None):
+        examples = []
+        for d in train:
+            inputs = d.inputs()
+            examples += [(self._segments(inputs[:i], inputs[i]), d.utterances[i].label) for i in range(len(d))]
+        train_supervised(self, self.lora_params, self.config.lora, examples, dev, progress)
+
+    def reset(self) -> None:
+        self.history: list[UtteranceInput] = []
+        self.context_tokens: list[int] = []
+
+    @torch.no_grad()
+    def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        """All turns in one batch; turn i's input holds only utterances 0..i (causal by construction)."""
+        self.reset()
+        self.lm.eval()
+        seqs = [self._segments(utterances[:i], u) for i, u in enumerate(utterances)]
+        self.context_tokens = [sum(s.audio.shape[0] for s in segs) for segs in seqs]
+        return torch.softmax(self.lm(self.lm.batch(seqs)).float(), -1).numpy()
+
+    @torch.no_grad()
+    def step(self, utterance: UtteranceInput) -> np.ndarray:
+        self.lm.eval()
+        segs = self._segments(self.history, utterance)
+        self.history.append(utterance)
+        return torch.softmax(self.lm(self.lm.batch([segs])).float(), -1).numpy()[0]
+
+    def trained_parameters(self):
+        return self.lora_params

@@ -1,0 +1,133 @@
+"""``lora``: peft LoRA on the LM's linear layers, one utterance at a time (no dialogue context).
+
+The task-adaptation baseline of both papers (Titans-as-a-Layer Sec. 3.4, Phase 1: r=32,
+alpha=64, AdamW, lr 2e-5, 3 epochs). Also provides the LoRA pieces that ``full_context`` and
+``mal`` reuse: :class:`LoRASettings`, :func:`attach_lora` and :func:`train_supervised`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from benchbench.backbone import EmotionLM, Segment
+from benchbench.data import Dialogue, UtteranceInput
+from benchbench.method import ContextMethod, MethodConfig, ProgressFn
+from benchbench.metrics import evaluate
+
+LM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRASettings(MethodConfig):
+    """LoRA and its training schedule. Defaults: Titans-as-a-Layer Sec. 3.4, Phase 1."""
+
+    r: int = 32                    # rank r = 32
+    alpha: int = 64                # scaling alpha_LoRA = 64
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = LM_LINEAR_LAYERS  # all linear layers of the LM blocks
+    lr: float = 2e-5               # AdamW, learning rate 2e-5
+    weight_decay: float = 0.0
+    epochs: int = 3                # three epochs
+    batch_size: int = 8            # utterances (or context sequences) per step
+    selection_metric: str = "ua"   # dev metric for choosing the best epoch's checkpoint
+
+
+def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task") -> dict[str, nn.Parameter]:
+    """Wrap ``lm.language_model`` with a peft LoRA adapter; returns its parameters by name (trainable)."""
+    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules))
+    lm.language_model = get_peft_model(lm.language_model, cfg, adapter_name=adapter_name)
+    params = {n: p for n, p in lm.named_parameters() if f"lora_" in n and f".{adapter_name}." in n}
+    if not params:
+        raise ValueError(f"LoRA target modules {s.target_modules} matched no layer of the language model")
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+Example = tuple[list[Segment], int]
+
+
+def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
+                     examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
+                     curve_prefix: str = "lora") -> None:
+    """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``.
+
+    Records ``<prefix>_train_loss`` (per step) and ``<prefix>_dev_<metric>`` (per epoch) in
+    ``method.curves``; the parameters end at the best dev epoch (dev only, never test).
+    """
+    lm = method.lm
+    opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=s.weight_decay)
+    losses, dev_scores = method.curves.setdefault(f"{curve_prefix}_train_loss", []), \
+        method.curves.setdefault(f"{curve_prefix}_dev_{s.selection_metric}", [])
+    best, best_state = -np.inf, None
+    for epoch in range(s.epochs):
+        lm.train()
+        order = method.rng.permutation(len(examples))
+        for i in range(0, len(order), s.batch_size):
+            chunk = [examples[j] for j in order[i:i + s.batch_size]]
+            logits = lm(lm.batch([segs for segs, _ in chunk]))
+            loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        lm.eval()
+        score = evaluate(method, dev, method.labels)[s.selection_metric]
+        dev_scores.append(score)
+        if progress:
+            progress(f"{curve_prefix} epoch {epoch + 1}/{s.epochs}", {"dev_" + s.selection_metric: score})
+        if score > best:
+            best, best_state = score, {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(best_state[k])
+    lm.eval()
+
+
+class UtteranceLevelMethod(ContextMethod):
+    """Shared prediction for methods whose output depends on the current utterance only."""
+
+    uses_context = False
+
+    def reset(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        self.lm.eval()
+        batch = self.lm.batch([[Segment(self.backbone.audio_embeddings(u))] for u in utterances])
+        return torch.softmax(self.lm(batch).float(), -1).numpy()
+
+    def step(self, utterance: UtteranceInput) -> np.ndarray:
+        return self.predict_dialogue([utterance])[0]
+
+
+class LoRAMethod(UtteranceLevelMethod):
+    """Static task LoRA (Titans-as-a-Layer's "+ LoRA" rows); one utterance at a time."""
+
+    name = "lora"
+    config_cls = LoRASettings
+    presets = {
+        "smoke": dict(lr=2e-3, epochs=1, batch_size=16),
+        # CPU-sized: the tiny random-init backbone needs a larger step than the 7B paper setting
+        "default": dict(lr=1e-3, epochs=6, batch_size=32),
+    }
+
+    def __init__(self, backbone, labels, config=None, seed=0):
+        super().__init__(backbone, labels, config, seed)
+        self.lora_params = attach_lora(self.lm, self.config)
+
+    def fit(self, train, dev, progress=None):
+        examples = [([Segment(self.backbone.audio_embeddings(u.input))], u.label)
+                    for d in train for u in d.utterances]
+        train_supervised(self, self.lora_params, self.config, examples, dev, progress)
+
+    def trained_parameters(self):
+        return self.lora_params

@@ -1,0 +1,240 @@
+"""``mal``: Memory-as-a-Layer (Titans-as-a-Layer, Sec. 3.3, Eq. 6-10; schedule Sec. 3.4).
+
+For each chosen LM block l and utterance x_i, with h_{i,l} ``[T_i, D]`` the residual-stream hidden
+states at the audio-token positions before block l:
+
+    z_{i,l} = [P_l ; W_in^(l) h_{i,l}]                      (Eq. 6)   z: [N_p + T_i, d_m]
+    (r_{i,l}, S_i^(l)) = M_l(z_{i,l}; S_{i-1}^(l))           (Eq. 7)   titans-pytorch NeuralMemory
+    delta_{i,l} = W_out^(l) r_{i,l}[N_p:]                    (Eq. 8)   delta: [T_i, D]
+    h~_{i,l} = h_{i,l} + tanh(alpha_l) delta_{i,l}           (Eq. 9)   alpha_l initialised to 0
+
+The state S^(l) is carried across the dialogue's utterances and reset (``None``) at its start; no
+token is added, removed or moved. With every alpha_l = 0 the host's outputs are bit-identical.
+Trainable (Eq. 10): {W_in, W_out, M, alpha, P} per branch; backbone and the (phase-1) LoRA frozen.
+
+Two-stage schedule (Sec. 3.4): Phase 1 trains the task LoRA with MAL removed (exactly ``lora``);
+Phase 2 freezes it and trains MAL by backpropagation through each training dialogue (gradients flow
+through the memory state across utterances), with separate learning rates and clipping thresholds
+for {W_in, W_out, M, P} (1e-4, 1.0) and the gates {alpha} (2e-4, 2.0).
+
+titans-pytorch 0.5.5 chains state exactly only when every call's length is a multiple of
+``chunk_size`` (see ../shared/reference/titans-pytorch.md); :class:`MALBranch` refuses other lengths
+with a clear error instead of silently computing something else. ``chunk_size=1`` chains exactly for
+any length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import repeat
+from titans_pytorch import NeuralMemory
+from torch import nn
+
+from benchbench.backbone import Segment
+from benchbench.data import Dialogue, UtteranceInput
+from benchbench.method import ContextMethod, MethodConfig
+from benchbench.methods.lora import LoRASettings, attach_lora, train_supervised
+from benchbench.metrics import evaluate
+
+
+@dataclass
+class MALConfig(MethodConfig):
+    lora: LoRASettings = field(default_factory=LoRASettings)  # Phase 1 (Sec. 3.4)
+    layers: str = "all"          # "all" (paper), "quartile" (4 layers at the quartiles), or "0,3,5"
+    d_m: int = 128               # memory dimension d_m (paper, every-layer placement)
+    n_persistent: int = 8        # N_p persistent tokens P_l
+    chunk_size: int = 1          # NeuralMemory chunk size (1: exact chaining for any length)
+    memory_depth: int = 2        # depth-2 MLP memory (Fig. 1)
+    memory_heads: int = 1
+    memory_max_lr: float = 0.1   # NeuralMemory default_step_transform_max_lr (1.0 can diverge)
+    memory_max_grad_norm: float = 1.0  # surprise-gradient clipping inside the memory
+    epochs: int = 2              # Phase 2: two epochs
+    lr: float = 1e-4             # {W_in, W_out, M, P}: lr 1e-4 ...
+    grad_clip: float = 1.0       # ... clipping 1.0
+    gate_lr: float = 2e-4        # {alpha}: lr 2e-4 ...
+    gate_grad_clip: float = 2.0  # ... clipping 2.0
+    batch_dialogues: int = 1     # dialogues per Phase-2 step (only equal-shape dialogues are batched)
+    selection_metric: str = "ua"
+
+
+def resolve_layers(spec: str, n_layers: int) -> list[int]:
+    """Block indices for a placement spec. ``quartile`` maps the paper's {7, 15, 23, 31} of a
+    32-block LM proportionally: ``round((q + 1) * n / 4) - 1`` for q = 0..3 (deduplicated)."""
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "quartile":
+        return sorted({max(0, round((q + 1) * n_layers / 4) - 1) for q in range(4)})
+    try:
+        idx = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise ValueError(f"MAL layers {spec!r}: expected 'all', 'quartile' or comma-separated ints") from None
+    bad = [i for i in idx if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"MAL layers {bad} out of range for a {n_layers}-block language model")
+    return idx
+
+
+class MALBranch(nn.Module):
+    """One MAL branch for one LM block (Eq. 6-9). ``forward(h [B, T, D], state) -> (h~ [B, T, D], state)``."""
+
+    def __init__(self, hidden_size: int, c: MALConfig):
+        super().__init__()
+        self.n_p, self.chunk_size = c.n_persistent, c.chunk_size
+        self.W_in = nn.Linear(hidden_size, c.d_m, bias=False)
+        self.W_out = nn.Linear(c.d_m, hidden_size, bias=False)
+        self.P = nn.Parameter(torch.randn(c.n_persistent, c.d_m) * 0.02)
+        self.memory = NeuralMemory(
+            dim=c.d_m, chunk_size=c.chunk_size, heads=c.memory_heads,
+            default_model_kwargs=dict(depth=c.memory_depth, expansion_factor=4.0),
+            default_step_transform_max_lr=c.memory_max_lr, max_grad_norm=c.memory_max_grad_norm)
+        self.alpha = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the untrained branch is the identity
+
+    def forward(self, h: torch.Tensor, state=None):
+        B, T, _ = h.shape
+        if (self.n_p + T) % self.chunk_size:
+            raise ValueError(f"MAL: N_p + T = {self.n_p} + {T} is not a multiple of chunk_size "
+                             f"{self.chunk_size}; titans-pytorch would not chain the dialogue state "
+                             "exactly (use chunk_size=1 or a divisor of N_p + T)")
+        z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6
+        r, state = self.memory(z, state=state)                                    # Eq. 7
+        delta = self.W_out(r[:, self.n_p:])                                        # Eq. 8
+        return h + torch.tanh(self.alpha) * delta, state                           # Eq. 9
+
+
+class MemoryAsALayer(ContextMethod):
+    """Titans memory branches in the LM blocks, state carried across the dialogue."""
+
+    name = "mal"
+    config_cls = MALConfig
+    uses_context = True
+    presets = {
+        "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2,
+                      batch_dialogues=8),
+        # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting
+        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=6, lr=3e-3,
+                        gate_lr=1e-2, batch_dialogues=16),
+    }
+
+    def __init__(self, backbone, labels, config=None, seed=0):
+        super().__init__(backbone, labels, config, seed)
+        self.lora_params = attach_lora(self.lm, self.config.lora)
+        self.layer_ids = resolve_layers(self.config.layers, len(self.lm.layers))
+        self.branches = nn.ModuleDict({str(l): MALBranch(self.lm.hidden_size, self.config) for l in self.layer_ids})
+        for l in self.layer_ids:
+            self.lm.layers[l].register_forward_pre_hook(self._make_hook(str(l)), with_kwargs=True)
+        self._active: dict | None = None  # None: MAL removed (Phase 1); else per-forward context
+        self.reset()
+
+    # ------------------------------------------------------------------ the hook (Eq. 6-9 in place)
+    def _make_hook(self, key: str):
+        def hook(module, args, kwargs):
+            if self._active is None:
+                return None
+            h = args[0]  # [B, L, D] residual stream before the block
+            s, e = self._active["span"]
+            h_tilde, self._active["states"][key] = self.branches[key](h[:, s:e], self._active["states"].get(key))
+            h = torch.cat([h[:, :s], h_tilde, h[:, e:]], dim=1)  # token positions untouched
+            return (h,) + tuple(args[1:]), kwargs
+        return hook
+
+    @contextmanager
+    def memory_active(self, states: dict):
+        """Run LM forwards with MAL on, reading and updating ``states`` (layer key -> NeuralMemState)."""
+        self._active = {"states": states, "span": None}
+        try:
+            yield self._active
+        finally:
+            self._active = None
+
+    def _forward_turn(self, ctx: dict, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        batch = self.lm.batch([[Segment(e)] for e in embeddings])
+        ctx["span"] = batch.uniform_current_span
+        return self.lm(batch)
+
+    # ------------------------------------------------------------------ training (Sec. 3.4)
+    def memory_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """({W_in, W_out, M, P} of every branch, {alpha} of every branch)."""
+        gates = [b.alpha for b in self.branches.values()]
+        rest = [p for b in self.branches.values() for n, p in b.named_parameters() if n != "alpha"]
+        return rest, gates
+
+    def fit(self, train, dev, progress=None):
+        c = self.config
+        # Phase 1: task adaptation, MAL removed (self._active is None)
+        examples = [([Segment(self.backbone.audio_embeddings(u.input))], u.label) for d in train for u in d.utterances]
+        train_supervised(self, self.lora_params, c.lora, examples, dev, progress)
+        for p in self.lora_params.values():
+            p.requires_grad_(False)
+        # Phase 2: memory training, LoRA and backbone frozen
+        rest, gates = self.memory_parameters()
+        opt_rest = torch.optim.AdamW(rest, lr=c.lr)
+        opt_gate = torch.optim.AdamW(gates, lr=c.gate_lr, weight_decay=0.0)
+        buckets = defaultdict(list)  # dialogues with identical shapes can share a batched memory
+        for d in train:
+            embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
+            buckets[tuple(e.shape[0] for e in embs)].append((embs, torch.tensor(d.labels)))
+        losses = self.curves.setdefault("mal_train_loss", [])
+        alphas = self.curves.setdefault("mal_mean_abs_tanh_alpha", [])
+        dev_scores = self.curves.setdefault(f"mal_dev_{c.selection_metric}", [])
+        best, best_state = evaluate(self, dev, self.labels)[c.selection_metric], self._memory_state()
+        for epoch in range(c.epochs):
+            self.branches.train()
+            batches = [group[i:i + c.batch_dialogues] for group in buckets.values()
+                       for i in range(0, len(group), c.batch_dialogues)]
+            for bi in self.rng.permutation(len(batches)):
+                group = batches[bi]
+                with self.memory_active({}) as ctx:
+                    loss = 0.0
+                    for t in range(len(group[0][0])):
+                        logits = self._forward_turn(ctx, [embs[t] for embs, _ in group])
+                        loss = loss + nn.functional.cross_entropy(logits, torch.stack([y[t] for _, y in group]))
+                    loss = loss / len(group[0][0])
+                opt_rest.zero_grad()
+                opt_gate.zero_grad()
+                loss.backward()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"MAL phase 2: non-finite training loss at epoch {epoch}")
+                nn.utils.clip_grad_norm_(rest, c.grad_clip)
+                nn.utils.clip_grad_norm_(gates, c.gate_grad_clip)
+                opt_rest.step()
+                opt_gate.step()
+                losses.append(loss.item())
+            self.branches.eval()
+            alphas.append(float(np.mean([abs(math.tanh(g.item())) for g in gates])))
+            score = evaluate(self, dev, self.labels)[c.selection_metric]
+            dev_scores.append(score)
+            if progress:
+                progress(f"mal epoch {epoch + 1}/{c.epochs}", {"dev_" + c.selection_metric: score})
+            if score > best:
+                best, best_state = score, self._memory_state()
+        self._load_memory_state(best_state)
+
+    def _memory_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.branches.state_dict().items()}
+
+    def _load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.branches.load_state_dict(state)
+
+    # ------------------------------------------------------------------ streaming evaluation (Eq. 1)
+    def reset(self) -> None:
+        self.states: dict = {}  # S_0: no NeuralMemState (fresh memory) for every branch
+
+    @torch.no_grad()
+    def step(self, utterance: UtteranceInput) -> np.ndarray:
+        self.lm.eval()
+        self.branches.eval()
+        with self.memory_active(self.states) as ctx:
+            logits = self._forward_turn(ctx, [self.backbone.audio_embeddings(utterance)])
+        return torch.softmax(logits.float(), -1).numpy()[0]
+
+    def trained_parameters(self):
+        params = dict(self.lora_params)
+        params.update({f"mal.{n}": p for n, p in self.branches.named_parameters()})
+        return params
