@@ -46,7 +46,8 @@ class Task(ABC):
         folds = {}
         for f in self.folds():
             folds[str(f.index)] = {s: manifest_of(getattr(f, s)) for s in ("train", "dev", "test")}
-        m = {"task": self.params(), "folds": folds}
+        # the data_dir path is not content: leave it out so the hash identifies the data itself
+        m = {"task": {k: v for k, v in self.params().items() if k != "data_dir"}, "folds": folds}
         m["sha256"] = hash_json(m)
         return m
 

@@ -1,0 +1,99 @@
+"""``bench``: the command line.
+
+    bench run --methods M1,M2 --tasks T1 [--backbone tiny-qwen2-audio] [--seeds 0,1,2]
+              [--preset smoke|default|paper] [--data-dir DIR] [--tracking-uri URI] [--output DIR]
+    bench list methods|tasks|backbones
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .backbone import BACKBONES
+from .method import METHODS
+from .task import TASKS
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _override(s: str) -> tuple[str, str, object]:
+    """``method.key=value`` (value parsed as JSON when it can be, e.g. ``mal.lora.lr=1e-3``)."""
+    if "=" not in s or "." not in s.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE, got {s!r}")
+    key, value = s.split("=", 1)
+    method, path = key.split(".", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return method, path, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description="Context and memory methods for conversational SER.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run methods x tasks x backbone x seeds x folds")
+    r.add_argument("--methods", type=_csv, required=True, help="comma-separated, e.g. lora,mal")
+    r.add_argument("--tasks", type=_csv, required=True, help="comma-separated, e.g. synthetic,emodb")
+    r.add_argument("--backbone", default="tiny-qwen2-audio")
+    r.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    r.add_argument("--folds", type=_ints, default=None, help="subset of fold indices (default: all)")
+    r.add_argument("--preset", default="default", choices=["smoke", "default", "paper"],
+                   help="smoke: seconds per cell; default: CPU-sized; paper: the papers' hyperparameters")
+    r.add_argument("--data-dir", default=None, help="dataset folder for tasks that read files")
+    r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's local default)")
+    r.add_argument("--output", default=None, help="output folder (default: a new folder under runs/)")
+    r.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                   metavar="METHOD.KEY=VALUE", help="override a method config value (repeatable)")
+    r.add_argument("--no-progress", action="store_true")
+    ls = sub.add_parser("list", help="list registered methods, tasks or backbones")
+    ls.add_argument("what", choices=["methods", "tasks", "backbones"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "list":
+        reg = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES}[args.what]
+        for name in reg.names():
+            print(name)
+        return 0
+
+    from .harness import RunSpec, format_summary, run
+
+    overrides: dict = {}
+    for method, path, value in args.overrides:
+        node = overrides.setdefault(method, {})
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    spec = RunSpec(methods=args.methods, tasks=args.tasks, backbone=args.backbone, seeds=args.seeds,
+                   preset=args.preset, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+                   output=args.output, folds=args.folds, method_overrides=overrides)
+    try:
+        summary = run(spec, show_progress=not args.no_progress)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        print(f"bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"\nresults: {summary['run']['output']}  (MLflow: {summary['run']['mlflow_tracking_uri']}, "
+          f"parent run {summary['run']['mlflow_parent_run_id']})")
+    return 1 if summary["failed_cells"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

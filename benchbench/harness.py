@@ -1,0 +1,292 @@
+"""The benchmark harness: methods x tasks x backbone x seeds x folds.
+
+Each cell (method, task, backbone, seed, fold) builds the method from its preset config, fits it on
+the fold's train dialogues with dev-only model selection, streams the fold's test dialogues through
+it (label-free inputs), scores WA / UA / WF1 / Macro-F1 / per-class F1, keeps every per-utterance
+prediction, and logs everything to MLflow. ``results.csv`` and ``predictions.csv`` are rewritten
+after every cell, so a crash or Ctrl-C loses nothing already computed; a failing cell is recorded
+(status ``failed``, with its error) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from .backbone import BACKBONES
+from .data import hash_json
+from .method import METHODS
+from .metrics import METRICS, compute_metrics, confusion, stream_predict
+from .task import TASKS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSpec:
+    """What ``bench run`` was asked to do (the CLI's options, resolved)."""
+
+    methods: list[str]
+    tasks: list[str]
+    backbone: str = "tiny-qwen2-audio"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    preset: str = "default"
+    data_dir: str | None = None
+    tracking_uri: str | None = None
+    output: str | None = None
+    folds: list[int] | None = None           # None: all folds of each task
+    method_overrides: dict = field(default_factory=dict)  # method -> config overrides
+    baseline: str = "lora"                   # reference method for paired comparisons
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def validate(spec: RunSpec) -> None:
+    """Resolve every name up front so a typo fails before any training (``KeyError`` with hints)."""
+    for m in spec.methods:
+        METHODS.get(m).make_config(spec.preset, spec.method_overrides.get(m))
+    for t in spec.tasks:
+        cls = TASKS.get(t)
+        if cls.needs_data_dir and not spec.data_dir:
+            raise ValueError(f"task {t!r} reads files: pass --data-dir")
+    BACKBONES.get(spec.backbone)
+    if not spec.seeds:
+        raise ValueError("no seeds given")
+
+
+def run(spec: RunSpec, show_progress: bool = True) -> dict:
+    """Run the benchmark; returns the summary dict (also written to ``<output>/summary.json``)."""
+    from .tracking import Tracker  # MLflow import is slow: only when running
+
+    validate(spec)
+    out = Path(spec.output) if spec.output else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec.__dict__, indent=2))
+    tracker = Tracker(spec.tracking_uri, f"bench-{out.name}",
+                      params={k: v for k, v in spec.__dict__.items() if k != "method_overrides"},
+                      tags={"output_dir": str(out.resolve())})
+    backbone = BACKBONES.get(spec.backbone)()
+    rows: list[dict] = []
+    predictions: list[pd.DataFrame] = []
+    task_info: dict[str, dict] = {}
+    status = "FINISHED"
+    try:
+        for task_name in spec.tasks:
+            task = TASKS.get(task_name)(data_dir=spec.data_dir, preset=spec.preset)
+            folds = task.folds()
+            if spec.folds is not None:
+                folds = [f for f in folds if f.index in spec.folds]
+            manifest = task.manifest()
+            (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
+            task_info[task_name] = {"reference": task.reference(), "params": task.params(),
+                                    "manifest_sha256": manifest["sha256"], "labels": list(task.labels)}
+            cells = [(f, m, s) for f in folds for m in spec.methods for s in spec.seeds]
+            bar = tqdm(cells, desc=f"{task_name}", disable=not show_progress, unit="cell")
+            for fold, method_name, seed in bar:
+                bar.set_postfix_str(f"{method_name} seed={seed} fold={fold.index}")
+                row, preds = _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker,
+                                       lambda msg, d: bar.write(f"  [{method_name} s{seed} f{fold.index}] {msg} "
+                                                               + " ".join(f"{k}={v:.3f}" for k, v in d.items())))
+                rows.append(row)
+                if preds is not None:
+                    predictions.append(preds)
+                pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+                if predictions:
+                    pd.concat(predictions).to_csv(out / "predictions.csv", index=False)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        results = pd.DataFrame(rows)
+        preds_df = pd.concat(predictions) if predictions else pd.DataFrame()
+        summary = summarize(results, preds_df, task_info, spec.baseline)
+        summary["run"] = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
+                          "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
+                          "backbone_key": backbone.key}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if rows and any(r["status"] == "failed" for r in rows):
+            status = "FAILED"
+        tracker.finish(out / "summary.json", status)
+    return summary
+
+
+def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, progress):
+    cls = METHODS.get(method_name)
+    config = cls.make_config(spec.preset, spec.method_overrides.get(method_name))
+    base = {"method": method_name, "task": task.name, "backbone": spec.backbone, "seed": seed,
+            "fold": fold.index}
+    params = {**base, "preset": spec.preset, "backbone_key": backbone.key,
+              **{f"method.{k}": v for k, v in config.flat().items()},
+              **{f"task.{k}": v for k, v in task.params().items()}}
+    tags = {"data_manifest_sha256": manifest["sha256"],
+            "fold_manifest_sha256": hash_json(manifest["folds"][str(fold.index)]),
+            "config_sha256": hash_json(params), "uses_context": str(cls.uses_context)}
+    try:
+        _seed_everything(seed)
+        t0 = time.perf_counter()
+        method = cls(backbone, task.labels, config, seed=seed)
+        method.fit(fold.train, fold.dev, progress=progress)
+        t1 = time.perf_counter()
+        probs = stream_predict(method, fold.test)
+        t2 = time.perf_counter()
+    except Exception as e:  # record and go on: other cells are independent
+        log.error("cell %s failed: %s", base, e)
+        return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-2000:]}, None
+    y_true = np.concatenate([d.labels for d in fold.test])
+    p = np.concatenate(probs)
+    y_pred = p.argmax(-1)
+    metrics = compute_metrics(y_true, y_pred, task.labels)
+    n_test = len(y_true)
+    cost = {"fit_seconds": t1 - t0, "eval_seconds": t2 - t1, "eval_ms_per_utterance": 1000 * (t2 - t1) / n_test,
+            "trained_parameters": method.num_trained_parameters()}
+    preds = pd.DataFrame({
+        **base,
+        "dialogue_id": [u.dialogue_id for d in fold.test for u in d.inputs()],
+        "utterance_id": [u.utterance_id for d in fold.test for u in d.inputs()],
+        "turn": [u.turn for d in fold.test for u in d.inputs()],
+        "speaker": [u.speaker for d in fold.test for u in d.inputs()],
+        "label": [task.labels[i] for i in y_true], "prediction": [task.labels[i] for i in y_pred],
+        "correct": (y_true == y_pred).astype(int),
+        **{f"p_{lab}": p[:, i] for i, lab in enumerate(task.labels)},
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        preds.to_csv(tmp / "predictions.csv", index=False)
+        pd.DataFrame(confusion(y_true, y_pred, len(task.labels)), index=task.labels,
+                     columns=task.labels).to_csv(tmp / "confusion_matrix.csv")
+        (tmp / "config.json").write_text(json.dumps({"params": params, "tags": tags}, indent=2, default=str))
+        run_id = tracker.log_cell(f"{method_name}-{task.name}-s{seed}-f{fold.index}", params,
+                                  {**metrics, **cost}, method.curves, tags, tmp)
+    row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "mlflow_run_id": run_id,
+           "uses_context": cls.uses_context}
+    return row, preds
+
+
+# ---------------------------------------------------------------------------- summary
+def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, baseline: str = "lora") -> dict:
+    """Mean / sd / n over seeds x folds per method/task/backbone, task references, checks, comparisons."""
+    summary: dict = {"cells": [], "tasks": {t: info["reference"] | {"manifest_sha256": info["manifest_sha256"]}
+                                            for t, info in task_info.items()},
+                     "checks": {"leakage": []}, "comparisons": [], "failed_cells": []}
+    if results.empty:
+        return summary
+    failed = results[results["status"] == "failed"]
+    summary["failed_cells"] = failed.drop(columns=["traceback"], errors="ignore").to_dict("records")
+    ok = results[results["status"] == "ok"]
+    metric_cols = [c for c in ok.columns if c in METRICS or c.startswith("f1_")] + \
+        ["fit_seconds", "eval_ms_per_utterance", "trained_parameters"]
+    for (m, t, b), g in ok.groupby(["method", "task", "backbone"], sort=False):
+        summary["cells"].append({
+            "method": m, "task": t, "backbone": b, "n": int(len(g)),
+            "seeds": sorted(g["seed"].unique().tolist()), "folds": sorted(g["fold"].unique().tolist()),
+            **{c: {"mean": float(g[c].mean()), "sd": float(g[c].std(ddof=1)) if len(g) > 1 else 0.0}
+               for c in metric_cols if c in g and g[c].notna().any()}})
+    summary["checks"]["leakage"] = leakage_checks(ok, task_info)
+    if not preds.empty:
+        summary["comparisons"] = paired_comparisons(preds, baseline)
+    return summary
+
+
+def leakage_checks(ok: pd.DataFrame, task_info: dict, alpha: float = 0.01) -> list[dict]:
+    """Context-free methods whose WA beats the task's context-free Bayes ceiling beyond noise.
+
+    One-sided exact binomial test of each cell's correct count against the ceiling
+    (``scipy.stats.binomtest``), Bonferroni-corrected over the cells tested. A flagged cell means
+    information leaks into utterance-level predictions (labels, other utterances, or data reuse).
+    """
+    tested = []
+    for _, r in ok[ok["uses_context"] == False].iterrows():  # noqa: E712
+        ceiling = task_info[r["task"]]["reference"].get("ceilings", {}).get("context_free")
+        if ceiling is None:
+            continue
+        k, n = int(round(r["wa"] * r["n_test"])), int(r["n_test"])
+        p = stats.binomtest(k, n, ceiling, alternative="greater").pvalue
+        tested.append({"method": r["method"], "task": r["task"], "seed": int(r["seed"]), "fold": int(r["fold"]),
+                       "wa": float(r["wa"]), "ceiling": ceiling, "p_value": float(p)})
+    for t in tested:
+        t["p_bonferroni"] = min(1.0, t["p_value"] * len(tested))
+        t["leakage_suspected"] = t["p_bonferroni"] < alpha
+    return tested
+
+
+def paired_comparisons(preds: pd.DataFrame, baseline: str) -> list[dict]:
+    """Each method vs ``baseline`` on the same test utterances, seeds and folds.
+
+    Per test dialogue, the accuracy difference (method - baseline) averaged over the seeds both ran;
+    dialogues are the independent units (utterances within one are not). Two-sided Wilcoxon
+    signed-rank test over dialogues (``scipy.stats.wilcoxon``); also the WA difference per seed x
+    fold cell and a paired t-test over cells.
+    """
+    out = []
+    keys = ["task", "backbone", "fold", "seed", "utterance_id"]
+    for (t, b), g in preds.groupby(["task", "backbone"]):
+        if baseline not in set(g["method"]):
+            continue
+        base = g[g["method"] == baseline].set_index(keys)
+        for m in sorted(set(g["method"]) - {baseline}):
+            other = g[g["method"] == m].set_index(keys)
+            joined = other[["correct", "dialogue_id"]].join(base[["correct"]], rsuffix="_base", how="inner")
+            if joined.empty:
+                continue
+            joined["diff"] = joined["correct"] - joined["correct_base"]
+            jr = joined.reset_index()
+            per_dialogue = jr.groupby(["fold", "dialogue_id"])["diff"].mean()
+            per_cell = jr.groupby(["fold", "seed"])["diff"].mean()
+            nonzero = per_dialogue[per_dialogue != 0]
+            w_p = float(stats.wilcoxon(per_dialogue).pvalue) if len(nonzero) > 0 else 1.0
+            t_p = float(stats.ttest_1samp(per_cell, 0.0).pvalue) if len(per_cell) > 1 and per_cell.std() > 0 else None
+            out.append({"task": t, "backbone": b, "method": m, "baseline": baseline,
+                        "wa_diff_mean": float(jr["diff"].mean()),
+                        "wa_diff_per_cell": {f"f{k[0]}s{k[1]}": float(v) for k, v in per_cell.items()},
+                        "n_dialogues": int(len(per_dialogue)), "n_cells": int(len(per_cell)),
+                        "wilcoxon_dialogues_p": w_p, "ttest_cells_p": t_p})
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """The terminal table: mean +/- sd per method/task/backbone, then references and checks."""
+    lines = []
+    rows = []
+    for c in summary["cells"]:
+        rows.append({"task": c["task"], "backbone": c["backbone"], "method": c["method"], "n": c["n"],
+                     **{m.upper(): f"{100 * c[m]['mean']:.2f} ± {100 * c[m]['sd']:.2f}" for m in METRICS if m in c},
+                     "fit s": f"{c['fit_seconds']['mean']:.1f}",
+                     "ms/utt": f"{c['eval_ms_per_utterance']['mean']:.1f}"})
+    if rows:
+        lines.append(pd.DataFrame(rows).to_string(index=False))
+    for t, ref in summary["tasks"].items():
+        ceil = ref.get("ceilings")
+        if ceil:
+            lines.append(f"{t} reference ceilings (WA %): " +
+                         ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items()))
+    for c in summary["comparisons"]:
+        lines.append(f"{c['task']}: {c['method']} - {c['baseline']} WA {100 * c['wa_diff_mean']:+.2f} pts "
+                     f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['wilcoxon_dialogues_p']:.3g}; "
+                     f"{c['n_cells']} seed x fold cells)")
+    for chk in summary["checks"]["leakage"]:
+        if chk["leakage_suspected"]:
+            lines.append(f"WARNING possible leakage: context-free {chk['method']} (seed {chk['seed']}, fold "
+                         f"{chk['fold']}) WA {100 * chk['wa']:.2f} > ceiling {100 * chk['ceiling']:.2f} "
+                         f"(p={chk['p_bonferroni']:.2g})")
+    for f in summary["failed_cells"]:
+        lines.append(f"FAILED {f['method']} {f['task']} seed {f['seed']} fold {f['fold']}: {f['error']}")
+    return "\n".join(lines)

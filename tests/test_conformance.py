@@ -1,0 +1,25 @@
+"""The shared conformance suite, on every registered method."""
+
+import pytest
+
+from benchbench.method import METHODS
+from tests.conformance import run_conformance
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_conforms(name, backbone, tiny_task):
+    run_conformance(name, backbone, tiny_task)
+
+
+def test_every_registry_entry_resolves():
+    from benchbench.backbone import BACKBONES
+    from benchbench.task import TASKS
+
+    for reg in (METHODS, TASKS, BACKBONES):
+        for n in reg.names():
+            assert reg.get(n) is not None
+
+
+def test_unknown_name_suggests():
+    with pytest.raises(KeyError, match="Did you mean 'lora'"):
+        METHODS.get("lroa")
