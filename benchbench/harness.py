@@ -122,6 +122,9 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
                           "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
                           "backbone_key": backbone.key}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        from .leaderboard import render_markdown
+
+        (out / "leaderboard.md").write_text(render_markdown(summary))
         if rows and any(r["status"] == "failed" for r in rows):
             status = "FAILED"
         tracker.finish(out / "summary.json", status)

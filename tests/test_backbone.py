@@ -1,0 +1,80 @@
+"""Backbone wrapper: the cached path equals the model's own forward; the feature cache is keyed right."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchbench.backbone import INSTRUCTION, Segment, tiny_qwen2_audio
+from benchbench.data import UtteranceInput
+
+
+def tone(f0=150.0, seconds=1.0, sr=16000, amp=0.3):
+    t = np.arange(int(seconds * sr)) / sr
+    return UtteranceInput(f"tone{f0}-{sr}", "d", 0, "s", (amp * np.sin(2 * np.pi * f0 * t)).astype(np.float32), sr)
+
+
+def test_cached_path_matches_native_forward(backbone):
+    u = tone(seconds=1.2)
+    emb = backbone.audio_embeddings(u)
+    assert emb.shape == (30, backbone.hidden_size)  # 25 audio tokens per second
+    lm = backbone.new_lm(["anger", "happiness", "neutral", "sadness"])
+    with torch.no_grad():
+        ours = lm(lm.batch([[Segment(emb)]]))[0]
+    text = "<|audio_bos|>" + "<|AUDIO|>" * emb.shape[0] + "<|audio_eos|> " + INSTRUCTION
+    ids = backbone.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    feats = backbone.feature_extractor(u.waveform, sampling_rate=16000, return_attention_mask=True,
+                                       padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        native = backbone.model(input_ids=ids, input_features=feats.input_features,
+                                feature_attention_mask=feats.attention_mask).logits[0, -1, lm.verbalizer_ids]
+    torch.testing.assert_close(ours, native, rtol=1e-5, atol=1e-6)
+
+
+def test_audio_positions_are_known(backbone):
+    lm = backbone.new_lm(["anger", "sadness"])
+    a, b = torch.randn(7, backbone.hidden_size), torch.randn(5, backbone.hidden_size)
+    seq, spans = lm.build_sequence([Segment(a, "S0"), Segment(b, "S1")])
+    assert [e - s for s, e in spans] == [7, 5]
+    assert torch.equal(seq[spans[0][0]:spans[0][1]], a) and torch.equal(seq[spans[1][0]:spans[1][1]], b)
+
+
+def test_feature_cache_is_reused_across_backbone_instances(tmp_path):
+    u = tone(220.0)
+    first = tiny_qwen2_audio(seed=0, cache_dir=tmp_path)
+    e1 = first.audio_embeddings(u)
+    assert first.encoder_calls == 1
+    first.audio_embeddings(u)
+    assert first.encoder_calls == 1  # memory hit
+    second = tiny_qwen2_audio(seed=0, cache_dir=tmp_path)
+    assert second.key == first.key
+    assert torch.equal(second.audio_embeddings(u), e1) and second.encoder_calls == 0  # disk hit
+    other = tiny_qwen2_audio(seed=1, cache_dir=tmp_path)  # other weights -> other key, recomputed
+    assert other.key != first.key
+    other.audio_embeddings(u)
+    assert other.encoder_calls == 1
+
+
+def test_corrupt_cache_file_is_recomputed(tmp_path):
+    u = tone(300.0)
+    bb = tiny_qwen2_audio(seed=0, cache_dir=tmp_path)
+    e = bb.audio_embeddings(u)
+    for f in tmp_path.rglob("*.safetensors"):
+        f.write_bytes(b"truncated")
+    fresh = tiny_qwen2_audio(seed=0, cache_dir=tmp_path)
+    assert torch.equal(fresh.audio_embeddings(u), e) and fresh.encoder_calls == 1
+
+
+def test_resampling_any_rate(backbone):
+    e16 = backbone.audio_embeddings(tone(150.0, 2.0, 16000))
+    e22 = backbone.audio_embeddings(tone(150.0, 2.0, 22050))
+    assert e16.shape == e22.shape == (50, backbone.hidden_size)
+    assert torch.nn.functional.cosine_similarity(e16.flatten(), e22.flatten(), dim=0) > 0.99
+
+
+def test_bad_inputs_raise_with_the_utterance_named(backbone):
+    with pytest.raises(ValueError, match="u-stereo"):
+        backbone.audio_embeddings(UtteranceInput("u-stereo", "d", 0, "s", np.zeros((100, 2), np.float32), 16000))
+    with pytest.raises(ValueError, match="u-empty"):
+        backbone.audio_embeddings(UtteranceInput("u-empty", "d", 0, "s", np.zeros(0, np.float32), 16000))
+    with pytest.raises(ValueError, match="no verbalizer"):
+        backbone.verbalizer_ids(["anger", "contempt"])

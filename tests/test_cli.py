@@ -1,0 +1,72 @@
+"""`bench` end to end on the smoke preset, against a real MLflow store."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from benchbench.cli import main
+
+METHODS4 = "zero_shot,lora,full_context,mal"
+
+
+def test_bench_list_methods_console_script():
+    out = subprocess.run(["bench", "list", "methods"], capture_output=True, text=True, check=True).stdout.split()
+    assert {"zero_shot", "lora", "full_context", "mal"} <= set(out)
+    out = subprocess.run(["bench", "list", "tasks"], capture_output=True, text=True, check=True).stdout.split()
+    assert {"synthetic", "emodb"} <= set(out)
+
+
+def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    rc = main(["run", "--methods", METHODS4, "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0,1",
+               "--tracking-uri", uri, "--output", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "context_free" in printed and "mal" in printed
+
+    res = pd.read_csv(out / "results.csv")
+    assert len(res) == 8 and set(res["method"]) == set(METHODS4.split(","))
+    for col in ("method", "task", "backbone", "seed", "fold", "wa", "ua", "wf1", "macro_f1"):
+        assert col in res
+    assert res[["wa", "ua", "wf1", "macro_f1"]].stack().between(0, 1).all()
+
+    summary = json.loads((out / "summary.json").read_text())
+    ceil = summary["tasks"]["synthetic"]["ceilings"]
+    assert 0.25 < ceil["context_free"] < ceil["baseline_known"] <= 1
+    cell = next(c for c in summary["cells"] if c["method"] == "lora")
+    assert cell["n"] == 2 and set(cell["wa"]) == {"mean", "sd"}
+    assert cell["wa"]["mean"] == pytest.approx(res[res.method == "lora"]["wa"].mean())
+    assert {c["method"] for c in summary["comparisons"]} == {"zero_shot", "full_context", "mal"}
+
+    board = (out / "leaderboard.md").read_text()
+    assert "| mal | tiny-qwen2-audio | 2 |" in board and "context_free" in board
+
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == res["n_test"].sum()
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("benchbench")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(children) == 8
+    mal = next(r for r in children if r.data.params["method"] == "mal" and r.data.params["seed"] == "0")
+    assert {"wa", "ua", "wf1", "macro_f1", "f1_anger", "fit_seconds"} <= set(mal.data.metrics)
+    assert mal.data.params["method.lora.r"] == "32" and "task.sigma_b" in mal.data.params
+    for tag in ("data_manifest_sha256", "git_commit", "version.torch", "version.titans-pytorch"):
+        assert tag in mal.data.tags
+    assert len(client.get_metric_history(mal.info.run_id, "mal_train_loss")) > 1
+    arts = {a.path for a in client.list_artifacts(mal.info.run_id)}
+    assert {"predictions.csv", "confusion_matrix.csv", "config.json"} <= arts
+
+
+def test_bench_run_rejects_unknown_names(tmp_path, capsys):
+    rc = main(["run", "--methods", "lroa", "--tasks", "synthetic", "--output", str(tmp_path / "o")])
+    assert rc == 2 and "Did you mean 'lora'" in capsys.readouterr().err
+    rc = main(["run", "--methods", "lora", "--tasks", "emodb", "--output", str(tmp_path / "o")])
+    assert rc == 2 and "--data-dir" in capsys.readouterr().err

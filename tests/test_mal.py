@@ -1,0 +1,125 @@
+"""MAL (Titans-as-a-Layer Eq. 6-9): identity at init, exact state chaining, resets, placement."""
+
+import numpy as np
+import pytest
+import torch
+from titans_pytorch import NeuralMemory
+
+from benchbench.backbone import Segment
+from benchbench.method import METHODS
+from benchbench.methods.mal import MALBranch, MALConfig, MemoryAsALayer, resolve_layers
+
+
+def make_mal(backbone, labels, **overrides):
+    return MemoryAsALayer(backbone, labels, MemoryAsALayer.make_config("smoke", overrides), seed=0)
+
+
+def test_untrained_mal_leaves_host_outputs_bit_identical(backbone, tiny_task):
+    mal = make_mal(backbone, tiny_task.labels)
+    d = tiny_task.folds()[0].test[0]
+    with torch.no_grad():
+        host = [mal.lm(mal.lm.batch([[Segment(backbone.audio_embeddings(u))]])) for u in d.inputs()]
+    mal.reset()
+    with_memory = []
+    with torch.no_grad(), mal.memory_active(mal.states) as ctx:
+        for u in d.inputs():
+            with_memory.append(mal._forward_turn(ctx, [backbone.audio_embeddings(u)]))
+    assert len(mal.states) == len(mal.layer_ids)  # the memories did run and carry state
+    for a, b in zip(host, with_memory):
+        assert torch.equal(a, b)
+
+
+def test_branch_keeps_shape_and_positions(backbone):
+    c = MALConfig(d_m=16)
+    br = MALBranch(backbone.hidden_size, c)
+    h = torch.randn(2, 12, backbone.hidden_size)
+    out, state = br(h)
+    assert out.shape == h.shape and torch.equal(out, h)  # alpha = 0
+    with torch.no_grad():
+        br.alpha.fill_(0.5)
+    out, _ = br(h, state)
+    assert out.shape == h.shape and not torch.equal(out, h)
+
+
+def test_chaining_utterances_equals_one_pass_over_the_dialogue(backbone):
+    """S_i carried across calls computes what one pass over [z_1; z_2; z_3] computes (chunk_size 1)."""
+    torch.manual_seed(0)
+    c = MALConfig(d_m=16, n_persistent=4, chunk_size=1)
+    br = MALBranch(backbone.hidden_size, c)
+    hs = [torch.randn(1, T, backbone.hidden_size) for T in (7, 11, 5)]
+    zs = [torch.cat([br.P[None], br.W_in(h)], 1) for h in hs]
+    with torch.no_grad():
+        full, _ = br.memory(torch.cat(zs, 1))
+        state, pieces = None, []
+        for z in zs:
+            r, state = br.memory(z, state=state)
+            pieces.append(r)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
+    # and the carried state matters: utterance 3 read from a fresh memory differs
+    with torch.no_grad():
+        fresh, _ = br.memory(zs[2])
+    assert (fresh - pieces[2]).abs().max() > 1e-3
+
+
+def test_titans_pitfall_chunk_multiple_is_enforced(backbone):
+    """titans-pytorch 0.5.5 mis-chains lengths that are not chunk multiples; MAL refuses them."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(dim=16, chunk_size=8)
+    a, b = torch.randn(1, 10, 16), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        full, _ = mem(torch.cat([a, b], 1))
+        _, s = mem(a)
+        second, _ = mem(b, state=s)
+    assert not torch.allclose(full[:, 10:], second, atol=1e-4)  # the upstream pitfall is real
+    br = MALBranch(backbone.hidden_size, MALConfig(d_m=16, n_persistent=8, chunk_size=8))
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        br(torch.randn(1, 13, backbone.hidden_size))
+    out, _ = br(torch.randn(1, 16, backbone.hidden_size))  # 8 + 16 = 24: fine
+    assert out.shape == (1, 16, backbone.hidden_size)
+
+
+def test_state_resets_at_dialogue_boundaries(backbone, tiny_task):
+    mal = make_mal(backbone, tiny_task.labels)
+    with torch.no_grad():
+        for br in mal.branches.values():
+            br.alpha.fill_(2.0)
+            br.W_out.weight.normal_(0, 1.0)
+    a, b = tiny_task.folds()[0].test[:2]
+    alone = mal.predict_dialogue(a.inputs())
+    mal.predict_dialogue(b.inputs())
+    after_b = mal.predict_dialogue(a.inputs())
+    assert np.array_equal(alone, after_b)
+    # while inside a dialogue, the history changes the prediction of the same utterance
+    mal.reset()
+    first = mal.step(a.inputs()[-1])
+    mal.reset()
+    for u in a.inputs()[:-1]:
+        mal.step(u)
+    assert not np.allclose(first, mal.step(a.inputs()[-1]))
+
+
+def test_phase_two_freezes_lora_and_trains_memory(backbone, tiny_task):
+    mal = make_mal(backbone, tiny_task.labels)
+    fold = tiny_task.folds()[0]
+    mal.fit(fold.train, fold.dev)
+    assert all(not p.requires_grad for p in mal.lora_params.values())
+    assert all(p.requires_grad for p in mal.branches.parameters())
+    assert len(mal.curves["mal_train_loss"]) > 0 and np.isfinite(mal.curves["mal_train_loss"]).all()
+    names = set(mal.trained_parameters())
+    for l in mal.layer_ids:  # Eq. 10: {W_in, W_out, M, alpha, P} per branch
+        for part in ("W_in.weight", "W_out.weight", "alpha", "P", "memory."):
+            assert any(n.startswith(f"mal.{l}.{part}") for n in names), part
+
+
+@pytest.mark.parametrize("spec,n,expected", [
+    ("all", 4, [0, 1, 2, 3]), ("quartile", 32, [7, 15, 23, 31]), ("quartile", 2, [0, 1]),
+    ("quartile", 28, [6, 13, 20, 27]), ("0,2", 4, [0, 2])])
+def test_layer_placement(spec, n, expected):
+    assert resolve_layers(spec, n) == expected
+
+
+def test_bad_layer_spec_raises():
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers("0,9", 4)
+    with pytest.raises(ValueError, match="expected"):
+        resolve_layers("every-other", 4)

@@ -1,0 +1,50 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchbench.harness import leakage_checks, paired_comparisons
+from benchbench.metrics import compute_metrics
+
+
+def test_metric_values_by_hand():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    p = np.array([0, 0, 1, 1, 1, 0])
+    m = compute_metrics(y, p, ["a", "b", "c"])
+    assert m["wa"] == pytest.approx(4 / 6)
+    assert m["ua"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    f1 = [2 * (2 / 3 * 2 / 3) / (4 / 3), 2 * (2 / 3 * 1) / (5 / 3), 0.0]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    assert m["wf1"] == pytest.approx((3 * f1[0] + 2 * f1[1] + f1[2]) / 6)
+    assert m["f1_c"] == 0.0
+    assert all(0 <= m[k] <= 1 for k in ("wa", "ua", "wf1", "macro_f1"))
+
+
+def test_metric_input_errors():
+    with pytest.raises(ValueError):
+        compute_metrics(np.array([0, 1]), np.array([0]), ["a", "b"])
+
+
+def test_leakage_check_flags_a_context_free_method_above_the_ceiling():
+    info = {"t": {"reference": {"ceilings": {"context_free": 0.5}}}}
+    rows = pd.DataFrame([
+        {"method": "honest", "task": "t", "seed": 0, "fold": 0, "wa": 0.52, "n_test": 400, "uses_context": False},
+        {"method": "leaky", "task": "t", "seed": 0, "fold": 0, "wa": 0.70, "n_test": 400, "uses_context": False},
+        {"method": "memory", "task": "t", "seed": 0, "fold": 0, "wa": 0.90, "n_test": 400, "uses_context": True}])
+    flags = {c["method"]: c["leakage_suspected"] for c in leakage_checks(rows, info)}
+    assert flags == {"honest": False, "leaky": True}
+
+
+def test_paired_comparison_finds_a_real_gain():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1):
+        for d in range(30):
+            for turn in range(6):
+                base = int(rng.random() < 0.5)
+                rows.append(dict(method="lora", task="t", backbone="b", fold=0, seed=seed, dialogue_id=f"d{d}",
+                                 utterance_id=f"d{d}-{turn}", correct=base))
+                rows.append(dict(method="mal", task="t", backbone="b", fold=0, seed=seed, dialogue_id=f"d{d}",
+                                 utterance_id=f"d{d}-{turn}", correct=max(base, int(rng.random() < 0.4))))
+    (c,) = paired_comparisons(pd.DataFrame(rows), "lora")
+    assert c["method"] == "mal" and c["wa_diff_mean"] > 0.1 and c["wilcoxon_dialogues_p"] < 0.001
+    assert c["n_dialogues"] == 30 and c["n_cells"] == 2

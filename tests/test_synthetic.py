@@ -1,0 +1,72 @@
+"""The synthetic speaker-baseline task: seeded, new speakers per dialogue, honest ceilings."""
+
+import numpy as np
+import pytest
+
+from benchbench.tasks.synthetic import EMOTION_OFFSETS, SAMPLE_RATE, SyntheticProsodyTask, render_waveform
+
+
+def small(**kw):
+    return SyntheticProsodyTask(preset="smoke", **kw)
+
+
+def test_generation_is_seeded():
+    assert small(seed=3).manifest()["sha256"] == small(seed=3).manifest()["sha256"]
+    assert small(seed=3).manifest()["sha256"] != small(seed=4).manifest()["sha256"]
+
+
+def test_every_dialogue_has_new_speakers_and_turns_in_order():
+    t = small()
+    f = t.folds()[0]
+    seen = set()
+    for d in f.train + f.dev + f.test:
+        assert len(d.speakers) <= 2 and not (set(d.speakers) & seen)
+        seen |= set(d.speakers)
+        assert [u.input.turn for u in d.utterances] == list(range(len(d)))
+        assert all(u.input.sample_rate == SAMPLE_RATE for u in d.utterances)
+
+
+def test_ceilings_are_ordered_and_match_the_latents():
+    t = SyntheticProsodyTask(preset="default", n_train=0, n_dev=0, n_test=200, duration_s=0.1)
+    c = t.ceilings()
+    assert c["chance"] < c["context_free"] < c["baseline_known"] <= 1.0
+    # the Bayes rule applied to the generated test latents lands within binomial noise of the ceiling
+    lat = [t.latents[u.utterance_id] for d in t.folds()[0].test for u in d.utterances]
+    x = np.array([l["x"] for l in lat]); b = np.array([l["b"] for l in lat]); e = np.array([l["emotion"] for l in lat])
+    nearest = lambda v: np.argmin(((v[:, None] - EMOTION_OFFSETS[None]) ** 2).sum(-1), 1)
+    n = len(e)
+    for acc, ref in ((np.mean(nearest(x) == e), c["context_free"]), (np.mean(nearest(x - b) == e), c["baseline_known"])):
+        assert abs(acc - ref) < 4 * np.sqrt(ref * (1 - ref) / n)
+
+
+def test_emotions_are_sticky_per_speaker():
+    t = SyntheticProsodyTask(preset="default", n_train=0, n_dev=0, n_test=150, duration_s=0.1)
+    same = total = 0
+    for d in t.folds()[0].test:
+        last = {}
+        for u in d.utterances:
+            if u.speaker in last:
+                same += last[u.speaker] == u.label
+                total += 1
+            last[u.speaker] = u.label
+    assert abs(same / total - t.p_stay) < 0.05
+
+
+def test_waveform_encodes_the_latents():
+    rng = np.random.default_rng(0)
+    quiet = render_waveform(np.array([0.0, -2.0, 0.0]), 1.0, rng)
+    loud = render_waveform(np.array([0.0, 2.0, 0.0]), 1.0, rng)
+    assert quiet.dtype == np.float32 and quiet.shape == (SAMPLE_RATE,)
+    rms = lambda w: np.sqrt(np.mean(w ** 2))
+    assert 20 * np.log10(rms(loud) / rms(quiet)) == pytest.approx(16.0, abs=1.0)  # 4 dB per z unit
+    for z, f0 in ((0.0, 160.0), (4.0, 320.0)):
+        w = render_waveform(np.array([z, 0.0, 2.0]), 1.0, rng)
+        spec = np.abs(np.fft.rfft(w * np.hanning(len(w))))
+        freqs = np.fft.rfftfreq(len(w), 1 / SAMPLE_RATE)
+        peak = freqs[np.argmax(spec * (freqs > 60) * (freqs < 1.5 * f0))]
+        assert peak == pytest.approx(f0, rel=0.06)
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match="unknown preset"):
+        SyntheticProsodyTask(preset="huge")
