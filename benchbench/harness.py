@@ -111,8 +111,8 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
                 pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
                 if predictions:
                     pd.concat(predictions).to_csv(out / "predictions.csv", index=False)
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:  # the parent run records how it ended; results so far are kept below
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         raise
     finally:
         results = pd.DataFrame(rows)

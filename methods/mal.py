@@ -196,11 +196,11 @@ class MemoryAsALayer(ContextMethod):
                         logits = self._forward_turn(ctx, [embs[t] for embs, _ in group])
                         loss = loss + nn.functional.cross_entropy(logits, torch.stack([y[t] for _, y in group]))
                     loss = loss / len(group[0][0])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"MAL phase 2: non-finite training loss at epoch {epoch}")
                 opt_rest.zero_grad()
                 opt_gate.zero_grad()
                 loss.backward()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"MAL phase 2: non-finite training loss at epoch {epoch}")
                 nn.utils.clip_grad_norm_(rest, c.grad_clip)
                 nn.utils.clip_grad_norm_(gates, c.gate_grad_clip)
                 opt_rest.step()

@@ -70,3 +70,13 @@ def test_bench_run_rejects_unknown_names(tmp_path, capsys):
     assert rc == 2 and "Did you mean 'lora'" in capsys.readouterr().err
     rc = main(["run", "--methods", "lora", "--tasks", "emodb", "--output", str(tmp_path / "o")])
     assert rc == 2 and "--data-dir" in capsys.readouterr().err
+
+
+def test_missing_data_dir_fails_cleanly_and_marks_the_mlflow_run(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["run", "--methods", "lora", "--tasks", "emodb", "--data-dir", str(tmp_path / "nowhere"),
+               "--tracking-uri", uri, "--output", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "nowhere" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("benchbench").experiment_id])
+    assert run.info.status == "FAILED"
