@@ -54,6 +54,11 @@ def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task") -> d
 Example = tuple[list[Segment], int]
 
 
+def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]:
+    """One context-free example per utterance: ``([Segment(audio [T, D])], label)``."""
+    return [([Segment(backbone.audio_embeddings(u.input))], u.label) for d in dialogues for u in d.utterances]
+
+
 def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                      examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
                      curve_prefix: str = "lora") -> None:
@@ -125,9 +130,7 @@ class LoRAMethod(UtteranceLevelMethod):
         self.lora_params = attach_lora(self.lm, self.config)
 
     def fit(self, train, dev, progress=None):
-        examples = [([Segment(self.backbone.audio_embeddings(u.input))], u.label)
-                    for d in train for u in d.utterances]
-        train_supervised(self, self.lora_params, self.config, examples, dev, progress)
+        train_supervised(self, self.lora_params, self.config, utterance_examples(self.backbone, train), dev, progress)
 
     def trained_parameters(self):
         return self.lora_params

@@ -40,7 +40,8 @@ from torch import nn
 from benchbench.backbone import Segment
 from benchbench.data import Dialogue, UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import LoRASettings, attach_lora, train_supervised
+from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, train_supervised,
+                                     utterance_examples)
 from benchbench.metrics import evaluate
 
 
@@ -126,7 +127,13 @@ class MemoryAsALayer(ContextMethod):
         super().__init__(backbone, labels, config, seed)
         self.lora_params = attach_lora(self.lm, self.config.lora)
         self.layer_ids = resolve_layers(self.config.layers, len(self.lm.layers))
-        self.branches = nn.ModuleDict({str(l): MALBranch(self.lm.hidden_size, self.config) for l in self.layer_ids})
+        # Branches draw from their own RNG stream so that Phase 1 (init, data order, dropout) is
+        # bit-identical to the `lora` method under the same seed: MAL vs LoRA isolates the memory.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919)
+            self.branches = nn.ModuleDict({str(l): MALBranch(self.lm.hidden_size, self.config)
+                                           for l in self.layer_ids})
+        self._memory_removed = False
         for l in self.layer_ids:
             self.lm.layers[l].register_forward_pre_hook(self._make_hook(str(l)), with_kwargs=True)
         self._active: dict | None = None  # None: MAL removed (Phase 1); else per-forward context
@@ -167,9 +174,12 @@ class MemoryAsALayer(ContextMethod):
 
     def fit(self, train, dev, progress=None):
         c = self.config
-        # Phase 1: task adaptation, MAL removed (self._active is None)
-        examples = [([Segment(self.backbone.audio_embeddings(u.input))], u.label) for d in train for u in d.utterances]
-        train_supervised(self, self.lora_params, c.lora, examples, dev, progress)
+        # Phase 1: task adaptation with MAL removed, exactly as `lora` (dev scored the same way)
+        self._memory_removed = True
+        try:
+            train_supervised(self, self.lora_params, c.lora, utterance_examples(self.backbone, train), dev, progress)
+        finally:
+            self._memory_removed = False
         for p in self.lora_params.values():
             p.requires_grad_(False)
         # Phase 2: memory training, LoRA and backbone frozen
@@ -225,6 +235,11 @@ class MemoryAsALayer(ContextMethod):
     # ------------------------------------------------------------------ streaming evaluation (Eq. 1)
     def reset(self) -> None:
         self.states: dict = {}  # S_0: no NeuralMemState (fresh memory) for every branch
+
+    def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        if self._memory_removed:  # Phase 1 dev scoring: the host + LoRA alone, batched like `lora`
+            return UtteranceLevelMethod.predict_dialogue(self, utterances)
+        return super().predict_dialogue(utterances)
 
     @torch.no_grad()
     def step(self, utterance: UtteranceInput) -> np.ndarray:
