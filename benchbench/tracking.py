@@ -54,10 +54,11 @@ class Tracker:
         self.tracking_uri = mlflow.get_tracking_uri()
         mlflow.set_experiment(EXPERIMENT)
         self.client = MlflowClient()
+        # constant for the run: read once, tagged on the parent and on every cell
+        self.run_tags = {**{f"version.{k}": v for k, v in package_versions().items()}, "git_commit": git_commit()}
         self.parent = mlflow.start_run(run_name=run_name)
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        mlflow.set_tags({**tags, **{f"version.{k}": v for k, v in package_versions().items()},
-                         "git_commit": git_commit()})
+        mlflow.set_tags({**tags, **self.run_tags})
 
     @property
     def parent_run_id(self) -> str:
@@ -68,8 +69,7 @@ class Tracker:
         """A nested child run with params, final metrics, curves (one step per entry), tags, artifacts."""
         with mlflow.start_run(run_name=name, nested=True) as run:
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-            mlflow.set_tags({**tags, **{f"version.{k}": v for k, v in package_versions().items()},
-                             "git_commit": git_commit()})
+            mlflow.set_tags({**tags, **self.run_tags})
             mlflow.log_metrics(metrics)
             now = int(time.time() * 1000)
             series = [Metric(k, float(v), now, i) for k, vals in curves.items() for i, v in enumerate(vals)]

@@ -70,7 +70,6 @@ class FullContext(ContextMethod):
 
     def reset(self) -> None:
         self.history: list[UtteranceInput] = []
-        self.context_tokens: list[int] = []
 
     @torch.no_grad()
     def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
@@ -78,7 +77,6 @@ class FullContext(ContextMethod):
         self.reset()
         self.lm.eval()
         seqs = [self._segments(utterances[:i], u) for i, u in enumerate(utterances)]
-        self.context_tokens = [sum(s.audio.shape[0] for s in segs) for segs in seqs]
         return torch.softmax(self.lm(self.lm.batch(seqs)).float(), -1).numpy()
 
     @torch.no_grad()

@@ -7,9 +7,8 @@ alpha=64, AdamW, lr 2e-5, 3 epochs). Also provides the LoRA pieces that ``full_c
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -38,7 +38,7 @@ from titans_pytorch import NeuralMemory
 from torch import nn
 
 from benchbench.backbone import Segment
-from benchbench.data import Dialogue, UtteranceInput
+from benchbench.data import UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig
 from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, train_supervised,
                                      utterance_examples)

@@ -26,3 +26,16 @@ def tiny_task():
     from benchbench.tasks.synthetic import SyntheticProsodyTask
 
     return SyntheticProsodyTask(preset="smoke", n_train=6, n_dev=2, n_test=3, n_turns=4, duration_s=0.64)
+
+
+def same_emotion_rate(dialogues) -> float:
+    """Fraction of a speaker's utterances (after their first in a dialogue) that repeat their previous emotion."""
+    same = total = 0
+    for d in dialogues:
+        last = {}
+        for u in d.utterances:
+            if u.speaker in last:
+                same += last[u.speaker] == u.label
+                total += 1
+            last[u.speaker] = u.label
+    return same / total

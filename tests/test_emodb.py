@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import EMODB_DIR
+from tests.conftest import EMODB_DIR, same_emotion_rate
 
 pytestmark = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
                                 reason=f"Emo-DB not found at {EMODB_DIR} (see tasks/emodb.py for where to get it)")
@@ -39,7 +39,6 @@ def test_folds_hold_out_one_female_and_one_male_speaker(task):
 
 
 def test_dialogues_alternate_two_speakers_with_inertia(task):
-    stay = total = 0
     dialogues = [d for f in task.folds() for d in f.test]
     # only a pair's last dialogue may be one speaker's tail once the other's clips are used up
     assert sum(len(d.speakers) != 2 for d in dialogues) <= 5
@@ -47,14 +46,7 @@ def test_dialogues_alternate_two_speakers_with_inertia(task):
         assert 1 <= len(d) <= task.max_turns
         if len(d.speakers) == 2:
             assert any(a.speaker != b.speaker for a, b in zip(d.utterances, d.utterances[1:]))
-    for d in dialogues:
-        last = {}
-        for u in d.utterances:
-            if u.speaker in last:
-                stay += last[u.speaker] == u.label
-                total += 1
-            last[u.speaker] = u.label
-    assert stay / total > 0.45  # well above the ~0.3 of random order
+    assert same_emotion_rate(dialogues) > 0.45  # well above the ~0.3 of random order
 
 
 def test_audio_is_real_speech_at_its_own_rate(task):

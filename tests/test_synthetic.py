@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from tests.conftest import same_emotion_rate
 from benchbench.tasks.synthetic import EMOTION_OFFSETS, SAMPLE_RATE, SyntheticProsodyTask, render_waveform
 
 
@@ -41,15 +42,7 @@ def test_ceilings_are_ordered_and_match_the_latents():
 
 def test_emotions_are_sticky_per_speaker():
     t = SyntheticProsodyTask(preset="default", n_train=0, n_dev=0, n_test=150, duration_s=0.1)
-    same = total = 0
-    for d in t.folds()[0].test:
-        last = {}
-        for u in d.utterances:
-            if u.speaker in last:
-                same += last[u.speaker] == u.label
-                total += 1
-            last[u.speaker] = u.label
-    assert abs(same / total - t.p_stay) < 0.05
+    assert abs(same_emotion_rate(t.folds()[0].test) - t.p_stay) < 0.05
 
 
 def test_waveform_encodes_the_latents():
