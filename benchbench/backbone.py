@@ -217,6 +217,13 @@ class AudioLLMBackbone:
     def max_audio_seconds(self) -> float:
         return float(self.feature_extractor.chunk_length)
 
+    @property
+    def max_audio_tokens(self) -> int:
+        """Audio tokens of one full encoder window (``max_audio_seconds``): the most one utterance gets."""
+        tower = self.model.model.audio_tower
+        _, n = tower._get_feat_extract_output_lengths(torch.tensor([self.feature_extractor.nb_max_frames]))
+        return int(n[0])
+
     # ---------------------------------------------------------------- (a) audio encoding
     def _waveform_16k(self, utt: UtteranceInput) -> np.ndarray:
         wav = np.asarray(utt.waveform, dtype=np.float32)
@@ -344,7 +351,7 @@ def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBa
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     config._attn_implementation = "eager"
-    config.text_config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "sdpa"
     config.audio_config._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -166,6 +166,7 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
         "utterance_id": [u.utterance_id for d in fold.test for u in d.inputs()],
         "turn": [u.turn for d in fold.test for u in d.inputs()],
         "speaker": [u.speaker for d in fold.test for u in d.inputs()],
+        "speaker_history": [k for d in fold.test for k in speaker_history_counts(d.inputs())],
         "label": [task.labels[i] for i in y_true], "prediction": [task.labels[i] for i in y_pred],
         "correct": (y_true == y_pred).astype(int),
         **{f"p_{lab}": p[:, i] for i, lab in enumerate(task.labels)},
@@ -183,12 +184,45 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
     return row, preds
 
 
+def speaker_history_counts(utterances) -> list[int]:
+    """For each utterance, how many earlier utterances of the same speaker the dialogue has."""
+    seen: dict[str, int] = {}
+    out = []
+    for u in utterances:
+        out.append(seen.get(u.speaker, 0))
+        seen[u.speaker] = out[-1] + 1
+    return out
+
+
 # ---------------------------------------------------------------------------- summary
+HISTORY_BINS = (0, 1, 2, 3)  # the last bin is "3 or more"
+
+
+def accuracy_by_speaker_history(preds: pd.DataFrame) -> list[dict]:
+    """WA per method/task/backbone by the number of the speaker's earlier utterances (0, 1, 2, 3+).
+
+    Pooled over seeds and folds. A context method's gain should grow with the history; an
+    utterance-level method's accuracy should not depend on it.
+    """
+    if preds.empty or "speaker_history" not in preds:
+        return []
+    binned = preds.assign(history_bin=preds["speaker_history"].clip(upper=HISTORY_BINS[-1]))
+    out = []
+    for (m, t, b), g in binned.groupby(["method", "task", "backbone"], sort=False):
+        acc = g.groupby("history_bin")["correct"].agg(["mean", "size"])
+        out.append({"method": m, "task": t, "backbone": b,
+                    "wa": {str(int(k)) + ("+" if k == HISTORY_BINS[-1] else ""): float(v)
+                           for k, v in acc["mean"].items()},
+                    "n": {str(int(k)) + ("+" if k == HISTORY_BINS[-1] else ""): int(v) for k, v in acc["size"].items()}})
+    return out
+
+
 def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, baseline: str = "lora") -> dict:
     """Mean / sd / n over seeds x folds per method/task/backbone, task references, checks, comparisons."""
     summary: dict = {"cells": [], "tasks": {t: info["reference"] | {"manifest_sha256": info["manifest_sha256"]}
                                             for t, info in task_info.items()},
-                     "checks": {"leakage": []}, "comparisons": [], "failed_cells": []}
+                     "checks": {"leakage": []}, "comparisons": [], "by_speaker_history": [],
+                     "failed_cells": []}
     if results.empty:
         return summary
     failed = results[results["status"] == "failed"]
@@ -205,6 +239,7 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, basel
     summary["checks"]["leakage"] = leakage_checks(ok, task_info)
     if not preds.empty:
         summary["comparisons"] = paired_comparisons(preds, baseline)
+        summary["by_speaker_history"] = accuracy_by_speaker_history(preds)
     return summary
 
 
@@ -280,10 +315,17 @@ def format_summary(summary: dict) -> str:
         if ceil:
             lines.append(f"{t} reference ceilings (WA %): " +
                          ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items()))
+    hist = summary.get("by_speaker_history", [])
+    if hist:
+        lines.append("WA (%) by the speaker's earlier utterances in the dialogue:")
+        lines.append(pd.DataFrame([{"task": h["task"], "backbone": h["backbone"], "method": h["method"],
+                                    **{k: f"{100 * v:.1f}" for k, v in h["wa"].items()}} for h in hist]
+                                  ).to_string(index=False))
     for c in summary["comparisons"]:
+        t_p = f", t-test over cells p={c['ttest_cells_p']:.3g}" if c["ttest_cells_p"] is not None else ""
         lines.append(f"{c['task']}: {c['method']} - {c['baseline']} WA {100 * c['wa_diff_mean']:+.2f} pts "
                      f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['wilcoxon_dialogues_p']:.3g}; "
-                     f"{c['n_cells']} seed x fold cells)")
+                     f"{c['n_cells']} seed x fold cells{t_p})")
     for chk in summary["checks"]["leakage"]:
         if chk["leakage_suspected"]:
             lines.append(f"WARNING possible leakage: context-free {chk['method']} (seed {chk['seed']}, fold "

@@ -71,11 +71,16 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
     losses, dev_scores = method.curves.setdefault(f"{curve_prefix}_train_loss", []), \
         method.curves.setdefault(f"{curve_prefix}_dev_{s.selection_metric}", [])
     best, best_state = -np.inf, None
+    # length-grouped batches (like transformers' group_by_length): little padding when example
+    # lengths differ (full_context), in a random order of batches
+    lengths = np.array([sum(seg.audio.shape[0] for seg in segs) for segs, _ in examples])
     for epoch in range(s.epochs):
         lm.train()
-        order = method.rng.permutation(len(examples))
-        for i in range(0, len(order), s.batch_size):
-            chunk = [examples[j] for j in order[i:i + s.batch_size]]
+        perm = method.rng.permutation(len(examples))
+        perm = perm[np.argsort(lengths[perm], kind="stable")]
+        batches = [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
+        for b in method.rng.permutation(len(batches)):
+            chunk = [examples[j] for j in batches[b]]
             logits = lm(lm.batch([segs for segs, _ in chunk]))
             loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk]))
             opt.zero_grad()

@@ -17,10 +17,21 @@ Phase 2 freezes it and trains MAL by backpropagation through each training dialo
 through the memory state across utterances), with separate learning rates and clipping thresholds
 for {W_in, W_out, M, P} (1e-4, 1.0) and the gates {alpha} (2e-4, 2.0).
 
-titans-pytorch 0.5.5 chains state exactly only when every call's length is a multiple of
-``chunk_size`` (see ../shared/reference/titans-pytorch.md); :class:`MALBranch` refuses other lengths
-with a clear error instead of silently computing something else. ``chunk_size=1`` chains exactly for
-any length.
+Memory updates (``chunk_size``):
+
+* ``"utterance"`` (default): one memory update per utterance, and every token of utterance i reads
+  the memory as it was after utterance i-1, i.e. exactly Eq. 1 (y_i = f(x_i, S_{i-1}),
+  S_i = U(S_{i-1}, x_i)). Each call stores one titans-pytorch chunk of ``N_p + T_max + 1`` tokens
+  (T_max: the backbone's audio tokens per encoder window): z padded with zeros, padding excluded from
+  the surprise gradients by ``store_mask`` (its learning rate is 0). The padding still enters the
+  mean-pooled chunk summary from which the decay and momentum gates are computed, so those gates
+  depend on the utterance's length (a deterministic function of the utterance alone). The last slot
+  is always padding: titans-pytorch lets the chunk's last retrieval position read the updated memory.
+* an integer: titans-pytorch's own chunking inside the utterance (later tokens read memory that
+  already holds the utterance's earlier tokens). titans-pytorch 0.5.5 chains state exactly only when
+  every call's length is a multiple of ``chunk_size`` (see ../shared/reference/titans-pytorch.md);
+  :class:`MALBranch` refuses other lengths with a clear error instead of silently computing
+  something else. ``chunk_size=1`` chains exactly for any length (one update per token: slow).
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ class MALConfig(MethodConfig):
     layers: str = "all"          # "all" (paper), "quartile" (4 layers at the quartiles), or "0,3,5"
     d_m: int = 128               # memory dimension d_m (paper, every-layer placement)
     n_persistent: int = 8        # N_p persistent tokens P_l
-    chunk_size: int = 1          # NeuralMemory chunk size (1: exact chaining for any length)
+    chunk_size: int | str = "utterance"  # "utterance": one update per utterance (Eq. 1); or tokens per update
     memory_depth: int = 2        # depth-2 MLP memory (Fig. 1)
     memory_heads: int = 1
     memory_max_lr: float = 0.1   # NeuralMemory default_step_transform_max_lr (1.0 can diverge)
@@ -83,22 +94,36 @@ def resolve_layers(spec: str, n_layers: int) -> list[int]:
 
 
 class MALBranch(nn.Module):
-    """One MAL branch for one LM block (Eq. 6-9). ``forward(h [B, T, D], state) -> (h~ [B, T, D], state)``."""
+    """One MAL branch for one LM block (Eq. 6-9). ``forward(h [B, T, D], state) -> (h~ [B, T, D], state)``.
 
-    def __init__(self, hidden_size: int, c: MALConfig):
+    ``max_tokens``: the most audio tokens one utterance can have (needed for ``chunk_size="utterance"``).
+    Raises ``ValueError`` for an unknown ``chunk_size`` and, in ``forward``, for a length it cannot
+    chain exactly.
+    """
+
+    def __init__(self, hidden_size: int, c: MALConfig, max_tokens: int):
         super().__init__()
-        self.n_p, self.chunk_size = c.n_persistent, c.chunk_size
+        self.n_p, self.max_tokens = c.n_persistent, max_tokens
+        if c.chunk_size == "utterance":
+            self.store_len = c.n_persistent + max_tokens + 1
+            self.chunk_size = self.store_len
+        elif isinstance(c.chunk_size, int) and c.chunk_size >= 1:
+            self.store_len, self.chunk_size = None, c.chunk_size
+        else:
+            raise ValueError(f"MAL chunk_size {c.chunk_size!r}: expected 'utterance' or a positive int")
         self.W_in = nn.Linear(hidden_size, c.d_m, bias=False)
         self.W_out = nn.Linear(c.d_m, hidden_size, bias=False)
         self.P = nn.Parameter(torch.randn(c.n_persistent, c.d_m) * 0.02)
         self.memory = NeuralMemory(
-            dim=c.d_m, chunk_size=c.chunk_size, heads=c.memory_heads,
+            dim=c.d_m, chunk_size=self.chunk_size, heads=c.memory_heads,
             default_model_kwargs=dict(depth=c.memory_depth, expansion_factor=4.0),
             default_step_transform_max_lr=c.memory_max_lr, max_grad_norm=c.memory_max_grad_norm)
         self.alpha = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the untrained branch is the identity
 
     def forward(self, h: torch.Tensor, state=None):
         B, T, _ = h.shape
+        if self.store_len is not None:
+            return self._forward_per_utterance(h, state)
         if (self.n_p + T) % self.chunk_size:
             raise ValueError(f"MAL: N_p + T = {self.n_p} + {T} is not a multiple of chunk_size "
                              f"{self.chunk_size}; titans-pytorch would not chain the dialogue state "
@@ -106,6 +131,19 @@ class MALBranch(nn.Module):
         z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6
         r, state = self.memory(z, state=state)                                    # Eq. 7
         delta = self.W_out(r[:, self.n_p:])                                        # Eq. 8
+        return h + torch.tanh(self.alpha) * delta, state                           # Eq. 9
+
+    def _forward_per_utterance(self, h: torch.Tensor, state):
+        B, T, _ = h.shape
+        if T > self.max_tokens:
+            raise ValueError(f"MAL: utterance of {T} audio tokens is longer than the {self.max_tokens} "
+                             "the memory's chunk was sized for")
+        n = self.n_p + T
+        z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6
+        z = nn.functional.pad(z, (0, 0, 0, self.store_len - n))
+        mask = (torch.arange(self.store_len) < n).expand(B, -1)
+        r, state = self.memory(z, state=state, store_mask=mask)                    # Eq. 7, reads S_{i-1}
+        delta = self.W_out(r[:, self.n_p:n])                                        # Eq. 8
         return h + torch.tanh(self.alpha) * delta, state                           # Eq. 9
 
 
@@ -119,8 +157,8 @@ class MemoryAsALayer(ContextMethod):
         "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2,
                       batch_dialogues=8),
         # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=6, lr=3e-3,
-                        gate_lr=1e-2, batch_dialogues=16),
+        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=8, lr=3e-3,
+                        gate_lr=5e-2, batch_dialogues=4),
     }
 
     def __init__(self, backbone, labels, config=None, seed=0):
@@ -131,7 +169,7 @@ class MemoryAsALayer(ContextMethod):
         # bit-identical to the `lora` method under the same seed: MAL vs LoRA isolates the memory.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919)
-            self.branches = nn.ModuleDict({str(l): MALBranch(self.lm.hidden_size, self.config)
+            self.branches = nn.ModuleDict({str(l): MALBranch(self.lm.hidden_size, self.config, backbone.max_audio_tokens)
                                            for l in self.layer_ids})
         self._memory_removed = False
         for l in self.layer_ids:

@@ -40,11 +40,13 @@ EMOTION_OFFSETS = np.array([
     [-1.0, -1.0, -1.0],  # sadness: low, quiet, slow
 ])
 SAMPLE_RATE = 16000
+OCTAVE_Z = (4.0, 5.0)  # z units per octave of f0 and of syllable rate
+DB_PER_Z = 4.0         # level change per z unit of energy
 
 PRESETS = {
     #             dialogues (train, dev, test), turns, seconds per utterance
     "smoke": dict(n_train=12, n_dev=4, n_test=6, n_turns=6, duration_s=1.0),
-    "default": dict(n_train=160, n_dev=24, n_test=48, n_turns=8, duration_s=1.6),
+    "default": dict(n_train=160, n_dev=24, n_test=48, n_turns=10, duration_s=1.2),
 }
 
 
@@ -52,9 +54,9 @@ def render_waveform(x: np.ndarray, duration_s: float, rng: np.random.Generator) 
     """Render prosody ``x = (f0, energy, rate)`` in z units to a mono float32 waveform ``[n_samples]``."""
     n = int(round(duration_s * SAMPLE_RATE))
     t = np.arange(n) / SAMPLE_RATE
-    f0 = 160.0 * 2 ** (x[0] / 4.0)
-    level_db = -20.0 + 4.0 * x[1]
-    rate = 4.0 * 2 ** (x[2] / 5.0)
+    f0 = 160.0 * 2 ** (x[0] / OCTAVE_Z[0])
+    level_db = -20.0 + DB_PER_Z * x[1]
+    rate = 4.0 * 2 ** (x[2] / OCTAVE_Z[1])
     # f0 contour: slight declination and random jitter (nuisance)
     contour = f0 * (1.0 - 0.05 * t / duration_s) * (1.0 + 0.01 * np.sin(2 * np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 6.28)))
     phase = 2 * np.pi * np.cumsum(contour) / SAMPLE_RATE
@@ -63,7 +65,10 @@ def render_waveform(x: np.ndarray, duration_s: float, rng: np.random.Generator) 
     harmonics[(k[:, 0] * f0) > 7000] = 0.0
     source = harmonics.sum(0)
     source /= np.sqrt(np.mean(source ** 2)) + 1e-9
-    envelope = np.clip(np.sin(np.pi * rate * t + rng.uniform(0, np.pi)), 0.0, None) ** 1.5
+    # syllables at `rate` per second; faster speech also pauses less (voiced fraction `duty`)
+    duty = float(np.clip(0.5 + 0.1 * x[2], 0.15, 0.9))
+    cycle = (rate * t + rng.uniform(0, 1)) % 1.0
+    envelope = np.where(cycle < duty, np.sin(np.pi * np.minimum(cycle / duty, 1.0)), 0.0) ** 0.5
     wav = source * envelope
     wav *= 10 ** (level_db / 20.0) / (np.sqrt(np.mean(wav ** 2)) + 1e-9)
     wav += rng.normal(0.0, 10 ** (-55 / 20), n)
@@ -84,7 +89,7 @@ class SyntheticProsodyTask(Task):
     labels = LABELS
 
     def __init__(self, data_dir=None, preset: str = "default", seed: int = 0, sigma_b: float = 1.5,
-                 sigma_n: float = 0.45, p_stay: float = 0.7, p_hold: float = 0.2, **overrides):
+                 sigma_n: float = 0.3, p_stay: float = 0.5, p_hold: float = 0.2, **overrides):
         super().__init__(None, preset, seed)
         if preset not in PRESETS:
             raise ValueError(f"task synthetic: unknown preset {preset!r} (known: {sorted(PRESETS)})")
@@ -97,14 +102,13 @@ class SyntheticProsodyTask(Task):
         return {**super().params(), **self.sizes, "sigma_b": self.sigma_b, "sigma_n": self.sigma_n,
                 "p_stay": self.p_stay, "p_hold": self.p_hold}
 
-    def _dialogue(self, did: str, rng: np.random.Generator) -> Dialogue:
-        n_turns, dur = self.sizes["n_turns"], self.sizes["duration_s"]
-        spk = [f"{did}-spkA", f"{did}-spkB"]
+    def _latent_dialogue(self, rng: np.random.Generator) -> list[tuple[int, int, np.ndarray]]:
+        """One dialogue's latents: ``(speaker index, emotion, x [3])`` per turn."""
         base = rng.normal(0.0, self.sigma_b, (2, 3))
-        emo = [None, None]
+        emo: list[int | None] = [None, None]
         who = int(rng.integers(2))
-        utts = []
-        for turn in range(n_turns):
+        turns = []
+        for turn in range(self.sizes["n_turns"]):
             if turn > 0 and rng.random() >= self.p_hold:
                 who = 1 - who
             prev = emo[who]
@@ -115,10 +119,16 @@ class SyntheticProsodyTask(Task):
             else:
                 e = int(rng.choice([c for c in range(len(LABELS)) if c != prev]))
             emo[who] = e
-            x = base[who] + EMOTION_OFFSETS[e] + rng.normal(0.0, self.sigma_n, 3)
+            turns.append((who, e, base[who] + EMOTION_OFFSETS[e] + rng.normal(0.0, self.sigma_n, 3), base[who]))
+        return turns
+
+    def _dialogue(self, did: str, rng: np.random.Generator) -> Dialogue:
+        spk = [f"{did}-spkA", f"{did}-spkB"]
+        utts = []
+        for turn, (who, e, x, b) in enumerate(self._latent_dialogue(rng)):
             uid = f"{did}-t{turn:02d}"
-            self.latents[uid] = {"x": x, "b": base[who].copy(), "emotion": e}
-            inp = UtteranceInput(uid, did, turn, spk[who], render_waveform(x, dur, rng), SAMPLE_RATE)
+            self.latents[uid] = {"x": x, "b": b.copy(), "emotion": e}
+            inp = UtteranceInput(uid, did, turn, spk[who], render_waveform(x, self.sizes["duration_s"], rng), SAMPLE_RATE)
             utts.append(Utterance(inp, e))
         return Dialogue(did, tuple(utts))
 
@@ -135,11 +145,16 @@ class SyntheticProsodyTask(Task):
     def reference(self) -> dict:
         return {"ceilings": self.ceilings()}
 
-    def ceilings(self, n: int = 200_000) -> dict:
-        """Monte Carlo Bayes accuracies (fractions) without context and with the baseline known.
+    def ceilings(self, n: int = 200_000, n_dialogues: int = 600) -> dict:
+        """Reference accuracies (fractions), by Monte Carlo from the generative model.
 
-        Emotions are uniform marginally (the chain's stationary distribution), and all covariances
-        are isotropic and shared, so both Bayes rules are nearest-offset rules.
+        * ``context_free``: Bayes accuracy from one utterance's ``x`` (emotions are uniform
+          marginally and all covariances isotropic and shared, so the rule is nearest offset);
+        * ``speaker_history``: accuracy of the causal Bayes rule that also sees the same speaker's
+          earlier utterances in the dialogue (:func:`speaker_history_posterior`; at most the last
+          ``HISTORY_WINDOW`` of them): what a streaming context method can reach;
+        * ``baseline_known``: Bayes accuracy with the speaker baseline ``b_s`` given (a reference,
+          not a bound: inertia adds information).
         """
         rng = np.random.default_rng([self.seed, 7])
         e = rng.integers(len(LABELS), size=n)
@@ -149,6 +164,40 @@ class SyntheticProsodyTask(Task):
         def nearest(v):
             return np.argmin(((v[:, None, :] - EMOTION_OFFSETS[None]) ** 2).sum(-1), axis=1)
 
+        hits = []
+        for _ in range(n_dialogues):
+            history: dict[int, list] = {0: [], 1: []}
+            for who, emo, xu, _ in self._latent_dialogue(rng):
+                history[who].append(xu)
+                post = speaker_history_posterior(np.array(history[who]), self.sigma_b, self.sigma_n, self.p_stay)
+                hits.append(int(np.argmax(post)) == emo)
         return {"context_free": float(np.mean(nearest(x) == e)),
+                "speaker_history": float(np.mean(hits)),
                 "baseline_known": float(np.mean(nearest(x - b) == e)),
                 "chance": 1.0 / len(LABELS)}
+
+
+HISTORY_WINDOW = 7
+
+
+def speaker_history_posterior(x: np.ndarray, sigma_b: float, sigma_n: float, p_stay: float) -> np.ndarray:
+    """Exact ``p(e_t | x_1..x_t)`` for one speaker's utterances ``x`` ``[t, 3]`` (z units), ``[4]``.
+
+    Sums over the speaker's emotion sequences (sticky chain prior, at most the last
+    :data:`HISTORY_WINDOW` utterances) with the baseline marginalised in closed form: given the
+    sequence, each prosody dimension of the residuals ``r_i = x_i - o_{e_i}`` is Gaussian with
+    covariance ``sigma_n^2 I + sigma_b^2 11^T`` (Sherman-Morrison for the quadratic form; the
+    log-determinant is the same for every sequence).
+    """
+    x = np.asarray(x, dtype=float)[-HISTORY_WINDOW:]
+    t, k = len(x), len(LABELS)
+    seqs = np.stack(np.meshgrid(*[np.arange(k)] * t, indexing="ij"), -1).reshape(-1, t)  # [k^t, t]
+    same = seqs[:, 1:] == seqs[:, :-1]
+    log_prior = np.where(same, np.log(p_stay), np.log((1 - p_stay) / (k - 1))).sum(1)
+    r = x[None] - EMOTION_OFFSETS[seqs]                      # [k^t, t, 3]
+    s1, s2 = r.sum(1), (r ** 2).sum(1)
+    quad = (s2 - sigma_b ** 2 * s1 ** 2 / (sigma_n ** 2 + t * sigma_b ** 2)) / sigma_n ** 2
+    log_joint = log_prior - 0.5 * quad.sum(-1)
+    w = np.exp(log_joint - log_joint.max())
+    post = np.bincount(seqs[:, -1], weights=w, minlength=k)
+    return post / post.sum()

@@ -31,7 +31,7 @@ def test_untrained_mal_leaves_host_outputs_bit_identical(backbone, tiny_task):
 
 def test_branch_keeps_shape_and_positions(backbone):
     c = MALConfig(d_m=16)
-    br = MALBranch(backbone.hidden_size, c)
+    br = MALBranch(backbone.hidden_size, c, backbone.max_audio_tokens)
     h = torch.randn(2, 12, backbone.hidden_size)
     out, state = br(h)
     assert out.shape == h.shape and torch.equal(out, h)  # alpha = 0
@@ -45,7 +45,7 @@ def test_chaining_utterances_equals_one_pass_over_the_dialogue(backbone):
     """S_i carried across calls computes what one pass over [z_1; z_2; z_3] computes (chunk_size 1)."""
     torch.manual_seed(0)
     c = MALConfig(d_m=16, n_persistent=4, chunk_size=1)
-    br = MALBranch(backbone.hidden_size, c)
+    br = MALBranch(backbone.hidden_size, c, backbone.max_audio_tokens)
     hs = [torch.randn(1, T, backbone.hidden_size) for T in (7, 11, 5)]
     zs = [torch.cat([br.P[None], br.W_in(h)], 1) for h in hs]
     with torch.no_grad():
@@ -61,6 +61,34 @@ def test_chaining_utterances_equals_one_pass_over_the_dialogue(backbone):
     assert (fresh - pieces[2]).abs().max() > 1e-3
 
 
+def test_per_utterance_update_reads_exactly_the_previous_state(backbone):
+    """chunk_size="utterance": every token of utterance i reads S_{i-1} (Eq. 1), whatever its length."""
+    torch.manual_seed(0)
+    D = backbone.hidden_size
+    br = MALBranch(D, MALConfig(d_m=16, n_persistent=4), backbone.max_audio_tokens)
+    with torch.no_grad():
+        br.alpha.fill_(1.0)
+    h1, h2 = torch.randn(1, 9, D), torch.randn(1, 13, D)
+    with torch.no_grad():
+        _, s1 = br(h1)
+        out2, s2 = br(h2, s1)
+        # token t's output depends on token t and on earlier utterances only, not on its neighbours
+        h2b = h2.clone()
+        h2b[:, 5:] += 1.0
+        out2b, _ = br(h2b, s1)
+        assert torch.equal(out2b[:, :5], out2[:, :5]) and not torch.allclose(out2b[:, 5:], out2[:, 5:])
+        # ... and the last token too (titans-pytorch lets a chunk's last position read the new state)
+        h2c = h2.clone()
+        h2c[:, :-1] += 1.0
+        assert torch.allclose(br(h2c, s1)[0][:, -1], out2[:, -1], atol=1e-6)
+        # the previous utterance does matter, and a fresh memory reads something else
+        assert (br(h2)[0] - out2).abs().max() > 1e-4
+        h1b = h1 + 1.0
+        assert (br(h2, br(h1b)[1])[0] - out2).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="longer than"):
+        br(torch.randn(1, backbone.max_audio_tokens + 1, D))
+
+
 def test_titans_pitfall_chunk_multiple_is_enforced(backbone):
     """titans-pytorch 0.5.5 mis-chains lengths that are not chunk multiples; MAL refuses them."""
     torch.manual_seed(0)
@@ -71,7 +99,7 @@ def test_titans_pitfall_chunk_multiple_is_enforced(backbone):
         _, s = mem(a)
         second, _ = mem(b, state=s)
     assert not torch.allclose(full[:, 10:], second, atol=1e-4)  # the upstream pitfall is real
-    br = MALBranch(backbone.hidden_size, MALConfig(d_m=16, n_persistent=8, chunk_size=8))
+    br = MALBranch(backbone.hidden_size, MALConfig(d_m=16, n_persistent=8, chunk_size=8), backbone.max_audio_tokens)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         br(torch.randn(1, 13, backbone.hidden_size))
     out, _ = br(torch.randn(1, 16, backbone.hidden_size))  # 8 + 16 = 24: fine

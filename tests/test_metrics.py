@@ -48,3 +48,18 @@ def test_paired_comparison_finds_a_real_gain():
     (c,) = paired_comparisons(pd.DataFrame(rows), "lora")
     assert c["method"] == "mal" and c["wa_diff_mean"] > 0.1 and c["wilcoxon_dialogues_p"] < 0.001
     assert c["n_dialogues"] == 30 and c["n_cells"] == 2
+
+
+def test_speaker_history_counts_and_accuracy_by_history():
+    from types import SimpleNamespace as U
+
+    from benchbench.harness import accuracy_by_speaker_history, speaker_history_counts
+
+    utts = [U(speaker=s) for s in "ABAABBA"]
+    assert speaker_history_counts(utts) == [0, 0, 1, 2, 1, 2, 3]
+    preds = pd.DataFrame({"method": "m", "task": "t", "backbone": "b",
+                          "speaker_history": [0, 0, 1, 2, 1, 2, 3, 5],
+                          "correct": [0, 1, 1, 1, 0, 0, 1, 0]})
+    (h,) = accuracy_by_speaker_history(preds)
+    assert h["wa"] == {"0": 0.5, "1": 0.5, "2": 0.5, "3+": 0.5}
+    assert h["n"] == {"0": 2, "1": 2, "2": 2, "3+": 2}

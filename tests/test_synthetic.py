@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import same_emotion_rate
-from benchbench.tasks.synthetic import EMOTION_OFFSETS, SAMPLE_RATE, SyntheticProsodyTask, render_waveform
+from benchbench.tasks.synthetic import (EMOTION_OFFSETS, SAMPLE_RATE, SyntheticProsodyTask, render_waveform,
+                                        speaker_history_posterior)
 
 
 def small(**kw):
@@ -30,7 +31,7 @@ def test_every_dialogue_has_new_speakers_and_turns_in_order():
 def test_ceilings_are_ordered_and_match_the_latents():
     t = SyntheticProsodyTask(preset="default", n_train=0, n_dev=0, n_test=200, duration_s=0.1)
     c = t.ceilings()
-    assert c["chance"] < c["context_free"] < c["baseline_known"] <= 1.0
+    assert c["chance"] < c["context_free"] < c["speaker_history"] < c["baseline_known"] <= 1.0
     # the Bayes rule applied to the generated test latents lands within binomial noise of the ceiling
     lat = [t.latents[u.utterance_id] for d in t.folds()[0].test for u in d.utterances]
     x = np.array([l["x"] for l in lat]); b = np.array([l["b"] for l in lat]); e = np.array([l["emotion"] for l in lat])
@@ -63,3 +64,18 @@ def test_waveform_encodes_the_latents():
 def test_unknown_preset_raises():
     with pytest.raises(ValueError, match="unknown preset"):
         SyntheticProsodyTask(preset="huge")
+
+
+def test_speaker_history_posterior():
+    rng = np.random.default_rng(0)
+    nearest = lambda v: int(np.argmin(((v - EMOTION_OFFSETS) ** 2).sum(-1)))
+    for _ in range(20):  # one utterance: the context-free rule (nearest offset)
+        x = rng.normal(0, 2, 3)
+        post = speaker_history_posterior(x[None], 1.5, 0.3, 0.5)
+        assert post.shape == (4,) and post.sum() == pytest.approx(1.0) and int(np.argmax(post)) == nearest(x)
+    # a speaker far from the population mean: alone, the last utterance looks like anger; after five
+    # utterances at the same prosody with changing emotion, it is the speaker's baseline (neutral-ish)
+    b = np.array([1.2, 1.2, 1.2])
+    xs = np.array([b + EMOTION_OFFSETS[e] for e in (3, 1, 3, 2, 2)])
+    assert int(np.argmax(speaker_history_posterior(xs[-1:], 1.5, 0.3, 0.5))) == 0
+    assert int(np.argmax(speaker_history_posterior(xs, 1.5, 0.3, 0.5))) == 2
