@@ -10,18 +10,25 @@ f0, energy and speaking rate):
 * utterance prosody ``x = b_s + o_e + n``, ``n ~ N(0, sigma_n^2 I_3)``, with emotion offsets
   ``o_e`` (:data:`EMOTION_OFFSETS`);
 * ``x`` is rendered to a 16 kHz waveform: a harmonic voice source at
-  ``f0 = 160 * 2**(x_f0 / 4)`` Hz, level ``-20 + 4 x_energy`` dBFS, syllable bursts at
-  ``4 * 2**(x_rate / 5)`` per second, with random phase, jitter and a fixed noise floor
-  (nuisances that carry no emotion information).
+  ``f0 = 160 * 2**(x_f0 / 4)`` Hz, level ``-20 + 4 x_energy`` dBFS, syllables at
+  ``4 * 2**(x_rate / 5)`` per second with voiced fraction ``0.5 + 0.1 x_rate`` (fast speech pauses
+  less), in the speaker's own voice timbre (spectral tilt and a formant: speaker identity, no
+  emotion), with random phase, jitter and a fixed noise floor (nuisances).
 
 Because ``sigma_b`` is comparable to the emotion offsets, one utterance alone says little about the
-emotion; the same speaker's earlier utterances reveal the baseline. Reference ceilings, computed
-by Monte Carlo from the latents:
+emotion; the same speaker's earlier utterances reveal the baseline, and the voice tells whose
+earlier utterances they are. Reference ceilings (:meth:`SyntheticProsodyTask.ceilings`), by Monte
+Carlo from the latents:
 
 * ``context_free``: the Bayes accuracy of the best classifier that sees one utterance's ``x``
-  (and the waveform is a function of ``x`` plus nuisances, so no utterance-level method can beat it);
+  (and the waveform is a function of ``x``, the voice and nuisances that carry no emotion
+  information, so no utterance-level method can beat it);
+* ``speaker_history``: the causal Bayes rule that also sees the same speaker's earlier utterances;
 * ``baseline_known``: the Bayes accuracy when the speaker baseline ``b_s`` is also known
   (a reference for context methods, not a hard bound: emotional inertia adds information).
+
+Defaults (``sigma_b`` 1.5, ``sigma_n`` 0.3, ``p_stay`` 0.5, 10 turns): context_free 0.53,
+speaker_history 0.78, baseline_known 0.99.
 """
 
 from __future__ import annotations
@@ -50,8 +57,18 @@ PRESETS = {
 }
 
 
-def render_waveform(x: np.ndarray, duration_s: float, rng: np.random.Generator) -> np.ndarray:
-    """Render prosody ``x = (f0, energy, rate)`` in z units to a mono float32 waveform ``[n_samples]``."""
+def random_voice(rng: np.random.Generator) -> tuple[float, float]:
+    """A speaker's voice timbre ``(spectral tilt, formant Hz)``: who is speaking, not how they feel."""
+    return float(rng.uniform(0.6, 1.6)), float(np.exp(rng.uniform(np.log(500.0), np.log(3000.0))))
+
+
+def render_waveform(x: np.ndarray, duration_s: float, rng: np.random.Generator,
+                    voice: tuple[float, float] = (1.0, 0.0)) -> np.ndarray:
+    """Render prosody ``x = (f0, energy, rate)`` in z units to a mono float32 waveform ``[n_samples]``.
+
+    ``voice = (tilt, formant_hz)``: harmonic k has amplitude ``k**-tilt`` times a resonance at
+    ``formant_hz`` (0: none); it carries speaker identity and no emotion.
+    """
     n = int(round(duration_s * SAMPLE_RATE))
     t = np.arange(n) / SAMPLE_RATE
     f0 = 160.0 * 2 ** (x[0] / OCTAVE_Z[0])
@@ -61,7 +78,9 @@ def render_waveform(x: np.ndarray, duration_s: float, rng: np.random.Generator) 
     contour = f0 * (1.0 - 0.05 * t / duration_s) * (1.0 + 0.01 * np.sin(2 * np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 6.28)))
     phase = 2 * np.pi * np.cumsum(contour) / SAMPLE_RATE
     k = np.arange(1, 25)[:, None]
-    harmonics = (np.sin(k * phase[None, :] + rng.uniform(0, 2 * np.pi, (len(k), 1))) / k)
+    tilt, formant = voice
+    gain = k[:, 0] ** -tilt * (1.0 + (4.0 * np.exp(-0.5 * ((k[:, 0] * f0 - formant) / 150.0) ** 2) if formant else 0.0))
+    harmonics = np.sin(k * phase[None, :] + rng.uniform(0, 2 * np.pi, (len(k), 1))) * gain[:, None]
     harmonics[(k[:, 0] * f0) > 7000] = 0.0
     source = harmonics.sum(0)
     source /= np.sqrt(np.mean(source ** 2)) + 1e-9
@@ -125,10 +144,13 @@ class SyntheticProsodyTask(Task):
     def _dialogue(self, did: str, rng: np.random.Generator) -> Dialogue:
         spk = [f"{did}-spkA", f"{did}-spkB"]
         utts = []
-        for turn, (who, e, x, b) in enumerate(self._latent_dialogue(rng)):
+        latents = self._latent_dialogue(rng)
+        voices = [random_voice(rng), random_voice(rng)]
+        for turn, (who, e, x, b) in enumerate(latents):
             uid = f"{did}-t{turn:02d}"
             self.latents[uid] = {"x": x, "b": b.copy(), "emotion": e}
-            inp = UtteranceInput(uid, did, turn, spk[who], render_waveform(x, self.sizes["duration_s"], rng), SAMPLE_RATE)
+            inp = UtteranceInput(uid, did, turn, spk[who], render_waveform(x, self.sizes["duration_s"], rng, voices[who]),
+                                SAMPLE_RATE)
             utts.append(Utterance(inp, e))
         return Dialogue(did, tuple(utts))
 
