@@ -121,30 +121,28 @@ class MALBranch(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the untrained branch is the identity
 
     def forward(self, h: torch.Tensor, state=None):
-        B, T, _ = h.shape
-        if self.store_len is not None:
-            return self._forward_per_utterance(h, state)
-        if (self.n_p + T) % self.chunk_size:
-            raise ValueError(f"MAL: N_p + T = {self.n_p} + {T} is not a multiple of chunk_size "
-                             f"{self.chunk_size}; titans-pytorch would not chain the dialogue state "
-                             "exactly (use chunk_size=1 or a divisor of N_p + T)")
-        z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6
-        r, state = self.memory(z, state=state)                                    # Eq. 7
-        delta = self.W_out(r[:, self.n_p:])                                        # Eq. 8
+        delta, state = self.retrieve(h, state)
         return h + torch.tanh(self.alpha) * delta, state                           # Eq. 9
 
-    def _forward_per_utterance(self, h: torch.Tensor, state):
+    def retrieve(self, h: torch.Tensor, state=None):
+        """Eq. 6-8: ``(delta [B, T, D], S_i)`` for hidden states ``h [B, T, D]`` and state ``S_{i-1}``."""
         B, T, _ = h.shape
-        if T > self.max_tokens:
-            raise ValueError(f"MAL: utterance of {T} audio tokens is longer than the {self.max_tokens} "
-                             "the memory's chunk was sized for")
-        n = self.n_p + T
         z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6
-        z = nn.functional.pad(z, (0, 0, 0, self.store_len - n))
-        mask = (torch.arange(self.store_len) < n).expand(B, -1)
-        r, state = self.memory(z, state=state, store_mask=mask)                    # Eq. 7, reads S_{i-1}
-        delta = self.W_out(r[:, self.n_p:n])                                        # Eq. 8
-        return h + torch.tanh(self.alpha) * delta, state                           # Eq. 9
+        n = self.n_p + T
+        if self.store_len is not None:  # one update per utterance; every token reads S_{i-1}
+            if T > self.max_tokens:
+                raise ValueError(f"MAL: utterance of {T} audio tokens is longer than the {self.max_tokens} "
+                                 "the memory's chunk was sized for")
+            z = nn.functional.pad(z, (0, 0, 0, self.store_len - n))
+            mask = (torch.arange(self.store_len) < n).expand(B, -1)
+            r, state = self.memory(z, state=state, store_mask=mask)                # Eq. 7
+        else:
+            if n % self.chunk_size:
+                raise ValueError(f"MAL: N_p + T = {self.n_p} + {T} is not a multiple of chunk_size "
+                                 f"{self.chunk_size}; titans-pytorch would not chain the dialogue state "
+                                 "exactly (use chunk_size=1 or a divisor of N_p + T)")
+            r, state = self.memory(z, state=state)                                # Eq. 7
+        return self.W_out(r[:, self.n_p:n]), state                                 # Eq. 8
 
 
 class MemoryAsALayer(ContextMethod):

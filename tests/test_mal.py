@@ -164,3 +164,23 @@ def test_phase_one_is_exactly_the_lora_method(backbone, tiny_task):
     assert mal.curves["lora_dev_ua"] == lora.curves["lora_dev_ua"]
     for name, p in lora.trained_parameters().items():
         assert torch.equal(p, mal.lora_params[name]), name
+
+
+def test_headroom_probe_features(backbone, tiny_task):
+    """The probe's context features are what they claim, and every probe returns accuracies."""
+    from benchbench.headroom import FEATURES, _tensors, probe
+
+    d = tiny_task.folds()[0].train[:3]
+    E, Y, K, spk, dlg = _tensors(backbone, d)
+    pooled = E.mean(2)
+    for n, dia in enumerate(d):
+        speakers = [u.input.speaker for u in dia.utterances]
+        for i, s in enumerate(speakers):
+            same = [j for j in range(i) if speakers[j] == s]
+            assert K[n, i] == len(same)
+            want = pooled[n, same].mean(0) if same else torch.zeros_like(pooled[n, i])
+            torch.testing.assert_close(spk[n, i], want)
+            torch.testing.assert_close(dlg[n, i], pooled[n, :i].mean(0) if i else torch.zeros_like(want))
+    res = probe(preset="smoke", epochs=1)
+    assert set(res) == set(FEATURES)
+    assert all(0.0 <= r["wa"] <= 1.0 and r["by_speaker_history"] for r in res.values())
