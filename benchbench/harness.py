@@ -198,6 +198,11 @@ def speaker_history_counts(utterances) -> list[int]:
 HISTORY_BINS = (0, 1, 2, 3)  # the last bin is "3 or more"
 
 
+def history_bin(k: int) -> str:
+    """``"0"``, ``"1"``, ``"2"`` or ``"3+"`` for a count of the speaker's earlier utterances."""
+    return f"{HISTORY_BINS[-1]}+" if k >= HISTORY_BINS[-1] else str(int(k))
+
+
 def accuracy_by_speaker_history(preds: pd.DataFrame) -> list[dict]:
     """WA per method/task/backbone by the number of the speaker's earlier utterances (0, 1, 2, 3+).
 
@@ -206,14 +211,14 @@ def accuracy_by_speaker_history(preds: pd.DataFrame) -> list[dict]:
     """
     if preds.empty or "speaker_history" not in preds:
         return []
-    binned = preds.assign(history_bin=preds["speaker_history"].clip(upper=HISTORY_BINS[-1]))
+    binned = preds.assign(history_bin=preds["speaker_history"].map(history_bin))
     out = []
     for (m, t, b), g in binned.groupby(["method", "task", "backbone"], sort=False):
-        acc = g.groupby("history_bin")["correct"].agg(["mean", "size"])
+        acc = g.groupby("history_bin", sort=False)["correct"].agg(["mean", "size"])
+        acc = acc.loc[[k for k in map(history_bin, HISTORY_BINS) if k in acc.index]]
         out.append({"method": m, "task": t, "backbone": b,
-                    "wa": {str(int(k)) + ("+" if k == HISTORY_BINS[-1] else ""): float(v)
-                           for k, v in acc["mean"].items()},
-                    "n": {str(int(k)) + ("+" if k == HISTORY_BINS[-1] else ""): int(v) for k, v in acc["size"].items()}})
+                    "wa": {k: float(v) for k, v in acc["mean"].items()},
+                    "n": {k: int(v) for k, v in acc["size"].items()}})
     return out
 
 

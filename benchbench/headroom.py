@@ -8,9 +8,9 @@ test accuracy overall and by the number of the speaker's earlier utterances in t
 * ``speaker_mean``: plus the mean of the same speaker's earlier utterances (an oracle feature: it
   uses the speaker labels, which MAL never sees);
 * ``dialogue_mean``: plus the mean of all earlier utterances of the dialogue (speaker-agnostic);
-* ``memory``: plus a titans-pytorch NeuralMemory read-out trained end to end, exactly MAL's branch
-  (Titans-as-a-Layer Eq. 6-8, one memory update per utterance) but with a trainable head instead of
-  the frozen host LM.
+* ``memory``: plus a titans-pytorch NeuralMemory read-out trained end to end: MAL's branch
+  (Titans-as-a-Layer Eq. 6-8, one memory update per utterance; here a depth-1 memory of width
+  ``d_m``) with a trainable head instead of the frozen host LM.
 
 Run: ``python -m benchbench.headroom --n-train 480``. Training dialogues, dev unused, test scored.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .backbone import BACKBONES
-from .harness import speaker_history_counts
+from .harness import HISTORY_BINS, history_bin, speaker_history_counts
 from .task import TASKS
 
 FEATURES = ("none", "speaker_mean", "dialogue_mean", "memory")
@@ -100,10 +100,10 @@ def probe(task_name: str = "synthetic", backbone_name: str = "tiny-qwen2-audio",
                 opt.step()
         with torch.no_grad():
             ok = (model(te[0], te[3], te[4]).argmax(-1) == te[1]).float()
-        k = te[2].clamp(max=3)
+        k = te[2].clamp(max=HISTORY_BINS[-1])
         results[feature] = {"wa": float(ok.mean()),
-                            "by_speaker_history": {f"{i}{'+' if i == 3 else ''}": float(ok[k == i].mean())
-                                                   for i in range(4) if (k == i).any()}}
+                            "by_speaker_history": {history_bin(i): float(ok[k == i].mean())
+                                                   for i in HISTORY_BINS if (k == i).any()}}
     return results
 
 

@@ -121,8 +121,8 @@ class SyntheticProsodyTask(Task):
         return {**super().params(), **self.sizes, "sigma_b": self.sigma_b, "sigma_n": self.sigma_n,
                 "p_stay": self.p_stay, "p_hold": self.p_hold}
 
-    def _latent_dialogue(self, rng: np.random.Generator) -> list[tuple[int, int, np.ndarray]]:
-        """One dialogue's latents: ``(speaker index, emotion, x [3])`` per turn."""
+    def _latent_dialogue(self, rng: np.random.Generator) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """One dialogue's latents: ``(speaker index, emotion, x [3], baseline b_s [3])`` per turn."""
         base = rng.normal(0.0, self.sigma_b, (2, 3))
         emo: list[int | None] = [None, None]
         who = int(rng.integers(2))
