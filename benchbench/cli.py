@@ -3,6 +3,7 @@
     bench run --methods M1,M2 --tasks T1 [--backbone tiny-qwen2-audio] [--seeds 0,1,2]
               [--preset smoke|default|paper] [--data-dir DIR] [--tracking-uri URI] [--output DIR]
     bench list methods|tasks|backbones
+    bench compare RUN_DIR [--reference lora] [--all-pairs]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .backbone import BACKBONES
 from .method import METHODS
@@ -60,7 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     ls = sub.add_parser("list", help="list registered methods, tasks or backbones")
     ls.add_argument("what", choices=["methods", "tasks", "backbones"])
+    c = sub.add_parser("compare", help="paired statistics for a finished run's output folder (no rerun)")
+    c.add_argument("run_dir", help="a `bench run --output` folder (predictions.csv, summary.json)")
+    c.add_argument("--reference", default="lora", help="method every other is compared with")
+    c.add_argument("--all-pairs", action="store_true", help="compare every pair of methods instead")
+    c.add_argument("--resamples", type=int, default=2000, help="dialogue-bootstrap resamples")
     return p
+
+
+def compare_run(run_dir: str, reference: str = "lora", all_pairs: bool = False, n_resamples: int = 2000) -> list[dict]:
+    """Comparisons (:func:`benchbench.stats.compare_all`) from a run folder; ``FileNotFoundError`` or
+    ``ValueError`` naming the file when it is missing or unusable."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .stats import compare_all
+
+    folder = Path(run_dir)
+    preds_path, summary_path = folder / "predictions.csv", folder / "summary.json"
+    for f in (preds_path, summary_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found (is {folder} a `bench run --output` folder?)")
+    preds = pd.read_csv(preds_path)
+    missing = {"method", "task", "backbone", "fold", "seed", "dialogue_id", "utterance_id", "label",
+               "prediction", "correct"} - set(preds.columns)
+    if missing:
+        raise ValueError(f"{preds_path}: missing columns {sorted(missing)}")
+    tasks = json.loads(summary_path.read_text())["tasks"]
+    labels = {t: info.get("labels") or sorted(set(preds.loc[preds.task == t, "label"]))
+              for t, info in tasks.items()}
+    return compare_all(preds, labels, reference=reference, all_pairs=all_pairs, n_resamples=n_resamples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .harness import RunSpec, format_summary, run
+
+    if args.command == "compare":
+        try:
+            comparisons = compare_run(args.run_dir, args.reference, args.all_pairs, args.resamples)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"bench: error: {e}", file=sys.stderr)
+            return 2
+        print(format_summary({"cells": [], "tasks": {}, "comparisons": comparisons, "checks": {"leakage": []},
+                              "failed_cells": []}))
+        (Path(args.run_dir) / "comparisons.json").write_text(json.dumps(comparisons, indent=2))
+        return 0
 
     overrides: dict = {}
     for method, path, value in args.overrides:

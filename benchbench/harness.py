@@ -30,6 +30,7 @@ from .backbone import BACKBONES
 from .data import hash_json
 from .method import METHODS
 from .metrics import METRICS, compute_metrics, confusion, stream_predict
+from .stats import compare_all, interval
 from .task import TASKS
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,10 @@ def accuracy_by_speaker_history(preds: pd.DataFrame) -> list[dict]:
 
 
 def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, baseline: str = "lora") -> dict:
-    """Mean / sd / n over seeds x folds per method/task/backbone, task references, checks, comparisons."""
-    summary: dict = {"cells": [], "tasks": {t: info["reference"] | {"manifest_sha256": info["manifest_sha256"]}
+    """Mean / sd / 95% interval / n over seeds x folds per method/task/backbone, task references,
+    checks, and paired comparisons against ``baseline`` (:func:`benchbench.stats.compare_all`)."""
+    summary: dict = {"cells": [], "tasks": {t: info["reference"] | {"manifest_sha256": info["manifest_sha256"],
+                                                                     "labels": info["labels"]}
                                             for t, info in task_info.items()},
                      "checks": {"leakage": []}, "comparisons": [], "by_speaker_history": [],
                      "failed_cells": []}
@@ -239,11 +242,11 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, basel
         summary["cells"].append({
             "method": m, "task": t, "backbone": b, "n": int(len(g)),
             "seeds": sorted(g["seed"].unique().tolist()), "folds": sorted(g["fold"].unique().tolist()),
-            **{c: {"mean": float(g[c].mean()), "sd": float(g[c].std(ddof=1)) if len(g) > 1 else 0.0}
-               for c in metric_cols if c in g and g[c].notna().any()}})
+            **{c: interval(g[c].dropna()) for c in metric_cols if c in g and g[c].notna().any()}})
     summary["checks"]["leakage"] = leakage_checks(ok, task_info)
     if not preds.empty:
-        summary["comparisons"] = paired_comparisons(preds, baseline)
+        labels = {t: info["labels"] for t, info in task_info.items()}
+        summary["comparisons"] = compare_all(preds, labels, reference=baseline)
         summary["by_speaker_history"] = accuracy_by_speaker_history(preds)
     return summary
 
@@ -270,40 +273,6 @@ def leakage_checks(ok: pd.DataFrame, task_info: dict, alpha: float = 0.01) -> li
     return tested
 
 
-def paired_comparisons(preds: pd.DataFrame, baseline: str) -> list[dict]:
-    """Each method vs ``baseline`` on the same test utterances, seeds and folds.
-
-    Per test dialogue, the accuracy difference (method - baseline) averaged over the seeds both ran;
-    dialogues are the independent units (utterances within one are not). Two-sided Wilcoxon
-    signed-rank test over dialogues (``scipy.stats.wilcoxon``); also the WA difference per seed x
-    fold cell and a paired t-test over cells.
-    """
-    out = []
-    keys = ["task", "backbone", "fold", "seed", "utterance_id"]
-    for (t, b), g in preds.groupby(["task", "backbone"]):
-        if baseline not in set(g["method"]):
-            continue
-        base = g[g["method"] == baseline].set_index(keys)
-        for m in sorted(set(g["method"]) - {baseline}):
-            other = g[g["method"] == m].set_index(keys)
-            joined = other[["correct", "dialogue_id"]].join(base[["correct"]], rsuffix="_base", how="inner")
-            if joined.empty:
-                continue
-            joined["diff"] = joined["correct"] - joined["correct_base"]
-            jr = joined.reset_index()
-            per_dialogue = jr.groupby(["fold", "dialogue_id"])["diff"].mean()
-            per_cell = jr.groupby(["fold", "seed"])["diff"].mean()
-            nonzero = per_dialogue[per_dialogue != 0]
-            w_p = float(stats.wilcoxon(per_dialogue).pvalue) if len(nonzero) > 0 else 1.0
-            t_p = float(stats.ttest_1samp(per_cell, 0.0).pvalue) if len(per_cell) > 1 and per_cell.std() > 0 else None
-            out.append({"task": t, "backbone": b, "method": m, "baseline": baseline,
-                        "wa_diff_mean": float(jr["diff"].mean()),
-                        "wa_diff_per_cell": {f"f{k[0]}s{k[1]}": float(v) for k, v in per_cell.items()},
-                        "n_dialogues": int(len(per_dialogue)), "n_cells": int(len(per_cell)),
-                        "wilcoxon_dialogues_p": w_p, "ttest_cells_p": t_p})
-    return out
-
-
 def format_summary(summary: dict) -> str:
     """The terminal table: mean +/- sd per method/task/backbone, then references and checks."""
     lines = []
@@ -327,10 +296,14 @@ def format_summary(summary: dict) -> str:
                                     **{k: f"{100 * v:.1f}" for k, v in h["wa"].items()}} for h in hist]
                                   ).to_string(index=False))
     for c in summary["comparisons"]:
-        t_p = f", t-test over cells p={c['ttest_cells_p']:.3g}" if c["ttest_cells_p"] is not None else ""
-        lines.append(f"{c['task']}: {c['method']} - {c['baseline']} WA {100 * c['wa_diff_mean']:+.2f} pts "
-                     f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['wilcoxon_dialogues_p']:.3g}; "
-                     f"{c['n_cells']} seed x fold cells{t_p})")
+        b, cells = c["bootstrap"]["wa"], c["cells"]
+        cell_p = f", {cells['primary']} over {c['n_cells']} cells p={cells['primary_p']:.3g}" \
+            if cells["primary_p"] is not None else ""
+        lines.append(f"{c['task']}: {c['method']} - {c['reference']} WA {100 * b['diff']:+.2f} pts "
+                     f"[95% dialogue bootstrap {100 * b['ci_low']:+.2f}, {100 * b['ci_high']:+.2f}] "
+                     f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['dialogues']['wilcoxon_p']:.3g}, "
+                     f"Holm {c['dialogues']['wilcoxon_p_holm']:.3g}, r={c['dialogues']['rank_biserial']:+.2f}; "
+                     f"McNemar p={c['mcnemar']['p_value']:.3g}{cell_p})")
     for chk in summary["checks"]["leakage"]:
         if chk["leakage_suspected"]:
             lines.append(f"WARNING possible leakage: context-free {chk['method']} (seed {chk['seed']}, fold "

@@ -38,9 +38,19 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
     ceil = summary["tasks"]["synthetic"]["ceilings"]
     assert 0.25 < ceil["context_free"] < ceil["baseline_known"] <= 1
     cell = next(c for c in summary["cells"] if c["method"] == "lora")
-    assert cell["n"] == 2 and set(cell["wa"]) == {"mean", "sd"}
+    assert cell["n"] == 2 and set(cell["wa"]) == {"mean", "sd", "n", "ci_low", "ci_high"}
+    assert cell["wa"]["ci_low"] <= cell["wa"]["mean"] <= cell["wa"]["ci_high"]
     assert cell["wa"]["mean"] == pytest.approx(res[res.method == "lora"]["wa"].mean())
     assert {c["method"] for c in summary["comparisons"]} == {"zero_shot", "full_context", "mal"}
+
+    # `bench compare` recomputes the comparisons from the folder, without rerunning
+    capsys.readouterr()
+    assert main(["compare", str(out), "--resamples", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "mal - lora WA" in printed and "dialogue bootstrap" in printed and "Holm" in printed
+    again = json.loads((out / "comparisons.json").read_text())
+    assert {c["method"] for c in again} == {"zero_shot", "full_context", "mal"}
+    assert main(["compare", str(tmp_path / "nowhere")]) == 2
 
     board = (out / "leaderboard.md").read_text()
     assert "| mal | tiny-qwen2-audio | 2 |" in board and "context_free" in board

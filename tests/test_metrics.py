@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchbench.harness import leakage_checks, paired_comparisons
+from benchbench.harness import leakage_checks
 from benchbench.metrics import compute_metrics
 
 
@@ -32,22 +32,6 @@ def test_leakage_check_flags_a_context_free_method_above_the_ceiling():
         {"method": "memory", "task": "t", "seed": 0, "fold": 0, "wa": 0.90, "n_test": 400, "uses_context": True}])
     flags = {c["method"]: c["leakage_suspected"] for c in leakage_checks(rows, info)}
     assert flags == {"honest": False, "leaky": True}
-
-
-def test_paired_comparison_finds_a_real_gain():
-    rng = np.random.default_rng(0)
-    rows = []
-    for seed in (0, 1):
-        for d in range(30):
-            for turn in range(6):
-                base = int(rng.random() < 0.5)
-                rows.append(dict(method="lora", task="t", backbone="b", fold=0, seed=seed, dialogue_id=f"d{d}",
-                                 utterance_id=f"d{d}-{turn}", correct=base))
-                rows.append(dict(method="mal", task="t", backbone="b", fold=0, seed=seed, dialogue_id=f"d{d}",
-                                 utterance_id=f"d{d}-{turn}", correct=max(base, int(rng.random() < 0.4))))
-    (c,) = paired_comparisons(pd.DataFrame(rows), "lora")
-    assert c["method"] == "mal" and c["wa_diff_mean"] > 0.1 and c["wilcoxon_dialogues_p"] < 0.001
-    assert c["n_dialogues"] == 30 and c["n_cells"] == 2
 
 
 def test_speaker_history_counts_and_accuracy_by_history():
