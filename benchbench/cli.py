@@ -73,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 def compare_run(run_dir: str, reference: str = "lora", all_pairs: bool = False, n_resamples: int = 2000) -> list[dict]:
     """Comparisons (:func:`benchbench.stats.compare_all`) from a run folder; ``FileNotFoundError`` or
     ``ValueError`` naming the file when it is missing or unusable."""
-    from pathlib import Path
-
     import pandas as pd
 
     from .stats import compare_all

@@ -82,8 +82,8 @@ def cluster_bootstrap(y_true, pred_a, pred_b, clusters, n_classes: int, n_resamp
     y_true, pred_a, pred_b = (np.asarray(x, dtype=int) for x in (y_true, pred_a, pred_b))
     _, cm_a = _per_dialogue_confusions(y_true, pred_a, clusters, n_classes)
     _, cm_b = _per_dialogue_confusions(y_true, pred_b, clusters, n_classes)
-    full = {m: float(metrics_from_confusion(cm_a.sum(0))[m] - metrics_from_confusion(cm_b.sum(0))[m])
-            for m in METRICS}
+    full_a, full_b = metrics_from_confusion(cm_a.sum(0)), metrics_from_confusion(cm_b.sum(0))
+    full = {m: float(full_a[m] - full_b[m]) for m in METRICS}
     out = {}
     rng = np.random.default_rng(seed)
     for m in METRICS:
@@ -139,12 +139,12 @@ def compare(preds: pd.DataFrame, method: str, reference: str, labels: Sequence[s
     mc = mcnemar(table, exact=only_a + only_b < 25)
 
     # dialogues: mean correctness difference per dialogue (averaged over seeds)
-    per_dialogue = (j.assign(d=ca.astype(float) - cb.astype(float), cluster=clusters)
-                    .groupby("cluster")["d"].mean().to_numpy())
+    j = j.assign(d=ca.astype(float) - cb.astype(float), cluster=clusters)
+    per_dialogue = j.groupby("cluster")["d"].mean().to_numpy()
     w_dlg = stats.wilcoxon(per_dialogue).pvalue if np.any(per_dialogue != 0) else 1.0
 
     # seed x fold cells: WA difference per cell
-    per_cell = j.assign(d=ca.astype(float) - cb.astype(float)).groupby(["fold", "seed"])["d"].mean()
+    per_cell = j.groupby(["fold", "seed"])["d"].mean()
     cells = per_cell.to_numpy()
     n_cells = len(cells)
     t_p = w_p = dz = None
