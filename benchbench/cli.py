@@ -4,6 +4,7 @@
               [--preset smoke|default|paper] [--data-dir DIR] [--tracking-uri URI] [--output DIR]
     bench list methods|tasks|backbones
     bench compare RUN_DIR [--reference lora] [--all-pairs]
+    bench leaderboard [--tracking-uri URI] [--experiment NAME] --output DIR
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", default="lora", help="method every other is compared with")
     c.add_argument("--all-pairs", action="store_true", help="compare every pair of methods instead")
     c.add_argument("--resamples", type=int, default=2000, help="dialogue-bootstrap resamples")
+    lb = sub.add_parser("leaderboard", help="leaderboard.html / .md / .tex from the runs logged to MLflow")
+    lb.add_argument("--output", required=True, help="folder for leaderboard.html, .md, .tex and .json")
+    lb.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's local default)")
+    lb.add_argument("--experiment", default="benchbench", help="MLflow experiment (default: benchbench)")
+    lb.add_argument("--reference", default="lora", help="method the significance marks compare against")
+    lb.add_argument("--runs", type=_csv, default=None, metavar="ID1,ID2",
+                    help="only these `bench run` parent run ids (default: the latest run of every cell)")
+    lb.add_argument("--preset", default=None, help="only cells of this preset")
+    lb.add_argument("--tasks", type=_csv, default=None, help="only these tasks")
+    lb.add_argument("--resamples", type=int, default=2000, help="dialogue-bootstrap resamples")
     return p
 
 
@@ -100,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         reg = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES}[args.what]
         for name in reg.names():
             print(name)
+        return 0
+
+    if args.command == "leaderboard":
+        from .leaderboard import build
+
+        try:
+            paths = build(args.output, args.tracking_uri, args.experiment, args.reference, args.runs,
+                          args.preset, args.tasks, args.resamples)
+        except ValueError as e:
+            print(f"bench: error: {e}", file=sys.stderr)
+            return 2
+        for kind, path in paths.items():
+            print(f"{kind:>4}: {path}")
         return 0
 
     from .harness import RunSpec, format_summary, run

@@ -53,6 +53,34 @@ class RunSpec:
     baseline: str = "lora"                   # reference method for paired comparisons
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window: Linux's VmHWM (``/proc/self/clear_refs``) and CUDA's counters."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the peak then covers the process so far
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process since :func:`reset_peak_memory`, in MiB (``peak_rss_mb``:
+    the backbone included, read from ``/proc/self/status`` VmHWM, else ``resource.getrusage``), and
+    ``peak_cuda_mb`` (``torch.cuda.max_memory_allocated``) where CUDA is in use."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_rss_mb"] = int(line.split()[1]) / 1024  # kB
+    except OSError:
+        import resource
+
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -124,7 +152,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         from .leaderboard import render_markdown
 
-        (out / "leaderboard.md").write_text(render_markdown(summary))
+        (out / "leaderboard.md").write_text(render_markdown(summary, reference=spec.baseline))
         if rows and any(r["status"] == "failed" for r in rows):
             status = "FAILED"
         tracker.finish(out / "summary.json", status)
@@ -144,6 +172,7 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
             "config_sha256": hash_json(params), "uses_context": str(cls.uses_context)}
     try:
         _seed_everything(seed)
+        reset_peak_memory()
         t0 = time.perf_counter()
         method = cls(backbone, task.labels, config, seed=seed)
         method.fit(fold.train, fold.dev, progress=progress)
@@ -160,7 +189,7 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
     metrics = compute_metrics(y_true, y_pred, task.labels)
     n_test = len(y_true)
     cost = {"fit_seconds": t1 - t0, "eval_seconds": t2 - t1, "eval_ms_per_utterance": 1000 * (t2 - t1) / n_test,
-            "trained_parameters": method.num_trained_parameters()}
+            "trained_parameters": method.num_trained_parameters(), **peak_memory_mb()}
     preds = pd.DataFrame({
         **base,
         "dialogue_id": [u.dialogue_id for d in fold.test for u in d.inputs()],
@@ -223,13 +252,42 @@ def accuracy_by_speaker_history(preds: pd.DataFrame) -> list[dict]:
     return out
 
 
-def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, baseline: str = "lora") -> dict:
+TURN_BINS = 12  # positions 0..11 each, then "12+"
+
+
+def accuracy_by_turn(preds: pd.DataFrame) -> list[dict]:
+    """WA per method/task/backbone by the utterance's position in its dialogue (turn 0, 1, ..., 12+).
+
+    Pooled over seeds and folds, with Wilson 95% intervals over the pooled utterances
+    (``statsmodels.stats.proportion.proportion_confint``; utterances are treated as independent, so
+    read the bands as descriptive). Memory should show as accuracy that rises with the position.
+    """
+    if preds.empty or "turn" not in preds:
+        return []
+    from statsmodels.stats.proportion import proportion_confint
+
+    binned = preds.assign(turn_bin=preds["turn"].clip(upper=TURN_BINS))
+    out = []
+    for (m, t, b), g in binned.groupby(["method", "task", "backbone"], sort=False):
+        acc = g.groupby("turn_bin")["correct"].agg(["sum", "size"]).sort_index()
+        lo, hi = proportion_confint(acc["sum"], acc["size"], alpha=0.05, method="wilson")
+        keys = [f"{TURN_BINS}+" if k >= TURN_BINS else str(int(k)) for k in acc.index]
+        out.append({"method": m, "task": t, "backbone": b,
+                    "wa": dict(zip(keys, (acc["sum"] / acc["size"]).astype(float))),
+                    "ci_low": dict(zip(keys, np.asarray(lo, dtype=float))),
+                    "ci_high": dict(zip(keys, np.asarray(hi, dtype=float))),
+                    "n": dict(zip(keys, acc["size"].astype(int).tolist()))})
+    return out
+
+
+def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, baseline: str = "lora",
+              n_resamples: int = 2000) -> dict:
     """Mean / sd / 95% interval / n over seeds x folds per method/task/backbone, task references,
     checks, and paired comparisons against ``baseline`` (:func:`benchbench.stats.compare_all`)."""
     summary: dict = {"cells": [], "tasks": {t: info["reference"] | {"manifest_sha256": info["manifest_sha256"],
                                                                      "labels": info["labels"]}
                                             for t, info in task_info.items()},
-                     "checks": {"leakage": []}, "comparisons": [], "by_speaker_history": [],
+                     "checks": {"leakage": []}, "comparisons": [], "by_speaker_history": [], "by_turn": [],
                      "failed_cells": []}
     if results.empty:
         return summary
@@ -237,17 +295,19 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, basel
     summary["failed_cells"] = failed.drop(columns=["traceback"], errors="ignore").to_dict("records")
     ok = results[results["status"] == "ok"]
     metric_cols = [c for c in ok.columns if c in METRICS or c.startswith("f1_")] + \
-        ["fit_seconds", "eval_ms_per_utterance", "trained_parameters"]
+        ["fit_seconds", "eval_ms_per_utterance", "trained_parameters", "peak_rss_mb", "peak_cuda_mb"]
     for (m, t, b), g in ok.groupby(["method", "task", "backbone"], sort=False):
         summary["cells"].append({
             "method": m, "task": t, "backbone": b, "n": int(len(g)),
             "seeds": sorted(g["seed"].unique().tolist()), "folds": sorted(g["fold"].unique().tolist()),
-            **{c: interval(g[c].dropna()) for c in metric_cols if c in g and g[c].notna().any()}})
+            **{c: interval(g[c].dropna(), bounds=(0.0, 1.0) if c in METRICS or c.startswith("f1_") else None)
+               for c in metric_cols if c in g and g[c].notna().any()}})
     summary["checks"]["leakage"] = leakage_checks(ok, task_info)
     if not preds.empty:
         labels = {t: info["labels"] for t, info in task_info.items()}
-        summary["comparisons"] = compare_all(preds, labels, reference=baseline)
+        summary["comparisons"] = compare_all(preds, labels, reference=baseline, n_resamples=n_resamples)
         summary["by_speaker_history"] = accuracy_by_speaker_history(preds)
+        summary["by_turn"] = accuracy_by_turn(preds)
     return summary
 
 

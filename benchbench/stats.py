@@ -34,8 +34,12 @@ from .metrics import METRICS
 MIN_CELLS_FOR_WILCOXON = 6  # n = 5 pairs: the smallest exact two-sided Wilcoxon p is 0.0625
 
 
-def interval(values: Sequence[float], confidence: float = 0.95) -> dict:
-    """``{"mean", "sd", "n", "ci_low", "ci_high"}`` of values (Student-t interval; NaN bounds if n < 2)."""
+def interval(values: Sequence[float], confidence: float = 0.95,
+             bounds: tuple[float, float] | None = None) -> dict:
+    """``{"mean", "sd", "n", "ci_low", "ci_high"}`` of values (Student-t interval; NaN bounds if n < 2).
+
+    ``bounds``: the quantity's range (e.g. ``(0, 1)`` for a metric); the interval is clipped to it.
+    """
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         raise ValueError("interval of no values")
@@ -44,6 +48,8 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> dict:
         return {"mean": mean, "sd": 0.0, "n": n, "ci_low": float("nan"), "ci_high": float("nan")}
     sd = float(v.std(ddof=1))
     lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sd / np.sqrt(n)) if sd > 0 else (mean, mean)
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     return {"mean": mean, "sd": sd, "n": n, "ci_low": float(lo), "ci_high": float(hi)}
 
 

@@ -1,24 +1,68 @@
-"""Leaderboard rendering from a run's ``summary.json`` (significance groups come with issue 4)."""
+"""The leaderboard: logged runs (MLflow) -> ``leaderboard.html``, ``leaderboard.md``, ``leaderboard.tex``.
+
+``bench leaderboard [--tracking-uri URI] [--experiment NAME] --output DIR`` calls :func:`build`:
+cells are read back from MLflow (:mod:`.collect`), summarised with the harness's statistics
+(:func:`benchbench.harness.summarize`: intervals, dialogue bootstrap, Holm-corrected tests) and
+rendered with the papers' reported numbers (:mod:`.render`).
+"""
 
 from __future__ import annotations
 
-from benchbench.metrics import METRICS
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .collect import Collected, collect
+from .render import load_reported, render_html, render_latex, render_markdown, sections
+
+__all__ = ["build", "collect", "Collected", "load_reported", "render_html", "render_latex", "render_markdown",
+           "sections"]
 
 
-def render_markdown(summary: dict) -> str:
-    """A Markdown table per task: mean ± sd (in %) over seeds x folds, sorted by WA, with n and costs."""
-    out = []
-    for task in dict.fromkeys(c["task"] for c in summary["cells"]):
-        cells = sorted((c for c in summary["cells"] if c["task"] == task), key=lambda c: -c["wa"]["mean"])
-        out.append(f"### {task}\n")
-        out.append("| method | backbone | n | " + " | ".join(m.upper() for m in METRICS) + " | fit s | ms/utt |")
-        out.append("|---|---|---|" + "---|" * (len(METRICS) + 2))
-        for c in cells:
-            vals = " | ".join(f"{100 * c[m]['mean']:.2f} ± {100 * c[m]['sd']:.2f}" for m in METRICS)
-            out.append(f"| {c['method']} | {c['backbone']} | {c['n']} | {vals} | "
-                       f"{c['fit_seconds']['mean']:.1f} | {c['eval_ms_per_utterance']['mean']:.1f} |")
-        ceil = summary["tasks"].get(task, {}).get("ceilings")
-        if ceil:
-            out.append("\nReference ceilings (WA %): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items()))
-        out.append("")
-    return "\n".join(out)
+def _relabel_presets(c: Collected) -> None:
+    """Cells of a non-default preset get their own section (backbone ``tiny-qwen2-audio (smoke
+    preset)``): never pooled with, or compared against, cells of another preset."""
+    for df in (c.results, c.predictions):
+        if len(df) and "preset" in df:
+            other = df["preset"] != "default"
+            df.loc[other, "backbone"] = df.loc[other, "backbone"] + " (" + df.loc[other, "preset"] + " preset)"
+
+
+def build(output: str | Path, tracking_uri: str | None = None, experiment: str = "benchbench",
+          reference: str = "lora", parent_run_ids: list[str] | None = None, preset: str | None = None,
+          tasks: list[str] | None = None, n_resamples: int = 2000) -> dict[str, Path]:
+    """Read the logged cells, compute the statistics and write the leaderboard files into ``output``.
+
+    Returns ``{"html", "md", "tex", "json"}`` paths. Raises ``ValueError`` (naming the tracking URI
+    and experiment) when there is nothing to show.
+    """
+    from benchbench.harness import summarize
+
+    c = collect(tracking_uri, experiment, parent_run_ids, preset, tasks)
+    _relabel_presets(c)
+    if len(c.predictions):
+        counts = c.predictions.groupby(["method", "task", "backbone", "seed", "fold"]).size()
+        keyed = c.results.set_index(["method", "task", "backbone", "seed", "fold"]).index
+        c.results["n_test"] = [counts.get(k, float("nan")) for k in keyed]
+    summary = summarize(c.results, c.predictions, c.task_info, reference, n_resamples=n_resamples)
+    reported = load_reported()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    commits = sorted({s["git_commit"] for s in c.sources if s.get("git_commit")})
+    provenance = (f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow <code>{uri}</code>, "
+                  f"experiment <code>{experiment}</code>: {len(c.results)} cells from {len(c.sources)} "
+                  f"<code>bench run</code> invocation(s) (latest run of each method x task x backbone x seed x "
+                  f"fold); suite commit(s) {', '.join(f'<code>{x[:12]}</code>' for x in commits) or 'unknown'}.")
+    if c.skipped:
+        provenance += " Skipped: " + "; ".join(c.skipped)
+    paths = {"html": out / "leaderboard.html", "md": out / "leaderboard.md", "tex": out / "leaderboard.tex",
+             "json": out / "leaderboard.json"}
+    paths["html"].write_text(render_html(summary, reported, reference, provenance=provenance))
+    paths["md"].write_text(render_markdown(summary, reported, reference))
+    paths["tex"].write_text(render_latex(summary, reported, reference))
+    paths["json"].write_text(json.dumps({"summary": summary, "sources": c.sources, "skipped": c.skipped,
+                                         "tracking_uri": uri, "experiment": experiment}, indent=2, default=str))
+    return paths

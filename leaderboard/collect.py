@@ -1,0 +1,133 @@
+"""Read logged ``bench run`` cells back from MLflow into pandas.
+
+Every cell of a ``bench run`` is an MLflow child run (params ``method``, ``task``, ``backbone``,
+``seed``, ``fold``, ``preset``; metrics ``wa``, ``ua``, ``wf1``, ``macro_f1``, ``f1_<label>`` and the
+costs; artifact ``predictions.csv``); its parent carries ``summary.json`` with each task's
+reference figures. :func:`collect` gathers them so that the leaderboard is computed from the
+tracking store alone, never from a run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+CELL_KEY = ["task", "backbone", "method", "preset", "seed", "fold"]
+
+
+@dataclass
+class Collected:
+    """What the leaderboard is built from.
+
+    ``results``: one row per cell (the columns of a run's ``results.csv``, plus ``preset``,
+    ``parent_run_id``, ``git_commit``, ``start_time``); ``predictions``: every test utterance of those
+    cells (``predictions.csv`` rows); ``task_info``: per task ``{"reference", "labels",
+    "manifest_sha256"}`` as the harness's :func:`~benchbench.harness.summarize` expects;
+    ``sources``: the parent runs used (id, name, git commit, start time).
+    """
+
+    results: pd.DataFrame
+    predictions: pd.DataFrame
+    task_info: dict = field(default_factory=dict)
+    sources: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _num(col: pd.Series) -> pd.Series:
+    return pd.to_numeric(col, errors="coerce")
+
+
+def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
+            parent_run_ids: list[str] | None = None, preset: str | None = None,
+            tasks: list[str] | None = None) -> Collected:
+    """Finished cells of ``experiment``, the latest run of each (task, backbone, method, preset, seed,
+    fold) key, with their predictions and the tasks' reference figures.
+
+    ``parent_run_ids`` restricts to those ``bench run`` invocations; ``preset`` and ``tasks`` filter.
+    Raises ``ValueError`` when the experiment does not exist or holds no finished cell (the message
+    names the tracking URI and the experiment).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"{uri}: no MLflow experiment named {experiment!r} (run `bench run` first, "
+                         f"or pass --tracking-uri / --experiment)")
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas",
+                              filter_string="attributes.status = 'FINISHED'")
+    need = {"tags.mlflow.parentRunId", "params.method", "metrics.wa"}
+    if runs.empty or not need <= set(runs.columns):
+        raise ValueError(f"{uri}: experiment {experiment!r} holds no finished `bench run` cell")
+    cells = runs[runs["tags.mlflow.parentRunId"].notna() & runs["metrics.wa"].notna()].copy()
+    if parent_run_ids:
+        cells = cells[cells["tags.mlflow.parentRunId"].isin(parent_run_ids)]
+    if preset:
+        cells = cells[cells["params.preset"] == preset]
+    if tasks:
+        cells = cells[cells["params.task"].isin(tasks)]
+    if cells.empty:
+        raise ValueError(f"{uri}: experiment {experiment!r} has no finished cell matching "
+                         f"parents={parent_run_ids} preset={preset} tasks={tasks}")
+
+    results = pd.DataFrame({
+        "method": cells["params.method"], "task": cells["params.task"], "backbone": cells["params.backbone"],
+        "preset": cells.get("params.preset", pd.Series("default", index=cells.index)).fillna("default"),
+        "seed": _num(cells["params.seed"]).astype(int), "fold": _num(cells["params.fold"]).astype(int),
+        "uses_context": cells.get("tags.uses_context", pd.Series("", index=cells.index)) == "True",
+        "status": "ok", "mlflow_run_id": cells["run_id"], "parent_run_id": cells["tags.mlflow.parentRunId"],
+        "git_commit": cells.get("tags.git_commit"), "start_time": cells["start_time"],
+    })
+    for c in cells.columns:
+        if c.startswith("metrics."):
+            results[c.removeprefix("metrics.")] = _num(cells[c])
+    # the latest run of each cell key wins (a re-run replaces an earlier one)
+    results = results.sort_values("start_time").drop_duplicates(CELL_KEY, keep="last").reset_index(drop=True)
+    if "n_test" not in results:
+        results["n_test"] = float("nan")
+
+    preds, skipped = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in results.itertuples():
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=r.mlflow_run_id, artifact_path="predictions.csv",
+                                                           dst_path=str(Path(tmp) / r.mlflow_run_id))
+            except Exception as e:  # noqa: BLE001 - an artifact store error must not lose the other cells
+                skipped.append(f"run {r.mlflow_run_id} ({r.method} {r.task} s{r.seed} f{r.fold}): "
+                               f"predictions.csv not readable: {e}")
+                continue
+            p = pd.read_csv(path)
+            p["method"], p["preset"] = r.method, r.preset
+            preds.append(p)
+        task_info, sources = {}, []
+        parents = results.groupby("parent_run_id")["start_time"].max().sort_values().index
+        for pid in parents:  # later runs override earlier reference figures
+            run = client.get_run(pid)
+            sources.append({"run_id": pid, "name": run.info.run_name, "git_commit": run.data.tags.get("git_commit"),
+                            "start_time": pd.Timestamp(run.info.start_time, unit="ms").isoformat()})
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=pid, artifact_path="summary.json",
+                                                           dst_path=str(Path(tmp) / pid))
+            except Exception as e:  # noqa: BLE001
+                skipped.append(f"parent run {pid}: summary.json not readable ({e}); its tasks show no ceilings")
+                continue
+            for t, info in json.loads(Path(path).read_text()).get("tasks", {}).items():
+                ref = {k: v for k, v in info.items() if k not in ("labels", "manifest_sha256")}
+                task_info[t] = {"reference": ref, "labels": info.get("labels"),
+                                "manifest_sha256": info.get("manifest_sha256")}
+    predictions = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+    for t in results["task"].unique():  # tasks whose parent summary was unreadable
+        if t not in task_info:
+            labels = sorted(predictions.loc[predictions["task"] == t, "label"].unique()) if len(predictions) else []
+            task_info[t] = {"reference": {}, "labels": labels, "manifest_sha256": None}
+    return Collected(results, predictions, task_info, sources, skipped)
