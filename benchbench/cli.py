@@ -5,6 +5,8 @@
     bench list methods|tasks|backbones
     bench compare RUN_DIR [--reference lora] [--all-pairs]
     bench leaderboard [--tracking-uri URI] [--experiment NAME] --output DIR
+    bench sweep --method M --task T --trials N [--storage URL] [--study NAME] [--preset P]
+    bench run --config BEST.json --tasks T1      (a config exported by bench sweep)
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description="Context and memory methods for conversational SER.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run methods x tasks x backbone x seeds x folds")
-    r.add_argument("--methods", type=_csv, required=True, help="comma-separated, e.g. lora,mal")
+    r.add_argument("--methods", type=_csv, default=None,
+                   help="comma-separated, e.g. lora,mal (default with --config: the file's methods)")
+    r.add_argument("--config", default=None, metavar="FILE",
+                   help="method configs from a file exported by `bench sweep` (applied over the preset)")
     r.add_argument("--tasks", type=_csv, required=True, help="comma-separated, e.g. synthetic,emodb")
     r.add_argument("--backbone", default="tiny-qwen2-audio")
     r.add_argument("--seeds", type=_ints, default=[0, 1, 2])
@@ -68,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", default="lora", help="method every other is compared with")
     c.add_argument("--all-pairs", action="store_true", help="compare every pair of methods instead")
     c.add_argument("--resamples", type=int, default=2000, help="dialogue-bootstrap resamples")
+    sw = sub.add_parser("sweep", help="Optuna search of one method's hyperparameters on a task's dev split")
+    sw.add_argument("--method", required=True)
+    sw.add_argument("--task", required=True)
+    sw.add_argument("--trials", type=int, default=50, help="finished trials the study should hold")
+    sw.add_argument("--storage", default=None,
+                    help="journal:PATH (default journal:runs/sweeps/optuna.journal) or an RDB URL")
+    sw.add_argument("--study", default=None, help="study name (default: METHOD-TASK-BACKBONE-PRESET)")
+    sw.add_argument("--preset", default="default", choices=["smoke", "default", "paper"])
+    sw.add_argument("--backbone", default="tiny-qwen2-audio")
+    sw.add_argument("--data-dir", default=None)
+    sw.add_argument("--fold", type=int, default=None, help="fold whose dev split is the objective (default: first)")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--metric", default="ua", choices=["wa", "ua", "wf1", "macro_f1"], help="dev metric")
+    sw.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    sw.add_argument("--tracking-uri", default=None)
+    sw.add_argument("--export", default=None, help="best-config file (default: runs/sweeps/STUDY.best.json)")
     lb = sub.add_parser("leaderboard", help="leaderboard.html / .md / .tex from the runs logged to MLflow")
     lb.add_argument("--output", required=True, help="folder for leaderboard.html, .md, .tex and .json")
     lb.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's local default)")
@@ -113,6 +134,25 @@ def main(argv: list[str] | None = None) -> int:
             print(name)
         return 0
 
+    if args.command == "sweep":
+        from .sweep import DEFAULT_STORAGE, SweepSpec, run_sweep
+
+        spec = SweepSpec(method=args.method, task=args.task, trials=args.trials,
+                         storage=args.storage or DEFAULT_STORAGE, study=args.study, preset=args.preset,
+                         backbone=args.backbone, data_dir=args.data_dir, fold=args.fold, seed=args.seed,
+                         metric=args.metric, pruner=args.pruner, tracking_uri=args.tracking_uri, export=args.export)
+        try:
+            res = run_sweep(spec)
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            print(f"bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
+        print(f"study {res['study']} ({res['storage']}): {res['n_finished']} finished trials, "
+              f"{len(res['ran'])} run by this worker")
+        if res["best_trial"] is not None:
+            print(f"best trial {res['best_trial']}: dev {args.metric} {res['best_value']:.4f} {res['best_params']}")
+            print(f"best config: {res['config_file']}  (bench run --config {res['config_file']} --tasks {args.task})")
+        return 0
+
     if args.command == "leaderboard":
         from .leaderboard import build
 
@@ -140,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     overrides: dict = {}
+    if args.config:
+        from .sweep import load_config_file
+
+        try:
+            overrides = {m: dict(c) for m, c in load_config_file(args.config).items()}
+        except ValueError as e:
+            print(f"bench: error: {e}", file=sys.stderr)
+            return 2
+        if args.methods is None:
+            args.methods = list(overrides)
+    if not args.methods:
+        print("bench: error: --methods is required (or --config with methods)", file=sys.stderr)
+        return 2
     for method, path, value in args.overrides:
         node = overrides.setdefault(method, {})
         *parents, leaf = path.split(".")

@@ -71,6 +71,8 @@ class MethodConfig:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if dataclasses.is_dataclass(default) and isinstance(v, dict):
                 v = type(default).from_overrides({**dataclasses.asdict(default), **v})
+            elif isinstance(default, tuple) and isinstance(v, list):  # JSON has no tuples
+                v = tuple(v)
             kwargs[name] = v
         return cls(**kwargs)
 
@@ -118,6 +120,12 @@ class ContextMethod(ABC):
             raise ValueError(f"method {cls.name}: unknown preset {preset!r} (known: paper, {', '.join(cls.presets)})")
         merged = _deep_merge(cls.presets.get(preset, {}), overrides or {})
         return cls.config_cls.from_overrides(merged)
+
+    @classmethod
+    def search_space(cls, trial) -> dict:
+        """Config overrides sampled from an ``optuna.Trial`` for ``bench sweep`` (nested dicts for
+        nested configs, as for ``make_config``). ``NotImplementedError`` when nothing is tunable."""
+        raise NotImplementedError(f"method {cls.name} declares no search space (override search_space)")
 
     # ------------------------------------------------------------------ training
     @abstractmethod

@@ -17,7 +17,7 @@ import torch
 from benchbench.backbone import SPEAKER_TAGS, Segment
 from benchbench.data import UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import LoRASettings, attach_lora, train_supervised
+from benchbench.methods.lora import LoRASettings, attach_lora, lora_search_space, train_supervised
 
 
 @dataclass
@@ -42,6 +42,11 @@ class FullContext(ContextMethod):
         super().__init__(backbone, labels, config, seed)
         self.lora_params = attach_lora(self.lm, self.config.lora)
         self.reset()
+
+    @classmethod
+    def search_space(cls, trial):
+        return {"lora": lora_search_space(trial),
+                "max_context_tokens": trial.suggest_categorical("max_context_tokens", [128, 256, 512, 1024])}
 
     def _segments(self, history: Sequence[UtteranceInput], current: UtteranceInput) -> list[Segment]:
         """Context (most recent utterances within the token budget, in turn order) + current."""

@@ -38,6 +38,13 @@ class LoRASettings(MethodConfig):
     selection_metric: str = "ua"   # dev metric for choosing the best epoch's checkpoint
 
 
+def lora_search_space(trial, prefix: str = "lora.") -> dict:
+    """LoRA's search space: learning rate (log), rank r with alpha = 2r (the papers' ratio), epochs."""
+    r = trial.suggest_categorical(f"{prefix}r", [8, 16, 32, 64])
+    return {"lr": trial.suggest_float(f"{prefix}lr", 1e-4, 1e-2, log=True), "r": r, "alpha": 2 * r,
+            "epochs": trial.suggest_int(f"{prefix}epochs", 1, 8)}
+
+
 def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task") -> dict[str, nn.Parameter]:
     """Wrap ``lm.language_model`` with a peft LoRA adapter; returns its parameters by name (trainable)."""
     cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules))
@@ -132,6 +139,10 @@ class LoRAMethod(UtteranceLevelMethod):
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)
         self.lora_params = attach_lora(self.lm, self.config)
+
+    @classmethod
+    def search_space(cls, trial):
+        return lora_search_space(trial, prefix="")
 
     def fit(self, train, dev, progress=None):
         train_supervised(self, self.lora_params, self.config, utterance_examples(self.backbone, train), dev, progress)

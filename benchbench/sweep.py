@@ -1,0 +1,268 @@
+"""``bench sweep``: Optuna hyperparameter search for one method on one task, on dev only.
+
+Each trial samples config overrides from the method's own :meth:`~benchbench.method.ContextMethod.search_space`
+on top of a preset, fits the method on the chosen fold's training dialogues, and returns the
+fold's **dev** metric (the method's own dev-selected checkpoint, never test). Every dev
+evaluation during fitting is reported to Optuna as one step, so its pruner (median by default)
+can stop a poor trial after an epoch (``optuna.TrialPruned``).
+
+Workers and resumption. The study lives in Optuna's storage: ``--storage journal:PATH`` (the
+default, ``runs/sweeps/optuna.journal``: Optuna's journal file storage, safe for several processes
+on one file system) or an RDB URL (``sqlite:///...``, ``postgresql://...``; with RDB storage,
+workers heartbeat and a crashed worker's trial is retried by the next one). Any number of workers
+start ``bench sweep`` with the same ``--storage`` and ``--study``; each stops when the study holds
+``--trials`` finished (complete or pruned) trials, so an interrupted sweep restarted with the same
+arguments continues the same study and runs only what is missing.
+
+Tracking. One MLflow parent run per study (shared by all workers, found by its ``optuna_study``
+tag) and one child run per trial (params: the resolved config; metrics: each dev evaluation as a
+curve and the objective; tags: trial number and final state).
+
+Export. :func:`export_best` writes the best trial's fully resolved config as JSON, which
+``bench run --config FILE`` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .method import METHODS
+
+log = logging.getLogger(__name__)
+DEFAULT_STORAGE = "journal:runs/sweeps/optuna.journal"
+CONFIG_FORMAT = 1
+
+
+@dataclass
+class SweepSpec:
+    method: str
+    task: str
+    trials: int = 50
+    storage: str = DEFAULT_STORAGE
+    study: str | None = None            # default: "<method>-<task>-<backbone>-<preset>"
+    preset: str = "default"
+    backbone: str = "tiny-qwen2-audio"
+    data_dir: str | None = None
+    fold: int | None = None             # default: the task's first fold
+    seed: int = 0
+    metric: str = "ua"                  # dev metric to maximise
+    pruner: str = "median"              # median | hyperband | none
+    tracking_uri: str | None = None
+    export: str | None = None           # best config file (default: runs/sweeps/<study>.best.json)
+
+    @property
+    def study_name(self) -> str:
+        return self.study or f"{self.method}-{self.task}-{self.backbone}-{self.preset}"
+
+
+def make_storage(url: str):
+    """Optuna storage for ``journal:PATH`` (file journal) or an RDB URL; ``ValueError`` otherwise."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if "://" in url:
+        from optuna.storages import RetryFailedTrialCallback
+
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    raise ValueError(f"storage {url!r}: expected journal:PATH or an RDB URL such as sqlite:///sweep.db")
+
+
+def _pruner(name: str):
+    import optuna
+
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+               "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+               "none": lambda: optuna.pruners.NopPruner()}
+    if name not in pruners:
+        raise ValueError(f"unknown pruner {name!r} (known: {', '.join(pruners)})")
+    return pruners[name]()
+
+
+def _parent_run(client, experiment_id: str, study_name: str, spec: SweepSpec) -> str:
+    """The study's MLflow parent run, shared by every worker (the oldest one tagged with the study)."""
+    query = f"tags.optuna_study = '{study_name}' and tags.sweep_parent = '1'"
+    found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"sweep-{study_name}",
+                            tags={"optuna_study": study_name, "sweep_parent": "1"})
+    for k, v in {**spec.__dict__, "study": study_name}.items():
+        client.log_param(run.info.run_id, k, str(v))
+    # two workers starting at once may both create one: keep the oldest, drop ours if it is not
+    oldest = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+    if oldest and oldest[0].info.run_id != run.info.run_id:
+        client.delete_run(run.info.run_id)
+        return oldest[0].info.run_id
+    return run.info.run_id
+
+
+def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
+    """Run (or continue) the study until it holds ``spec.trials`` finished trials; export the best.
+
+    Returns ``{"study", "best_value", "best_params", "config_file", "n_finished", "ran"}``. Raises
+    ``KeyError`` for an unknown method/task, ``ValueError`` for a method without a search space,
+    an unknown fold, pruner or storage.
+    """
+    import mlflow
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from .backbone import BACKBONES
+    from .harness import _seed_everything
+    from .metrics import evaluate
+    from .task import TASKS
+    from .tracking import EXPERIMENT, package_versions
+
+    cls = METHODS.get(spec.method)
+    try:  # fail before anything runs when the method has no search space
+        cls.search_space(optuna.trial.FixedTrial({}))
+    except NotImplementedError as e:
+        raise ValueError(str(e)) from None
+    except Exception:  # noqa: BLE001 - FixedTrial lacks the values: the space exists
+        pass
+    task = TASKS.get(spec.task)(data_dir=spec.data_dir, preset=spec.preset)
+    folds = {f.index: f for f in task.folds()}
+    fold = folds[min(folds)] if spec.fold is None else folds.get(spec.fold)
+    if fold is None:
+        raise ValueError(f"task {spec.task} has no fold {spec.fold} (folds: {sorted(folds)})")
+    backbone = BACKBONES.get(spec.backbone)()
+
+    if spec.tracking_uri:
+        mlflow.set_tracking_uri(spec.tracking_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    study_name = spec.study_name
+    parent_id = _parent_run(client, experiment_id, study_name, spec)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(spec.storage)
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                pruner=_pruner(spec.pruner), load_if_exists=True)
+    study.set_user_attr("method", spec.method)
+    study.set_user_attr("task", spec.task)
+    ran = []
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = cls.search_space(trial)
+        config = cls.make_config(spec.preset, overrides)
+        trial.set_user_attr("config", config.to_dict())
+        run = client.create_run(experiment_id, run_name=f"{study_name}-t{trial.number}", tags={
+            "mlflow.parentRunId": parent_id, "optuna_study": study_name, "optuna_trial": str(trial.number),
+            "method": spec.method, "task": spec.task, **{f"version.{k}": v for k, v in package_versions().items()}})
+        rid = run.info.run_id
+        params = {"method": spec.method, "task": spec.task, "backbone": spec.backbone, "preset": spec.preset,
+                  "fold": fold.index, "seed": spec.seed, "metric": spec.metric,
+                  **{f"method.{k}": v for k, v in config.flat().items()}}
+        for k, v in params.items():
+            client.log_param(rid, k, str(v)[:6000])
+        step = [0]
+
+        def progress(msg: str, values: dict) -> None:
+            for k, v in values.items():
+                client.log_metric(rid, k, float(v), step=step[0])
+            key = f"dev_{spec.metric}"
+            if key in values:  # one Optuna step per dev evaluation, across training phases
+                trial.report(float(values[key]), step[0])
+                if show_progress:
+                    print(f"  [trial {trial.number}] {msg} {key}={values[key]:.3f}", flush=True)
+                step[0] += 1
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after {msg}")
+
+        _seed_everything(spec.seed)
+        state = "FAILED"
+        try:
+            method = cls(backbone, task.labels, config, seed=spec.seed)
+            method.fit(fold.train, fold.dev, progress=progress)
+            value = float(evaluate(method, fold.dev, task.labels)[spec.metric])  # dev only, never test
+            client.log_metric(rid, f"objective_dev_{spec.metric}", value)
+            state = "FINISHED"
+            return value
+        except optuna.TrialPruned:
+            state = "KILLED"
+            client.set_tag(rid, "optuna_state", "PRUNED")
+            raise
+        finally:
+            ran.append(trial.number)
+            client.set_terminated(rid, status=state)
+
+    callbacks = [optuna.study.MaxTrialsCallback(
+        spec.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))]
+    done = _n_finished(study)
+    if done < spec.trials:
+        study.optimize(objective, callbacks=callbacks, catch=())
+    best = study.best_trial if _n_complete(study) else None
+    out = {"study": study_name, "storage": spec.storage, "n_finished": _n_finished(study), "ran": ran,
+           "best_value": best.value if best else None, "best_params": best.params if best else None,
+           "best_trial": best.number if best else None, "config_file": None, "mlflow_parent_run_id": parent_id}
+    if best:
+        path = Path(spec.export) if spec.export else Path("runs/sweeps") / f"{study_name}.best.json"
+        export_best(study, spec, path)
+        out["config_file"] = str(path)
+        client.log_metric(parent_id, f"best_dev_{spec.metric}", best.value)
+    return out
+
+
+def _n_finished(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _n_complete(study) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def export_best(study, spec: SweepSpec, path: str | Path) -> Path:
+    """Write the best trial's resolved config for ``bench run --config`` (atomically)::
+
+        {"format": 1, "methods": {"<method>": {<full config>}},
+         "sweep": {"study", "trial", "dev_metric", "value", "task", "fold", "preset", "backbone", "storage"}}
+    """
+    best = study.best_trial
+    doc = {"format": CONFIG_FORMAT, "methods": {spec.method: best.user_attrs["config"]},
+           "sweep": {"study": study.study_name, "trial": best.number, "dev_metric": spec.metric,
+                     "value": best.value, "params": best.params, "task": spec.task, "fold": spec.fold,
+                     "preset": spec.preset, "backbone": spec.backbone, "storage": spec.storage}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_config_file(path: str | Path) -> dict[str, dict]:
+    """Method -> full config overrides from a ``--config`` file; ``ValueError`` naming the file when it
+    is not JSON, has another format, or names an unknown method or option."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT or not isinstance(doc.get("methods"), dict):
+        raise ValueError(f"{path}: expected {{\"format\": {CONFIG_FORMAT}, \"methods\": {{name: config}}}}")
+    for name, cfg in doc["methods"].items():
+        try:
+            METHODS.get(name).config_cls.from_overrides(cfg)
+        except KeyError as e:
+            raise ValueError(f"{path}: {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: method {name}: {e}") from None
+    return doc["methods"]
