@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         reg = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES}[args.what]
         for name in reg.names():
-            print(name)
+            error = reg.check(name)
+            print(f"{name:<16} {reg.origin(name)}" + (f"  BROKEN: {error}" if error else ""))
         return 0
 
     if args.command == "sweep":

@@ -18,7 +18,7 @@ with S_0 a fresh state at every dialogue start. A method
 * declares its trained parameters (:meth:`trained_parameters`) and saves / loads them with
   safetensors (no pickle).
 
-The conformance suite in ``tests/conformance.py`` runs on every registered method.
+The conformance suite in :mod:`benchbench.testing` runs on every registered method.
 """
 
 from __future__ import annotations

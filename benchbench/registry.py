@@ -21,6 +21,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, T | str] = {}
+        self._origins: dict[str, str] = {}
         self._entry_points_loaded = False
 
     def register(self, name: str, obj: T | str | None = None) -> Callable[[T], T] | T:
@@ -35,21 +36,43 @@ class Registry(Generic[T]):
 
         return deco
 
-    def _add(self, name: str, obj) -> None:
+    def _add(self, name: str, obj, origin: str | None = None) -> None:
         if name in self._entries and self._entries[name] is not obj:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
+        if origin is None:
+            target = obj if isinstance(obj, str) else f"{obj.__module__}:{getattr(obj, '__qualname__', obj)}"
+            origin = f"{'built-in' if target.startswith('benchbench.') else 'registered'} ({target})"
+        self._origins[name] = origin
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
         for ep in entry_points(group=f"benchbench.{self.kind}s"):
-            self._entries.setdefault(ep.name, ep.value)
+            dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+            if ep.name in self._entries:  # a plugin never shadows what is already registered
+                self._origins[ep.name] += f"; plugin {dist} also offers {ep.value} (ignored)"
+                continue
+            self._entries[ep.name] = ep.value
+            self._origins[ep.name] = f"plugin {dist} ({ep.value})"
 
     def names(self) -> list[str]:
         self._load_entry_points()
         return sorted(self._entries)
+
+    def origin(self, name: str) -> str:
+        """Where an entry comes from: ``built-in (module:attr)`` or ``plugin DIST (module:attr)``."""
+        self._load_entry_points()
+        return self._origins.get(name, "unknown")
+
+    def check(self, name: str) -> str | None:
+        """None when the entry loads, else the error message (naming the plugin); never raises."""
+        try:
+            self.get(name)
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break the listing
+            return str(e)
+        return None
 
     def get(self, name: str) -> T:
         """The registered object; ``KeyError`` listing known names (with "did you mean") otherwise."""
@@ -63,8 +86,9 @@ class Registry(Generic[T]):
             module, _, attr = obj.partition(":")
             try:
                 obj = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
-                raise ImportError(f"{self.kind} {name!r} points at {self._entries[name]!r}, which fails: {e}") from e
+            except Exception as e:  # noqa: BLE001 - any import-time error of a plugin is reported the same way
+                raise ImportError(f"{self.kind} {name!r} from {self._origins.get(name, 'unknown')} fails to load: "
+                                  f"{type(e).__name__}: {e}") from e
             self._entries[name] = obj
         return obj
 

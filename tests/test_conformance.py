@@ -3,7 +3,7 @@
 import pytest
 
 from benchbench.method import METHODS
-from tests.conformance import run_conformance
+from benchbench.testing import run_conformance
 
 
 @pytest.mark.parametrize("name", METHODS.names())

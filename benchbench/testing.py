@@ -1,11 +1,20 @@
 """The conformance suite every ``ContextMethod`` must pass (after scikit-learn's ``check_estimator``).
 
-Use it for your own method::
+Importable by contributors, so a plugin's own CI runs exactly what the suite runs::
 
-    from tests.conformance import run_conformance
-    run_conformance("my_method", backbone, task)
+    from benchbench.backbone import tiny_qwen2_audio
+    from benchbench.tasks.synthetic import SyntheticProsodyTask
+    from benchbench.testing import run_conformance
 
-Each ``check_*`` raises ``AssertionError`` with a message naming the method and the property.
+    task = SyntheticProsodyTask(preset="smoke", n_train=6, n_dev=2, n_test=3, n_turns=4, duration_s=0.64)
+    run_conformance("my_method", tiny_qwen2_audio(seed=0), task)   # the method's "smoke" preset
+
+The method is fitted on the task's first fold with its ``smoke`` preset, then checked for: output
+shape and probabilities, per-dialogue state reset (dialogue order permuted), prefix consistency
+(turn i sees turns <= i; ``step`` agrees with ``predict_dialogue``), context-free independence for
+``uses_context = False``, unreachable test labels, safetensors save/load round trip, and
+determinism under a seed. Each ``check_*`` raises ``AssertionError`` naming the method and the
+property.
 """
 
 from __future__ import annotations

@@ -1,0 +1,178 @@
+"""``ema``: the simplest speaker-baseline memory, as a benchbench plugin (CONTRIBUTING.md's worked example).
+
+Question it answers: does Titans' learned neural memory beat a memory with no learning in its state
+at all? None of the papers checks this.
+
+Per dialogue the state S is, for every speaker s seen so far, an exponential moving average of that
+speaker's mean-pooled audio-token embeddings (the backbone's frozen LM-input audio embeddings):
+
+    e_s <- beta * e_s + (1 - beta) * mean_t h_{i,t}          (after utterance i of speaker s; e_s = first mean)
+
+and utterance i of speaker s is read with a residual at its audio tokens, like MAL's (Eq. 9 of
+Titans-as-a-Layer), zero-initialised so that an untrained ``ema`` is exactly its task LoRA:
+
+    h~_{i,t} = h_{i,t} + tanh(alpha) * W (h_{i,t} - e_s),    W: [D, D], alpha = 0 at init
+
+For a speaker's first utterance in the dialogue there is no e_s and the residual is 0. The speaker
+id is dialogue metadata (``UtteranceInput.speaker``), never a label; S is reset at every dialogue.
+Training follows MAL's two-stage schedule (Sec. 3.4): the task LoRA first (exactly ``lora``), then
+frozen while W and alpha train. Because e_s depends only on the frozen embeddings, Phase 2 trains
+on utterances in batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchbench.backbone import Segment
+from benchbench.method import ContextMethod, MethodConfig
+from benchbench.methods.lora import LoRASettings, attach_lora, lora_search_space, train_supervised, utterance_examples
+from benchbench.metrics import evaluate
+
+
+@dataclass
+class EMAConfig(MethodConfig):
+    """``ema``'s options (defaults: the paper-scale values MAL uses, where they exist)."""
+
+    lora: LoRASettings = field(default_factory=LoRASettings)  # Phase 1 (Titans-as-a-Layer Sec. 3.4)
+    beta: float = 0.5            # EMA decay: weight of the speaker's past vs the newest utterance
+    epochs: int = 2              # Phase 2 epochs (W, alpha)
+    lr: float = 1e-4             # W: lr, clipping 1.0 (as MAL's memory)
+    gate_lr: float = 2e-4        # alpha: lr, clipping 2.0 (as MAL's gates)
+    batch_size: int = 32
+    selection_metric: str = "ua"
+
+
+class SpeakerEMA(ContextMethod):
+    """Speaker-EMA residual memory on a frozen task LoRA (see the module docstring)."""
+
+    name = "ema"
+    config_cls = EMAConfig
+    uses_context = True
+    presets = {
+        "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), epochs=1, lr=3e-3, gate_lr=1e-2),
+        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), epochs=8, lr=3e-3, gate_lr=5e-2),
+    }
+
+    @classmethod
+    def search_space(cls, trial):
+        return {"lora": lora_search_space(trial), "beta": trial.suggest_float("beta", 0.0, 0.95),
+                "epochs": trial.suggest_int("epochs", 1, 10),
+                "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+                "gate_lr": trial.suggest_float("gate_lr", 1e-4, 1e-1, log=True)}
+
+    def __init__(self, backbone, labels, config=None, seed=0):
+        super().__init__(backbone, labels, config, seed)
+        self.lora_params = attach_lora(self.lm, self.config.lora)
+        d = self.lm.hidden_size
+        with torch.random.fork_rng(devices=[]):  # Phase 1 stays bit-identical to `lora` under the seed
+            torch.manual_seed(seed + 7919)
+            self.proj = nn.Linear(d, d, bias=False)           # W
+        self.alpha = nn.Parameter(torch.zeros(()))            # gate, tanh(0) = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ the memory
+    def _read(self, h: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+        """h~ = h + tanh(alpha) W (h - e_s) for audio tokens ``h [T, D]``; ``h`` itself when e is None."""
+        if e is None:
+            return h
+        return h + torch.tanh(self.alpha) * self.proj(h - e)
+
+    def _write(self, state: dict, speaker: str, h: torch.Tensor) -> None:
+        pooled = h.mean(0)
+        prev = state.get(speaker)
+        state[speaker] = pooled if prev is None else self.config.beta * prev + (1 - self.config.beta) * pooled
+
+    def _speaker_baselines(self, dialogue_inputs, embeddings) -> list[torch.Tensor | None]:
+        """e_s before each utterance (None for a speaker's first), streaming through one dialogue."""
+        state: dict = {}
+        out = []
+        for u, h in zip(dialogue_inputs, embeddings):
+            out.append(state.get(u.speaker))
+            self._write(state, u.speaker, h)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train, dev, progress=None):
+        c = self.config
+        self._gate_open = False  # Phase 1: the host + LoRA alone
+        train_supervised(self, self.lora_params, c.lora, utterance_examples(self.backbone, train), dev, progress)
+        self._gate_open = True
+        for p in self.lora_params.values():
+            p.requires_grad_(False)
+        examples = []  # (h, e_s, label) for utterances whose speaker has history
+        for d in train:
+            embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
+            for u, h, e in zip(d.utterances, embs, self._speaker_baselines(d.inputs(), embs)):
+                if e is not None:
+                    examples.append((h, e, u.label))
+        opt_w = torch.optim.AdamW(self.proj.parameters(), lr=c.lr)
+        opt_g = torch.optim.AdamW([self.alpha], lr=c.gate_lr, weight_decay=0.0)
+        losses = self.curves.setdefault("ema_train_loss", [])
+        dev_scores = self.curves.setdefault(f"ema_dev_{c.selection_metric}", [])
+        best, best_state = evaluate(self, dev, self.labels)[c.selection_metric], self._state()
+        for epoch in range(c.epochs):
+            perm = self.rng.permutation(len(examples))
+            for i in range(0, len(perm), c.batch_size):
+                chunk = [examples[j] for j in perm[i:i + c.batch_size]]
+                logits = self.lm(self.lm.batch([[Segment(self._read(h, e))] for h, e, _ in chunk]))
+                loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, _, y in chunk]))
+                opt_w.zero_grad()
+                opt_g.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.proj.parameters(), 1.0)
+                nn.utils.clip_grad_norm_([self.alpha], 2.0)
+                opt_w.step()
+                opt_g.step()
+                losses.append(loss.item())
+            score = evaluate(self, dev, self.labels)[c.selection_metric]
+            dev_scores.append(score)
+            self.curves.setdefault("ema_abs_tanh_alpha", []).append(abs(math.tanh(self.alpha.item())))
+            if progress:
+                progress(f"ema epoch {epoch + 1}/{c.epochs}", {"dev_" + c.selection_metric: score})
+            if score > best:
+                best, best_state = score, self._state()
+        with torch.no_grad():
+            for k, p in self._params().items():
+                p.copy_(best_state[k])
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return {"ema.proj.weight": self.proj.weight, "ema.alpha": self.alpha}
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self._params().items()}
+
+    def trained_parameters(self):
+        return {**self.lora_params, **self._params()}
+
+    # ------------------------------------------------------------------ streaming evaluation (Eq. 1)
+    def reset(self) -> None:
+        self.state: dict = {}  # S_0: no speaker seen
+        self._gate_open = getattr(self, "_gate_open", True)
+
+    @torch.no_grad()
+    def step(self, utterance):
+        self.lm.eval()
+        h = self.backbone.audio_embeddings(utterance)
+        e = self.state.get(utterance.speaker) if self._gate_open else None
+        probs = torch.softmax(self.lm(self.lm.batch([[Segment(self._read(h, e))]])).float(), -1)[0].numpy()
+        self._write(self.state, utterance.speaker, h)   # S_i = U(S_{i-1}, x_i), no label
+        return probs
+
+    @torch.no_grad()
+    def predict_dialogue(self, utterances):
+        """Batched: e_s before each turn depends only on earlier turns' embeddings, so this equals
+        streaming :meth:`step` turn by turn."""
+        self.lm.eval()
+        self.reset()
+        embs = [self.backbone.audio_embeddings(u) for u in utterances]
+        base = self._speaker_baselines(utterances, embs) if self._gate_open else [None] * len(embs)
+        logits = self.lm(self.lm.batch([[Segment(self._read(h, e))] for h, e in zip(embs, base)]))
+        for u, h in zip(utterances, embs):
+            self._write(self.state, u.speaker, h)
+        return np.asarray(torch.softmax(logits.float(), -1).numpy())
