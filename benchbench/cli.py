@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                          metric=args.metric, pruner=args.pruner, tracking_uri=args.tracking_uri, export=args.export)
         try:
             res = run_sweep(spec)
-        except (KeyError, ValueError, FileNotFoundError) as e:
+        except (KeyError, ValueError, FileNotFoundError, ImportError) as e:
             print(f"bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
             return 2
         print(f"study {res['study']} ({res['storage']}): {res['n_finished']} finished trials, "
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                    output=args.output, folds=args.folds, method_overrides=overrides)
     try:
         summary = run(spec, show_progress=not args.no_progress)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
