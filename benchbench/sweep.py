@@ -88,6 +88,25 @@ def _pruner(name: str):
     return pruners[name]()
 
 
+def _tracking(client_cls, attempts: int = 8):
+    """(client, experiment id). Workers that start together on a new SQL store race to create its
+    schema and the experiment: the losers retry once the winner is done."""
+    import random
+    import time
+
+    from .tracking import EXPERIMENT
+
+    for attempt in range(attempts):
+        try:
+            client = client_cls()
+            exp = client.get_experiment_by_name(EXPERIMENT)
+            return client, exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+        except Exception:  # noqa: BLE001 - schema migration / creation race: try again
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())
+
+
 def _parent_run(client, experiment_id: str, study_name: str, spec: SweepSpec) -> str:
     """The study's MLflow parent run, shared by every worker (the oldest one tagged with the study)."""
     query = f"tags.optuna_study = '{study_name}' and tags.sweep_parent = '1'"
@@ -121,7 +140,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     from .harness import _seed_everything
     from .metrics import evaluate
     from .task import TASKS
-    from .tracking import EXPERIMENT, package_versions
+    from .tracking import package_versions
 
     cls = METHODS.get(spec.method)
     try:  # fail before anything runs when the method has no search space
@@ -139,9 +158,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
 
     if spec.tracking_uri:
         mlflow.set_tracking_uri(spec.tracking_uri)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    client, experiment_id = _tracking(MlflowClient)
     study_name = spec.study_name
     parent_id = _parent_run(client, experiment_id, study_name, spec)
 

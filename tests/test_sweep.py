@@ -1,0 +1,116 @@
+"""`bench sweep`: Optuna studies on dev, shared by workers, resumed, exported to `bench run --config`."""
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from benchbench.cli import main
+from benchbench.method import METHODS
+from benchbench.sweep import load_config_file, make_storage
+
+SMOKE = ["--task", "synthetic", "--preset", "smoke"]
+
+
+def _sweep_cmd(tmp, study, trials, method="lora"):
+    return ["sweep", "--method", method, *SMOKE, "--trials", str(trials), "--study", study,
+            "--storage", f"journal:{tmp / 'optuna.journal'}", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            "--export", str(tmp / f"{study}.best.json")]
+
+
+def _finished(study):
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n != "zero_shot"])
+def test_every_trainable_method_declares_a_search_space(name):
+    cls = METHODS.get(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    overrides = cls.search_space(trial)
+    assert trial.params, f"{name}: empty search space"
+    config = cls.make_config("smoke", overrides)  # every sampled value is a valid config option
+    flat = config.flat()
+    for key, value in trial.params.items():
+        assert flat[key] == value, (name, key)
+
+
+def test_a_method_without_search_space_is_refused(tmp_path, capsys):
+    assert main(_sweep_cmd(tmp_path, "zs", 1, method="zero_shot")) == 2
+    assert "zero_shot declares no search space" in capsys.readouterr().err
+
+
+def test_two_workers_share_one_study_and_a_restart_continues_it(tmp_path):
+    cmd = [sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "shared", 4)]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    for w, (out, err) in zip(workers, outs):
+        assert w.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="shared", storage=make_storage(f"journal:{tmp_path / 'optuna.journal'}"))
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) == numbers[-1] + 1          # no duplicate trial
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    assert 4 <= len(trials) <= 5   # each worker stops once 4 have finished (one may be in flight then)
+    ran = [int(out.split(" run by this worker")[0].rsplit(", ", 1)[1]) for out, _ in outs]
+    assert sum(ran) == len(trials)                                         # nothing lost, nothing run twice
+
+    # MLflow: one parent for the study, one child per trial, dev values equal Optuna's
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("benchbench")
+    runs = client.search_runs([exp.experiment_id], "tags.optuna_study = 'shared'")
+    parents = [r for r in runs if r.data.tags.get("sweep_parent") == "1"]
+    children = [r for r in runs if "optuna_trial" in r.data.tags]
+    assert len(parents) == 1
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == numbers
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            child = next(r for r in children if r.data.tags["optuna_trial"] == str(t.number))
+            assert child.data.metrics["objective_dev_ua"] == pytest.approx(t.value)
+            assert child.data.params["method.lr"] == str(t.params["lr"])
+
+    # restarted with a larger target: the same study goes on, only the missing trials run
+    res = subprocess.run([sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "shared", len(trials) + 1)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{len(trials) + 1} finished trials, 1 run by this worker" in res.stdout
+    # and with the target already met, a restart runs nothing
+    res = subprocess.run([sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "shared", 2)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and ", 0 run by this worker" in res.stdout
+
+
+def test_best_config_runs_with_bench_run_config(tmp_path):
+    assert main(_sweep_cmd(tmp_path, "best", 2)) == 0
+    path = tmp_path / "best.best.json"
+    doc = json.loads(path.read_text())
+    study = optuna.load_study(study_name="best", storage=make_storage(f"journal:{tmp_path / 'optuna.journal'}"))
+    assert doc["sweep"]["trial"] == study.best_trial.number and doc["sweep"]["value"] == study.best_value
+    assert doc["methods"]["lora"]["lr"] == study.best_trial.params["lr"]
+    assert load_config_file(path)["lora"]["r"] == study.best_trial.params["r"]
+
+    out = tmp_path / "run"
+    rc = main(["run", "--config", str(path), "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0",
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    res = pd.read_csv(out / "results.csv")
+    assert res["method"].tolist() == ["lora"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(res["mlflow_run_id"][0])
+    assert float(run.data.params["method.lr"]) == pytest.approx(study.best_trial.params["lr"])
+    assert int(run.data.params["method.epochs"]) == study.best_trial.params["epochs"]
+
+
+def test_config_file_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": 1, "methods": {"lora": {"nope": 1}}}))
+    assert main(["run", "--config", str(bad), "--tasks", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "nope" in err
+    bad.write_text("{not json")
+    assert main(["run", "--config", str(bad), "--tasks", "synthetic"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
