@@ -45,11 +45,19 @@ def lora_search_space(trial, prefix: str = "lora.") -> dict:
             "epochs": trial.suggest_int(f"{prefix}epochs", 1, 8)}
 
 
+def two_stage_search_space(trial) -> dict:
+    """Phase 1's LoRA (under ``lora.``) and a frozen-host Phase 2's epochs and two learning rates
+    (``lr`` for the added module, ``gate_lr`` for its gates), as in Titans-as-a-Layer Sec. 3.4."""
+    return {"lora": lora_search_space(trial), "epochs": trial.suggest_int("epochs", 1, 10),
+            "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+            "gate_lr": trial.suggest_float("gate_lr", 1e-4, 1e-1, log=True)}
+
+
 def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task") -> dict[str, nn.Parameter]:
     """Wrap ``lm.language_model`` with a peft LoRA adapter; returns its parameters by name (trainable)."""
     cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules))
     lm.language_model = get_peft_model(lm.language_model, cfg, adapter_name=adapter_name)
-    params = {n: p for n, p in lm.named_parameters() if f"lora_" in n and f".{adapter_name}." in n}
+    params = {n: p for n, p in lm.named_parameters() if "lora_" in n and f".{adapter_name}." in n}
     if not params:
         raise ValueError(f"LoRA target modules {s.target_modules} matched no layer of the language model")
     for p in params.values():

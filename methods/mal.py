@@ -51,7 +51,7 @@ from torch import nn
 from benchbench.backbone import Segment
 from benchbench.data import UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, lora_search_space,
+from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, two_stage_search_space,
                                      train_supervised, utterance_examples)
 from benchbench.metrics import evaluate
 
@@ -163,13 +163,10 @@ class MemoryAsALayer(ContextMethod):
     def search_space(cls, trial):
         """Phase 1's LoRA, then the memory: width d_m, N_p, placement, Phase-2 epochs and the two
         learning rates (memory and gates), after the paper's ablation axes (Sec. 3.2-3.4)."""
-        return {"lora": lora_search_space(trial),
+        return {**two_stage_search_space(trial),
                 "d_m": trial.suggest_categorical("d_m", [16, 32, 64, 128]),
                 "n_persistent": trial.suggest_categorical("n_persistent", [0, 4, 8]),
-                "layers": trial.suggest_categorical("layers", ["all", "quartile", "0"]),
-                "epochs": trial.suggest_int("epochs", 1, 10),
-                "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
-                "gate_lr": trial.suggest_float("gate_lr", 1e-4, 1e-1, log=True)}
+                "layers": trial.suggest_categorical("layers", ["all", "quartile", "0"])}
 
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)

@@ -5,7 +5,6 @@ import math
 import re
 import shutil
 import struct
-from pathlib import Path
 
 import pandas as pd
 import pytest

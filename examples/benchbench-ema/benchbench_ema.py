@@ -31,7 +31,8 @@ from torch import nn
 
 from benchbench.backbone import Segment
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import LoRASettings, attach_lora, lora_search_space, train_supervised, utterance_examples
+from benchbench.methods.lora import (LoRASettings, attach_lora, train_supervised, two_stage_search_space,
+                                     utterance_examples)
 from benchbench.metrics import evaluate
 
 
@@ -61,10 +62,7 @@ class SpeakerEMA(ContextMethod):
 
     @classmethod
     def search_space(cls, trial):
-        return {"lora": lora_search_space(trial), "beta": trial.suggest_float("beta", 0.0, 0.95),
-                "epochs": trial.suggest_int("epochs", 1, 10),
-                "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
-                "gate_lr": trial.suggest_float("gate_lr", 1e-4, 1e-1, log=True)}
+        return {**two_stage_search_space(trial), "beta": trial.suggest_float("beta", 0.0, 0.95)}
 
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)
