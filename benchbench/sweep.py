@@ -214,13 +214,11 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
             ran.append(trial.number)
             client.set_terminated(rid, status=state)
 
-    callbacks = [optuna.study.MaxTrialsCallback(
-        spec.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))]
-    done = _n_finished(study)
-    if done < spec.trials:
-        study.optimize(objective, callbacks=callbacks, catch=())
-    best = study.best_trial if _n_complete(study) else None
-    out = {"study": study_name, "storage": spec.storage, "n_finished": _n_finished(study), "ran": ran,
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what counts toward --trials
+    if _count(study, finished) < spec.trials:
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=finished)], catch=())
+    best = study.best_trial if _count(study, (optuna.trial.TrialState.COMPLETE,)) else None
+    out = {"study": study_name, "storage": spec.storage, "n_finished": _count(study, finished), "ran": ran,
            "best_value": best.value if best else None, "best_params": best.params if best else None,
            "best_trial": best.number if best else None, "config_file": None, "mlflow_parent_run_id": parent_id}
     if best:
@@ -231,17 +229,8 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     return out
 
 
-def _n_finished(study) -> int:
-    import optuna
-
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+def _count(study, states) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
-
-
-def _n_complete(study) -> int:
-    import optuna
-
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def export_best(study, spec: SweepSpec, path: str | Path) -> Path:

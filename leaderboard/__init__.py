@@ -40,10 +40,6 @@ def build(output: str | Path, tracking_uri: str | None = None, experiment: str =
 
     c = collect(tracking_uri, experiment, parent_run_ids, preset, tasks)
     _relabel_presets(c)
-    if len(c.predictions):
-        counts = c.predictions.groupby(["method", "task", "backbone", "seed", "fold"]).size()
-        keyed = c.results.set_index(["method", "task", "backbone", "seed", "fold"]).index
-        c.results["n_test"] = [counts.get(k, float("nan")) for k in keyed]
     summary = summarize(c.results, c.predictions, c.task_info, reference, n_resamples=n_resamples)
     reported = load_reported()
     out = Path(output)

@@ -88,15 +88,13 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
         "status": "ok", "mlflow_run_id": cells["run_id"], "parent_run_id": cells["tags.mlflow.parentRunId"],
         "git_commit": cells.get("tags.git_commit"), "start_time": cells["start_time"],
     })
-    for c in cells.columns:
+    for c in sorted(cells.columns):  # MLflow's column order varies: sorted, the outputs are reproducible
         if c.startswith("metrics."):
             results[c.removeprefix("metrics.")] = _num(cells[c])
     # the latest run of each cell key wins (a re-run replaces an earlier one)
     results = results.sort_values("start_time").drop_duplicates(CELL_KEY, keep="last").reset_index(drop=True)
-    if "n_test" not in results:
-        results["n_test"] = float("nan")
 
-    preds, skipped = [], []
+    preds, skipped, n_test = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in results.itertuples():
             try:
@@ -109,6 +107,7 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
             p = pd.read_csv(path)
             p["method"], p["preset"] = r.method, r.preset
             preds.append(p)
+            n_test[r.mlflow_run_id] = len(p)
         task_info, sources = {}, []
         parents = results.groupby("parent_run_id")["start_time"].max().sort_values().index
         for pid in parents:  # later runs override earlier reference figures
@@ -125,6 +124,7 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
                 ref = {k: v for k, v in info.items() if k not in ("labels", "manifest_sha256")}
                 task_info[t] = {"reference": ref, "labels": info.get("labels"),
                                 "manifest_sha256": info.get("manifest_sha256")}
+    results["n_test"] = results["mlflow_run_id"].map(n_test)  # NaN where predictions were unreadable
     predictions = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     for t in results["task"].unique():  # tasks whose parent summary was unreadable
         if t not in task_info:

@@ -26,6 +26,9 @@ import pandas as pd
 from benchbench.metrics import METRICS
 
 METRIC_NAMES = {"wa": "WA", "ua": "UA", "wf1": "WF1", "macro_f1": "Macro-F1"}
+# cost columns: summary key, header, format (the same in every output format)
+COSTS = (("trained_parameters", "trained params", "{:,.0f}"), ("fit_seconds", "fit s", "{:.1f}"),
+         ("eval_ms_per_utterance", "ms / utt", "{:.1f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}"))
 ALPHA = 0.05
 
 PAPERS = {
@@ -122,8 +125,7 @@ def sections(summary: dict, reported: pd.DataFrame | None = None, reference: str
             method=c["method"], kind="measured", n=c["n"],
             metrics={m: c[m] for m in METRICS if m in c},
             per_class={k.removeprefix("f1_"): v["mean"] for k, v in c.items() if k.startswith("f1_")},
-            costs={k: c[k]["mean"] for k in ("trained_parameters", "fit_seconds", "eval_ms_per_utterance",
-                                             "peak_rss_mb", "peak_cuda_mb") if k in c},
+            costs={k: c[k]["mean"] for k, _, _ in COSTS if k in c},
             marks=_marks(comp) if comp else {}, comparison=comp))
     for s in out.values():
         s.rows.sort(key=lambda r: -r.metrics["wa"]["mean"])
@@ -162,6 +164,10 @@ def _delta_text(row: Row) -> str:
             + (f" p={p:.2g}" if p is not None else ""))
 
 
+def _cost_text(row: Row, key: str, fmt: str) -> str:
+    return fmt.format(row.costs[key]) if key in row.costs else ""
+
+
 def _method_text(row: Row) -> str:
     if row.kind == "reported":
         paper = PAPERS[row.source]
@@ -182,17 +188,14 @@ def render_markdown(summary: dict, reported: pd.DataFrame | None = None, referen
     for sec in sections(summary, reported, reference):
         out.append(f"### {sec.task} · {sec.backbone}\n")
         head = ["method", "n", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference}",
-                "trained params", "fit s", "ms/utt", "peak MiB"]
+                *(h for _, h, _ in COSTS)]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in sec.rows:
             name = _method_text(r)
             cells = [f"*{name}*" if r.kind == "reported" else name, str(r.n or ""),
                      *(_metric_text(r, m) for m in METRICS), _delta_text(r),
-                     f"{r.costs['trained_parameters']:,.0f}" if "trained_parameters" in r.costs else "",
-                     f"{r.costs['fit_seconds']:.1f}" if "fit_seconds" in r.costs else "",
-                     f"{r.costs['eval_ms_per_utterance']:.1f}" if "eval_ms_per_utterance" in r.costs else "",
-                     f"{r.costs['peak_rss_mb']:.0f}" if "peak_rss_mb" in r.costs else ""]
+                     *(_cost_text(r, k, fmt) for k, _, fmt in COSTS)]
             out.append("| " + " | ".join(cells) + " |")
         if _ceilings_text(sec):
             out.append("\n" + _ceilings_text(sec))
@@ -364,7 +367,7 @@ def _metric_td(r: Row, m: str) -> str:
 def _section_html(sec: Section, reference: str, index: int) -> str:
     labels = sec.labels or sorted({k for r in sec.rows for k in r.per_class})
     head = ["method", "source", "n", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference} [95% CI] (Holm p)",
-            *(f"F1 {lab}" for lab in labels), "trained params", "fit s", "ms / utt", "peak RSS MiB"]
+            *(f"F1 {lab}" for lab in labels), *(h for _, h, _ in COSTS)]
     ths = "".join(f'<th class="name" aria-sort="none">{html.escape(h)}</th>' if i < 2 else
                   f'<th aria-sort="none">{html.escape(h)}</th>' for i, h in enumerate(head))
     trs = []
@@ -382,16 +385,11 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
             delta = _td(html.escape(_delta_text(r)), round(100 * b["diff"], 4))
         else:
             delta = _td("")
-        c = r.costs
         cells = [_td(html.escape(r.method), r.method, "name"), _td(src, r.kind, "name"), _td(str(r.n or ""), r.n),
                  *(_metric_td(r, m) for m in METRICS), delta,
                  *(_td(_pct(r.per_class[lab]), round(100 * r.per_class[lab], 4)) if lab in r.per_class else _td("")
                    for lab in labels),
-                 _td(f"{c['trained_parameters']:,.0f}", c["trained_parameters"]) if "trained_parameters" in c else _td(""),
-                 _td(f"{c['fit_seconds']:.1f}", c["fit_seconds"]) if "fit_seconds" in c else _td(""),
-                 _td(f"{c['eval_ms_per_utterance']:.1f}", c["eval_ms_per_utterance"])
-                 if "eval_ms_per_utterance" in c else _td(""),
-                 _td(f"{c['peak_rss_mb']:.0f}", c["peak_rss_mb"]) if "peak_rss_mb" in c else _td("")]
+                 *(_td(_cost_text(r, k, fmt), r.costs.get(k)) for k, _, fmt in COSTS)]
         trs.append(f'<tr class="{cls}">' + "".join(cells) + "</tr>")
     parts = [f'<section id="s{index}"><h2>{html.escape(sec.task)} · {html.escape(sec.backbone)}</h2>']
     if _ceilings_text(sec):

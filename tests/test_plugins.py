@@ -18,7 +18,7 @@ def _env(*paths) -> dict:
 
 
 def _run(args, env, timeout=600):
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=env.get("_CWD"))
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

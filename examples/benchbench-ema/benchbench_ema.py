@@ -72,6 +72,7 @@ class SpeakerEMA(ContextMethod):
             torch.manual_seed(seed + 7919)
             self.proj = nn.Linear(d, d, bias=False)           # W
         self.alpha = nn.Parameter(torch.zeros(()))            # gate, tanh(0) = 0
+        self._gate_open = True  # False only while Phase 1 scores dev with the host + LoRA alone
         self.reset()
 
     # ------------------------------------------------------------------ the memory
@@ -151,7 +152,6 @@ class SpeakerEMA(ContextMethod):
     # ------------------------------------------------------------------ streaming evaluation (Eq. 1)
     def reset(self) -> None:
         self.state: dict = {}  # S_0: no speaker seen
-        self._gate_open = getattr(self, "_gate_open", True)
 
     @torch.no_grad()
     def step(self, utterance):
