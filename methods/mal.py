@@ -10,291 +10,50 @@ states at the audio-token positions before block l:
 
 The state S^(l) is carried across the dialogue's utterances and reset (``None``) at its start; no
 token is added, removed or moved. With every alpha_l = 0 the host's outputs are bit-identical.
-Trainable (Eq. 10): {W_in, W_out, M, alpha, P} per branch; backbone and the (phase-1) LoRA frozen.
-
-Two-stage schedule (Sec. 3.4): Phase 1 trains the task LoRA with MAL removed (exactly ``lora``);
-Phase 2 freezes it and trains MAL by backpropagation through each training dialogue (gradients flow
-through the memory state across utterances), with separate learning rates and clipping thresholds
-for {W_in, W_out, M, P} (1e-4, 1.0) and the gates {alpha} (2e-4, 2.0).
-
-Memory updates (``chunk_size``):
-
-* ``"utterance"`` (default): one memory update per utterance, and every token of utterance i reads
-  the memory as it was after utterance i-1, i.e. exactly Eq. 1 (y_i = f(x_i, S_{i-1}),
-  S_i = U(S_{i-1}, x_i)). Each call stores one titans-pytorch chunk of ``N_p + T_max + 1`` tokens
-  (T_max: the backbone's audio tokens per encoder window): z padded with zeros, padding excluded from
-  the surprise gradients by ``store_mask`` (its learning rate is 0). The padding still enters the
-  mean-pooled chunk summary from which the decay and momentum gates are computed, so those gates
-  depend on the utterance's length (a deterministic function of the utterance alone). The last slot
-  is always padding: titans-pytorch lets the chunk's last retrieval position read the updated memory.
-* an integer: titans-pytorch's own chunking inside the utterance (later tokens read memory that
-  already holds the utterance's earlier tokens). titans-pytorch 0.5.5 chains state exactly only when
-  every call's length is a multiple of ``chunk_size`` (see ../shared/reference/titans-pytorch.md);
-  :class:`MALBranch` refuses other lengths with a clear error instead of silently computing
-  something else. ``chunk_size=1`` chains exactly for any length (one update per token: slow).
+Trainable (Eq. 10): {W_in, W_out, M, alpha, P} per branch; backbone and the (phase-1) LoRA frozen;
+the gates {alpha} get their own learning rate and clipping (2e-4, 2.0). Default placement: every
+block (the paper's main setting); ``layers="0"`` is the single-branch placement of the injection
+ablation against ``mac`` and ``mag``. The shared machinery (memory updates, state, schedule) is in
+:mod:`benchbench.methods.titans_memory`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
-from einops import repeat
-from titans_pytorch import NeuralMemory
 from torch import nn
 
-from benchbench.backbone import Segment
-from benchbench.data import UtteranceInput
-from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, two_stage_search_space,
-                                     train_supervised, utterance_examples)
-from benchbench.metrics import evaluate
+from benchbench.methods.titans_memory import (MemoryBranch, TitansMemoryConfig, TitansMemoryMethod,
+                                              resolve_layers)
+
+MALConfig = TitansMemoryConfig
+
+__all__ = ["MALBranch", "MALConfig", "MemoryAsALayer", "resolve_layers"]
 
 
-@dataclass
-class MALConfig(MethodConfig):
-    lora: LoRASettings = field(default_factory=LoRASettings)  # Phase 1 (Sec. 3.4)
-    layers: str = "all"          # "all" (paper), "quartile" (4 layers at the quartiles), or "0,3,5"
-    d_m: int = 128               # memory dimension d_m (paper, every-layer placement)
-    n_persistent: int = 8        # N_p persistent tokens P_l
-    chunk_size: int | str = "utterance"  # "utterance": one update per utterance (Eq. 1); or tokens per update
-    memory_depth: int = 2        # depth-2 MLP memory (Fig. 1)
-    memory_heads: int = 1
-    memory_max_lr: float = 0.1   # NeuralMemory default_step_transform_max_lr (1.0 can diverge)
-    memory_max_grad_norm: float = 1.0  # surprise-gradient clipping inside the memory
-    epochs: int = 2              # Phase 2: two epochs
-    lr: float = 1e-4             # {W_in, W_out, M, P}: lr 1e-4 ...
-    grad_clip: float = 1.0       # ... clipping 1.0
-    gate_lr: float = 2e-4        # {alpha}: lr 2e-4 ...
-    gate_grad_clip: float = 2.0  # ... clipping 2.0
-    batch_dialogues: int = 1     # dialogues per Phase-2 step (only equal-shape dialogues are batched)
-    selection_metric: str = "ua"
+class MALBranch(MemoryBranch):
+    """One MAL branch for one LM block (Eq. 6-9). ``forward(h [B, T, D], state) -> (h~ [B, T, D], state)``."""
 
-
-def resolve_layers(spec: str, n_layers: int) -> list[int]:
-    """Block indices for a placement spec. ``quartile`` maps the paper's {7, 15, 23, 31} of a
-    32-block LM proportionally: ``round((q + 1) * n / 4) - 1`` for q = 0..3 (deduplicated)."""
-    if spec == "all":
-        return list(range(n_layers))
-    if spec == "quartile":
-        return sorted({max(0, round((q + 1) * n_layers / 4) - 1) for q in range(4)})
-    try:
-        idx = sorted({int(x) for x in spec.split(",")})
-    except ValueError:
-        raise ValueError(f"MAL layers {spec!r}: expected 'all', 'quartile' or comma-separated ints") from None
-    bad = [i for i in idx if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"MAL layers {bad} out of range for a {n_layers}-block language model")
-    return idx
-
-
-class MALBranch(nn.Module):
-    """One MAL branch for one LM block (Eq. 6-9). ``forward(h [B, T, D], state) -> (h~ [B, T, D], state)``.
-
-    ``max_tokens``: the most audio tokens one utterance can have (needed for ``chunk_size="utterance"``).
-    Raises ``ValueError`` for an unknown ``chunk_size`` and, in ``forward``, for a length it cannot
-    chain exactly.
-    """
-
-    def __init__(self, hidden_size: int, c: MALConfig, max_tokens: int):
-        super().__init__()
-        self.n_p, self.max_tokens = c.n_persistent, max_tokens
-        if c.chunk_size == "utterance":
-            self.store_len = c.n_persistent + max_tokens + 1
-            self.chunk_size = self.store_len
-        elif isinstance(c.chunk_size, int) and c.chunk_size >= 1:
-            self.store_len, self.chunk_size = None, c.chunk_size
-        else:
-            raise ValueError(f"MAL chunk_size {c.chunk_size!r}: expected 'utterance' or a positive int")
-        self.W_in = nn.Linear(hidden_size, c.d_m, bias=False)
-        self.W_out = nn.Linear(c.d_m, hidden_size, bias=False)
-        self.P = nn.Parameter(torch.randn(c.n_persistent, c.d_m) * 0.02)
-        self.memory = NeuralMemory(
-            dim=c.d_m, chunk_size=self.chunk_size, heads=c.memory_heads,
-            default_model_kwargs=dict(depth=c.memory_depth, expansion_factor=4.0),
-            default_step_transform_max_lr=c.memory_max_lr, max_grad_norm=c.memory_max_grad_norm)
+    def __init__(self, hidden_size: int, c: TitansMemoryConfig, max_tokens: int):
+        super().__init__(hidden_size, c, max_tokens)
         self.alpha = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the untrained branch is the identity
+
+    def gate_parameters(self):
+        return [self.alpha]
 
     def forward(self, h: torch.Tensor, state=None):
         delta, state = self.retrieve(h, state)
         return h + torch.tanh(self.alpha) * delta, state                           # Eq. 9
 
-    def retrieve(self, h: torch.Tensor, state=None):
-        """Eq. 6-8: ``(delta [B, T, D], S_i)`` for hidden states ``h [B, T, D]`` and state ``S_{i-1}``."""
-        B, T, _ = h.shape
-        z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6
-        n = self.n_p + T
-        if self.store_len is not None:  # one update per utterance; every token reads S_{i-1}
-            if T > self.max_tokens:
-                raise ValueError(f"MAL: utterance of {T} audio tokens is longer than the {self.max_tokens} "
-                                 "the memory's chunk was sized for")
-            z = nn.functional.pad(z, (0, 0, 0, self.store_len - n))
-            mask = (torch.arange(self.store_len) < n).expand(B, -1)
-            r, state = self.memory(z, state=state, store_mask=mask)                # Eq. 7
-        else:
-            if n % self.chunk_size:
-                raise ValueError(f"MAL: N_p + T = {self.n_p} + {T} is not a multiple of chunk_size "
-                                 f"{self.chunk_size}; titans-pytorch would not chain the dialogue state "
-                                 "exactly (use chunk_size=1 or a divisor of N_p + T)")
-            r, state = self.memory(z, state=state)                                # Eq. 7
-        return self.W_out(r[:, self.n_p:n]), state                                 # Eq. 8
 
-
-class MemoryAsALayer(ContextMethod):
-    """Titans memory branches in the LM blocks, state carried across the dialogue."""
+class MemoryAsALayer(TitansMemoryMethod):
+    """Titans memory branches added to the audio-token hidden states of LM blocks (Eq. 9)."""
 
     name = "mal"
-    config_cls = MALConfig
-    uses_context = True
-    presets = {
-        "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2,
-                      batch_dialogues=8),
-        # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=8, lr=3e-3,
-                        gate_lr=5e-2, batch_dialogues=4),
-    }
+    branch_cls = MALBranch
 
-    @classmethod
-    def search_space(cls, trial):
-        """Phase 1's LoRA, then the memory: width d_m, N_p, placement, Phase-2 epochs and the two
-        learning rates (memory and gates), after the paper's ablation axes (Sec. 3.2-3.4)."""
-        return {**two_stage_search_space(trial),
-                "d_m": trial.suggest_categorical("d_m", [16, 32, 64, 128]),
-                "n_persistent": trial.suggest_categorical("n_persistent", [0, 4, 8]),
-                "layers": trial.suggest_categorical("layers", ["all", "quartile", "0"])}
-
-    def __init__(self, backbone, labels, config=None, seed=0):
-        super().__init__(backbone, labels, config, seed)
-        self.lora_params = attach_lora(self.lm, self.config.lora)
-        self.layer_ids = resolve_layers(self.config.layers, len(self.lm.layers))
-        # Branches draw from their own RNG stream so that Phase 1 (init, data order, dropout) is
-        # bit-identical to the `lora` method under the same seed: MAL vs LoRA isolates the memory.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 7919)
-            self.branches = nn.ModuleDict({str(l): MALBranch(self.lm.hidden_size, self.config, backbone.max_audio_tokens)
-                                           for l in self.layer_ids})
-        self._memory_removed = False
-        for l in self.layer_ids:
-            self.lm.layers[l].register_forward_pre_hook(self._make_hook(str(l)), with_kwargs=True)
-        self._active: dict | None = None  # None: MAL removed (Phase 1); else per-forward context
-        self.reset()
-
-    # ------------------------------------------------------------------ the hook (Eq. 6-9 in place)
-    def _make_hook(self, key: str):
-        def hook(module, args, kwargs):
-            if self._active is None:
-                return None
-            h = args[0]  # [B, L, D] residual stream before the block
-            s, e = self._active["span"]
-            h_tilde, self._active["states"][key] = self.branches[key](h[:, s:e], self._active["states"].get(key))
-            h = torch.cat([h[:, :s], h_tilde, h[:, e:]], dim=1)  # token positions untouched
-            return (h,) + tuple(args[1:]), kwargs
-        return hook
-
-    @contextmanager
-    def memory_active(self, states: dict):
-        """Run LM forwards with MAL on, reading and updating ``states`` (layer key -> NeuralMemState)."""
-        self._active = {"states": states, "span": None}
-        try:
-            yield self._active
-        finally:
-            self._active = None
-
-    def _forward_turn(self, ctx: dict, embeddings: list[torch.Tensor]) -> torch.Tensor:
-        batch = self.lm.batch([[Segment(e)] for e in embeddings])
-        ctx["span"] = batch.uniform_current_span
-        return self.lm(batch)
-
-    # ------------------------------------------------------------------ training (Sec. 3.4)
-    def memory_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """({W_in, W_out, M, P} of every branch, {alpha} of every branch)."""
-        gates = [b.alpha for b in self.branches.values()]
-        rest = [p for b in self.branches.values() for n, p in b.named_parameters() if n != "alpha"]
-        return rest, gates
-
-    def fit(self, train, dev, progress=None):
-        c = self.config
-        # Phase 1: task adaptation with MAL removed, exactly as `lora` (dev scored the same way)
-        self._memory_removed = True
-        try:
-            train_supervised(self, self.lora_params, c.lora, utterance_examples(self.backbone, train), dev, progress)
-        finally:
-            self._memory_removed = False
-        for p in self.lora_params.values():
-            p.requires_grad_(False)
-        # Phase 2: memory training, LoRA and backbone frozen
-        rest, gates = self.memory_parameters()
-        opt_rest = torch.optim.AdamW(rest, lr=c.lr)
-        opt_gate = torch.optim.AdamW(gates, lr=c.gate_lr, weight_decay=0.0)
-        buckets = defaultdict(list)  # dialogues with identical shapes can share a batched memory
-        for d in train:
-            embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
-            buckets[tuple(e.shape[0] for e in embs)].append((embs, torch.tensor(d.labels)))
-        losses = self.curves.setdefault("mal_train_loss", [])
-        alphas = self.curves.setdefault("mal_mean_abs_tanh_alpha", [])
-        dev_scores = self.curves.setdefault(f"mal_dev_{c.selection_metric}", [])
-        best, best_state = evaluate(self, dev, self.labels)[c.selection_metric], self._memory_state()
-        for epoch in range(c.epochs):
-            self.branches.train()
-            batches = [group[i:i + c.batch_dialogues] for group in buckets.values()
-                       for i in range(0, len(group), c.batch_dialogues)]
-            for bi in self.rng.permutation(len(batches)):
-                group = batches[bi]
-                with self.memory_active({}) as ctx:
-                    loss = 0.0
-                    for t in range(len(group[0][0])):
-                        logits = self._forward_turn(ctx, [embs[t] for embs, _ in group])
-                        loss = loss + nn.functional.cross_entropy(logits, torch.stack([y[t] for _, y in group]))
-                    loss = loss / len(group[0][0])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"MAL phase 2: non-finite training loss at epoch {epoch}")
-                opt_rest.zero_grad()
-                opt_gate.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(rest, c.grad_clip)
-                nn.utils.clip_grad_norm_(gates, c.gate_grad_clip)
-                opt_rest.step()
-                opt_gate.step()
-                losses.append(loss.item())
-            self.branches.eval()
-            alphas.append(float(np.mean([abs(math.tanh(g.item())) for g in gates])))
-            score = evaluate(self, dev, self.labels)[c.selection_metric]
-            dev_scores.append(score)
-            if progress:
-                progress(f"mal epoch {epoch + 1}/{c.epochs}", {"dev_" + c.selection_metric: score})
-            if score > best:
-                best, best_state = score, self._memory_state()
-        self._load_memory_state(best_state)
-
-    def _memory_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.branches.state_dict().items()}
-
-    def _load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.branches.load_state_dict(state)
-
-    # ------------------------------------------------------------------ streaming evaluation (Eq. 1)
-    def reset(self) -> None:
-        self.states: dict = {}  # S_0: no NeuralMemState (fresh memory) for every branch
-
-    def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
-        if self._memory_removed:  # Phase 1 dev scoring: the host + LoRA alone, batched like `lora`
-            return UtteranceLevelMethod.predict_dialogue(self, utterances)
-        return super().predict_dialogue(utterances)
-
-    @torch.no_grad()
-    def step(self, utterance: UtteranceInput) -> np.ndarray:
-        self.lm.eval()
-        self.branches.eval()
-        with self.memory_active(self.states) as ctx:
-            logits = self._forward_turn(ctx, [self.backbone.audio_embeddings(utterance)])
-        return torch.softmax(logits.float(), -1).numpy()[0]
-
-    def trained_parameters(self):
-        params = dict(self.lora_params)
-        params.update({f"mal.{n}": p for n, p in self.branches.named_parameters()})
-        return params
+    def mean_gate(self) -> float:
+        """Mean |tanh(alpha_l)| over branches."""
+        return float(np.mean([abs(math.tanh(b.alpha.item())) for b in self.branches.values()]))
