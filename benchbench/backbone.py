@@ -164,6 +164,12 @@ class EmotionLM(nn.Module):
     def batch(self, segment_lists: Sequence[Sequence[Segment]]) -> LMBatch:
         return self.collate([self.build_sequence(s) for s in segment_lists])
 
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (normed) hidden states ``[B, L, D]`` of input embeddings ``[B, L, D]`` (mask ``[B, L]``, 1 = real
+        token), for methods with their own output heads (e.g. ``dpm``'s unit head)."""
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
     def forward(self, batch: LMBatch) -> torch.Tensor:
         """Label logits ``[B, C]`` (C = number of labels), in verbalizer order."""
         # An all-ones mask is passed as None so that unpadded batches take the same kernel as a

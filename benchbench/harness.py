@@ -177,6 +177,8 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
         method = cls(backbone, task.labels, config, seed=seed)
         method.fit(fold.train, fold.dev, progress=progress)
         t1 = time.perf_counter()
+        method.test_time_cost.clear()  # count what the test set costs, not dev scoring during fit
+        method.test_time_issues.clear()
         probs = stream_predict(method, fold.test)
         t2 = time.perf_counter()
     except Exception as e:  # record and go on: other cells are independent
@@ -189,7 +191,10 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
     metrics = compute_metrics(y_true, y_pred, task.labels)
     n_test = len(y_true)
     cost = {"fit_seconds": t1 - t0, "eval_seconds": t2 - t1, "eval_ms_per_utterance": 1000 * (t2 - t1) / n_test,
-            "trained_parameters": method.num_trained_parameters(), **peak_memory_mb()}
+            "trained_parameters": method.num_trained_parameters(), **peak_memory_mb(),
+            **test_time_costs(method.test_time_cost, n_test), "test_time_issues": len(method.test_time_issues)}
+    for issue in method.test_time_issues:
+        log.warning("cell %s: %s", base, issue)
     preds = pd.DataFrame({
         **base,
         "dialogue_id": [u.dialogue_id for d in fold.test for u in d.inputs()],
@@ -206,12 +211,26 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
         preds.to_csv(tmp / "predictions.csv", index=False)
         pd.DataFrame(confusion(y_true, y_pred, len(task.labels)), index=task.labels,
                      columns=task.labels).to_csv(tmp / "confusion_matrix.csv")
+        if method.test_time_issues:
+            (tmp / "test_time_issues.json").write_text(json.dumps(method.test_time_issues, indent=2))
         (tmp / "config.json").write_text(json.dumps({"params": params, "tags": tags}, indent=2, default=str))
         run_id = tracker.log_cell(f"{method_name}-{task.name}-s{seed}-f{fold.index}", params,
                                   {**metrics, **cost}, method.curves, tags, tmp)
     row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "mlflow_run_id": run_id,
            "uses_context": cls.uses_context}
     return row, preds
+
+
+def test_time_costs(counters: dict[str, float], n_test: int) -> dict[str, float]:
+    """A method's test-time counters as logged costs: ``*_seconds`` totals also become
+    ``*_ms_per_utterance`` and ``test_time_updates`` also ``test_time_updates_per_utterance``."""
+    out = dict(counters)
+    for k, v in counters.items():
+        if k.endswith("_seconds"):
+            out[k[: -len("_seconds")] + "_ms_per_utterance"] = 1000 * v / n_test
+    if "test_time_updates" in counters:
+        out["test_time_updates_per_utterance"] = counters["test_time_updates"] / n_test
+    return out
 
 
 def speaker_history_counts(utterances) -> list[int]:
@@ -295,7 +314,8 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, basel
     summary["failed_cells"] = failed.drop(columns=["traceback"], errors="ignore").to_dict("records")
     ok = results[results["status"] == "ok"]
     metric_cols = [c for c in ok.columns if c in METRICS or c.startswith("f1_")] + \
-        ["fit_seconds", "eval_ms_per_utterance", "trained_parameters", "peak_rss_mb", "peak_cuda_mb"]
+        ["fit_seconds", "eval_ms_per_utterance", "trained_parameters", "peak_rss_mb", "peak_cuda_mb",
+         "test_time_update_ms_per_utterance", "test_time_updates_per_utterance", "test_time_issues"]
     for (m, t, b), g in ok.groupby(["method", "task", "backbone"], sort=False):
         summary["cells"].append({
             "method": m, "task": t, "backbone": b, "n": int(len(g)),

@@ -77,6 +77,7 @@ class MethodConfig:
         return cls(**kwargs)
 
 
+STATE_PREFIX = "state."
 ProgressFn = Callable[[str, dict], None]
 
 
@@ -111,7 +112,11 @@ class ContextMethod(ABC):
         torch.manual_seed(seed)
         self.lm = backbone.new_lm(self.labels)
         self.curves: dict[str, list[float]] = {}  # training curves, logged by the harness
+        # counters a method accumulates while evaluating (e.g. test-time updates and their seconds),
+        # and problems it met and survived there (each a dict naming dialogue_id and utterance_id);
+        # the harness clears both before the test set and logs them with the cell
         self.test_time_cost: dict[str, float] = {}
+        self.test_time_issues: list[dict] = []
 
     @classmethod
     def make_config(cls, preset: str = "default", overrides: dict | None = None) -> MethodConfig:
@@ -151,14 +156,25 @@ class ContextMethod(ABC):
         """Every parameter this method trains (in any stage), by name. Empty for ``zero_shot``."""
         return {}
 
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """Tensors other than trained parameters that a fitted method needs to reproduce its predictions
+        (e.g. a k-means codebook, a temporary adapter's initial values); saved under ``state.``."""
+        return {}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`fitted_state` returned."""
+
     def save(self, path: str | Path) -> None:
-        """Write the trained parameters to a safetensors file (with method name and config as metadata)."""
+        """Write the trained parameters (and the fitted state, under ``state.``) to a safetensors file,
+        with method name and config as metadata."""
         tensors = {k: v.detach().contiguous().clone() for k, v in self.trained_parameters().items()}
+        tensors.update({f"{STATE_PREFIX}{k}": v.detach().contiguous().clone() for k, v in self.fitted_state().items()})
         save_file(tensors, str(path), metadata={"method": self.name, "config": json.dumps(self.config.to_dict())})
 
     def load(self, path: str | Path) -> None:
         """Load parameters written by :meth:`save`; ``ValueError`` naming the file on any mismatch."""
         tensors = load_file(str(path))
+        state = {k[len(STATE_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STATE_PREFIX)}
         own = self.trained_parameters()
         missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
         if missing or unexpected:
@@ -169,6 +185,10 @@ class ContextMethod(ABC):
                 if p.shape != tensors[k].shape:
                     raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
                 p.copy_(tensors[k])
+        try:
+            self.load_fitted_state(state)
+        except KeyError as e:
+            raise ValueError(f"{path}: fitted state {e} missing for method {self.name}") from None
 
     def num_trained_parameters(self) -> int:
         return sum(p.numel() for p in self.trained_parameters().values())
@@ -188,3 +208,4 @@ METHODS.register("full_context", "benchbench.methods.full_context:FullContext")
 METHODS.register("mal", "benchbench.methods.mal:MemoryAsALayer")
 METHODS.register("mac", "benchbench.methods.mac:MemoryAsContext")
 METHODS.register("mag", "benchbench.methods.mag:MemoryAsGating")
+METHODS.register("dpm", "benchbench.methods.dpm:DynamicParameterMemory")

@@ -1,0 +1,119 @@
+"""DPM (Dynamic Parameter Memory, Algorithm 1): the mechanism pinned down."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from benchbench.backbone import Segment
+from benchbench.method import METHODS
+from benchbench.methods.dpm import DynamicParameterMemory, _UnitStream
+
+
+@pytest.fixture(scope="module")
+def dpm(backbone, tiny_task):
+    m = DynamicParameterMemory(backbone, tiny_task.labels, DynamicParameterMemory.make_config("smoke"), seed=0)
+    fold = tiny_task.folds()[0]
+    m.fit(fold.train, fold.dev)
+    return m
+
+
+def _task_lora_only(m, utterances):
+    with m.task_lora_only(), torch.no_grad():
+        return [torch.softmax(m.lm(m.lm.batch([[Segment(
+            m.backbone.audio_embeddings(u))]])).float(), -1).numpy()[0] for u in utterances]
+
+
+def test_first_utterance_is_exactly_the_task_lora(dpm, tiny_task):
+    for d in tiny_task.folds()[0].test:
+        p = dpm.predict_dialogue(d.inputs())
+        alone = _task_lora_only(dpm, d.inputs())
+        assert np.array_equal(p[0], alone[0])       # a fresh temporary LoRA (B = 0) changes nothing
+        assert not np.allclose(p[1:], np.stack(alone[1:]))  # ... and after an update it does
+
+
+def test_task_lora_and_unit_head_untouched_by_evaluation(dpm, tiny_task):
+    before = {k: v.detach().clone() for k, v in dpm.trained_parameters().items()}
+    assert not any(p.requires_grad for p in dpm.trained_parameters().values())
+    assert all(p.requires_grad for p in dpm.temp_params.values())
+    for d in tiny_task.folds()[0].test:
+        dpm.predict_dialogue(d.inputs())
+    for k, v in dpm.trained_parameters().items():
+        assert torch.equal(before[k], v), k
+    assert not any(p.requires_grad for p in dpm.trained_parameters().values())  # still frozen after set_adapter
+
+
+def test_temporary_lora_never_crosses_a_dialogue_boundary(dpm, tiny_task):
+    a, b = tiny_task.folds()[0].test[:2]
+    alone = dpm.predict_dialogue(b.inputs())
+    dpm.predict_dialogue(a.inputs())
+    moved = any(not torch.equal(p, dpm.temp_init[n]) for n, p in dpm.temp_params.items())
+    assert moved and dpm._opt.state  # dialogue a trained the temporary LoRA
+    dpm.reset()
+    assert all(torch.equal(p, dpm.temp_init[n]) for n, p in dpm.temp_params.items())
+    assert not dpm._opt.state and dpm._stream.emb is None  # fresh optimizer, empty stream
+    assert np.array_equal(dpm.predict_dialogue(b.inputs()), alone)
+
+
+def test_non_finite_test_time_loss_is_reported_and_skipped(dpm, tiny_task, monkeypatch):
+    d = tiny_task.folds()[0].test[0]
+    ref = dpm.predict_dialogue(d.inputs())
+    calls = {"n": 0}
+    real = DynamicParameterMemory._unit_windows
+
+    def poisoned(self, windows):
+        calls["n"] += 1
+        loss = real(self, windows)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(DynamicParameterMemory, "_unit_windows", poisoned)
+    dpm.test_time_issues.clear()
+    p = dpm.predict_dialogue(d.inputs())
+    assert np.all(np.isfinite(p)) and np.array_equal(p[:2], ref[:2])  # the run goes on
+    (issue,) = dpm.test_time_issues
+    assert issue["dialogue_id"] == d.dialogue_id and issue["utterance_id"] == d.inputs()[1].utterance_id
+    assert "non-finite" in issue["problem"]
+
+
+def test_units_and_windows(dpm, backbone, tiny_task):
+    u = tiny_task.folds()[0].test[0].inputs()[0]
+    emb, stream_emb, units = dpm._utterance_tokens(u)
+    assert dpm.codebook.shape == (dpm.config.n_units, backbone.hidden_size)
+    assert stream_emb.shape[0] == units.shape[0] == emb.shape[0] + 1
+    assert units[-1] == dpm.config.n_units and int(units[:-1].max()) < dpm.config.n_units  # <audio_end> last
+    # nearest centroid
+    d2 = ((emb[:, None] - dpm.codebook[None]) ** 2).sum(-1)
+    assert torch.equal(units[:-1], d2.argmin(-1))
+    # Eq. 4: short streams shrink n_o and n_p
+    c = dpm.config
+    e, un = torch.zeros(100, 4), torch.arange(100)
+    w, wu, k = dpm._phase1_window(e, un, 5)
+    assert (w.shape[0], k) == (5, min(c.n_o, 5))
+    w, wu, k = dpm._phase1_window(e, un, 90)
+    assert (w.shape[0], k) == (c.n_o + c.n_p, c.n_o) and int(wu[-1]) == 89
+
+
+def test_stream_keeps_only_the_prefix_it_reads():
+    s = _UnitStream(keep=10)
+    for i in range(6):
+        start = s.append(torch.full((7, 2), float(i)), torch.full((7,), i))
+        assert start <= 10 and s.emb.shape[0] == start + 7
+        assert torch.equal(s.units[start:], torch.full((7,), i))
+
+
+def test_config_errors_and_registry(backbone, tiny_task):
+    assert "dpm" in METHODS.names()
+    with pytest.raises(ValueError, match="n_r must be >= 1"):
+        DynamicParameterMemory(backbone, tiny_task.labels, dataclasses.replace(DynamicParameterMemory.make_config("smoke"), n_r=0))
+    m = DynamicParameterMemory(backbone, tiny_task.labels, DynamicParameterMemory.make_config("smoke", {"n_units": 10_000}))
+    with pytest.raises(ValueError, match="fewer than n_units"):
+        m.fit_codebook(tiny_task.folds()[0].train)
+
+
+def test_cost_is_counted(dpm, tiny_task):
+    dpm.test_time_cost.clear()
+    d = tiny_task.folds()[0].test[0]
+    dpm.predict_dialogue(d.inputs())
+    assert dpm.test_time_cost["test_time_updates"] == len(d) * dpm.config.test_time_steps
+    assert dpm.test_time_cost["test_time_update_seconds"] > 0
