@@ -80,6 +80,9 @@ class TitansMemoryConfig(MethodConfig):
     gate_grad_clip: float = 2.0  # ... clipping 2.0
     batch_dialogues: int = 1     # dialogues per Phase-2 step (only equal-shape dialogues are batched)
     selection_metric: str = "ua"
+    # One memory state per speaker of the dialogue instead of one per dialogue: each utterance reads
+    # and writes only its speaker's state (a speaker-baseline variant; the paper keeps one state).
+    speaker_memory: bool = False
 
 
 def resolve_layers(spec: str, n_layers: int) -> list[int]:
@@ -255,23 +258,28 @@ class TitansMemoryMethod(ContextMethod):
         rest, gates = self.memory_parameters()
         opt_rest = torch.optim.AdamW(rest, lr=c.lr)
         opt_gate = torch.optim.AdamW(gates, lr=c.gate_lr, weight_decay=0.0) if gates else None
-        buckets = defaultdict(list)  # dialogues with identical shapes can share a batched memory
+        # dialogues with identical shapes (and, with speaker memory, the same turn-taking) share a
+        # batched memory: titans-pytorch keeps one sequence index per batched state
+        buckets = defaultdict(list)
         for d in train:
             embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
-            buckets[tuple(e.shape[0] for e in embs)].append((embs, torch.tensor(d.labels)))
+            streams = self._stream_keys(d.inputs())
+            buckets[(tuple(e.shape[0] for e in embs), tuple(streams))].append((embs, torch.tensor(d.labels)))
         losses = self.curves.setdefault(f"{self.name}_train_loss", [])
         gate_curve = self.curves.setdefault(f"{self.name}_mean_gate", []) if gates else None
         dev_scores = self.curves.setdefault(f"{self.name}_dev_{c.selection_metric}", [])
         best, best_state = evaluate(self, dev, self.labels)[c.selection_metric], self._memory_state()
         for epoch in range(c.epochs):
             self.branches.train()
-            batches = [group[i:i + c.batch_dialogues] for group in buckets.values()
+            batches = [(key[1], group[i:i + c.batch_dialogues]) for key, group in buckets.items()
                        for i in range(0, len(group), c.batch_dialogues)]
             for bi in self.rng.permutation(len(batches)):
-                group = batches[bi]
+                streams, group = batches[bi]
+                by_stream: dict = {}
                 with self.memory_active({}) as ctx:
                     loss = 0.0
                     for t in range(len(group[0][0])):
+                        ctx["states"] = by_stream.setdefault(streams[t], {})
                         logits = self._forward_turn(ctx, [embs[t] for embs, _ in group])
                         loss = loss + nn.functional.cross_entropy(logits, torch.stack([y[t] for _, y in group]))
                     loss = loss / len(group[0][0])
@@ -309,8 +317,17 @@ class TitansMemoryMethod(ContextMethod):
         self.branches.load_state_dict(state)
 
     # ------------------------------------------------------------------ streaming evaluation (Eq. 1)
+    def _stream_keys(self, utterances: Sequence[UtteranceInput]) -> list[int]:
+        """Which memory state each turn uses: 0 for all (one per dialogue), or the speaker's index in
+        order of first appearance (``speaker_memory``)."""
+        if not self.config.speaker_memory:
+            return [0] * len(utterances)
+        order: dict[str, int] = {}
+        return [order.setdefault(u.speaker, len(order)) for u in utterances]
+
     def reset(self) -> None:
-        self.states: dict = {}  # S_0: no NeuralMemState (fresh memory) for every branch
+        # S_0: no NeuralMemState (a fresh memory) for every branch, per memory stream
+        self.states: dict = {}  # stream key (0, or the speaker) -> layer key -> NeuralMemState
 
     def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
         if self._memory_removed:  # Phase 1 dev scoring: the host + LoRA alone, batched like `lora`
@@ -321,7 +338,8 @@ class TitansMemoryMethod(ContextMethod):
     def step(self, utterance: UtteranceInput) -> np.ndarray:
         self.lm.eval()
         self.branches.eval()
-        with self.memory_active(self.states) as ctx:
+        stream = utterance.speaker if self.config.speaker_memory else 0
+        with self.memory_active(self.states.setdefault(stream, {})) as ctx:
             logits = self._forward_turn(ctx, [self.backbone.audio_embeddings(utterance)])
         return torch.softmax(logits.float(), -1).numpy()[0]
 

@@ -21,10 +21,11 @@ def test_untrained_mal_leaves_host_outputs_bit_identical(backbone, tiny_task):
         host = [mal.lm(mal.lm.batch([[Segment(backbone.audio_embeddings(u))]])) for u in d.inputs()]
     mal.reset()
     with_memory = []
-    with torch.no_grad(), mal.memory_active(mal.states) as ctx:
+    states = {}
+    with torch.no_grad(), mal.memory_active(states) as ctx:
         for u in d.inputs():
             with_memory.append(mal._forward_turn(ctx, [backbone.audio_embeddings(u)]))
-    assert len(mal.states) == len(mal.layer_ids)  # the memories did run and carry state
+    assert len(states) == len(mal.layer_ids)  # the memories did run and carry state
     for a, b in zip(host, with_memory):
         assert torch.equal(a, b)
 
@@ -184,3 +185,30 @@ def test_headroom_probe_features(backbone, tiny_task):
     res = probe(preset="smoke", epochs=1)
     assert set(res) == set(FEATURES)
     assert all(0.0 <= r["wa"] <= 1.0 and r["by_speaker_history"] for r in res.values())
+
+
+def test_speaker_memory_keeps_one_state_per_speaker(backbone, tiny_task):
+    """speaker_memory: an utterance reads only its own speaker's earlier utterances."""
+    mal = make_mal(backbone, tiny_task.labels, speaker_memory=True)
+    with torch.no_grad():
+        for br in mal.branches.values():
+            br.alpha.fill_(2.0)
+            br.W_out.weight.normal_(0, 1.0)
+    d = next(d for d in tiny_task.folds()[0].test if len({u.speaker for u in d.inputs()[:3]}) == 2)
+    u = d.inputs()
+    same = [x for x in u[:-1] if x.speaker == u[-1].speaker]
+    other = [x for x in u[:-1] if x.speaker != u[-1].speaker]
+    assert same and other
+    full = mal.predict_dialogue(u)[-1]
+    mal.reset()
+    for x in same:
+        mal.step(x)
+    assert np.allclose(full, mal.step(u[-1]), atol=1e-6)  # the other speaker's turns do not matter
+    mal.reset()
+    for x in other:
+        mal.step(x)
+    assert not np.allclose(full, mal.step(u[-1]), atol=1e-4)
+    assert set(mal.states) == {x.speaker for x in other} | {u[-1].speaker}  # one state per speaker
+    fold = tiny_task.folds()[0]
+    mal.fit(fold.train, fold.dev)  # Phase 2 groups dialogues by turn-taking pattern
+    assert np.isfinite(mal.curves["mal_train_loss"]).all()
