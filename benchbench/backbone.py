@@ -248,6 +248,11 @@ class AudioLLMBackbone:
                         utt.utterance_id, utt.duration_s, self.max_audio_seconds)
         feats = self.feature_extractor(wav, sampling_rate=self.sample_rate, return_attention_mask=True,
                                        padding="max_length", return_tensors="pt")
+        if hasattr(self.model, "get_audio_features"):  # e.g. Audio Flamingo 3: the model's own audio path
+            with torch.no_grad():
+                emb = self.model.get_audio_features(feats.input_features, feats.attention_mask).pooler_output
+            self.encoder_calls += 1
+            return emb.reshape(-1, self.hidden_size).contiguous()
         tower = self.model.model.audio_tower
         feat_len = feats.attention_mask.sum(-1)
         conv_len, n_tokens = tower._get_feat_extract_output_lengths(feat_len)
@@ -334,6 +339,45 @@ def tiny_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
     fast.add_special_tokens({"additional_special_tokens": [AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]})
     return fast
+
+
+def _tiny_text_config(tokenizer) -> dict:
+    """Qwen2, 2 blocks, hidden 64, 4 heads (2 KV): the LM of every tiny backbone."""
+    return dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                tie_word_embeddings=False)
+
+
+def _tiny_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=4, n_fft=400)
+
+
+@BACKBONES.register("tiny-audio-flamingo-3")
+def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """``AudioFlamingo3ForConditionalGeneration`` from a tiny config, random init under ``seed``.
+
+    Audio tower: AF3's Whisper-style encoder (conv stride 2, then average pooling by 2), 80 mel bins,
+    2 layers, d_model 64, a 4 s window, so 25 audio tokens per second as in the real model; its
+    2-layer projector; the same tiny Qwen2 LM as ``tiny-qwen2-audio``. Audio features come from the
+    model's own ``get_audio_features``.
+    """
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    config = AudioFlamingo3Config(
+        audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=128, hidden_size=64, max_source_positions=200),
+        text_config=_tiny_text_config(tokenizer),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    config.text_config._attn_implementation = "sdpa"
+    config.audio_config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AudioFlamingo3ForConditionalGeneration(config)
+    return AudioLLMBackbone("tiny-audio-flamingo-3", model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
 
 
 @BACKBONES.register("tiny-qwen2-audio")

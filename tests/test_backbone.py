@@ -13,21 +13,43 @@ def tone(f0=150.0, seconds=1.0, sr=16000, amp=0.3):
     return UtteranceInput(f"tone{f0}-{sr}", "d", 0, "s", (amp * np.sin(2 * np.pi * f0 * t)).astype(np.float32), sr)
 
 
-def test_cached_path_matches_native_forward(backbone):
+@pytest.fixture(scope="module")
+def af3():
+    from benchbench.backbone import tiny_audio_flamingo_3
+
+    return tiny_audio_flamingo_3(seed=0)
+
+
+@pytest.mark.parametrize("which,mask_kwarg", [("qwen2", "feature_attention_mask"), ("af3", "input_features_mask")])
+def test_cached_path_matches_native_forward(which, mask_kwarg, backbone, af3):
+    bb = backbone if which == "qwen2" else af3
     u = tone(seconds=1.2)
-    emb = backbone.audio_embeddings(u)
-    assert emb.shape == (30, backbone.hidden_size)  # 25 audio tokens per second
-    lm = backbone.new_lm(["anger", "happiness", "neutral", "sadness"])
+    emb = bb.audio_embeddings(u)
+    assert emb.shape == (30, bb.hidden_size)  # 25 audio tokens per second
+    assert bb.max_audio_tokens == 100          # a 4 s window
+    lm = bb.new_lm(["anger", "happiness", "neutral", "sadness"])
     with torch.no_grad():
         ours = lm(lm.batch([[Segment(emb)]]))[0]
     text = "<|audio_bos|>" + "<|AUDIO|>" * emb.shape[0] + "<|audio_eos|> " + INSTRUCTION
-    ids = backbone.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    feats = backbone.feature_extractor(u.waveform, sampling_rate=16000, return_attention_mask=True,
-                                       padding="max_length", return_tensors="pt")
+    ids = bb.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    feats = bb.feature_extractor(u.waveform, sampling_rate=16000, return_attention_mask=True,
+                                 padding="max_length", return_tensors="pt")
     with torch.no_grad():
-        native = backbone.model(input_ids=ids, input_features=feats.input_features,
-                                feature_attention_mask=feats.attention_mask).logits[0, -1, lm.verbalizer_ids]
+        native = bb.model(input_ids=ids, input_features=feats.input_features,
+                          **{mask_kwarg: feats.attention_mask}).logits[0, -1, lm.verbalizer_ids]
     torch.testing.assert_close(ours, native, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mal", "mac", "mag", "dpm"])
+def test_memory_methods_attach_to_audio_flamingo_3(name, af3, tiny_task):
+    from benchbench.method import METHODS
+
+    cls = METHODS.get(name)
+    m = cls(af3, tiny_task.labels, cls.make_config("smoke"), seed=0)
+    fold = tiny_task.folds()[0]
+    m.fit(fold.train[:3], fold.dev)
+    p = m.predict_dialogue(fold.test[0].inputs())
+    assert p.shape == (len(fold.test[0]), len(tiny_task.labels)) and np.allclose(p.sum(-1), 1, atol=1e-5)
 
 
 def test_audio_positions_are_known(backbone):
