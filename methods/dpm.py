@@ -156,6 +156,7 @@ class DynamicParameterMemory(ContextMethod):
         if not self.temp_params:
             raise ValueError(f"dpm: temporary LoRA target modules {c.temp_target_modules} matched no layer")
         self._frozen = False  # True once Phase 1 is done (Algorithm 1, line 1)
+        self._memory_on = True  # False inside task_lora_only()
         self._set_requires_grad()
         self.temp_init = {n: p.detach().clone() for n, p in self.temp_params.items()}
         if any(bool(self.temp_init[n].abs().sum()) for n in self.temp_init if "lora_B" in n):
@@ -290,13 +291,16 @@ class DynamicParameterMemory(ContextMethod):
 
     @contextmanager
     def task_lora_only(self):
-        """Score with the task LoRA alone (the temporary adapter switched off), e.g. for comparisons."""
+        """Predict with the task LoRA alone: the temporary adapter switched off and no test-time
+        updates (the "SLLM without DPM" ablation of the paper's Table 1)."""
         base = self.lm.language_model.base_model
         base.set_adapter(["task"])
+        self._memory_on = False
         try:
             yield
         finally:
             base.set_adapter(["task", "temp"])
+            self._memory_on = True
             self._set_requires_grad()
 
     def _set_requires_grad(self) -> None:
@@ -313,6 +317,8 @@ class DynamicParameterMemory(ContextMethod):
         with torch.no_grad():  # 1. y_i with the temporary LoRA as it stands
             logits = self.lm(self.lm.batch([[Segment(emb)]]))
         probs = torch.softmax(logits.float(), -1).numpy()[0]
+        if not self._memory_on:
+            return probs
         # 2. write utterance i into the temporary LoRA: L_t over its units given n_r tokens before (Eq. 8-9)
         t0 = time.perf_counter()
         start = self._stream.append(stream_emb, units)

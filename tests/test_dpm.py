@@ -117,3 +117,14 @@ def test_cost_is_counted(dpm, tiny_task):
     dpm.predict_dialogue(d.inputs())
     assert dpm.test_time_cost["test_time_updates"] == len(d) * dpm.config.test_time_steps
     assert dpm.test_time_cost["test_time_update_seconds"] > 0
+
+
+def test_task_lora_only_is_dpm_without_memory(dpm, tiny_task):
+    d = tiny_task.folds()[0].test[0]
+    dpm.test_time_cost.clear()
+    with dpm.task_lora_only():
+        p = dpm.predict_dialogue(d.inputs())
+    assert not dpm.test_time_cost  # no test-time update ran
+    assert np.array_equal(p, np.stack(_task_lora_only(dpm, d.inputs())))
+    assert all(q.requires_grad for q in dpm.temp_params.values())  # restored afterwards
+    assert np.array_equal(dpm.predict_dialogue(d.inputs())[0], p[0])
