@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "list":
         reg = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES}[args.what]
+        width = max([len(n) for n in reg.names()] + [15]) + 1
         for name in reg.names():
             error = reg.check(name)
-            print(f"{name:<16} {reg.origin(name)}" + (f"  BROKEN: {error}" if error else ""))
+            print(f"{name:<{width}} {reg.origin(name)}" + (f"  BROKEN: {error}" if error else ""))
         return 0
 
     if args.command == "sweep":
