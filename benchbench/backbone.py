@@ -166,17 +166,17 @@ class EmotionLM(nn.Module):
 
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final (normed) hidden states ``[B, L, D]`` of input embeddings ``[B, L, D]`` (mask ``[B, L]``, 1 = real
-        token), for methods with their own output heads (e.g. ``dpm``'s unit head)."""
+        token), for methods with their own output heads (e.g. ``dpm``'s unit head). An all-ones mask is
+        passed as None so that unpadded batches take the same kernel as a single sequence
+        (bit-identical results whatever the batch composition)."""
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     def forward(self, batch: LMBatch) -> torch.Tensor:
         """Label logits ``[B, C]`` (C = number of labels), in verbalizer order."""
-        # An all-ones mask is passed as None so that unpadded batches take the same kernel as a
-        # single sequence (bit-identical results whatever the batch composition).
-        mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
-        out = self.language_model(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=False)
-        h = out.last_hidden_state[torch.arange(len(batch.answer_index)), batch.answer_index]  # [B, D]
+        h = self.hidden_states(batch.inputs_embeds, batch.attention_mask)
+        # read after the LM has run: a method may move the answer position during the forward (mac)
+        h = h[torch.arange(len(batch.answer_index)), batch.answer_index]  # [B, D]
         return nn.functional.linear(h, self.lm_head.weight[self.verbalizer_ids])
 
 
@@ -387,17 +387,14 @@ def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBa
     Audio tower: 80 mel bins, 2 layers, d_model 64, a 4 s window (``max_source_positions`` 200,
     i.e. 25 audio tokens per second). Language model: Qwen2, 2 blocks, hidden 64, 4 heads (2 KV).
     """
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
-                              WhisperFeatureExtractor)
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     tokenizer = tiny_tokenizer()
     config = Qwen2AudioConfig(
         audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=2,
                           encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
                           max_source_positions=200),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False),
+        text_config=_tiny_text_config(tokenizer),
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     config._attn_implementation = "eager"
@@ -406,5 +403,4 @@ def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2AudioForConditionalGeneration(config)
-    fe = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=4, n_fft=400)
-    return AudioLLMBackbone("tiny-qwen2-audio", model, fe, tokenizer, cache_dir=cache_dir)
+    return AudioLLMBackbone("tiny-qwen2-audio", model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)

@@ -62,8 +62,7 @@ from torch import nn
 from benchbench.backbone import AUDIO_BOS, AUDIO_EOS, Segment
 from benchbench.data import Dialogue, UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig, ProgressFn
-from benchbench.methods.lora import LM_LINEAR_LAYERS, LoRASettings, attach_lora, lora_search_space
-from benchbench.metrics import evaluate
+from benchbench.methods.lora import LM_LINEAR_LAYERS, LoRASettings, attach_lora, dev_epoch_score, lora_search_space
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +161,6 @@ class DynamicParameterMemory(ContextMethod):
         if any(bool(self.temp_init[n].abs().sum()) for n in self.temp_init if "lora_B" in n):
             raise RuntimeError("dpm: a fresh temporary LoRA must start with B = 0")
         self.codebook: torch.Tensor | None = None  # [n_units, D], fitted in Phase 1
-        self._end_unit = c.n_units
         self.reset()
 
     # ------------------------------------------------------------------ units
@@ -192,7 +190,7 @@ class DynamicParameterMemory(ContextMethod):
         """(audio embeddings ``[T, D]``, stream embeddings ``[T + 1, D]`` with <|audio_eos|>, units ``[T + 1]``)."""
         emb = self.backbone.audio_embeddings(utt)
         eos = self.lm.text_embeddings(AUDIO_EOS).to(emb.dtype)
-        units = torch.cat([self.units(emb), torch.tensor([self._end_unit])])
+        units = torch.cat([self.units(emb), torch.tensor([self.config.n_units])])  # <audio_end> = unit K
         return emb, torch.cat([emb, eos]), units
 
     # ------------------------------------------------------------------ the autoregressive unit loss
@@ -236,7 +234,7 @@ class DynamicParameterMemory(ContextMethod):
             for (emb, _, units), u in zip(toks, d.utterances):
                 end += units.shape[0]
                 examples.append((emb, u.label, self._phase1_window(stream_emb, stream_units, end)))
-        trained = {**self.task_params, **{f"unit_head.{n}": p for n, p in self.unit_head.named_parameters()}}
+        trained = self.trained_parameters()
         opt = torch.optim.AdamW([{"params": list(self.task_params.values())},
                                  {"params": list(self.unit_head.parameters()),
                                   "lr": c.unit_head_lr if c.unit_head_lr is not None else s.lr}],
@@ -265,10 +263,8 @@ class DynamicParameterMemory(ContextMethod):
                     curves[k].append(v.item())
             self.lm.eval()
             self.unit_head.eval()
-            score = evaluate(self, dev, self.labels)[s.selection_metric]  # DPM inference on dev
-            curves[f"dev_{s.selection_metric}"].append(score)
-            if progress:
-                progress(f"dpm epoch {epoch + 1}/{s.epochs}", {"dev_" + s.selection_metric: score})
+            score = dev_epoch_score(self, dev, s.selection_metric, curves[f"dev_{s.selection_metric}"],
+                                    f"dpm epoch {epoch + 1}/{s.epochs}", progress)  # DPM inference on dev
             if score > best:
                 best, best_state = score, {k: p.detach().clone() for k, p in trained.items()}
         with torch.no_grad():
@@ -321,10 +317,10 @@ class DynamicParameterMemory(ContextMethod):
             return probs
         # 2. write utterance i into the temporary LoRA: L_t over its units given n_r tokens before (Eq. 8-9)
         t0 = time.perf_counter()
-        start = self._stream.append(stream_emb, units)
-        lo = max(0, start - self.config.n_r)
-        window = (self._stream.emb[lo:], self._stream.units[lo:], units.shape[0])
+        self._stream.append(stream_emb, units)  # keeps at most n_r tokens before this utterance
+        window = (self._stream.emb, self._stream.units, units.shape[0])
         params = list(self.temp_params.values())
+        done = 0
         for _ in range(self.config.test_time_steps):
             loss = self._unit_windows([window])
             grads = torch.autograd.grad(loss, params)  # the temporary LoRA only: the task LoRA never moves
@@ -341,8 +337,9 @@ class DynamicParameterMemory(ContextMethod):
                 p.grad = g
             self._opt.step()
             self._opt.zero_grad(set_to_none=True)
+            done += 1
         cost = self.test_time_cost
-        cost["test_time_updates"] = cost.get("test_time_updates", 0) + self.config.test_time_steps
+        cost["test_time_updates"] = cost.get("test_time_updates", 0) + done
         cost["test_time_update_seconds"] = cost.get("test_time_update_seconds", 0.0) + time.perf_counter() - t0
         return probs
 

@@ -68,6 +68,18 @@ def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task") -> d
 Example = tuple[list[Segment], int]
 
 
+def dev_epoch_score(method: ContextMethod, dev: Sequence[Dialogue], metric: str, curve: list[float],
+                    message: str, progress: ProgressFn | None) -> float:
+    """End-of-epoch model selection step: the method's own streaming evaluation on ``dev`` (never
+    test), the ``metric`` value appended to ``curve`` and reported as ``progress(message,
+    {"dev_<metric>": value})`` (``bench sweep`` prunes on these reports). Returns the value."""
+    score = evaluate(method, dev, method.labels)[metric]
+    curve.append(score)
+    if progress:
+        progress(message, {"dev_" + metric: score})
+    return score
+
+
 def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]:
     """One context-free example per utterance: ``([Segment(audio [T, D])], label)``."""
     return [([Segment(backbone.audio_embeddings(u.input))], u.label) for d in dialogues for u in d.utterances]
@@ -103,10 +115,8 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
             opt.step()
             losses.append(loss.item())
         lm.eval()
-        score = evaluate(method, dev, method.labels)[s.selection_metric]
-        dev_scores.append(score)
-        if progress:
-            progress(f"{curve_prefix} epoch {epoch + 1}/{s.epochs}", {"dev_" + s.selection_metric: score})
+        score = dev_epoch_score(method, dev, s.selection_metric, dev_scores,
+                                f"{curve_prefix} epoch {epoch + 1}/{s.epochs}", progress)
         if score > best:
             best, best_state = score, {k: p.detach().clone() for k, p in params.items()}
     with torch.no_grad():

@@ -55,8 +55,8 @@ from torch import nn
 from benchbench.backbone import Segment
 from benchbench.data import UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, two_stage_search_space,
-                                     train_supervised, utterance_examples)
+from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, dev_epoch_score,
+                                     two_stage_search_space, train_supervised, utterance_examples)
 from benchbench.metrics import evaluate
 
 
@@ -298,10 +298,8 @@ class TitansMemoryMethod(ContextMethod):
             self.branches.eval()
             if gate_curve is not None:
                 gate_curve.append(self.mean_gate())
-            score = evaluate(self, dev, self.labels)[c.selection_metric]
-            dev_scores.append(score)
-            if progress:
-                progress(f"{self.name} epoch {epoch + 1}/{c.epochs}", {"dev_" + c.selection_metric: score})
+            score = dev_epoch_score(self, dev, c.selection_metric, dev_scores,
+                                    f"{self.name} epoch {epoch + 1}/{c.epochs}", progress)
             if score > best:
                 best, best_state = score, self._memory_state()
         self._load_memory_state(best_state)

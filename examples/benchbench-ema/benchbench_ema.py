@@ -31,8 +31,8 @@ from torch import nn
 
 from benchbench.backbone import Segment
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import (LoRASettings, attach_lora, train_supervised, two_stage_search_space,
-                                     utterance_examples)
+from benchbench.methods.lora import (LoRASettings, attach_lora, dev_epoch_score, train_supervised,
+                                     two_stage_search_space, utterance_examples)
 from benchbench.metrics import evaluate
 
 
@@ -129,11 +129,9 @@ class SpeakerEMA(ContextMethod):
                 opt_w.step()
                 opt_g.step()
                 losses.append(loss.item())
-            score = evaluate(self, dev, self.labels)[c.selection_metric]
-            dev_scores.append(score)
             self.curves.setdefault("ema_abs_tanh_alpha", []).append(abs(math.tanh(self.alpha.item())))
-            if progress:
-                progress(f"ema epoch {epoch + 1}/{c.epochs}", {"dev_" + c.selection_metric: score})
+            score = dev_epoch_score(self, dev, c.selection_metric, dev_scores, f"ema epoch {epoch + 1}/{c.epochs}",
+                                    progress)
             if score > best:
                 best, best_state = score, self._state()
         with torch.no_grad():
