@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         width = max([len(n) for n in reg.names()] + [15]) + 1
         for name in reg.names():
             error = reg.check(name)
-            print(f"{name:<{width}} {reg.origin(name)}" + (f"  BROKEN: {error}" if error else ""))
+            about = ""
+            if not error and args.what in ("tasks", "backbones"):
+                about = getattr(reg.get(name), "needs", "")
+                about = f"  needs: {about}" if about else ""
+            print(f"{name:<{width}} {reg.origin(name)}{about}" + (f"  BROKEN: {error}" if error else ""))
         return 0
 
     if args.command == "sweep":

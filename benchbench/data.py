@@ -52,12 +52,24 @@ class UtteranceInput:
         return h.hexdigest()
 
 
+UNSCORED = -1
+"""Label of an utterance that is in the dialogue stream as context but outside the task's label set
+(IEMOCAP's fru, sur, xxx, ...): methods see it at evaluation like any other utterance, it is never
+a training target and never scored."""
+
+
 @dataclass(frozen=True, eq=False)
 class Utterance:
-    """A labelled utterance: the input plus its emotion class index (into ``Task.labels``)."""
+    """A labelled utterance: the input plus its emotion class index (into ``Task.labels``), or
+    :data:`UNSCORED` for a context-only utterance."""
 
     input: UtteranceInput
     label: int
+
+    @property
+    def scored(self) -> bool:
+        """Whether the utterance is a training target and counts in the metrics."""
+        return self.label != UNSCORED
 
     @property
     def utterance_id(self) -> str:
@@ -94,8 +106,13 @@ class Dialogue:
 
     @property
     def labels(self) -> np.ndarray:
-        """Class indices, shape ``[N]``."""
+        """Class indices, shape ``[N]`` (:data:`UNSCORED` for context-only utterances)."""
         return np.array([u.label for u in self.utterances], dtype=np.int64)
+
+    @property
+    def scored(self) -> np.ndarray:
+        """Boolean mask ``[N]`` of the utterances that are scored."""
+        return self.labels != UNSCORED
 
     @property
     def speakers(self) -> tuple[str, ...]:
@@ -118,8 +135,9 @@ class Fold:
             raise ValueError(f"fold {self.index}: test speakers {sorted(test_spk & seen)} also in train/dev")
 
 
-def manifest_of(dialogues: Sequence[Dialogue]) -> dict:
-    """Counts and a content hash of a set of dialogues (ids, turns, speakers, labels, audio)."""
+def manifest_of(dialogues: Sequence[Dialogue], labels: Sequence[str] | None = None) -> dict:
+    """Counts (dialogues, utterances, scored utterances, and per class when ``labels`` is given)
+    and a content hash of a set of dialogues (ids, turns, speakers, labels, audio)."""
     h = hashlib.sha256()
     n_utt = 0
     for d in dialogues:
@@ -127,7 +145,13 @@ def manifest_of(dialogues: Sequence[Dialogue]) -> dict:
             h.update(f"{d.dialogue_id}|{u.input.turn}|{u.utterance_id}|{u.speaker}|{u.label}|".encode())
             h.update(u.input.audio_sha256.encode())
             n_utt += 1
-    return {"n_dialogues": len(dialogues), "n_utterances": n_utt, "sha256": h.hexdigest()}
+    n_scored = sum(int(d.scored.sum()) for d in dialogues)
+    out = {"n_dialogues": len(dialogues), "n_utterances": n_utt, "n_scored": n_scored}
+    if labels is not None:
+        y = np.concatenate([d.labels for d in dialogues]) if dialogues else np.zeros(0, dtype=np.int64)
+        out["per_class"] = {lab: int((y == i).sum()) for i, lab in enumerate(labels)}
+    out["sha256"] = h.hexdigest()
+    return out
 
 
 def hash_json(obj) -> str:

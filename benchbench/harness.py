@@ -124,7 +124,11 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
                 folds = [f for f in folds if f.index in spec.folds]
             manifest = task.manifest()
             (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
+            tracker.log_artifact(out / f"manifest-{task_name}.json")
+            for notice in task.notices:
+                tqdm.write(f"NOTICE {task_name}: {notice}")
             task_info[task_name] = {"reference": task.reference(), "params": task.params(),
+                                    "notices": list(task.notices),
                                     "manifest_sha256": manifest["sha256"], "labels": list(task.labels)}
             cells = [(f, m, s) for f in folds for m in spec.methods for s in spec.seeds]
             bar = tqdm(cells, desc=f"{task_name}", disable=not show_progress, unit="cell")
@@ -185,23 +189,31 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
         log.error("cell %s failed: %s", base, e)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc()[-2000:]}, None
-    y_true = np.concatenate([d.labels for d in fold.test])
-    p = np.concatenate(probs)
+    # every utterance of the stream was predicted; only the scored ones count (IEMOCAP's fru, xxx,
+    # ... are context only) and only they go into predictions.csv and the paired statistics
+    keep = np.concatenate([d.scored for d in fold.test])
+    y_true = np.concatenate([d.labels for d in fold.test])[keep]
+    p = np.concatenate(probs)[keep]
     y_pred = p.argmax(-1)
     metrics = compute_metrics(y_true, y_pred, task.labels)
     n_test = len(y_true)
-    cost = {"fit_seconds": t1 - t0, "eval_seconds": t2 - t1, "eval_ms_per_utterance": 1000 * (t2 - t1) / n_test,
+    n_stream = len(keep)
+    cost = {"fit_seconds": t1 - t0, "eval_seconds": t2 - t1, "eval_ms_per_utterance": 1000 * (t2 - t1) / n_stream,
             "trained_parameters": method.num_trained_parameters(), **peak_memory_mb(),
-            **test_time_costs(method.test_time_cost, n_test), "test_time_issues": len(method.test_time_issues)}
+            **test_time_costs(method.test_time_cost, n_stream), "test_time_issues": len(method.test_time_issues)}
     for issue in method.test_time_issues:
         log.warning("cell %s: %s", base, issue)
+    inputs = [u for d in fold.test for u in d.inputs()]
+    history = [k for d in fold.test for k in speaker_history_counts(d.inputs())]
+    inputs = [u for u, k in zip(inputs, keep) if k]
+    history = [h for h, k in zip(history, keep) if k]
     preds = pd.DataFrame({
         **base,
-        "dialogue_id": [u.dialogue_id for d in fold.test for u in d.inputs()],
-        "utterance_id": [u.utterance_id for d in fold.test for u in d.inputs()],
-        "turn": [u.turn for d in fold.test for u in d.inputs()],
-        "speaker": [u.speaker for d in fold.test for u in d.inputs()],
-        "speaker_history": [k for d in fold.test for k in speaker_history_counts(d.inputs())],
+        "dialogue_id": [u.dialogue_id for u in inputs],
+        "utterance_id": [u.utterance_id for u in inputs],
+        "turn": [u.turn for u in inputs],
+        "speaker": [u.speaker for u in inputs],
+        "speaker_history": history,
         "label": [task.labels[i] for i in y_true], "prediction": [task.labels[i] for i in y_pred],
         "correct": (y_true == y_pred).astype(int),
         **{f"p_{lab}": p[:, i] for i, lab in enumerate(task.labels)},
@@ -216,7 +228,8 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
         (tmp / "config.json").write_text(json.dumps({"params": params, "tags": tags}, indent=2, default=str))
         run_id = tracker.log_cell(f"{method_name}-{task.name}-s{seed}-f{fold.index}", params,
                                   {**metrics, **cost}, method.curves, tags, tmp)
-    row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "mlflow_run_id": run_id,
+    row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "n_test_stream": n_stream,
+           "mlflow_run_id": run_id,
            "uses_context": cls.uses_context}
     return row, preds
 
@@ -304,7 +317,8 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, basel
     """Mean / sd / 95% interval / n over seeds x folds per method/task/backbone, task references,
     checks, and paired comparisons against ``baseline`` (:func:`benchbench.stats.compare_all`)."""
     summary: dict = {"cells": [], "tasks": {t: info["reference"] | {"manifest_sha256": info["manifest_sha256"],
-                                                                     "labels": info["labels"]}
+                                                                     "labels": info["labels"],
+                                                                     "notices": info.get("notices", [])}
                                             for t, info in task_info.items()},
                      "checks": {"leakage": []}, "comparisons": [], "by_speaker_history": [], "by_turn": [],
                      "failed_cells": []}
@@ -384,6 +398,9 @@ def format_summary(summary: dict) -> str:
                      f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['dialogues']['wilcoxon_p']:.3g}, "
                      f"Holm {c['dialogues']['wilcoxon_p_holm']:.3g}, r={c['dialogues']['rank_biserial']:+.2f}; "
                      f"McNemar p={c['mcnemar']['p_value']:.3g}{cell_p})")
+    for task, info in summary.get("tasks", {}).items():
+        for notice in info.get("notices", []):
+            lines.append(f"NOTICE {task}: {notice}")
     for chk in summary["checks"]["leakage"]:
         if chk["leakage_suspected"]:
             lines.append(f"WARNING possible leakage: context-free {chk['method']} (seed {chk['seed']}, fold "

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score
 
-from .data import Dialogue
+from .data import UNSCORED, Dialogue
 
 METRICS = ("wa", "ua", "wf1", "macro_f1")
 
@@ -46,7 +46,8 @@ def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
 def stream_predict(method, dialogues: Sequence[Dialogue]) -> list[np.ndarray]:
     """Per dialogue, probabilities ``[N_d, C]`` from the method's streaming evaluation.
 
-    Only the label-free inputs (:meth:`Dialogue.inputs`) are handed to the method.
+    Only the label-free inputs (:meth:`Dialogue.inputs`) are handed to the method; every utterance
+    of the stream is predicted, the context-only (unscored) ones included.
     """
     return [np.asarray(method.predict_dialogue(d.inputs())) for d in dialogues]
 
@@ -56,4 +57,5 @@ def evaluate(method, dialogues: Sequence[Dialogue], labels: Sequence[str]) -> di
     probs = stream_predict(method, dialogues)
     y_pred = np.concatenate([p.argmax(-1) for p in probs])
     y_true = np.concatenate([d.labels for d in dialogues])
-    return compute_metrics(y_true, y_pred, labels)
+    keep = y_true != UNSCORED
+    return compute_metrics(y_true[keep], y_pred[keep], labels)

@@ -22,11 +22,15 @@ class Task(ABC):
     name: ClassVar[str]
     labels: ClassVar[tuple[str, ...]]
     needs_data_dir: ClassVar[bool] = False
+    needs: ClassVar[str] = "nothing (generated)"   # what --data-dir must hold, for `bench list tasks`
 
     def __init__(self, data_dir: str | Path | None = None, preset: str = "default", seed: int = 0):
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.preset = preset
         self.seed = seed
+        # things a user must read about the data (count mismatches, ...): printed by `bench run`,
+        # written to the manifest
+        self.notices: list[str] = []
 
     @abstractmethod
     def folds(self) -> list[Fold]:
@@ -45,9 +49,10 @@ class Task(ABC):
         """Counts and content hashes per fold and split, plus one overall ``sha256``."""
         folds = {}
         for f in self.folds():
-            folds[str(f.index)] = {s: manifest_of(getattr(f, s)) for s in ("train", "dev", "test")}
+            folds[str(f.index)] = {s: manifest_of(getattr(f, s), self.labels) for s in ("train", "dev", "test")}
         # the data_dir path is not content: leave it out so the hash identifies the data itself
-        m = {"task": {k: v for k, v in self.params().items() if k != "data_dir"}, "folds": folds}
+        m = {"task": {k: v for k, v in self.params().items() if k != "data_dir"}, "folds": folds,
+             "notices": list(self.notices)}
         m["sha256"] = hash_json(m)
         return m
 
@@ -55,3 +60,4 @@ class Task(ABC):
 TASKS: Registry[type[Task]] = Registry("task")
 TASKS.register("synthetic", "benchbench.tasks.synthetic:SyntheticProsodyTask")
 TASKS.register("emodb", "benchbench.tasks.emodb:EmoDBDialogueTask")
+TASKS.register("iemocap", "benchbench.tasks.iemocap:IEMOCAPTask")

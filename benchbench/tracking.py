@@ -78,6 +78,10 @@ class Tracker:
             mlflow.log_artifacts(str(artifacts_dir))
             return run.info.run_id
 
+    def log_artifact(self, path: Path) -> None:
+        """A file on the parent run (e.g. a task's data manifest)."""
+        self.client.log_artifact(self.parent_run_id, str(path))
+
     def finish(self, summary_path: Path | None, status: str = "FINISHED") -> None:
         if summary_path is not None and summary_path.exists():
             mlflow.log_artifact(str(summary_path))

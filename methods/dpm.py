@@ -233,6 +233,8 @@ class DynamicParameterMemory(ContextMethod):
             end = 0
             for (emb, _, units), u in zip(toks, d.utterances):
                 end += units.shape[0]
+                if not u.scored:  # context-only: in the stream, never an L_e target
+                    continue
                 examples.append((emb, u.label, self._phase1_window(stream_emb, stream_units, end)))
         trained = self.trained_parameters()
         opt = torch.optim.AdamW([{"params": list(self.task_params.values())},

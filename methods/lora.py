@@ -81,8 +81,9 @@ def dev_epoch_score(method: ContextMethod, dev: Sequence[Dialogue], metric: str,
 
 
 def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]:
-    """One context-free example per utterance: ``([Segment(audio [T, D])], label)``."""
-    return [([Segment(backbone.audio_embeddings(u.input))], u.label) for d in dialogues for u in d.utterances]
+    """One context-free example per scored utterance: ``([Segment(audio [T, D])], label)``."""
+    return [([Segment(backbone.audio_embeddings(u.input))], u.label)
+            for d in dialogues for u in d.utterances if u.scored]
 
 
 def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,

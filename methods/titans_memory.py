@@ -53,7 +53,7 @@ from titans_pytorch import NeuralMemory
 from torch import nn
 
 from benchbench.backbone import Segment
-from benchbench.data import UtteranceInput
+from benchbench.data import UNSCORED, UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig
 from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, dev_epoch_score,
                                      two_stage_search_space, train_supervised, utterance_examples)
@@ -277,12 +277,17 @@ class TitansMemoryMethod(ContextMethod):
                 streams, group = batches[bi]
                 by_stream: dict = {}
                 with self.memory_active({}) as ctx:
-                    loss = 0.0
+                    loss, n_scored = 0.0, 0
                     for t in range(len(group[0][0])):
                         ctx["states"] = by_stream.setdefault(streams[t], {})
                         logits = self._forward_turn(ctx, [embs[t] for embs, _ in group])
-                        loss = loss + nn.functional.cross_entropy(logits, torch.stack([y[t] for _, y in group]))
-                    loss = loss / len(group[0][0])
+                        y_t = torch.stack([y[t] for _, y in group])
+                        # context-only utterances update the memory but are no target
+                        loss = loss + nn.functional.cross_entropy(logits, y_t, ignore_index=UNSCORED, reduction="sum")
+                        n_scored += int((y_t != UNSCORED).sum())
+                    if n_scored == 0:
+                        continue
+                    loss = loss / n_scored
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.name} phase 2: non-finite training loss at epoch {epoch}")
                 opt_rest.zero_grad()

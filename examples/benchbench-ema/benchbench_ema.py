@@ -108,7 +108,7 @@ class SpeakerEMA(ContextMethod):
         for d in train:
             embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
             for u, h, e in zip(d.utterances, embs, self._speaker_baselines(d.inputs(), embs)):
-                if e is not None:
+                if e is not None and u.scored:
                     examples.append((h, e, u.label))
         opt_w = torch.optim.AdamW(self.proj.parameters(), lr=c.lr)
         opt_g = torch.optim.AdamW([self.alpha], lr=c.gate_lr, weight_decay=0.0)

@@ -1,0 +1,148 @@
+"""Dataset folders in the real on-disk formats, built from local real speech, for tests and demos.
+
+The licensed corpora (IEMOCAP, MELD's clips, MultiDialog) cannot ship with the suite, yet their
+loaders must be tested on files in their real formats. These builders write such folders from
+Emo-DB audio (real emotional speech, ``../shared/data/emodb``):
+
+* :func:`make_iemocap` - ``IEMOCAP_full_release/Session{1..5}`` with 16 kHz wavs under
+  ``sentences/wav/<dialogue>/``, real-format ``dialog/EmoEvaluation/*.txt`` (utterance lines plus
+  annotator-vote lines and an ignored ``Categorical/`` subfolder) and ``dialog/transcriptions``;
+* :func:`make_meld_clips` - ``MELD.Raw``-named mp4 clips (AAC audio at 48 kHz, written with PyAV)
+  for chosen rows of MELD's real CSVs;
+* :func:`make_multidialog` - a MultiDialog-layout sample (``metadata.jsonl`` per split and 16 kHz
+  wavs named ``..._<actor>.wav``).
+
+Command line: ``python -m benchbench.fixtures iemocap --emodb ../shared/data/emodb --out DIR``.
+Nothing here is used by a benchmark run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from benchbench.tasks.emodb import FEMALE, FILENAME, MALE
+
+# Emo-DB letter -> IEMOCAP code. Emo-DB has no frustration/surprise: boredom stands in for the
+# unscored codes so the stream holds context-only utterances like the real corpus does.
+IEMOCAP_CODES = {"W": ("ang",), "F": ("hap", "exc"), "N": ("neu",), "T": ("sad",),
+                 "L": ("fru", "xxx", "oth"), "E": ("dis",), "A": ("fea", "sur")}
+MELD_LABELS = {"W": "anger", "F": "joy", "N": "neutral", "T": "sadness", "E": "disgust", "A": "fear",
+               "L": "surprise"}
+MULTIDIALOG_LABELS = {"W": "Angry", "F": "Happy", "N": "Neutral", "T": "Sad", "E": "Disgusting",
+                      "A": "Fear", "L": "Surprising"}
+
+
+def _resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    g = gcd(sr_in, sr_out)
+    return resample_poly(wav, sr_out // g, sr_in // g).astype(np.float32) if sr_in != sr_out else wav
+
+
+def _emodb_files(emodb_dir: Path) -> dict[str, list[Path]]:
+    wav_dir = emodb_dir / "wav" if (emodb_dir / "wav").is_dir() else emodb_dir
+    by_speaker: dict[str, list[Path]] = {s: [] for s in FEMALE + MALE}
+    for p in sorted(wav_dir.glob("*.wav")):
+        m = FILENAME.match(p.name)
+        if m and m.group(1) in by_speaker:
+            by_speaker[m.group(1)].append(p)
+    if not any(by_speaker.values()):
+        raise FileNotFoundError(f"{wav_dir}: no Emo-DB wav files (SSTTTEV.wav)")
+    return by_speaker
+
+
+def _read_mono(path: Path) -> tuple[np.ndarray, int]:
+    wav, sr = sf.read(str(path), dtype="float32", always_2d=False)
+    return (wav.mean(axis=1) if wav.ndim == 2 else wav), int(sr)
+
+
+def make_iemocap(emodb_dir: str | Path, out_dir: str | Path, per_speaker: int | None = None,
+                 turns: tuple[int, int] = (6, 10), seed: int = 0) -> Path:
+    """Write an ``IEMOCAP_full_release`` folder from Emo-DB; returns its path.
+
+    Session k (1..5) has Emo-DB's k-th female/male speaker pair (the ``emodb`` task's pairs) as its
+    two actors. Each session's utterances (at most ``per_speaker`` per speaker, all by default) are
+    shuffled with ``seed`` and dealt into dialogues of ``turns`` turns in which the two actors
+    alternate; dialogue names alternate ``Ses0kF_impro0n`` / ``Ses0kM_script0n_1``. Emotions map to
+    IEMOCAP codes by :data:`IEMOCAP_CODES` (happiness alternates hap/exc; boredom, disgust and fear
+    become unscored codes). Audio is resampled to 16 kHz; start/end times are seconds from the
+    dialogue's start with 0.3-1.0 s gaps.
+
+    Raises:
+        FileNotFoundError: ``emodb_dir`` holds no Emo-DB wav files.
+    """
+    rng = np.random.default_rng(seed)
+    files = _emodb_files(Path(emodb_dir))
+    root = Path(out_dir) / "IEMOCAP_full_release"
+    for k, (f, m) in enumerate(zip(FEMALE, MALE), 1):
+        session = root / f"Session{k}"
+        eval_dir = session / "dialog" / "EmoEvaluation"
+        (eval_dir / "Categorical").mkdir(parents=True, exist_ok=True)
+        (session / "dialog" / "transcriptions").mkdir(parents=True, exist_ok=True)
+        pools = {}
+        for tag, spk in (("F", f), ("M", m)):
+            paths = list(files[spk])
+            rng.shuffle(paths)
+            pools[tag] = paths[:per_speaker] if per_speaker else paths
+        counters = {"hap": 0}
+        n_dialogue = 0
+        while pools["F"] or pools["M"]:
+            n_dialogue += 1
+            did = (f"Ses{k:02d}F_impro{n_dialogue:02d}" if n_dialogue % 2 else
+                   f"Ses{k:02d}M_script{n_dialogue:02d}_1")
+            n_turns = int(rng.integers(turns[0], turns[1] + 1))
+            who = "F" if rng.random() < 0.5 else "M"
+            t, index, lines, trans = 2.0 * rng.random(), {"F": 0, "M": 0}, [], []
+            for _ in range(n_turns):
+                if not pools[who]:
+                    who = "M" if who == "F" else "F"
+                    if not pools[who]:
+                        break
+                path = pools[who].pop()
+                letter = FILENAME.match(path.name).group(3)
+                codes = IEMOCAP_CODES[letter]
+                code = codes[counters.get(letter, 0) % len(codes)]
+                counters[letter] = counters.get(letter, 0) + 1
+                wav, sr = _read_mono(path)
+                wav = _resample(wav, sr, 16000)
+                turn = f"{did}_{who}{index[who]:03d}"
+                index[who] += 1
+                wav_path = session / "sentences" / "wav" / did / f"{turn}.wav"
+                wav_path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(str(wav_path), wav, 16000, subtype="PCM_16")
+                start, end = t, t + len(wav) / 16000
+                v, a, d = (float(x) for x in rng.uniform(1.5, 4.5, size=3))
+                lines += [f"[{start:.4f} - {end:.4f}]\t{turn}\t{code}\t[{v:.4f}, {a:.4f}, {d:.4f}]",
+                          f"C-E1:\t{code.capitalize()};\t()", f"C-E2:\t{code.capitalize()};\t()",
+                          f"A-E1:\tval {round(v)}; act {round(a)}; dom  {round(d)};\t()", ""]
+                trans.append(f"{turn} [{start:08.4f}-{end:08.4f}]: (Emo-DB {path.stem})")
+                t = end + float(rng.uniform(0.3, 1.0))
+                who = "M" if who == "F" else "F"
+            header = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
+            (eval_dir / f"{did}.txt").write_text(header + "\n".join(lines) + "\n")
+            (eval_dir / "Categorical" / f"{did}_e1_cat.txt").write_text(
+                "".join(f"{ln.split(chr(9))[1]} :{ln.split(chr(9))[2]}; ()\n" for ln in lines if ln.startswith("[")))
+            (session / "dialog" / "transcriptions" / f"{did}.txt").write_text("\n".join(trans) + "\n")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchbench.fixtures", description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=["iemocap"])
+    p.add_argument("--emodb", required=True, help="Emo-DB folder (wav/ or the wavs themselves)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-speaker", type=int, default=None, help="at most this many clips per speaker")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    root = make_iemocap(a.emodb, a.out, a.per_speaker, seed=a.seed)
+    print(json.dumps({"written": str(root)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
