@@ -121,14 +121,22 @@ class Dialogue:
 
 @dataclass(frozen=True)
 class Fold:
-    """One train/dev/test partition. Test speakers never appear in ``train`` or ``dev``."""
+    """One train/dev/test partition.
+
+    Test speakers never appear in ``train`` or ``dev`` (``ValueError`` otherwise), unless the
+    corpus's standard split is not speaker-independent (MELD: the Friends cast is in every split),
+    which the task states with ``speaker_independent=False`` (recorded in the manifest).
+    """
 
     index: int
     train: tuple[Dialogue, ...]
     dev: tuple[Dialogue, ...]
     test: tuple[Dialogue, ...]
+    speaker_independent: bool = True
 
     def __post_init__(self):
+        if not self.speaker_independent:
+            return
         test_spk = {s for d in self.test for s in d.speakers}
         seen = {s for d in self.train + self.dev for s in d.speakers}
         if test_spk & seen:

@@ -131,15 +131,77 @@ def make_iemocap(emodb_dir: str | Path, out_dir: str | Path, per_speaker: int | 
     return root
 
 
+def write_mp4(path: str | Path, wav: np.ndarray, sample_rate: int) -> None:
+    """A stereo AAC mp4 at 48 kHz (MELD's clip format) from mono float samples (PyAV)."""
+    import av
+
+    wav48 = np.clip(_resample(wav, sample_rate, 48000), -1, 1).astype(np.float32)
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=48000, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.stack([wav48, wav48]), format="fltp", layout="stereo")
+        frame.sample_rate = 48000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def make_meld(emodb_dir: str | Path, meld_csv_dir: str | Path, out_dir: str | Path,
+              dialogues: dict[str, list[int]] | None = None, seed: int = 0) -> Path:
+    """Write a ``MELD.Raw`` folder: MELD's real CSV rows of a few dialogues and generated clips.
+
+    ``dialogues`` maps split -> Dialogue_IDs (default: the first two of each split plus the two with
+    the known defects, train 125 and dev 110). The CSVs keep the real rows of those dialogues
+    unchanged. Every row gets ``dia{D}_utt{U}.mp4`` (AAC, 48 kHz, stereo) made from an Emo-DB clip of
+    the row's emotion (surprise from boredom, Emo-DB having no surprise), except the known defects:
+    ``train_splits/dia125_utt3.mp4`` is written corrupt and ``dev_splits_complete/dia110_utt7.mp4``
+    is left out. Returns the ``MELD.Raw`` path.
+    """
+    import pandas as pd
+
+    from benchbench.tasks.meld import SPLITS
+
+    rng = np.random.default_rng(seed)
+    files = [p for ps in _emodb_files(Path(emodb_dir)).values() for p in ps]
+    by_emotion: dict[str, list[Path]] = {}
+    for p in files:
+        by_emotion.setdefault(MELD_LABELS[FILENAME.match(p.name).group(3)], []).append(p)
+    dialogues = dialogues or {"train": [0, 1, 125], "dev": [0, 1, 110], "test": [0, 1]}
+    root = Path(out_dir) / "MELD.Raw"
+    for split, (csv_name, clip_dir) in SPLITS.items():
+        df = pd.read_csv(Path(meld_csv_dir) / csv_name, encoding="utf-8")
+        df = df[df["Dialogue_ID"].isin(dialogues.get(split, []))]
+        (root / clip_dir).mkdir(parents=True, exist_ok=True)
+        df.to_csv(root / csv_name, index=False, encoding="utf-8")
+        for r in df.itertuples(index=False):
+            clip = root / clip_dir / f"dia{r.Dialogue_ID}_utt{r.Utterance_ID}.mp4"
+            name = f"{clip_dir}/{clip.name}"
+            if name == "dev_splits_complete/dia110_utt7.mp4":
+                continue
+            if name == "train_splits/dia125_utt3.mp4":
+                clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(rng.integers(0, 256, 512, dtype=np.uint8)))
+                continue
+            pool = by_emotion[r.Emotion]
+            wav, sr = _read_mono(pool[int(rng.integers(len(pool)))])
+            write_mp4(clip, wav, sr)
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchbench.fixtures", description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=["iemocap"])
+    p.add_argument("kind", choices=["iemocap", "meld"])
+    p.add_argument("--meld-csv", default=None, help="folder with MELD's real *_sent_emo.csv (for meld)")
     p.add_argument("--emodb", required=True, help="Emo-DB folder (wav/ or the wavs themselves)")
     p.add_argument("--out", required=True)
     p.add_argument("--per-speaker", type=int, default=None, help="at most this many clips per speaker")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    root = make_iemocap(a.emodb, a.out, a.per_speaker, seed=a.seed)
+    if a.kind == "meld":
+        if not a.meld_csv:
+            p.error("meld needs --meld-csv")
+        root = make_meld(a.emodb, a.meld_csv, a.out, seed=a.seed)
+    else:
+        root = make_iemocap(a.emodb, a.out, a.per_speaker, seed=a.seed)
     print(json.dumps({"written": str(root)}))
     return 0
 

@@ -50,6 +50,7 @@ class Task(ABC):
         folds = {}
         for f in self.folds():
             folds[str(f.index)] = {s: manifest_of(getattr(f, s), self.labels) for s in ("train", "dev", "test")}
+            folds[str(f.index)]["speaker_independent"] = f.speaker_independent
         # the data_dir path is not content: leave it out so the hash identifies the data itself
         m = {"task": {k: v for k, v in self.params().items() if k != "data_dir"}, "folds": folds,
              "notices": list(self.notices)}
@@ -61,3 +62,4 @@ TASKS: Registry[type[Task]] = Registry("task")
 TASKS.register("synthetic", "benchbench.tasks.synthetic:SyntheticProsodyTask")
 TASKS.register("emodb", "benchbench.tasks.emodb:EmoDBDialogueTask")
 TASKS.register("iemocap", "benchbench.tasks.iemocap:IEMOCAPTask")
+TASKS.register("meld", "benchbench.tasks.meld:MELDTask")
