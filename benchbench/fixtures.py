@@ -187,9 +187,53 @@ def make_meld(emodb_dir: str | Path, meld_csv_dir: str | Path, out_dir: str | Pa
     return root
 
 
+def make_multidialog(emodb_dir: str | Path, out_dir: str | Path, turns: int = 6, seed: int = 0) -> Path:
+    """Write a MultiDialog-layout snapshot; returns its folder.
+
+    Emo-DB's ten speakers become actors ``a``..``j`` (``d`` and ``h`` are not gold actors). Per
+    split (train 6 dialogues, valid_freq 2, valid_rare 1, test_freq 2, test_rare 1) two actors
+    alternate for ``turns`` turns; train also gets one dialogue of the two non-gold actors (outside
+    the gold subset). ``metadata/{split}/{split}_metadata_0000.jsonl`` holds one record per
+    utterance (``file_name``, ``conv_id``, ``utterance_id``, ``from``, ``value``, ``emotion``,
+    ``original_full_path``); wavs (16 kHz) go to ``data/{split}/{split}_chunks_0000/``.
+    Emotions follow the Emo-DB clip (:data:`MULTIDIALOG_LABELS`).
+    """
+    rng = np.random.default_rng(seed)
+    files = _emodb_files(Path(emodb_dir))
+    actors = dict(zip("abcdefghij", FEMALE + MALE))
+    n_dialogues = {"train": 6, "valid_freq": 2, "valid_rare": 1, "test_freq": 2, "test_rare": 1}
+    root = Path(out_dir) / "MultiDialog"
+    gold_pairs = [("a", "f"), ("b", "g"), ("c", "d"), ("e", "j"), ("i", "h"), ("a", "b")]
+    for split, n in n_dialogues.items():
+        wav_dir = root / "data" / split / f"{split}_chunks_0000"
+        wav_dir.mkdir(parents=True, exist_ok=True)
+        (root / "metadata" / split).mkdir(parents=True, exist_ok=True)
+        pairs = [gold_pairs[int(rng.integers(len(gold_pairs)))] for _ in range(n)]
+        if split == "train":
+            pairs.append(("d", "h"))
+        records = []
+        for c, pair in enumerate(pairs):
+            conv = f"{split[:2]}{c:04d}-{int(rng.integers(10**6)):06d}"
+            for t in range(turns):
+                actor = pair[t % 2]
+                clips = files[actors[actor]]
+                path = clips[int(rng.integers(len(clips)))]
+                wav, sr = _read_mono(path)
+                name = f"t_{conv}_{t}_{actor}.wav"
+                sf.write(str(wav_dir / name), _resample(wav, sr, 16000), 16000, subtype="PCM_16")
+                records.append({"file_name": f"{split}_chunks_0000/{name}", "conv_id": conv, "utterance_id": t,
+                                "from": "gpt" if t % 2 else "human", "value": f"(Emo-DB {path.stem})",
+                                "emotion": MULTIDIALOG_LABELS[FILENAME.match(path.name).group(3)],
+                                "original_full_path": f"audio/{split}/{name}"})
+        rng.shuffle(records)  # the loader orders by utterance_id, not by file order
+        with open(root / "metadata" / split / f"{split}_metadata_0000.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchbench.fixtures", description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=["iemocap", "meld"])
+    p.add_argument("kind", choices=["iemocap", "meld", "multidialog"])
     p.add_argument("--meld-csv", default=None, help="folder with MELD's real *_sent_emo.csv (for meld)")
     p.add_argument("--emodb", required=True, help="Emo-DB folder (wav/ or the wavs themselves)")
     p.add_argument("--out", required=True)
@@ -200,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.meld_csv:
             p.error("meld needs --meld-csv")
         root = make_meld(a.emodb, a.meld_csv, a.out, seed=a.seed)
+    elif a.kind == "multidialog":
+        root = make_multidialog(a.emodb, a.out, seed=a.seed)
     else:
         root = make_iemocap(a.emodb, a.out, a.per_speaker, seed=a.seed)
     print(json.dumps({"written": str(root)}))

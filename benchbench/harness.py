@@ -327,6 +327,8 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, basel
     failed = results[results["status"] == "failed"]
     summary["failed_cells"] = failed.drop(columns=["traceback"], errors="ignore").to_dict("records")
     ok = results[results["status"] == "ok"]
+    if ok.empty:  # every cell failed: nothing to summarise beyond the failures
+        return summary
     metric_cols = [c for c in ok.columns if c in METRICS or c.startswith("f1_")] + \
         ["fit_seconds", "eval_ms_per_utterance", "trained_parameters", "peak_rss_mb", "peak_cuda_mb",
          "test_time_update_ms_per_utterance", "test_time_updates_per_utterance", "test_time_issues"]
