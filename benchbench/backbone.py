@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -50,6 +51,46 @@ CURRENT_HEADER = "current utterance :"
 def default_cache_dir() -> Path:
     """``$BENCHBENCH_CACHE`` or ``~/.cache/benchbench``."""
     return Path(os.environ.get("BENCHBENCH_CACHE", Path.home() / ".cache" / "benchbench"))
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a backbone's LM input is laid out around the audio segments (text pieces; ``""`` = none).
+
+    ``prefix`` (a chat preamble), then per segment ``context_header`` before the first of several,
+    ``current_header`` before the last, ``speaker`` (``{tag}`` filled) when a segment has a speaker
+    tag, ``audio_bos`` AUDIO*T ``audio_eos``; then ``instruction`` (``{labels}`` filled with the
+    task's labels, comma separated) which ends where the answer starts. A label's verbalizer token is
+    the first token of ``verbalizer_prefix + label``.
+    """
+
+    audio_bos: str = AUDIO_BOS
+    audio_eos: str = AUDIO_EOS
+    prefix: str = ""
+    instruction: str = INSTRUCTION
+    context_header: str = CONTEXT_HEADER
+    current_header: str = CURRENT_HEADER
+    speaker: str = "{tag} :"
+    verbalizer_prefix: str = " "
+
+
+TINY_PROMPT = PromptFormat()  # the tiny backbones' word-level tokenizer
+_CHAT_INSTRUCTION = ("Which emotion does the current utterance express? Answer with one word from: {labels}.")
+QWEN_CHAT_PROMPT = PromptFormat(
+    prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+    instruction="\n" + _CHAT_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n",
+    context_header="Previous utterances:\n", current_header="\nCurrent utterance:\n", speaker="{tag}: ",
+    verbalizer_prefix="")
+"""Qwen2-Audio-7B-Instruct's chat format (audio between ``<|audio_bos|>`` / ``<|audio_eos|>``)."""
+AF3_PROMPT = PromptFormat(**{**QWEN_CHAT_PROMPT.__dict__, "audio_bos": "", "audio_eos": ""})
+"""Audio Flamingo 3 (a Qwen2.5 LM): the same chat format; its audio tokens have no bos/eos markers."""
+LLAMA3_PROMPT = PromptFormat(
+    audio_bos="", audio_eos="",
+    prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+    instruction="\n" + _CHAT_INSTRUCTION + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    context_header="Previous utterances:\n", current_header="\nCurrent utterance:\n", speaker="{tag}: ",
+    verbalizer_prefix="")
+"""Ultravox v0.4's Llama-3.1-Instruct chat format."""
 
 
 @dataclass
@@ -93,11 +134,14 @@ class EmotionLM(nn.Module):
     All parameters start frozen; methods add and unfreeze their own (LoRA, memory branches).
     """
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Linear, tokenizer, verbalizer_ids: list[int]):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Linear, tokenizer, verbalizer_ids: list[int],
+                 prompt: PromptFormat = TINY_PROMPT, labels: Sequence[str] = ()):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
         self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.instruction = prompt.instruction.format(labels=", ".join(labels))
         self.register_buffer("verbalizer_ids", torch.tensor(verbalizer_ids, dtype=torch.long), persistent=False)
         self.requires_grad_(False)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -115,6 +159,7 @@ class EmotionLM(nn.Module):
         """Token embeddings ``[n_tokens, D]`` of a text piece (cached; the embedding table is frozen)."""
         if text not in self._text_cache:
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+            ids = ids.to(self.lm_head.weight.device)
             with torch.no_grad():
                 self._text_cache[text] = self.language_model.embed_tokens(ids)
         return self._text_cache[text]
@@ -122,10 +167,13 @@ class EmotionLM(nn.Module):
     def build_sequence(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Lay out one LM input: ``[L, D]`` embeddings and the ``(start, end)`` span of each segment.
 
-        With one segment: ``<|audio_bos|> AUDIO*T <|audio_eos|> INSTRUCTION``. With context segments,
-        the earlier ones come under ``CONTEXT_HEADER`` and the last under ``CURRENT_HEADER``; a
-        segment's speaker tag, when given, precedes it.
+        The backbone's :class:`PromptFormat`; for the tiny backbones, with one segment:
+        ``<|audio_bos|> AUDIO*T <|audio_eos|> INSTRUCTION``, and with context segments the earlier
+        ones under ``CONTEXT_HEADER`` and the last under ``CURRENT_HEADER``; a segment's speaker tag,
+        when given, precedes it.
         """
+        fmt = self.prompt
+        w = self.lm_head.weight
         pieces: list[torch.Tensor] = []
         spans: list[tuple[int, int]] = []
         pos = 0
@@ -135,19 +183,24 @@ class EmotionLM(nn.Module):
             pieces.append(t)
             pos += t.shape[0]
 
+        def text(t: str):
+            if t:
+                add(self.text_embeddings(t))
+
+        text(fmt.prefix)
         for i, seg in enumerate(segments):
             if len(segments) > 1 and i == 0:
-                add(self.text_embeddings(CONTEXT_HEADER))
+                text(fmt.context_header)
             if len(segments) > 1 and i == len(segments) - 1:
-                add(self.text_embeddings(CURRENT_HEADER))
+                text(fmt.current_header)
             if seg.speaker_tag is not None:
-                add(self.text_embeddings(f"{seg.speaker_tag} :"))
-            add(self.text_embeddings(AUDIO_BOS))
+                text(fmt.speaker.format(tag=seg.speaker_tag))
+            text(fmt.audio_bos)
             start = pos
-            add(seg.audio.to(self.lm_head.weight.dtype))
+            add(seg.audio.to(device=w.device, dtype=w.dtype))
             spans.append((start, pos))
-            add(self.text_embeddings(AUDIO_EOS))
-        add(self.text_embeddings(INSTRUCTION))
+            text(fmt.audio_eos)
+        text(self.instruction)
         return torch.cat(pieces, dim=0), spans
 
     def collate(self, sequences: Sequence[tuple[torch.Tensor, list[tuple[int, int]]]]) -> LMBatch:
@@ -155,11 +208,11 @@ class EmotionLM(nn.Module):
         lengths = [s.shape[0] for s, _ in sequences]
         L, D = max(lengths), sequences[0][0].shape[1]
         embeds = sequences[0][0].new_zeros(len(sequences), L, D)
-        mask = torch.zeros(len(sequences), L, dtype=torch.long)
+        mask = torch.zeros(len(sequences), L, dtype=torch.long, device=embeds.device)
         for b, (s, _) in enumerate(sequences):
             embeds[b, : s.shape[0]] = s
             mask[b, : s.shape[0]] = 1
-        return LMBatch(embeds, mask, torch.tensor(lengths) - 1, [sp for _, sp in sequences])
+        return LMBatch(embeds, mask, torch.tensor(lengths, device=embeds.device) - 1, [sp for _, sp in sequences])
 
     def batch(self, segment_lists: Sequence[Sequence[Segment]]) -> LMBatch:
         return self.collate([self.build_sequence(s) for s in segment_lists])
@@ -192,8 +245,10 @@ class AudioLLMBackbone:
         cache_dir: root of the on-disk feature cache (``None``: :func:`default_cache_dir`).
     """
 
-    def __init__(self, name: str, model: nn.Module, feature_extractor, tokenizer, cache_dir: Path | None = None):
+    def __init__(self, name: str, model: nn.Module, feature_extractor, tokenizer, cache_dir: Path | None = None,
+                 prompt: PromptFormat = TINY_PROMPT):
         self.name = name
+        self.prompt = prompt
         self.model = model.eval().requires_grad_(False)
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
@@ -207,7 +262,7 @@ class AudioLLMBackbone:
     def _compute_key(self) -> str:
         """sha256 over the model config, the audio-encoder + projector weights and the feature extractor."""
         h = hashlib.sha256()
-        h.update(self.model.config.to_json_string(use_diff=False).encode())
+        h.update(_config_identity(self.model.config).encode())
         h.update(self.feature_extractor.to_json_string().encode())
         for module in (self.model.model.audio_tower, self.model.model.multi_modal_projector):
             for k, v in sorted(module.state_dict().items()):
@@ -248,25 +303,28 @@ class AudioLLMBackbone:
                         utt.utterance_id, utt.duration_s, self.max_audio_seconds)
         feats = self.feature_extractor(wav, sampling_rate=self.sample_rate, return_attention_mask=True,
                                        padding="max_length", return_tensors="pt")
+        w = next(self.model.model.audio_tower.parameters())
+        features, feat_mask = feats.input_features.to(device=w.device, dtype=w.dtype), feats.attention_mask.to(w.device)
         if hasattr(self.model, "get_audio_features"):  # e.g. Audio Flamingo 3: the model's own audio path
             with torch.no_grad():
-                emb = self.model.get_audio_features(feats.input_features, feats.attention_mask).pooler_output
+                emb = self.model.get_audio_features(features, feat_mask).pooler_output
             self.encoder_calls += 1
-            return emb.reshape(-1, self.hidden_size).contiguous()
+            # cached as float32 on the CPU; EmotionLM moves them to its own device and dtype
+            return emb.reshape(-1, self.hidden_size).float().cpu().contiguous()
         tower = self.model.model.audio_tower
         feat_len = feats.attention_mask.sum(-1)
         conv_len, n_tokens = tower._get_feat_extract_output_lengths(feat_len)
         max_len = (feats.input_features.shape[-1] - 2) // 2 + 1
         # Padding frames are masked in the encoder's self-attention exactly as
         # Qwen2AudioModel.forward does it (additive -inf bias on padded key positions).
-        key_pad = torch.arange(max_len)[None, :] >= conv_len[:, None]  # [1, max_len]
-        bias = torch.zeros(1, 1, max_len, max_len, dtype=tower.conv1.weight.dtype)
+        key_pad = (torch.arange(max_len)[None, :] >= conv_len[:, None]).to(w.device)  # [1, max_len]
+        bias = torch.zeros(1, 1, max_len, max_len, dtype=w.dtype, device=w.device)
         bias = bias.masked_fill(key_pad[:, None, None, :], torch.finfo(bias.dtype).min)
         with torch.no_grad():
-            hidden = tower(feats.input_features, attention_mask=bias).last_hidden_state
+            hidden = tower(features, attention_mask=bias).last_hidden_state
             emb = self.model.model.multi_modal_projector(hidden)[0, : int(n_tokens[0])]
         self.encoder_calls += 1
-        return emb.contiguous()
+        return emb.float().cpu().contiguous()
 
     def audio_embeddings(self, utt: UtteranceInput) -> torch.Tensor:
         """Audio-token embeddings ``[T, D]`` of one utterance (T = 25 tokens per second of audio).
@@ -303,7 +361,7 @@ class AudioLLMBackbone:
         """First token id of each label word; ``ValueError`` if two labels share it or one is unknown."""
         ids = []
         for lab in labels:
-            toks = self.tokenizer(" " + lab, add_special_tokens=False).input_ids
+            toks = self.tokenizer(self.prompt.verbalizer_prefix + lab, add_special_tokens=False).input_ids
             if not toks or toks[0] == self.tokenizer.unk_token_id:
                 raise ValueError(f"backbone {self.name}: label {lab!r} has no verbalizer token")
             ids.append(toks[0])
@@ -314,8 +372,20 @@ class AudioLLMBackbone:
     def new_lm(self, labels: Sequence[str]) -> EmotionLM:
         """A private, frozen copy of the language model + LM head scoring ``labels``."""
         lm = EmotionLM(copy.deepcopy(self.model.model.language_model), copy.deepcopy(self.model.lm_head),
-                       self.tokenizer, self.verbalizer_ids(labels))
+                       self.tokenizer, self.verbalizer_ids(labels), self.prompt, labels)
         return lm.eval()
+
+
+def _config_identity(config) -> str:
+    """The config as JSON without what does not change the network: where it was loaded from, the
+    transformers version, the class list save_pretrained adds, and dtype fields (the weights, hashed
+    beside it, carry the precision)."""
+    skip = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
+
+    def clean(d):
+        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if k not in skip}
+
+    return json.dumps(clean(json.loads(config.to_json_string(use_diff=False))), sort_keys=True)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -404,3 +474,167 @@ def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBa
         torch.manual_seed(seed)
         model = Qwen2AudioForConditionalGeneration(config)
     return AudioLLMBackbone("tiny-qwen2-audio", model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
+
+
+@BACKBONES.register("tiny-ultravox")
+def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """Ultravox composed from transformers parts (:mod:`benchbench.ultravox`) at tiny size, random init.
+
+    Whisper encoder (80 mel bins, 2 layers, d_model 64, a 4 s window), the stacking projector
+    (stack factor 8: 6.25 audio tokens per second, as the real model), and a 2-block Llama LM
+    (hidden 64) over the suite's tiny tokenizer.
+    """
+    from transformers import LlamaConfig, WhisperConfig
+
+    from .ultravox import UltravoxComposite
+
+    tokenizer = tiny_tokenizer()
+    wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                         d_model=64, max_source_positions=200)
+    text = {k: v for k, v in _tiny_text_config(tokenizer).items() if k != "model_type"}
+    lcfg = LlamaConfig(**text)
+    lcfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UltravoxComposite(wcfg, lcfg, stack_factor=8)
+    return AudioLLMBackbone("tiny-ultravox", model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------------------- real backbones
+class BackboneWeightsMissing(FileNotFoundError):
+    """A real backbone's weights are not on disk (the message says what to download and where)."""
+
+
+@dataclass(frozen=True)
+class PretrainedSpec:
+    """A real backbone: its default Hugging Face id, transformers class and prompt format."""
+
+    hub_id: str
+    model_class: str | None        # None: composed by benchbench.ultravox
+    prompt: PromptFormat
+    size: str
+
+
+PRETRAINED = {
+    "qwen2-audio-7b": PretrainedSpec("Qwen/Qwen2-Audio-7B-Instruct", "Qwen2AudioForConditionalGeneration",
+                                     QWEN_CHAT_PROMPT, "about 8B parameters, about 17 GB in bf16"),
+    "audio-flamingo-3": PretrainedSpec("nvidia/audio-flamingo-3-hf", "AudioFlamingo3ForConditionalGeneration",
+                                       AF3_PROMPT, "about 8B parameters, about 17 GB in bf16"),
+    "ultravox-v0.4": PretrainedSpec("fixie-ai/ultravox-v0_4", None, LLAMA3_PROMPT,
+                                    "Whisper encoder + Llama-3.1-8B-Instruct, about 17 GB in bf16; "
+                                    "its config.json names both base checkpoints, which must be on disk too"),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_weights(name: str, weights: str | None, allow_download: bool = False) -> Path:
+    """A local folder with the backbone's checkpoint: ``weights`` when it is a folder, else the
+    Hugging Face cache entry of ``weights`` (a hub id) or of the backbone's default id.
+
+    Raises:
+        BackboneWeightsMissing: nothing on disk and downloads not allowed (names the command to run).
+    """
+    spec = PRETRAINED[name]
+    if weights and Path(weights).expanduser().is_dir():
+        path = Path(weights).expanduser()
+        if not (path / "config.json").is_file():
+            raise BackboneWeightsMissing(f"backbone {name}: {path} has no config.json (is it a checkpoint folder "
+                                         f"of {spec.hub_id}?)")
+        return path
+    repo = weights or spec.hub_id
+    if weights and ("/" not in weights or weights.startswith((".", "/", "~"))):
+        raise BackboneWeightsMissing(f"backbone {name}: --weights {weights} is not a folder. Download the "
+                                     f"checkpoint: `huggingface-cli download {spec.hub_id} --local-dir {weights}`")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=not allow_download))
+    except Exception as e:
+        raise BackboneWeightsMissing(
+            f"backbone {name}: weights for {repo} are not on this machine ({type(e).__name__}). Download them "
+            f"({spec.size}): `huggingface-cli download {repo} --local-dir DIR` and pass `--weights DIR`, "
+            f"or allow the download with `--allow-download`") from None
+
+
+def load_pretrained(name: str, weights: str | None = None, dtype: str | None = None, device: str | None = None,
+                    device_map: str | None = None, allow_download: bool = False, seed: int = 0,
+                    cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """A real backbone (:data:`PRETRAINED`) from a local checkpoint folder or the Hugging Face cache.
+
+    Args:
+        weights: a checkpoint folder or a hub id (default: the backbone's ``hub_id``).
+        dtype: ``bf16``, ``fp16`` or ``fp32`` (default: the checkpoint's own).
+        device: e.g. ``cuda`` or ``cuda:1``; ``device_map``: passed to ``from_pretrained`` (e.g.
+            ``auto`` to spread a model over GPUs). At most one of the two.
+        allow_download: let ``huggingface_hub`` download missing files (off by default: runs never
+            download silently).
+        seed: unused (the weights are fixed); kept so every factory takes the same arguments.
+
+    Raises:
+        BackboneWeightsMissing: the checkpoint is not on disk; ``ValueError``: bad dtype or both
+        ``device`` and ``device_map``.
+    """
+    import transformers
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"backbone {name}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if device and device_map:
+        raise ValueError(f"backbone {name}: pass --device or --device-map, not both")
+    spec = PRETRAINED[name]
+    path = resolve_weights(name, weights, allow_download)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    if spec.model_class is None:  # ultravox-v0.4: composed, never remote code
+        from .ultravox import load_ultravox
+
+        model = load_ultravox(path, dtype=torch_dtype, local_files_only=not allow_download)
+        cfg = json.loads((path / "config.json").read_text())
+        feature_extractor = transformers.WhisperFeatureExtractor.from_pretrained(
+            cfg.get("audio_model_id", "openai/whisper-medium"), local_files_only=not allow_download)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    else:
+        cls = getattr(transformers, spec.model_class)
+        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        if device_map:
+            kwargs["device_map"] = device_map
+        model = cls.from_pretrained(path, **kwargs)
+        feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if device:
+        model.to(device)
+    return AudioLLMBackbone(name, model, feature_extractor, tokenizer, cache_dir=cache_dir, prompt=spec.prompt)
+
+
+def _register_pretrained(name: str) -> None:
+    def factory(seed: int = 0, cache_dir: Path | None = None, **options) -> AudioLLMBackbone:
+        return load_pretrained(name, seed=seed, cache_dir=cache_dir, **options)
+
+    spec = PRETRAINED[name]
+    factory.__doc__ = f"{name}: {spec.hub_id} ({spec.size}); see :func:`load_pretrained` for the options."
+    factory.needs = f"weights {spec.hub_id} ({spec.size}): --weights DIR or the Hugging Face cache"
+    factory.pretrained = True
+    factory.__qualname__ = f"load_pretrained[{name}]"
+    BACKBONES.register(name, factory)
+
+
+for _name in PRETRAINED:
+    _register_pretrained(_name)
+
+BACKBONE_OPTIONS = ("weights", "dtype", "device", "device_map", "allow_download")
+
+
+def make_backbone(name: str, options: dict | None = None, **kwargs) -> AudioLLMBackbone:
+    """Build a registered backbone; ``options`` (:data:`BACKBONE_OPTIONS`) only apply to real ones.
+
+    Raises:
+        ValueError: options given for a tiny backbone (built from a config, no weights to load).
+    """
+    factory = BACKBONES.get(name)
+    options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
+    if options and not getattr(factory, "pretrained", False):
+        raise ValueError(f"backbone {name} is built from a config (random init); options {sorted(options)} "
+                         f"apply to the real backbones only ({', '.join(PRETRAINED)})")
+    return factory(**kwargs, **options)
+
+
+for _tiny in (tiny_qwen2_audio, tiny_audio_flamingo_3, tiny_ultravox):
+    _tiny.needs = "nothing (built from its config class, random init; for tests and CPU runs)"

@@ -55,7 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, metavar="FILE",
                    help="method configs from a file exported by `bench sweep` (applied over the preset)")
     r.add_argument("--tasks", type=_csv, required=True, help="comma-separated, e.g. synthetic,emodb")
-    r.add_argument("--backbone", default="tiny-qwen2-audio")
+    r.add_argument("--backbone", default="tiny-qwen2-audio", help="see `bench list backbones`")
+    r.add_argument("--weights", default=None, metavar="DIR|HUB_ID",
+                   help="real backbones: checkpoint folder or hub id (default: the backbone's hub id, from the HF cache)")
+    r.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="real backbones: weight dtype")
+    r.add_argument("--device", default=None, help="real backbones: e.g. cuda")
+    r.add_argument("--device-map", default=None, help="real backbones: from_pretrained's device_map, e.g. auto")
+    r.add_argument("--allow-download", action="store_true",
+                   help="real backbones: let huggingface_hub download missing weights (off: never silently)")
     r.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     r.add_argument("--folds", type=_ints, default=None, help="subset of fold indices (default: all)")
     r.add_argument("--preset", default="default", choices=["smoke", "default", "paper"],
@@ -207,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         node[leaf] = value
     spec = RunSpec(methods=args.methods, tasks=args.tasks, backbone=args.backbone, seeds=args.seeds,
                    preset=args.preset, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-                   output=args.output, folds=args.folds, method_overrides=overrides)
+                   output=args.output, folds=args.folds, method_overrides=overrides,
+                   backbone_options={"weights": args.weights, "dtype": args.dtype, "device": args.device,
+                                     "device_map": args.device_map, "allow_download": args.allow_download})
     try:
         summary = run(spec, show_progress=not args.no_progress)
     except (KeyError, ValueError, FileNotFoundError, ImportError) as e:

@@ -26,7 +26,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .backbone import BACKBONES
+from .backbone import BACKBONES, make_backbone
 from .data import hash_json
 from .method import METHODS
 from .metrics import METRICS, compute_metrics, confusion, stream_predict
@@ -50,6 +50,7 @@ class RunSpec:
     output: str | None = None
     folds: list[int] | None = None           # None: all folds of each task
     method_overrides: dict = field(default_factory=dict)  # method -> config overrides
+    backbone_options: dict = field(default_factory=dict)  # weights, dtype, device, device_map, allow_download
     baseline: str = "lora"                   # reference method for paired comparisons
 
 
@@ -95,7 +96,11 @@ def validate(spec: RunSpec) -> None:
         cls = TASKS.get(t)
         if cls.needs_data_dir and not spec.data_dir:
             raise ValueError(f"task {t!r} reads files: pass --data-dir")
-    BACKBONES.get(spec.backbone)
+    factory = BACKBONES.get(spec.backbone)
+    given = {k for k, v in spec.backbone_options.items() if v not in (None, False)}
+    if given and not getattr(factory, "pretrained", False):
+        raise ValueError(f"backbone {spec.backbone} is built from a config (random init); "
+                         f"{sorted(given)} apply to the real backbones only")
     if not spec.seeds:
         raise ValueError("no seeds given")
 
@@ -111,12 +116,13 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
     tracker = Tracker(spec.tracking_uri, f"bench-{out.name}",
                       params={k: v for k, v in spec.__dict__.items() if k != "method_overrides"},
                       tags={"output_dir": str(out.resolve())})
-    backbone = BACKBONES.get(spec.backbone)()
     rows: list[dict] = []
     predictions: list[pd.DataFrame] = []
     task_info: dict[str, dict] = {}
     status = "FINISHED"
+    backbone = None
     try:
+        backbone = make_backbone(spec.backbone, spec.backbone_options)
         for task_name in spec.tasks:
             task = TASKS.get(task_name)(data_dir=spec.data_dir, preset=spec.preset)
             folds = task.folds()
@@ -152,7 +158,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
         summary = summarize(results, preds_df, task_info, spec.baseline)
         summary["run"] = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
                           "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
-                          "backbone_key": backbone.key}
+                          "backbone_key": backbone.key if backbone is not None else None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         from .leaderboard import render_markdown
 

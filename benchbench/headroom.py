@@ -23,7 +23,7 @@ import json
 import torch
 from torch import nn
 
-from .backbone import BACKBONES
+from .backbone import make_backbone
 from .harness import HISTORY_BINS, history_bin, speaker_history_counts
 from .task import TASKS
 
@@ -81,7 +81,7 @@ def probe(task_name: str = "synthetic", backbone_name: str = "tiny-qwen2-audio",
     """
     task = TASKS.get(task_name)(preset=preset, **(task_overrides or {}))
     fold = task.folds()[0]
-    backbone = BACKBONES.get(backbone_name)()
+    backbone = make_backbone(backbone_name)
     tr, te = _tensors(backbone, fold.train), _tensors(backbone, fold.test)
     results = {}
     for feature in features:

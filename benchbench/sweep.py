@@ -136,7 +136,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from .backbone import BACKBONES
+    from .backbone import make_backbone
     from .harness import _seed_everything
     from .metrics import evaluate
     from .task import TASKS
@@ -154,7 +154,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     fold = folds[min(folds)] if spec.fold is None else folds.get(spec.fold)
     if fold is None:
         raise ValueError(f"task {spec.task} has no fold {spec.fold} (folds: {sorted(folds)})")
-    backbone = BACKBONES.get(spec.backbone)()
+    backbone = make_backbone(spec.backbone)
 
     if spec.tracking_uri:
         mlflow.set_tracking_uri(spec.tracking_uri)

@@ -149,7 +149,7 @@ class DynamicParameterMemory(ContextMethod):
             peft_model.add_adapter("temp", LoraConfig(r=c.temp_r, lora_alpha=c.temp_alpha,
                                                       lora_dropout=c.temp_dropout,
                                                       target_modules=list(c.temp_target_modules)))
-            self.unit_head = nn.Linear(self.lm.hidden_size, c.n_units + 1)  # units + <audio_end>
+            self.unit_head = nn.Linear(self.lm.hidden_size, c.n_units + 1).to(self.lm.lm_head.weight)  # + <audio_end>
         peft_model.base_model.set_adapter(["task", "temp"])  # outputs of active adapters add up
         self.temp_params = {n: p for n, p in self.lm.named_parameters() if "lora_" in n and ".temp." in n}
         if not self.temp_params:
@@ -189,7 +189,8 @@ class DynamicParameterMemory(ContextMethod):
     def _utterance_tokens(self, utt: UtteranceInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(audio embeddings ``[T, D]``, stream embeddings ``[T + 1, D]`` with <|audio_eos|>, units ``[T + 1]``)."""
         emb = self.backbone.audio_embeddings(utt)
-        eos = self.lm.text_embeddings(AUDIO_EOS).to(emb.dtype)
+        eos = self.lm.text_embeddings(self.backbone.prompt.audio_eos or self.lm.tokenizer.eos_token or AUDIO_EOS)
+        eos = eos[-1:].to(device=emb.device, dtype=emb.dtype)  # one <audio_end> position
         units = torch.cat([self.units(emb), torch.tensor([self.config.n_units])])  # <audio_end> = unit K
         return emb, torch.cat([emb, eos]), units
 
@@ -201,11 +202,12 @@ class DynamicParameterMemory(ContextMethod):
         and position j predicts ``units[j]``; the last ``n_scored`` predictions are scored (Eq. 3 / 9).
         Windows are right-padded into one batch. Returns the mean over windows of each window's mean.
         """
-        bos = self.lm.text_embeddings(AUDIO_BOS)
-        seqs = [torch.cat([bos.to(e.dtype), e[:-1]]) for e, _, _ in windows]
+        w = self.lm.lm_head.weight
+        bos = self.lm.text_embeddings(self.backbone.prompt.audio_bos or self.lm.tokenizer.bos_token or AUDIO_BOS)[:1]
+        seqs = [torch.cat([bos.to(e), e[:-1]]).to(w) for e, _, _ in windows]
         L, D = max(s.shape[0] for s in seqs), seqs[0].shape[1]
         x = seqs[0].new_zeros(len(seqs), L, D)
-        mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long, device=x.device)
         for b, s in enumerate(seqs):
             x[b, : s.shape[0]], mask[b, : s.shape[0]] = s, 1
         h = self.lm.hidden_states(x, mask)                                     # [B, L, D]
@@ -213,7 +215,7 @@ class DynamicParameterMemory(ContextMethod):
         for b, (e, u, k) in enumerate(windows):
             n = e.shape[0]
             logits = self.unit_head(h[b, n - k:n])                             # [k, n_units + 1]
-            losses.append(nn.functional.cross_entropy(logits, u[n - k:]))
+            losses.append(nn.functional.cross_entropy(logits.float(), u[n - k:].to(logits.device)))
         return torch.stack(losses).mean()
 
     def _phase1_window(self, emb: torch.Tensor, units: torch.Tensor, end: int):
@@ -251,7 +253,8 @@ class DynamicParameterMemory(ContextMethod):
             for i in range(0, len(perm), s.batch_size):
                 chunk = [examples[j] for j in perm[i:i + s.batch_size]]
                 logits = self.lm(self.lm.batch([[Segment(e)] for e, _, _ in chunk]))
-                loss_e = nn.functional.cross_entropy(logits, torch.tensor([y for _, y, _ in chunk]))  # Eq. 5
+                loss_e = nn.functional.cross_entropy(logits, torch.tensor([y for _, y, _ in chunk],
+                                                                          device=logits.device))  # Eq. 5
                 loss_a = self._unit_windows([w for _, _, w in chunk])                               # Eq. 3
                 loss = 0.5 * (loss_a + loss_e)                                                       # Eq. 7
                 if not torch.isfinite(loss):

@@ -110,7 +110,7 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
         for b in method.rng.permutation(len(batches)):
             chunk = [examples[j] for j in batches[b]]
             logits = lm(lm.batch([segs for segs, _ in chunk]))
-            loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk]))
+            loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -63,7 +63,7 @@ class MemoryAsContext(TitansMemoryMethod):
         ctx["span"] = (s + n, e + n)
         # EmotionLM.forward reads the answer position after the LM has run: point it at the shifted one
         ctx["batch"].answer_index = ctx["batch"].answer_index + n
-        pos = torch.arange(h.shape[1])[None]
+        pos = torch.arange(h.shape[1], device=h.device)[None]
         ctx["block_kwargs"] = {"position_ids": pos, "position_embeddings": self._rotary(h, pos)}
         kwargs.update(ctx["block_kwargs"])
         return h, kwargs

@@ -137,6 +137,7 @@ class MemoryBranch(nn.Module):
     def retrieve(self, h: torch.Tensor, state=None):
         """Eq. 6-8: ``(m [B, T, D], S_i)`` for hidden states ``h [B, T, D]`` and state ``S_{i-1}``."""
         B, T, _ = h.shape
+        h_dtype, h = h.dtype, h.to(self.W_in.weight.dtype)  # the branch runs in float32 over a bf16 host
         z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6: [P; W_in h]
         n = self.n_p + T
         if self.store_len is not None:  # one update per utterance; every token reads S_{i-1}
@@ -144,7 +145,7 @@ class MemoryBranch(nn.Module):
                 raise ValueError(f"memory branch: utterance of {T} audio tokens is longer than the "
                                  f"{self.max_tokens} the memory's chunk was sized for")
             z = nn.functional.pad(z, (0, 0, 0, self.store_len - n))
-            mask = (torch.arange(self.store_len) < n).expand(B, -1)
+            mask = (torch.arange(self.store_len, device=h.device) < n).expand(B, -1)
             r, state = self.memory(z, state=state, store_mask=mask)                # Eq. 7
         else:
             if n % self.chunk_size:
@@ -152,7 +153,7 @@ class MemoryBranch(nn.Module):
                                  f"{self.chunk_size}; titans-pytorch would not chain the dialogue state "
                                  "exactly (use chunk_size=1 or a divisor of N_p + T)")
             r, state = self.memory(z, state=state)                                # Eq. 7
-        return self.W_out(r[:, self.n_p:n]), state                                 # Eq. 8 / Eq. 3
+        return self.W_out(r[:, self.n_p:n]).to(h_dtype), state                     # Eq. 8 / Eq. 3
 
 
 class TitansMemoryMethod(ContextMethod):
@@ -190,7 +191,7 @@ class TitansMemoryMethod(ContextMethod):
             torch.manual_seed(seed + 7919)
             self.branches = nn.ModuleDict({str(l): self.branch_cls(self.lm.hidden_size, self.config,
                                                                    backbone.max_audio_tokens)
-                                           for l in self.layer_ids})
+                                           for l in self.layer_ids}).to(self.lm.lm_head.weight.device)
         self._memory_removed = False
         for l, block in enumerate(self.lm.layers):
             block.register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
@@ -264,7 +265,8 @@ class TitansMemoryMethod(ContextMethod):
         for d in train:
             embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
             streams = self._stream_keys(d.inputs())
-            buckets[(tuple(e.shape[0] for e in embs), tuple(streams))].append((embs, torch.tensor(d.labels)))
+            buckets[(tuple(e.shape[0] for e in embs), tuple(streams))].append(
+                (embs, torch.tensor(d.labels, device=self.lm.lm_head.weight.device)))
         losses = self.curves.setdefault(f"{self.name}_train_loss", [])
         gate_curve = self.curves.setdefault(f"{self.name}_mean_gate", []) if gates else None
         dev_scores = self.curves.setdefault(f"{self.name}_dev_{c.selection_metric}", [])

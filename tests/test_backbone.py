@@ -40,12 +40,21 @@ def test_cached_path_matches_native_forward(which, mask_kwarg, backbone, af3):
     torch.testing.assert_close(ours, native, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def ultravox():
+    from benchbench.backbone import tiny_ultravox
+
+    return tiny_ultravox(seed=0)
+
+
+@pytest.mark.parametrize("which", ["af3", "ultravox"])
 @pytest.mark.parametrize("name", ["mal", "mac", "mag", "dpm"])
-def test_memory_methods_attach_to_audio_flamingo_3(name, af3, tiny_task):
+def test_memory_methods_attach_to_every_backbone_class(name, which, af3, ultravox, tiny_task):
     from benchbench.method import METHODS
 
     cls = METHODS.get(name)
-    m = cls(af3, tiny_task.labels, cls.make_config("smoke"), seed=0)
+    bb = {"af3": af3, "ultravox": ultravox}[which]
+    m = cls(bb, tiny_task.labels, cls.make_config("smoke"), seed=0)
     fold = tiny_task.folds()[0]
     m.fit(fold.train[:3], fold.dev)
     p = m.predict_dialogue(fold.test[0].inputs())

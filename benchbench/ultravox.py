@@ -1,0 +1,163 @@
+"""Ultravox composed from transformers' own classes (no remote code).
+
+Ultravox (fixie-ai) is not a transformers model class: its checkpoints ship ``ultravox_model.py`` to
+run with ``trust_remote_code``. The suite never runs remote code. It composes the same network from
+transformers' parts, following the checkpoint's layout:
+
+* ``audio_tower``: transformers' ``WhisperEncoder`` run over the utterance's own mel frames (no
+  padding to Whisper's 30 s window, as Ultravox's ``ModifiedWhisperEncoder`` does): conv1, conv2,
+  the first ``n`` positional embeddings, the encoder layers, the final layer norm. 50 frames/s.
+* ``multi_modal_projector`` (``UltravoxProjector``): stack every ``stack_factor`` (8) encoder frames
+  (the last group zero-padded) -> RMSNorm -> Linear -> SwiGLU (``silu(gate) * x`` over the two halves)
+  -> Linear -> RMSNorm, i.e. ``50 / 8 = 6.25`` audio tokens per second.
+* ``language_model``: transformers' ``LlamaModel`` + ``lm_head`` (Llama-3.1-8B-Instruct for v0.4).
+
+:func:`load_ultravox` builds it from a local copy of the checkpoint (its ``config.json`` names the
+Whisper and Llama checkpoints it was trained on) and loads, in this order, the Whisper encoder, the
+Llama LM and the checkpoint's own ``multi_modal_projector.*`` (and any ``audio_tower.*`` /
+``language_model.*``) tensors; every expected tensor that nothing provides is an error, never a
+silent random init.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+
+class _SwiGLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * x
+
+
+class UltravoxProjector(nn.Module):
+    """Stacked Whisper frames ``[B, T, D_a]`` -> audio-token embeddings ``[B, ceil(T/s), D]``."""
+
+    def __init__(self, audio_hidden: int, text_hidden: int, stack_factor: int = 8, hidden: int | None = None):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.stack_factor = stack_factor
+        hidden = hidden or text_hidden
+        dim = audio_hidden * stack_factor
+        self.ln_pre = LlamaRMSNorm(dim)
+        self.linear_1 = nn.Linear(dim, hidden, bias=False)
+        self.act = _SwiGLU()
+        self.linear_2 = nn.Linear(hidden // 2, text_hidden, bias=False)
+        self.ln_post = LlamaRMSNorm(text_hidden)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        B, T, D = frames.shape
+        pad = (-T) % self.stack_factor
+        frames = nn.functional.pad(frames, (0, 0, 0, pad))
+        x = frames.reshape(B, (T + pad) // self.stack_factor, D * self.stack_factor)
+        return self.ln_post(self.linear_2(self.act(self.linear_1(self.ln_pre(x)))))
+
+
+class UltravoxEncoder(nn.Module):
+    """transformers' ``WhisperEncoder`` weights, run over an utterance's own frames (no 30 s padding)."""
+
+    def __init__(self, whisper_config, stack_factor: int = 8):
+        super().__init__()
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        self.whisper = WhisperEncoder(whisper_config)
+        self.stack_factor = stack_factor
+
+    def _get_feat_extract_output_lengths(self, feat_len: torch.Tensor):
+        """Mel frames -> (encoder frames, audio tokens after stacking)."""
+        conv_len = (feat_len - 1) // 2 + 1
+        return conv_len, (conv_len + self.stack_factor - 1) // self.stack_factor
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Mel features ``[B, n_mels, F]`` (F <= 2 * max_source_positions) -> ``[B, ceil(F/2), D_a]``."""
+        w = self.whisper
+        x = nn.functional.gelu(w.conv1(input_features))
+        x = nn.functional.gelu(w.conv2(x)).permute(0, 2, 1)
+        if x.shape[1] > w.embed_positions.num_embeddings:
+            raise ValueError(f"{input_features.shape[-1]} mel frames exceed the encoder's "
+                             f"{2 * w.embed_positions.num_embeddings}")
+        x = x + w.embed_positions.weight[: x.shape[1]]
+        for layer in w.layers:
+            x = layer(x, None)
+        return w.layer_norm(x)
+
+
+class UltravoxComposite(nn.Module):
+    """Ultravox with the layout :class:`benchbench.backbone.AudioLLMBackbone` reads:
+    ``model.audio_tower``, ``model.multi_modal_projector``, ``model.language_model``, ``lm_head``,
+    ``config.text_config``, and ``get_audio_features(input_features, attention_mask)``."""
+
+    def __init__(self, whisper_config, llama_config, stack_factor: int = 8, projector_hidden: int | None = None):
+        super().__init__()
+        from transformers import PretrainedConfig
+        from transformers.models.llama.modeling_llama import LlamaModel
+
+        self.config = PretrainedConfig(model_type="benchbench-ultravox", stack_factor=stack_factor,
+                                       projector_hidden=projector_hidden or llama_config.hidden_size,
+                                       audio_config=whisper_config.to_dict(), text_config_dict=llama_config.to_dict())
+        self.config.text_config = llama_config
+        self.model = nn.Module()
+        self.model.audio_tower = UltravoxEncoder(whisper_config, stack_factor)
+        self.model.multi_modal_projector = UltravoxProjector(whisper_config.d_model, llama_config.hidden_size,
+                                                             stack_factor, projector_hidden)
+        self.model.language_model = LlamaModel(llama_config)
+        self.lm_head = nn.Linear(llama_config.hidden_size, llama_config.vocab_size, bias=False)
+
+    def get_audio_features(self, input_features: torch.Tensor, attention_mask: torch.Tensor):
+        """One utterance's mel features ``[1, n_mels, F]`` with mask ``[1, F]`` -> ``pooler_output``
+        ``[T, D]``: the encoder runs over the real frames only."""
+        n = int(attention_mask[0].sum())
+        frames = self.model.audio_tower(input_features[:, :, :n])
+        return SimpleNamespace(pooler_output=self.model.multi_modal_projector(frames)[0])
+
+
+def load_ultravox(path: Path, whisper_path: Path | None = None, llama_path: Path | None = None, dtype=None,
+                  local_files_only: bool = True) -> UltravoxComposite:
+    """Ultravox from a local checkpoint folder (``config.json`` + ``model.safetensors``).
+
+    ``config.json`` gives ``stack_factor``, ``audio_model_id`` and ``text_model_id``; the Whisper and
+    Llama weights come from ``whisper_path`` / ``llama_path`` when given, else from those ids (the
+    Hugging Face cache; downloads only when ``local_files_only`` is False).
+
+    Raises:
+        FileNotFoundError: the checkpoint, or one of the weights it needs, is not on disk.
+        ValueError: a tensor the network needs is provided by none of the three sources.
+    """
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, LlamaForCausalLM, WhisperModel
+
+    cfg = json.loads((path / "config.json").read_text())
+    whisper_id = str(whisper_path or cfg.get("audio_model_id", "openai/whisper-medium"))
+    llama_id = str(llama_path or cfg.get("text_model_id", "meta-llama/Meta-Llama-3.1-8B-Instruct"))
+    wcfg = AutoConfig.from_pretrained(whisper_id, local_files_only=local_files_only)
+    lcfg = AutoConfig.from_pretrained(llama_id, local_files_only=local_files_only)
+    model = UltravoxComposite(wcfg, lcfg, int(cfg.get("stack_factor", 8)))
+    whisper = WhisperModel.from_pretrained(whisper_id, dtype=dtype, local_files_only=local_files_only)
+    model.model.audio_tower.whisper.load_state_dict(whisper.encoder.state_dict())
+    del whisper
+    llama = LlamaForCausalLM.from_pretrained(llama_id, dtype=dtype, local_files_only=local_files_only)
+    model.model.language_model.load_state_dict(llama.model.state_dict())
+    model.lm_head.load_state_dict(llama.lm_head.state_dict())
+    del llama
+    own = {}
+    for f in sorted(path.glob("*.safetensors")):
+        own.update(load_file(str(f)))
+    proj = {k.split("multi_modal_projector.", 1)[1]: v for k, v in own.items() if "multi_modal_projector." in k}
+    expected = set(model.model.multi_modal_projector.state_dict())
+    if set(proj) != expected:
+        raise ValueError(f"{path}: multi_modal_projector tensors {sorted(proj)} do not match the expected "
+                         f"{sorted(expected)}")
+    model.model.multi_modal_projector.load_state_dict(proj)
+    tower = {k.split("audio_tower.", 1)[1]: v for k, v in own.items() if k.startswith("audio_tower.")}
+    if tower:  # checkpoints that fine-tuned the encoder carry it
+        model.model.audio_tower.whisper.load_state_dict(tower, strict=False)
+    if dtype is not None:
+        model.to(dtype)
+    return model
