@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -82,14 +82,11 @@ QWEN_CHAT_PROMPT = PromptFormat(
     context_header="Previous utterances:\n", current_header="\nCurrent utterance:\n", speaker="{tag}: ",
     verbalizer_prefix="")
 """Qwen2-Audio-7B-Instruct's chat format (audio between ``<|audio_bos|>`` / ``<|audio_eos|>``)."""
-AF3_PROMPT = PromptFormat(**{**QWEN_CHAT_PROMPT.__dict__, "audio_bos": "", "audio_eos": ""})
+AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
 """Audio Flamingo 3 (a Qwen2.5 LM): the same chat format; its audio tokens have no bos/eos markers."""
-LLAMA3_PROMPT = PromptFormat(
-    audio_bos="", audio_eos="",
-    prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
-    instruction="\n" + _CHAT_INSTRUCTION + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-    context_header="Previous utterances:\n", current_header="\nCurrent utterance:\n", speaker="{tag}: ",
-    verbalizer_prefix="")
+LLAMA3_PROMPT = replace(
+    AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+    instruction="\n" + _CHAT_INSTRUCTION + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 """Ultravox v0.4's Llama-3.1-Instruct chat format."""
 
 
@@ -418,6 +415,16 @@ def _tiny_text_config(tokenizer) -> dict:
                 tie_word_embeddings=False)
 
 
+def _tiny_backbone(name: str, build_model: Callable, seed: int, cache_dir: Path | None) -> AudioLLMBackbone:
+    """A tiny backbone: ``build_model(tokenizer)`` under ``seed`` (the caller's RNG untouched), the
+    tiny tokenizer and feature extractor."""
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(tokenizer)
+    return AudioLLMBackbone(name, model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
+
+
 def _tiny_feature_extractor():
     from transformers import WhisperFeatureExtractor
 
@@ -435,19 +442,18 @@ def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None) -> Audio
     """
     from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
 
-    tokenizer = tiny_tokenizer()
-    config = AudioFlamingo3Config(
-        audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=2,
-                          num_attention_heads=4, intermediate_size=128, hidden_size=64, max_source_positions=200),
-        text_config=_tiny_text_config(tokenizer),
-        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-    )
-    config.text_config._attn_implementation = "sdpa"
-    config.audio_config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AudioFlamingo3ForConditionalGeneration(config)
-    return AudioLLMBackbone("tiny-audio-flamingo-3", model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
+    def build(tokenizer):
+        config = AudioFlamingo3Config(
+            audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=128, hidden_size=64, max_source_positions=200),
+            text_config=_tiny_text_config(tokenizer),
+            audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        )
+        config.text_config._attn_implementation = "sdpa"
+        config.audio_config._attn_implementation = "eager"
+        return AudioFlamingo3ForConditionalGeneration(config)
+
+    return _tiny_backbone("tiny-audio-flamingo-3", build, seed, cache_dir)
 
 
 @BACKBONES.register("tiny-qwen2-audio")
@@ -459,21 +465,20 @@ def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBa
     """
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-    tokenizer = tiny_tokenizer()
-    config = Qwen2AudioConfig(
-        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=2,
-                          encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
-                          max_source_positions=200),
-        text_config=_tiny_text_config(tokenizer),
-        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-    )
-    config._attn_implementation = "eager"
-    config.text_config._attn_implementation = "sdpa"
-    config.audio_config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2AudioForConditionalGeneration(config)
-    return AudioLLMBackbone("tiny-qwen2-audio", model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
+    def build(tokenizer):
+        config = Qwen2AudioConfig(
+            audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=2,
+                              encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
+                              max_source_positions=200),
+            text_config=_tiny_text_config(tokenizer),
+            audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        )
+        config._attn_implementation = "eager"
+        config.text_config._attn_implementation = "sdpa"
+        config.audio_config._attn_implementation = "eager"
+        return Qwen2AudioForConditionalGeneration(config)
+
+    return _tiny_backbone("tiny-qwen2-audio", build, seed, cache_dir)
 
 
 @BACKBONES.register("tiny-ultravox")
@@ -488,16 +493,14 @@ def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackb
 
     from .ultravox import UltravoxComposite
 
-    tokenizer = tiny_tokenizer()
-    wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                         d_model=64, max_source_positions=200)
-    text = {k: v for k, v in _tiny_text_config(tokenizer).items() if k != "model_type"}
-    lcfg = LlamaConfig(**text)
-    lcfg._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UltravoxComposite(wcfg, lcfg, stack_factor=8)
-    return AudioLLMBackbone("tiny-ultravox", model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
+    def build(tokenizer):
+        wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                             d_model=64, max_source_positions=200)
+        lcfg = LlamaConfig(**{k: v for k, v in _tiny_text_config(tokenizer).items() if k != "model_type"})
+        lcfg._attn_implementation = "sdpa"
+        return UltravoxComposite(wcfg, lcfg, stack_factor=8)
+
+    return _tiny_backbone("tiny-ultravox", build, seed, cache_dir)
 
 
 # ---------------------------------------------------------------------------- real backbones
@@ -622,17 +625,25 @@ for _name in PRETRAINED:
 BACKBONE_OPTIONS = ("weights", "dtype", "device", "device_map", "allow_download")
 
 
-def make_backbone(name: str, options: dict | None = None, **kwargs) -> AudioLLMBackbone:
-    """Build a registered backbone; ``options`` (:data:`BACKBONE_OPTIONS`) only apply to real ones.
+def backbone_factory(name: str, options: dict | None = None) -> tuple[Callable[..., AudioLLMBackbone], dict]:
+    """The registered factory of ``name`` and the ``options`` (:data:`BACKBONE_OPTIONS`) actually
+    given (unset ones dropped), checked without building anything.
 
     Raises:
-        ValueError: options given for a tiny backbone (built from a config, no weights to load).
+        KeyError: unknown backbone; ValueError: options given for a tiny backbone (built from a
+        config, no weights to load).
     """
     factory = BACKBONES.get(name)
     options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
     if options and not getattr(factory, "pretrained", False):
         raise ValueError(f"backbone {name} is built from a config (random init); options {sorted(options)} "
                          f"apply to the real backbones only ({', '.join(PRETRAINED)})")
+    return factory, options
+
+
+def make_backbone(name: str, options: dict | None = None, **kwargs) -> AudioLLMBackbone:
+    """Build a registered backbone (:func:`backbone_factory` checks ``options``)."""
+    factory, options = backbone_factory(name, options)
     return factory(**kwargs, **options)
 
 

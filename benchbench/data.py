@@ -153,10 +153,9 @@ def manifest_of(dialogues: Sequence[Dialogue], labels: Sequence[str] | None = No
             h.update(f"{d.dialogue_id}|{u.input.turn}|{u.utterance_id}|{u.speaker}|{u.label}|".encode())
             h.update(u.input.audio_sha256.encode())
             n_utt += 1
-    n_scored = sum(int(d.scored.sum()) for d in dialogues)
-    out = {"n_dialogues": len(dialogues), "n_utterances": n_utt, "n_scored": n_scored}
+    y = np.concatenate([d.labels for d in dialogues]) if dialogues else np.zeros(0, dtype=np.int64)
+    out = {"n_dialogues": len(dialogues), "n_utterances": n_utt, "n_scored": int((y != UNSCORED).sum())}
     if labels is not None:
-        y = np.concatenate([d.labels for d in dialogues]) if dialogues else np.zeros(0, dtype=np.int64)
         out["per_class"] = {lab: int((y == i).sum()) for i, lab in enumerate(labels)}
     out["sha256"] = h.hexdigest()
     return out

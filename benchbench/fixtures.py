@@ -89,7 +89,7 @@ def make_iemocap(emodb_dir: str | Path, out_dir: str | Path, per_speaker: int | 
             paths = list(files[spk])
             rng.shuffle(paths)
             pools[tag] = paths[:per_speaker] if per_speaker else paths
-        counters = {"hap": 0}
+        counters: dict[str, int] = {}  # per Emo-DB letter, to cycle through its IEMOCAP codes
         n_dialogue = 0
         while pools["F"] or pools["M"]:
             n_dialogue += 1

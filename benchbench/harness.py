@@ -26,10 +26,10 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .backbone import BACKBONES, make_backbone
+from .backbone import backbone_factory, make_backbone
 from .data import hash_json
 from .method import METHODS
-from .metrics import METRICS, compute_metrics, confusion, stream_predict
+from .metrics import METRICS, compute_metrics, confusion, scored_only, stream_predict
 from .stats import compare_all, interval
 from .task import TASKS
 
@@ -96,11 +96,7 @@ def validate(spec: RunSpec) -> None:
         cls = TASKS.get(t)
         if cls.needs_data_dir and not spec.data_dir:
             raise ValueError(f"task {t!r} reads files: pass --data-dir")
-    factory = BACKBONES.get(spec.backbone)
-    given = {k for k, v in spec.backbone_options.items() if v not in (None, False)}
-    if given and not getattr(factory, "pretrained", False):
-        raise ValueError(f"backbone {spec.backbone} is built from a config (random init); "
-                         f"{sorted(given)} apply to the real backbones only")
+    backbone_factory(spec.backbone, spec.backbone_options)
     if not spec.seeds:
         raise ValueError("no seeds given")
 
@@ -197,9 +193,7 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
                 "traceback": traceback.format_exc()[-2000:]}, None
     # every utterance of the stream was predicted; only the scored ones count (IEMOCAP's fru, xxx,
     # ... are context only) and only they go into predictions.csv and the paired statistics
-    keep = np.concatenate([d.scored for d in fold.test])
-    y_true = np.concatenate([d.labels for d in fold.test])[keep]
-    p = np.concatenate(probs)[keep]
+    y_true, p, keep = scored_only(fold.test, probs)
     y_pred = p.argmax(-1)
     metrics = compute_metrics(y_true, y_pred, task.labels)
     n_test = len(y_true)
@@ -209,10 +203,10 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
             **test_time_costs(method.test_time_cost, n_stream), "test_time_issues": len(method.test_time_issues)}
     for issue in method.test_time_issues:
         log.warning("cell %s: %s", base, issue)
-    inputs = [u for d in fold.test for u in d.inputs()]
-    history = [k for d in fold.test for k in speaker_history_counts(d.inputs())]
-    inputs = [u for u, k in zip(inputs, keep) if k]
-    history = [h for h, k in zip(history, keep) if k]
+    # speaker history counts every earlier utterance of the stream, context-only ones included
+    scored = [(u, k) for d in fold.test for u, k, s in zip(d.inputs(), speaker_history_counts(d.inputs()), d.scored)
+              if s]
+    inputs, history = [u for u, _ in scored], [k for _, k in scored]
     preds = pd.DataFrame({
         **base,
         "dialogue_id": [u.dialogue_id for u in inputs],

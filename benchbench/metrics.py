@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score
 
-from .data import UNSCORED, Dialogue
+from .data import Dialogue
 
 METRICS = ("wa", "ua", "wf1", "macro_f1")
 
@@ -52,10 +52,15 @@ def stream_predict(method, dialogues: Sequence[Dialogue]) -> list[np.ndarray]:
     return [np.asarray(method.predict_dialogue(d.inputs())) for d in dialogues]
 
 
+def scored_only(dialogues: Sequence[Dialogue], probs: Sequence[np.ndarray]):
+    """The scored utterances of streamed dialogues: ``(labels [N_s], probabilities [N_s, C],
+    mask [N])``, N counting every utterance of the streams (context-only ones included) and N_s the
+    scored ones; ``probs`` as from :func:`stream_predict`."""
+    keep = np.concatenate([d.scored for d in dialogues])
+    return np.concatenate([d.labels for d in dialogues])[keep], np.concatenate(probs)[keep], keep
+
+
 def evaluate(method, dialogues: Sequence[Dialogue], labels: Sequence[str]) -> dict[str, float]:
     """Metrics of a method streamed over labelled dialogues (used for dev-set model selection)."""
-    probs = stream_predict(method, dialogues)
-    y_pred = np.concatenate([p.argmax(-1) for p in probs])
-    y_true = np.concatenate([d.labels for d in dialogues])
-    keep = y_true != UNSCORED
-    return compute_metrics(y_true[keep], y_pred[keep], labels)
+    y_true, p, _ = scored_only(dialogues, stream_predict(method, dialogues))
+    return compute_metrics(y_true, p.argmax(-1), labels)

@@ -99,8 +99,8 @@ class UltravoxComposite(nn.Module):
 
         self.config = PretrainedConfig(model_type="benchbench-ultravox", stack_factor=stack_factor,
                                        projector_hidden=projector_hidden or llama_config.hidden_size,
-                                       audio_config=whisper_config.to_dict(), text_config_dict=llama_config.to_dict())
-        self.config.text_config = llama_config
+                                       audio_config=whisper_config.to_dict())
+        self.config.text_config = llama_config  # serialised with the config (and so in the cache key)
         self.model = nn.Module()
         self.model.audio_tower = UltravoxEncoder(whisper_config, stack_factor)
         self.model.multi_modal_projector = UltravoxProjector(whisper_config.d_model, llama_config.hidden_size,

@@ -107,13 +107,17 @@ class IEMOCAPTask(Task):
     def params(self) -> dict:
         return {**super().params(), "dev_fraction": self.dev_fraction, "protocol": "LOSO, exc->hap"}
 
+    def _skip(self, path: Path, reason: str) -> None:
+        """Report a file left out (manifest and log), never a silent drop."""
+        self.skipped.append({"file": str(path.relative_to(self.root)), "reason": reason})
+        log.warning("iemocap: skipped %s (%s)", self.skipped[-1]["file"], reason)
+
     def _load_session(self, k: int) -> tuple[Dialogue, ...]:
         session = self.root / f"Session{k}"
         eval_dir = session / "dialog" / "EmoEvaluation"
         files = sorted(eval_dir.glob("*.txt")) if eval_dir.is_dir() else []
         if not files:
-            self.skipped.append({"file": str(eval_dir), "reason": "no EmoEvaluation .txt files"})
-            log.warning("iemocap: %s has no EmoEvaluation files", eval_dir)
+            self._skip(eval_dir, "no EmoEvaluation .txt files")
             return ()
         dialogues = []
         for path in files:
@@ -122,17 +126,17 @@ class IEMOCAPTask(Task):
             for start, end, turn_name, code in sorted(parse_emo_evaluation(path)):
                 wav_path = session / "sentences" / "wav" / did / f"{turn_name}.wav"
                 if not wav_path.is_file():
-                    self.skipped.append({"file": str(wav_path.relative_to(self.root)), "reason": "missing wav"})
+                    self._skip(wav_path, "missing wav")
                     continue
                 try:
                     wav, sr = sf.read(str(wav_path), dtype="float32", always_2d=False)
                 except Exception as e:  # reported, never silently dropped
-                    self.skipped.append({"file": str(wav_path.relative_to(self.root)), "reason": f"unreadable: {e}"})
+                    self._skip(wav_path, f"unreadable: {e}")
                     continue
                 if wav.ndim == 2:
                     wav = wav.mean(axis=1)
                 if len(wav) == 0:
-                    self.skipped.append({"file": str(wav_path.relative_to(self.root)), "reason": "empty audio"})
+                    self._skip(wav_path, "empty audio")
                     continue
                 if code in CODES:
                     label = LABELS.index(CODES[code])
@@ -144,8 +148,6 @@ class IEMOCAPTask(Task):
                 utts.append(Utterance(inp, label))
             if utts:
                 dialogues.append(Dialogue(did, tuple(utts)))
-        for s in self.skipped:
-            log.warning("iemocap: skipped %s (%s)", s["file"], s["reason"])
         return tuple(dialogues)
 
     def _check_counts(self) -> dict:
