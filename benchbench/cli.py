@@ -36,7 +36,7 @@ def _ints(s: str) -> list[int]:
 def _override(s: str) -> tuple[str, str, object]:
     """``method.key=value`` (value parsed as JSON when it can be, e.g. ``mal.lora.lr=1e-3``)."""
     if "=" not in s or "." not in s.split("=", 1)[0]:
-        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME.KEY=VALUE (a method or task name), got {s!r}")
     key, value = s.split("=", 1)
     method, path = key.split(".", 1)
     try:
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None, help="dataset folder for tasks that read files")
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's local default)")
     r.add_argument("--output", default=None, help="output folder (default: a new folder under runs/)")
+    r.add_argument("--task-set", dest="task_options", type=_override, action="append", default=[],
+                   metavar="TASK.KEY=VALUE",
+                   help="task option, e.g. synthetic.n_train=160 (repeatable; the cells' preset is then "
+                        "labelled default+n_train=160 so the leaderboard keeps them apart)")
     r.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                    metavar="METHOD.KEY=VALUE", help="override a method config value (repeatable)")
     r.add_argument("--no-progress", action="store_true")
@@ -212,9 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         for k in parents:
             node = node.setdefault(k, {})
         node[leaf] = value
+    task_options: dict = {}
+    for task, key, value in args.task_options:
+        task_options.setdefault(task, {})[key] = value
     spec = RunSpec(methods=args.methods, tasks=args.tasks, backbone=args.backbone, seeds=args.seeds,
                    preset=args.preset, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-                   output=args.output, folds=args.folds, method_overrides=overrides,
+                   output=args.output, folds=args.folds, method_overrides=overrides, task_options=task_options,
                    backbone_options={"weights": args.weights, "dtype": args.dtype, "device": args.device,
                                      "device_map": args.device_map, "allow_download": args.allow_download})
     try:

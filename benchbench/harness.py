@@ -31,7 +31,7 @@ from .data import hash_json
 from .method import METHODS
 from .metrics import METRICS, compute_metrics, confusion, scored_only, stream_predict
 from .stats import compare_all, interval
-from .task import TASKS
+from .task import TASKS, check_task_options, make_task
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class RunSpec:
     output: str | None = None
     folds: list[int] | None = None           # None: all folds of each task
     method_overrides: dict = field(default_factory=dict)  # method -> config overrides
+    task_options: dict = field(default_factory=dict)      # task -> constructor options (e.g. n_train)
     backbone_options: dict = field(default_factory=dict)  # weights, dtype, device, device_map, allow_download
     baseline: str = "lora"                   # reference method for paired comparisons
 
@@ -96,9 +97,20 @@ def validate(spec: RunSpec) -> None:
         cls = TASKS.get(t)
         if cls.needs_data_dir and not spec.data_dir:
             raise ValueError(f"task {t!r} reads files: pass --data-dir")
+    for t, options in spec.task_options.items():
+        if t not in spec.tasks:
+            raise ValueError(f"--task-set {t}.*: task {t!r} is not in --tasks {spec.tasks}")
+        check_task_options(t, options)
     backbone_factory(spec.backbone, spec.backbone_options)
     if not spec.seeds:
         raise ValueError("no seeds given")
+
+
+def preset_label(spec: RunSpec, task_name: str) -> str:
+    """The cell's ``preset`` param: the preset, plus the task options when any were set
+    (``default+n_train=160``), so that the leaderboard never pools cells of different data."""
+    options = spec.task_options.get(task_name)
+    return spec.preset + "".join(f"+{k}={v}" for k, v in sorted(options.items())) if options else spec.preset
 
 
 def run(spec: RunSpec, show_progress: bool = True) -> dict:
@@ -120,7 +132,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
     try:
         backbone = make_backbone(spec.backbone, spec.backbone_options)
         for task_name in spec.tasks:
-            task = TASKS.get(task_name)(data_dir=spec.data_dir, preset=spec.preset)
+            task = make_task(task_name, spec.data_dir, spec.preset, spec.task_options.get(task_name))
             folds = task.folds()
             if spec.folds is not None:
                 folds = [f for f in folds if f.index in spec.folds]
@@ -170,7 +182,7 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
     config = cls.make_config(spec.preset, spec.method_overrides.get(method_name))
     base = {"method": method_name, "task": task.name, "backbone": spec.backbone, "seed": seed,
             "fold": fold.index}
-    params = {**base, "preset": spec.preset, "backbone_key": backbone.key,
+    params = {**base, "preset": preset_label(spec, task.name), "backbone_key": backbone.key,
               **{f"method.{k}": v for k, v in config.flat().items()},
               **{f"task.{k}": v for k, v in task.params().items()}}
     tags = {"data_manifest_sha256": manifest["sha256"],
@@ -385,6 +397,10 @@ def format_summary(summary: dict) -> str:
         if ceil:
             lines.append(f"{t} reference ceilings (WA %): " +
                          ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items()))
+        on_test = ref.get("test_ceilings")
+        if on_test:
+            lines.append(f"{t} the same Bayes rules on this test split (WA %): " +
+                         ", ".join(f"{k} {100 * v:.2f}" for k, v in on_test.items()))
     hist = summary.get("by_speaker_history", [])
     if hist:
         lines.append("WA (%) by the speaker's earlier utterances in the dialogue:")

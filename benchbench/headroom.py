@@ -12,7 +12,8 @@ test accuracy overall and by the number of the speaker's earlier utterances in t
   (Titans-as-a-Layer Eq. 6-8, one memory update per utterance; here a depth-1 memory of width
   ``d_m``) with a trainable head instead of the frozen host LM.
 
-Run: ``python -m benchbench.headroom --n-train 480``. Training dialogues, dev unused, test scored.
+Run: ``python -m benchbench.headroom [--n-train 160]`` (default: the preset's 480 training
+dialogues). Dev unused, test scored.
 """
 
 from __future__ import annotations

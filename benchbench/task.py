@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,14 @@ class Task(ABC):
         # things a user must read about the data (count mismatches, ...): printed by `bench run`,
         # written to the manifest
         self.notices: list[str] = []
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Keyword options of the constructor beyond ``data_dir`` and ``preset`` (``bench run
+        --task-set TASK.KEY=VALUE``)."""
+        sig = inspect.signature(cls.__init__)
+        return [n for n, p in sig.parameters.items() if n not in ("self", "data_dir", "preset")
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     @abstractmethod
     def folds(self) -> list[Fold]:
@@ -64,3 +73,22 @@ TASKS.register("emodb", "benchbench.tasks.emodb:EmoDBDialogueTask")
 TASKS.register("iemocap", "benchbench.tasks.iemocap:IEMOCAPTask")
 TASKS.register("meld", "benchbench.tasks.meld:MELDTask")
 TASKS.register("multidialog", "benchbench.tasks.multidialog:MultiDialogTask")
+
+
+def make_task(name: str, data_dir: str | Path | None = None, preset: str = "default",
+              options: dict | None = None) -> Task:
+    """Build registered task ``name`` with constructor ``options`` (e.g. ``{"n_train": 160}``).
+
+    Raises ``KeyError`` for an unknown task and ``ValueError`` naming the task and the option for an
+    option its constructor does not take.
+    """
+    check_task_options(name, options or {})
+    return TASKS.get(name)(data_dir=data_dir, preset=preset, **(options or {}))
+
+
+def check_task_options(name: str, options: dict) -> None:
+    """``ValueError`` naming task ``name`` and the option for any its constructor does not take."""
+    known = TASKS.get(name).option_names()
+    bad = sorted(set(options) - set(known))
+    if bad:
+        raise ValueError(f"task {name}: unknown option(s) {bad} (known: {known})")

@@ -25,6 +25,9 @@ class FullContextConfig(MethodConfig):
     lora: LoRASettings = field(default_factory=LoRASettings)
     max_context_tokens: int = 4096  # audio tokens of previous utterances kept in the input
     speaker_tags: bool = True       # tag each segment with its speaker (S0, S1, ... in order of appearance)
+    # "dialogue": every previous utterance (the papers' explicit context); "speaker": only the current
+    # speaker's own previous utterances (the speaker-baseline context)
+    context: str = "dialogue"
 
 
 class FullContext(ContextMethod):
@@ -40,6 +43,8 @@ class FullContext(ContextMethod):
 
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)
+        if self.config.context not in ("dialogue", "speaker"):
+            raise ValueError(f"full_context context {self.config.context!r}: expected 'dialogue' or 'speaker'")
         self.lora_params = attach_lora(self.lm, self.config.lora)
         self.reset()
 
@@ -57,6 +62,8 @@ class FullContext(ContextMethod):
         def seg(u):
             return Segment(self.backbone.audio_embeddings(u), tags[u.speaker] if self.config.speaker_tags else None)
 
+        if self.config.context == "speaker":
+            history = [u for u in history if u.speaker == current.speaker]
         context, budget = [], self.config.max_context_tokens
         for u in reversed(history):
             s = seg(u)

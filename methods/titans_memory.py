@@ -78,7 +78,7 @@ class TitansMemoryConfig(MethodConfig):
     grad_clip: float = 1.0       # ... clipping 1.0
     gate_lr: float = 2e-4        # gates ({alpha} in MAL, W_g in MAG; MAC has none): lr 2e-4 ...
     gate_grad_clip: float = 2.0  # ... clipping 2.0
-    batch_dialogues: int = 1     # dialogues per Phase-2 step (only equal-shape dialogues are batched)
+    batch_dialogues: int = 1     # memory streams (dialogues; speakers with speaker_memory) per Phase-2 step, equal shapes only
     selection_metric: str = "ua"
     # One memory state per speaker of the dialogue instead of one per dialogue: each utterance reads
     # and writes only its speaker's state (a speaker-baseline variant; the paper keeps one state).
@@ -168,8 +168,8 @@ class TitansMemoryMethod(ContextMethod):
         "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2,
                       batch_dialogues=8),
         # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=8, lr=3e-3,
-                        gate_lr=5e-2, batch_dialogues=4),
+        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=5, lr=3e-3,
+                        gate_lr=5e-2, batch_dialogues=8),
     }
 
     @classmethod
@@ -259,29 +259,33 @@ class TitansMemoryMethod(ContextMethod):
         rest, gates = self.memory_parameters()
         opt_rest = torch.optim.AdamW(rest, lr=c.lr)
         opt_gate = torch.optim.AdamW(gates, lr=c.gate_lr, weight_decay=0.0) if gates else None
-        # dialogues with identical shapes (and, with speaker memory, the same turn-taking) share a
-        # batched memory: titans-pytorch keeps one sequence index per batched state
+        # memory streams with identical shapes share a batched memory (titans-pytorch keeps one
+        # sequence index per batched state). A stream is a dialogue, or with speaker memory one
+        # speaker's utterances in turn order: each utterance then reads and writes only its own
+        # speaker's state and its input is that utterance alone, so the speakers' streams are
+        # independent sequences and train as such
         buckets = defaultdict(list)
+        device = self.lm.lm_head.weight.device
         for d in train:
             embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
-            streams = self._stream_keys(d.inputs())
-            buckets[(tuple(e.shape[0] for e in embs), tuple(streams))].append(
-                (embs, torch.tensor(d.labels, device=self.lm.lm_head.weight.device)))
+            keys = self._stream_keys(d.inputs())
+            for k in sorted(set(keys)):
+                turns = [t for t, key in enumerate(keys) if key == k]
+                buckets[tuple(embs[t].shape[0] for t in turns)].append(
+                    ([embs[t] for t in turns], torch.tensor([d.labels[t] for t in turns], device=device)))
         losses = self.curves.setdefault(f"{self.name}_train_loss", [])
         gate_curve = self.curves.setdefault(f"{self.name}_mean_gate", []) if gates else None
         dev_scores = self.curves.setdefault(f"{self.name}_dev_{c.selection_metric}", [])
         best, best_state = evaluate(self, dev, self.labels)[c.selection_metric], self._memory_state()
         for epoch in range(c.epochs):
             self.branches.train()
-            batches = [(key[1], group[i:i + c.batch_dialogues]) for key, group in buckets.items()
+            batches = [group[i:i + c.batch_dialogues] for group in buckets.values()
                        for i in range(0, len(group), c.batch_dialogues)]
             for bi in self.rng.permutation(len(batches)):
-                streams, group = batches[bi]
-                by_stream: dict = {}
+                group = batches[bi]
                 with self.memory_active({}) as ctx:
                     loss, n_scored = 0.0, 0
                     for t in range(len(group[0][0])):
-                        ctx["states"] = by_stream.setdefault(streams[t], {})
                         logits = self._forward_turn(ctx, [embs[t] for embs, _ in group])
                         y_t = torch.stack([y[t] for _, y in group])
                         # context-only utterances update the memory but are no target

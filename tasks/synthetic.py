@@ -53,7 +53,7 @@ DB_PER_Z = 4.0         # level change per z unit of energy
 PRESETS = {
     #             dialogues (train, dev, test), turns, seconds per utterance
     "smoke": dict(n_train=12, n_dev=4, n_test=6, n_turns=6, duration_s=1.0),
-    "default": dict(n_train=160, n_dev=24, n_test=48, n_turns=10, duration_s=1.2),
+    "default": dict(n_train=480, n_dev=48, n_test=96, n_turns=10, duration_s=1.2),
 }
 
 
@@ -112,10 +112,19 @@ class SyntheticProsodyTask(Task):
         super().__init__(None, preset, seed)
         if preset not in PRESETS:
             raise ValueError(f"task synthetic: unknown preset {preset!r} (known: {sorted(PRESETS)})")
+        unknown = sorted(set(overrides) - set(PRESETS[preset]))
+        if unknown:
+            raise ValueError(f"task synthetic: unknown size option(s) {unknown} (known: {sorted(PRESETS[preset])})")
         self.sizes = {**PRESETS[preset], **overrides}
         self.sigma_b, self.sigma_n, self.p_stay, self.p_hold = sigma_b, sigma_n, p_stay, p_hold
         self._folds: list[Fold] | None = None
         self.latents: dict[str, dict] = {}  # utterance_id -> {"x", "b", "emotion"}
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The constructor's options plus the preset's sizes (``n_train``, ``n_dev``, ``n_test``,
+        ``n_turns``, ``duration_s``), which ``**overrides`` replaces."""
+        return [n for n in super().option_names() if n != "overrides"] + list(PRESETS["default"])
 
     def params(self) -> dict:
         return {**super().params(), **self.sizes, "sigma_b": self.sigma_b, "sigma_n": self.sigma_n,
@@ -165,7 +174,25 @@ class SyntheticProsodyTask(Task):
         return self._folds
 
     def reference(self) -> dict:
-        return {"ceilings": self.ceilings()}
+        return {"ceilings": self.ceilings(), "test_ceilings": self.test_ceilings()}
+
+    def test_ceilings(self) -> dict:
+        """The two Bayes rules of :meth:`ceilings` applied to this task's own test utterances
+        (fractions): what the optimal context-free and speaker-history rules score on exactly the
+        items every method is scored on, free of the test split's sampling noise around the
+        population ceilings."""
+        free, history = [], []
+        for d in self.folds()[0].test:
+            seen: dict[str, list] = {}
+            for u in d.utterances:
+                lat = self.latents[u.utterance_id]
+                x = seen.setdefault(u.input.speaker, [])
+                x.append(lat["x"])
+                free.append(nearest_offset(lat["x"][None])[0] == lat["emotion"])
+                post = speaker_history_posterior(np.array(x), self.sigma_b, self.sigma_n, self.p_stay)
+                history.append(int(np.argmax(post)) == lat["emotion"])
+        return {"context_free": float(np.mean(free)) if free else float("nan"),
+                "speaker_history": float(np.mean(history)) if history else float("nan")}
 
     def ceilings(self, n: int = 200_000, n_dialogues: int = 600) -> dict:
         """Reference accuracies (fractions), by Monte Carlo from the generative model.
@@ -183,9 +210,6 @@ class SyntheticProsodyTask(Task):
         b = rng.normal(0.0, self.sigma_b, (n, 3))
         x = b + EMOTION_OFFSETS[e] + rng.normal(0.0, self.sigma_n, (n, 3))
 
-        def nearest(v):
-            return np.argmin(((v[:, None, :] - EMOTION_OFFSETS[None]) ** 2).sum(-1), axis=1)
-
         hits = []
         for _ in range(n_dialogues):
             history: dict[int, list] = {0: [], 1: []}
@@ -193,13 +217,19 @@ class SyntheticProsodyTask(Task):
                 history[who].append(xu)
                 post = speaker_history_posterior(np.array(history[who]), self.sigma_b, self.sigma_n, self.p_stay)
                 hits.append(int(np.argmax(post)) == emo)
-        return {"context_free": float(np.mean(nearest(x) == e)),
+        return {"context_free": float(np.mean(nearest_offset(x) == e)),
                 "speaker_history": float(np.mean(hits)),
-                "baseline_known": float(np.mean(nearest(x - b) == e)),
+                "baseline_known": float(np.mean(nearest_offset(x - b) == e)),
                 "chance": 1.0 / len(LABELS)}
 
 
 HISTORY_WINDOW = 7
+
+
+def nearest_offset(x: np.ndarray) -> np.ndarray:
+    """The context-free Bayes rule: the emotion whose offset is nearest to each row of ``x``
+    ``[n, 3]`` (z units) -> ``[n]`` class indices (uniform marginal, isotropic shared covariance)."""
+    return np.argmin(((x[:, None, :] - EMOTION_OFFSETS[None]) ** 2).sum(-1), axis=1)
 
 
 def speaker_history_posterior(x: np.ndarray, sigma_b: float, sigma_n: float, p_stay: float) -> np.ndarray:

@@ -101,3 +101,26 @@ def test_summary_when_every_cell_failed():
     s = summarize(rows, pd.DataFrame(), {"synthetic": {"reference": {}, "manifest_sha256": "x", "labels": ["a"]}})
     assert s["cells"] == [] and s["failed_cells"][0]["error"] == "ValueError: boom"
     assert "FAILED lora synthetic seed 0 fold 0: ValueError: boom" in format_summary(s)
+
+
+def test_task_options_change_the_data_and_label_the_preset(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "o"
+    rc = main(["run", "--methods", "lora", "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0",
+               "--task-set", "synthetic.n_test=2", "--task-set", "synthetic.n_turns=4",
+               "--tracking-uri", uri, "--output", str(out), "--no-progress"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest-synthetic.json").read_text())
+    test = manifest["folds"]["0"]["test"]
+    assert test["n_dialogues"] == 2 and test["n_utterances"] == 8
+    assert "the same Bayes rules on this test split" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("benchbench").experiment_id])
+    (cell,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert cell.data.params["preset"] == "smoke+n_test=2+n_turns=4" and cell.data.params["task.n_test"] == "2"
+    # an option the task does not take, or for a task not being run, fails before any training
+    for bad, msg in ((["--task-set", "synthetic.n_trian=3"], "unknown option(s) ['n_trian']"),
+                     (["--task-set", "emodb.min_turns=3"], "is not in --tasks")):
+        rc = main(["run", "--methods", "lora", "--tasks", "synthetic", "--preset", "smoke", *bad,
+                   "--tracking-uri", uri, "--output", str(tmp_path / "x"), "--no-progress"])
+        assert rc == 2 and msg in capsys.readouterr().err

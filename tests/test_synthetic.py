@@ -41,6 +41,21 @@ def test_ceilings_are_ordered_and_match_the_latents():
         assert abs(acc - ref) < 4 * np.sqrt(ref * (1 - ref) / n)
 
 
+def test_test_ceilings_apply_the_bayes_rules_to_the_test_split():
+    t = SyntheticProsodyTask(preset="default", n_train=0, n_dev=0, n_test=60, duration_s=0.1)
+    c, on_test = t.ceilings(), t.test_ceilings()
+    test = t.folds()[0].test
+    lat = [t.latents[u.utterance_id] for d in test for u in d.utterances]
+    x = np.array([l["x"] for l in lat]); e = np.array([l["emotion"] for l in lat])
+    nearest = np.argmin(((x[:, None] - EMOTION_OFFSETS[None]) ** 2).sum(-1), 1)
+    assert on_test["context_free"] == pytest.approx(np.mean(nearest == e))  # exactly the rule on these items
+    n = len(e)
+    for k in ("context_free", "speaker_history"):  # within binomial noise of the population figures
+        assert abs(on_test[k] - c[k]) < 4 * np.sqrt(c[k] * (1 - c[k]) / n)
+    assert on_test["speaker_history"] > on_test["context_free"]
+    assert t.reference()["test_ceilings"] == on_test
+
+
 def test_emotions_are_sticky_per_speaker():
     t = SyntheticProsodyTask(preset="default", n_train=0, n_dev=0, n_test=150, duration_s=0.1)
     assert abs(same_emotion_rate(t.folds()[0].test) - t.p_stay) < 0.05
