@@ -4,6 +4,10 @@ The explicit-context approach both papers argue against: each utterance's input 
 tokens of as many preceding utterances as fit in ``max_context_tokens`` (most recent first), each
 under a speaker tag, then the current one; a task LoRA (same settings as ``lora``) is trained on
 these sequences. Its cost grows with the dialogue (sequence length up to the budget).
+
+``context``: ``"dialogue"`` (the papers' setting and the ``paper`` preset) takes every earlier
+utterance; ``"speaker"`` (the CPU-sized ``default`` preset) only the current speaker's own earlier
+utterances, by the utterance's ``speaker`` metadata. Speaker tags stay those of the whole dialogue.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ class FullContext(ContextMethod):
     uses_context = True
     presets = {
         "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), max_context_tokens=256),
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), max_context_tokens=512),
+        # CPU-sized; the context is the current speaker's own earlier utterances (the papers' is the
+        # whole dialogue: `--preset paper`, or `--set full_context.context=dialogue`)
+        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), max_context_tokens=512, context="speaker"),
     }
 
     def __init__(self, backbone, labels, config=None, seed=0):

@@ -18,6 +18,10 @@ Phase 2: LoRA and backbone frozen, the branches trained by backpropagation throu
 dialogue, with separate learning rates and clipping for the branch {W_in, W_out, M, P} and for its
 gates).
 
+Memory streams: one state per dialogue (the paper; the ``paper`` preset) or, with ``speaker_memory``
+(the CPU-sized ``default`` preset), one per speaker of the dialogue, chosen by the utterance's
+``speaker`` metadata; both are reset at the dialogue's start.
+
 Our reading where the paper is silent: in MAC, P enters the host sequence through the same W_out
 (P lives in the memory's d_m space, as in MAL); MAC has no gate; MAG's W_g starts at zero weight and a
 bias ``gate_bias_init`` (sigmoid(3) = 0.95), so an untrained MAG nearly passes h through.
@@ -167,9 +171,11 @@ class TitansMemoryMethod(ContextMethod):
     presets = {
         "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2,
                       batch_dialogues=8),
-        # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=5, lr=3e-3,
-                        gate_lr=5e-2, batch_dialogues=8),
+        # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting, and one
+        # memory state per speaker (the paper keeps one per dialogue: `--preset paper`, or
+        # `--set mal.speaker_memory=false`); see the README's "Memory per speaker"
+        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=3, lr=3e-3,
+                        gate_lr=5e-2, batch_dialogues=8, speaker_memory=True),
     }
 
     @classmethod

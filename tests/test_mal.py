@@ -210,5 +210,20 @@ def test_speaker_memory_keeps_one_state_per_speaker(backbone, tiny_task):
     assert not np.allclose(full, mal.step(u[-1]), atol=1e-4)
     assert set(mal.states) == {x.speaker for x in other} | {u[-1].speaker}  # one state per speaker
     fold = tiny_task.folds()[0]
-    mal.fit(fold.train, fold.dev)  # Phase 2 groups dialogues by turn-taking pattern
+    # Phase 2 trains each speaker's utterances as one sequence (independent memory streams)
+    seen, forward = [], mal._forward_turn
+
+    def recording(ctx, embeddings):
+        if mal.branches.training:
+            seen.append((id(ctx), len(embeddings)))
+        return forward(ctx, embeddings)
+
+    mal._forward_turn = recording
+    mal.fit(fold.train, fold.dev)
     assert np.isfinite(mal.curves["mal_train_loss"]).all()
+    turns = {}
+    for ctx, b in seen:
+        turns.setdefault(ctx, []).append(b)
+    streams = sorted(n for d in fold.train for n in np.unique([u.speaker for u in d.inputs()], return_counts=True)[1])
+    per_epoch = sorted(n for bs in turns.values() for n in [len(bs)] * bs[0])  # one entry per stream
+    assert per_epoch == sorted(streams * mal.config.epochs)

@@ -21,3 +21,13 @@ def test_presets_differ_and_overrides_apply():
     paper = METHODS.get("mal").make_config("paper", {"d_m": 256, "lora": {"lr": 1e-4}}).flat()
     assert paper["d_m"] == 256 and paper["lora.lr"] == 1e-4
     assert METHODS.get("mal").make_config("default").flat() != METHODS.get("mal").make_config("paper").flat()
+
+
+def test_default_preset_keeps_speaker_context_and_paper_preset_the_dialogue():
+    """The CPU-sized default gives the memories one state per speaker and full_context the current
+    speaker's utterances; the paper preset keeps the papers' one state / context per dialogue."""
+    for name in ("mal", "mac", "mag"):
+        assert METHODS.get(name).make_config("default").speaker_memory is True
+        assert METHODS.get(name).make_config("paper").speaker_memory is False
+    assert METHODS.get("full_context").make_config("default").context == "speaker"
+    assert METHODS.get("full_context").make_config("paper").context == "dialogue"
