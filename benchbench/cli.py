@@ -34,7 +34,8 @@ def _ints(s: str) -> list[int]:
 
 
 def _override(s: str) -> tuple[str, str, object]:
-    """``method.key=value`` (value parsed as JSON when it can be, e.g. ``mal.lora.lr=1e-3``)."""
+    """``name.key=value`` for a method or a task (value parsed as JSON when it can be, e.g.
+    ``mal.lora.lr=1e-3``, ``synthetic.n_train=160``)."""
     if "=" not in s or "." not in s.split("=", 1)[0]:
         raise argparse.ArgumentTypeError(f"expected NAME.KEY=VALUE (a method or task name), got {s!r}")
     key, value = s.split("=", 1)

@@ -31,7 +31,7 @@ from .data import hash_json
 from .method import METHODS
 from .metrics import METRICS, compute_metrics, confusion, scored_only, stream_predict
 from .stats import compare_all, interval
-from .task import TASKS, check_task_options, make_task
+from .task import TASKS, check_task_options
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
     try:
         backbone = make_backbone(spec.backbone, spec.backbone_options)
         for task_name in spec.tasks:
-            task = make_task(task_name, spec.data_dir, spec.preset, spec.task_options.get(task_name))
+            task = TASKS.get(task_name)(data_dir=spec.data_dir, preset=spec.preset,
+                                        **spec.task_options.get(task_name, {}))  # checked in validate()
             folds = task.folds()
             if spec.folds is not None:
                 folds = [f for f in folds if f.index in spec.folds]

@@ -75,17 +75,6 @@ TASKS.register("meld", "benchbench.tasks.meld:MELDTask")
 TASKS.register("multidialog", "benchbench.tasks.multidialog:MultiDialogTask")
 
 
-def make_task(name: str, data_dir: str | Path | None = None, preset: str = "default",
-              options: dict | None = None) -> Task:
-    """Build registered task ``name`` with constructor ``options`` (e.g. ``{"n_train": 160}``).
-
-    Raises ``KeyError`` for an unknown task and ``ValueError`` naming the task and the option for an
-    option its constructor does not take.
-    """
-    check_task_options(name, options or {})
-    return TASKS.get(name)(data_dir=data_dir, preset=preset, **(options or {}))
-
-
 def check_task_options(name: str, options: dict) -> None:
     """``ValueError`` naming task ``name`` and the option for any its constructor does not take."""
     known = TASKS.get(name).option_names()
