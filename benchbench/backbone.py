@@ -1,6 +1,4 @@
-"""Backbone wrapper over transformers' audio LLM classes.
-
-Three things every method needs from an audio LLM, and nothing more:
+"""The backbone contract: what every method needs from an audio LLM, and nothing more.
 
 (a) :meth:`AudioLLMBackbone.audio_embeddings`: the frozen audio encoder + projector turning one
     utterance into audio-token embeddings ``[T, D]`` (T audio tokens, D the LM hidden size), cached
@@ -12,10 +10,12 @@ Three things every method needs from an audio LLM, and nothing more:
     of the label verbalizer tokens at the answer position (the DPM paper's constrained logits,
     Eq. 5-7), never free-text generation and parsing.
 
-The embedded default backbone ``tiny-qwen2-audio`` is ``Qwen2AudioForConditionalGeneration`` built
-from a tiny config, seeded, random init: the code path the real Qwen2-Audio-7B takes, no download.
-``tests/test_backbone.py`` checks that our cached path (a) + (c) gives the same logits as the
-model's own ``forward(input_ids, input_features, feature_attention_mask)``.
+The backbone families (Qwen2-Audio, Audio Flamingo 3, Ultravox), each with its real loader, its tiny
+builder and its chat prompt, live in the ``backbones/`` folder (installed as
+``benchbench.backbones``) and register here as :class:`BackboneSpec` entries of :data:`BACKBONES`
+(by ``"module:attr"`` string, so the core never imports them; plugins use the entry-point group
+``benchbench.backbones``). ``tests/test_backbone.py`` checks that the cached path (a) + (c) gives the
+same logits as each model's own forward.
 """
 
 from __future__ import annotations
@@ -75,19 +75,8 @@ class PromptFormat:
 
 
 TINY_PROMPT = PromptFormat()  # the tiny backbones' word-level tokenizer
-_CHAT_INSTRUCTION = ("Which emotion does the current utterance express? Answer with one word from: {labels}.")
-QWEN_CHAT_PROMPT = PromptFormat(
-    prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
-    instruction="\n" + _CHAT_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n",
-    context_header="Previous utterances:\n", current_header="\nCurrent utterance:\n", speaker="{tag}: ",
-    verbalizer_prefix="")
-"""Qwen2-Audio-7B-Instruct's chat format (audio between ``<|audio_bos|>`` / ``<|audio_eos|>``)."""
-AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
-"""Audio Flamingo 3 (a Qwen2.5 LM): the same chat format; its audio tokens have no bos/eos markers."""
-LLAMA3_PROMPT = replace(
-    AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
-    instruction="\n" + _CHAT_INSTRUCTION + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-"""Ultravox v0.4's Llama-3.1-Instruct chat format."""
+CHAT_INSTRUCTION = "Which emotion does the current utterance express? Answer with one word from: {labels}."
+"""The instruction of the chat backbones' prompts (each family's module builds its PromptFormat)."""
 
 
 @dataclass
@@ -240,12 +229,16 @@ class AudioLLMBackbone:
         feature_extractor: a ``WhisperFeatureExtractor`` matching the audio tower.
         tokenizer: the LM's tokenizer, with the audio special tokens.
         cache_dir: root of the on-disk feature cache (``None``: :func:`default_cache_dir`).
+        prompt: the LM input layout (:class:`PromptFormat`).
+        spare_label_words: for closed word-level vocabularies, words that score labels the
+            vocabulary lacks (:meth:`verbalizer_ids`); empty for real tokenizers.
     """
 
     def __init__(self, name: str, model: nn.Module, feature_extractor, tokenizer, cache_dir: Path | None = None,
-                 prompt: PromptFormat = TINY_PROMPT):
+                 prompt: PromptFormat = TINY_PROMPT, spare_label_words: Sequence[str] = ()):
         self.name = name
         self.prompt = prompt
+        self.spare_label_words = tuple(spare_label_words)
         self.model = model.eval().requires_grad_(False)
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
@@ -355,13 +348,37 @@ class AudioLLMBackbone:
 
     # ---------------------------------------------------------------- (b) + (c)
     def verbalizer_ids(self, labels: Sequence[str]) -> list[int]:
-        """First token id of each label word; ``ValueError`` if two labels share it or one is unknown."""
-        ids = []
+        """The token id scoring each label: the first token of ``prompt.verbalizer_prefix + label``.
+
+        A backbone with a closed word-level vocabulary (the tiny backbones: random init, no language
+        knowledge, so a token's identity carries no meaning) sets ``spare_label_words``: a label
+        outside its vocabulary is then scored through the first of those words that is neither in
+        the label set nor already taken, in label order. Adding a task with new label words
+        therefore never changes the tokenizer, the backbone key, the feature cache or any earlier
+        result; the mapping is logged.
+
+        Raises:
+            ValueError: a label has no token (and no spare word is left), or two labels share one.
+        """
+        ids: list[int | None] = []
         for lab in labels:
             toks = self.tokenizer(self.prompt.verbalizer_prefix + lab, add_special_tokens=False).input_ids
-            if not toks or toks[0] == self.tokenizer.unk_token_id:
-                raise ValueError(f"backbone {self.name}: label {lab!r} has no verbalizer token")
-            ids.append(toks[0])
+            ids.append(None if not toks or toks[0] == self.tokenizer.unk_token_id else toks[0])
+        if any(i is None for i in ids) and self.spare_label_words:
+            spare = [w for w in self.spare_label_words if w not in labels]
+            for k, lab in enumerate(labels):
+                while ids[k] is None and spare:
+                    word = spare.pop(0)
+                    tok = self.tokenizer(self.prompt.verbalizer_prefix + word, add_special_tokens=False).input_ids[0]
+                    if tok not in ids:
+                        ids[k] = tok
+                        log.info("backbone %s: label %r is not in its vocabulary; scored through the spare "
+                                 "word %r", self.name, lab, word)
+        missing = [lab for lab, i in zip(labels, ids) if i is None]
+        if missing:
+            spare = f" (its {len(self.spare_label_words)} spare label words are used up)" \
+                if self.spare_label_words else ""
+            raise ValueError(f"backbone {self.name}: label(s) {missing} have no verbalizer token{spare}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"backbone {self.name}: labels {list(labels)} share verbalizer tokens {ids}")
         return ids
@@ -385,267 +402,89 @@ def _config_identity(config) -> str:
     return json.dumps(clean(json.loads(config.to_json_string(use_diff=False))), sort_keys=True)
 
 
+
+
 # ---------------------------------------------------------------------------- registry
-BACKBONES: Registry[Callable[..., AudioLLMBackbone]] = Registry("backbone")
-
-LABEL_WORDS = ["anger", "happiness", "neutral", "sadness", "joy", "surprise", "disgust", "fear",
-               "boredom", "frustration", "excited", "other"]
-PROMPT_WORDS = sorted({w for t in (INSTRUCTION, CONTEXT_HEADER, CURRENT_HEADER) for w in t.split()})
-SPEAKER_TAGS = [f"S{i}" for i in range(8)]
-
-
-def tiny_tokenizer():
-    """A word-level ``PreTrainedTokenizerFast`` over the suite's prompt words, labels and speaker tags."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]
-    words = specials + PROMPT_WORDS + LABEL_WORDS + SPEAKER_TAGS
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
-    fast.add_special_tokens({"additional_special_tokens": [AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]})
-    return fast
-
-
-def _tiny_text_config(tokenizer) -> dict:
-    """Qwen2, 2 blocks, hidden 64, 4 heads (2 KV): the LM of every tiny backbone."""
-    return dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                tie_word_embeddings=False)
-
-
-def _tiny_backbone(name: str, build_model: Callable, seed: int, cache_dir: Path | None) -> AudioLLMBackbone:
-    """A tiny backbone: ``build_model(tokenizer)`` under ``seed`` (the caller's RNG untouched), the
-    tiny tokenizer and feature extractor."""
-    tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(tokenizer)
-    return AudioLLMBackbone(name, model, _tiny_feature_extractor(), tokenizer, cache_dir=cache_dir)
-
-
-def _tiny_feature_extractor():
-    from transformers import WhisperFeatureExtractor
-
-    return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=4, n_fft=400)
-
-
-@BACKBONES.register("tiny-audio-flamingo-3")
-def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
-    """``AudioFlamingo3ForConditionalGeneration`` from a tiny config, random init under ``seed``.
-
-    Audio tower: AF3's Whisper-style encoder (conv stride 2, then average pooling by 2), 80 mel bins,
-    2 layers, d_model 64, a 4 s window, so 25 audio tokens per second as in the real model; its
-    2-layer projector; the same tiny Qwen2 LM as ``tiny-qwen2-audio``. Audio features come from the
-    model's own ``get_audio_features``.
-    """
-    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
-
-    def build(tokenizer):
-        config = AudioFlamingo3Config(
-            audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=2,
-                              num_attention_heads=4, intermediate_size=128, hidden_size=64, max_source_positions=200),
-            text_config=_tiny_text_config(tokenizer),
-            audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        )
-        config.text_config._attn_implementation = "sdpa"
-        config.audio_config._attn_implementation = "eager"
-        return AudioFlamingo3ForConditionalGeneration(config)
-
-    return _tiny_backbone("tiny-audio-flamingo-3", build, seed, cache_dir)
-
-
-@BACKBONES.register("tiny-qwen2-audio")
-def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
-    """``Qwen2AudioForConditionalGeneration`` from a tiny config, random init under ``seed``.
-
-    Audio tower: 80 mel bins, 2 layers, d_model 64, a 4 s window (``max_source_positions`` 200,
-    i.e. 25 audio tokens per second). Language model: Qwen2, 2 blocks, hidden 64, 4 heads (2 KV).
-    """
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    def build(tokenizer):
-        config = Qwen2AudioConfig(
-            audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=2,
-                              encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
-                              max_source_positions=200),
-            text_config=_tiny_text_config(tokenizer),
-            audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        )
-        config._attn_implementation = "eager"
-        config.text_config._attn_implementation = "sdpa"
-        config.audio_config._attn_implementation = "eager"
-        return Qwen2AudioForConditionalGeneration(config)
-
-    return _tiny_backbone("tiny-qwen2-audio", build, seed, cache_dir)
-
-
-@BACKBONES.register("tiny-ultravox")
-def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
-    """Ultravox composed from transformers parts (:mod:`benchbench.ultravox`) at tiny size, random init.
-
-    Whisper encoder (80 mel bins, 2 layers, d_model 64, a 4 s window), the stacking projector
-    (stack factor 8: 6.25 audio tokens per second, as the real model), and a 2-block Llama LM
-    (hidden 64) over the suite's tiny tokenizer.
-    """
-    from transformers import LlamaConfig, WhisperConfig
-
-    from .ultravox import UltravoxComposite
-
-    def build(tokenizer):
-        wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                             d_model=64, max_source_positions=200)
-        lcfg = LlamaConfig(**{k: v for k, v in _tiny_text_config(tokenizer).items() if k != "model_type"})
-        lcfg._attn_implementation = "sdpa"
-        return UltravoxComposite(wcfg, lcfg, stack_factor=8)
-
-    return _tiny_backbone("tiny-ultravox", build, seed, cache_dir)
-
-
-# ---------------------------------------------------------------------------- real backbones
-class BackboneWeightsMissing(FileNotFoundError):
-    """A real backbone's weights are not on disk (the message says what to download and where)."""
+SPEAKER_TAGS = tuple(f"S{i}" for i in range(8))
+"""Speaker tags of multi-segment inputs (``full_context``): S0, S1, ... in order of appearance."""
 
 
 @dataclass(frozen=True)
-class PretrainedSpec:
-    """A real backbone: its default Hugging Face id, transformers class and prompt format."""
+class BackboneSpec:
+    """A registered backbone: how to build it and what it needs (``bench list backbones``).
 
-    hub_id: str
-    model_class: str | None        # None: composed by benchbench.ultravox
-    prompt: PromptFormat
-    size: str
+    Attributes:
+        name: the name users type (``--backbone``).
+        build: ``build(seed=0, cache_dir=None, **options) -> AudioLLMBackbone``.
+        needs: what must be on disk, in words.
+        options: the keyword options ``build`` accepts beyond seed and cache_dir (the real
+            backbones: :data:`benchbench.weights.PRETRAINED_OPTIONS`); any other is refused up front.
+        hub_id: the default Hugging Face checkpoint of a real backbone (``None``: built from a config).
+        size: parameters and memory, in words (real backbones).
+    """
+
+    name: str
+    build: Callable[..., AudioLLMBackbone]
+    needs: str
+    options: tuple[str, ...] = ()
+    hub_id: str | None = None
+    size: str = ""
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the backbone loads a checkpoint (``False``: a tiny backbone built from its config)."""
+        return self.hub_id is not None
 
 
-PRETRAINED = {
-    "qwen2-audio-7b": PretrainedSpec("Qwen/Qwen2-Audio-7B-Instruct", "Qwen2AudioForConditionalGeneration",
-                                     QWEN_CHAT_PROMPT, "about 8B parameters, about 17 GB in bf16"),
-    "audio-flamingo-3": PretrainedSpec("nvidia/audio-flamingo-3-hf", "AudioFlamingo3ForConditionalGeneration",
-                                       AF3_PROMPT, "about 8B parameters, about 17 GB in bf16"),
-    "ultravox-v0.4": PretrainedSpec("fixie-ai/ultravox-v0_4", None, LLAMA3_PROMPT,
-                                    "Whisper encoder + Llama-3.1-8B-Instruct, about 17 GB in bf16; "
-                                    "its config.json names both base checkpoints, which must be on disk too"),
-}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+for _name, _target in (("tiny-qwen2-audio", "qwen2_audio:TINY_QWEN2_AUDIO"),
+                       ("tiny-audio-flamingo-3", "audio_flamingo_3:TINY_AUDIO_FLAMINGO_3"),
+                       ("tiny-ultravox", "ultravox:TINY_ULTRAVOX"),
+                       ("qwen2-audio-7b", "qwen2_audio:QWEN2_AUDIO_7B"),
+                       ("audio-flamingo-3", "audio_flamingo_3:AUDIO_FLAMINGO_3"),
+                       ("ultravox-v0.4", "ultravox:ULTRAVOX_V0_4")):
+    BACKBONES.register(_name, f"benchbench.backbones.{_target}")
 
 
-def resolve_weights(name: str, weights: str | None, allow_download: bool = False) -> Path:
-    """A local folder with the backbone's checkpoint: ``weights`` when it is a folder, else the
-    Hugging Face cache entry of ``weights`` (a hub id) or of the backbone's default id.
+def backbone_spec(name: str) -> BackboneSpec:
+    """The :class:`BackboneSpec` registered as ``name`` (``KeyError`` listing known names; ``TypeError``
+    naming where it comes from when a plugin registered something else)."""
+    spec = BACKBONES.get(name)
+    if not isinstance(spec, BackboneSpec):
+        raise TypeError(f"backbone {name!r} from {BACKBONES.origin(name)} is a {type(spec).__name__}, "
+                        "not a benchbench.backbone.BackboneSpec")
+    return spec
+
+
+def backbone_factory(name: str, options: dict | None = None) -> tuple[BackboneSpec, dict]:
+    """The spec of ``name`` and the ``options`` actually given (unset ones dropped), checked
+    without building anything.
 
     Raises:
-        BackboneWeightsMissing: nothing on disk and downloads not allowed (names the command to run).
+        KeyError: unknown backbone; ValueError: an option the backbone does not take (e.g.
+        ``--weights`` for a tiny backbone, built from a config with no weights to load).
     """
-    spec = PRETRAINED[name]
-    if weights and Path(weights).expanduser().is_dir():
-        path = Path(weights).expanduser()
-        if not (path / "config.json").is_file():
-            raise BackboneWeightsMissing(f"backbone {name}: {path} has no config.json (is it a checkpoint folder "
-                                         f"of {spec.hub_id}?)")
-        return path
-    repo = weights or spec.hub_id
-    if weights and ("/" not in weights or weights.startswith((".", "/", "~"))):
-        raise BackboneWeightsMissing(f"backbone {name}: --weights {weights} is not a folder. Download the "
-                                     f"checkpoint: `huggingface-cli download {spec.hub_id} --local-dir {weights}`")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, local_files_only=not allow_download))
-    except Exception as e:
-        raise BackboneWeightsMissing(
-            f"backbone {name}: weights for {repo} are not on this machine ({type(e).__name__}). Download them "
-            f"({spec.size}): `huggingface-cli download {repo} --local-dir DIR` and pass `--weights DIR`, "
-            f"or allow the download with `--allow-download`") from None
-
-
-def load_pretrained(name: str, weights: str | None = None, dtype: str | None = None, device: str | None = None,
-                    device_map: str | None = None, allow_download: bool = False, seed: int = 0,
-                    cache_dir: Path | None = None) -> AudioLLMBackbone:
-    """A real backbone (:data:`PRETRAINED`) from a local checkpoint folder or the Hugging Face cache.
-
-    Args:
-        weights: a checkpoint folder or a hub id (default: the backbone's ``hub_id``).
-        dtype: ``bf16``, ``fp16`` or ``fp32`` (default: the checkpoint's own).
-        device: e.g. ``cuda`` or ``cuda:1``; ``device_map``: passed to ``from_pretrained`` (e.g.
-            ``auto`` to spread a model over GPUs). At most one of the two.
-        allow_download: let ``huggingface_hub`` download missing files (off by default: runs never
-            download silently).
-        seed: unused (the weights are fixed); kept so every factory takes the same arguments.
-
-    Raises:
-        BackboneWeightsMissing: the checkpoint is not on disk; ``ValueError``: bad dtype or both
-        ``device`` and ``device_map``.
-    """
-    import transformers
-
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"backbone {name}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if device and device_map:
-        raise ValueError(f"backbone {name}: pass --device or --device-map, not both")
-    spec = PRETRAINED[name]
-    path = resolve_weights(name, weights, allow_download)
-    torch_dtype = DTYPES[dtype] if dtype else None
-    if spec.model_class is None:  # ultravox-v0.4: composed, never remote code
-        from .ultravox import load_ultravox
-
-        model = load_ultravox(path, dtype=torch_dtype, local_files_only=not allow_download)
-        cfg = json.loads((path / "config.json").read_text())
-        feature_extractor = transformers.WhisperFeatureExtractor.from_pretrained(
-            cfg.get("audio_model_id", "openai/whisper-medium"), local_files_only=not allow_download)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    else:
-        cls = getattr(transformers, spec.model_class)
-        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        if device_map:
-            kwargs["device_map"] = device_map
-        model = cls.from_pretrained(path, **kwargs)
-        feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if device:
-        model.to(device)
-    return AudioLLMBackbone(name, model, feature_extractor, tokenizer, cache_dir=cache_dir, prompt=spec.prompt)
-
-
-def _register_pretrained(name: str) -> None:
-    def factory(seed: int = 0, cache_dir: Path | None = None, **options) -> AudioLLMBackbone:
-        return load_pretrained(name, seed=seed, cache_dir=cache_dir, **options)
-
-    spec = PRETRAINED[name]
-    factory.__doc__ = f"{name}: {spec.hub_id} ({spec.size}); see :func:`load_pretrained` for the options."
-    factory.needs = f"weights {spec.hub_id} ({spec.size}): --weights DIR or the Hugging Face cache"
-    factory.pretrained = True
-    factory.__qualname__ = f"load_pretrained[{name}]"
-    BACKBONES.register(name, factory)
-
-
-for _name in PRETRAINED:
-    _register_pretrained(_name)
-
-BACKBONE_OPTIONS = ("weights", "dtype", "device", "device_map", "allow_download")
-
-
-def backbone_factory(name: str, options: dict | None = None) -> tuple[Callable[..., AudioLLMBackbone], dict]:
-    """The registered factory of ``name`` and the ``options`` (:data:`BACKBONE_OPTIONS`) actually
-    given (unset ones dropped), checked without building anything.
-
-    Raises:
-        KeyError: unknown backbone; ValueError: options given for a tiny backbone (built from a
-        config, no weights to load).
-    """
-    factory = BACKBONES.get(name)
+    spec = backbone_spec(name)
     options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
-    if options and not getattr(factory, "pretrained", False):
-        raise ValueError(f"backbone {name} is built from a config (random init); options {sorted(options)} "
-                         f"apply to the real backbones only ({', '.join(PRETRAINED)})")
-    return factory, options
+    bad = sorted(set(options) - set(spec.options))
+    if bad:
+        if not spec.options:
+            raise ValueError(f"backbone {name} is built from a config (random init); options {bad} apply to "
+                             f"the real backbones only "
+                             f"({', '.join(n for n in BACKBONES.names() if _is_pretrained(n))})")
+        raise ValueError(f"backbone {name}: unknown option(s) {bad} (known: {list(spec.options)})")
+    return spec, options
+
+
+def _is_pretrained(name: str) -> bool:
+    try:
+        return backbone_spec(name).pretrained
+    except Exception:  # noqa: BLE001 - a broken plugin is not listed here
+        return False
 
 
 def make_backbone(name: str, options: dict | None = None, **kwargs) -> AudioLLMBackbone:
-    """Build a registered backbone (:func:`backbone_factory` checks ``options``)."""
-    factory, options = backbone_factory(name, options)
-    return factory(**kwargs, **options)
-
-
-for _tiny in (tiny_qwen2_audio, tiny_audio_flamingo_3, tiny_ultravox):
-    _tiny.needs = "nothing (built from its config class, random init; for tests and CPU runs)"
+    """Build a registered backbone (:func:`backbone_factory` checks ``options``); ``kwargs``:
+    ``seed`` and ``cache_dir``."""
+    spec, options = backbone_factory(name, options)
+    return spec.build(**kwargs, **options)

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import AudioLLMBackbone
+from .backbone import AudioLLMBackbone, Segment
 from .data import Dialogue, UtteranceInput
 from .registry import Registry
 
@@ -192,6 +192,25 @@ class ContextMethod(ABC):
 
     def num_trained_parameters(self) -> int:
         return sum(p.numel() for p in self.trained_parameters().values())
+
+
+class UtteranceLevelMethod(ContextMethod):
+    """Base of methods whose output depends on the current utterance only (``zero_shot``, ``lora``):
+    a dialogue is predicted in one batch, the state is empty."""
+
+    uses_context = False
+
+    def reset(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        self.lm.eval()
+        batch = self.lm.batch([[Segment(self.backbone.audio_embeddings(u))] for u in utterances])
+        return torch.softmax(self.lm(batch).float(), -1).numpy()
+
+    def step(self, utterance: UtteranceInput) -> np.ndarray:
+        return self.predict_dialogue([utterance])[0]
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

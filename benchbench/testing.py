@@ -2,7 +2,7 @@
 
 Importable by contributors, so a plugin's own CI runs exactly what the suite runs::
 
-    from benchbench.backbone import tiny_qwen2_audio
+    from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
     from benchbench.tasks.synthetic import SyntheticProsodyTask
     from benchbench.testing import run_conformance
 

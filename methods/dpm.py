@@ -62,7 +62,8 @@ from torch import nn
 from benchbench.backbone import AUDIO_BOS, AUDIO_EOS, Segment
 from benchbench.data import Dialogue, UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig, ProgressFn
-from benchbench.methods.lora import LM_LINEAR_LAYERS, LoRASettings, attach_lora, dev_epoch_score, lora_search_space
+from benchbench.training import (LM_LINEAR_LAYERS, BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng,
+                                 dev_epoch_score, lora_search_space)
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,7 @@ class DynamicParameterMemory(ContextMethod):
                 raise ValueError(f"dpm: {k} must be >= 1, got {getattr(c, k)}")
         self.task_params = attach_lora(self.lm, c.lora, adapter_name="task")
         peft_model = self.lm.language_model
-        with torch.random.fork_rng(devices=[]):  # own RNG stream: Phase 1 does not depend on it
-            torch.manual_seed(seed + 7919)
+        with auxiliary_rng(seed):  # own RNG stream: Phase 1 does not depend on it
             peft_model.add_adapter("temp", LoraConfig(r=c.temp_r, lora_alpha=c.temp_alpha,
                                                       lora_dropout=c.temp_dropout,
                                                       target_modules=list(c.temp_target_modules)))
@@ -245,7 +245,7 @@ class DynamicParameterMemory(ContextMethod):
                                 lr=s.lr, weight_decay=s.weight_decay)
         curves = {k: self.curves.setdefault(f"dpm_{k}", []) for k in ("train_loss", "train_loss_a", "train_loss_e",
                                                                       f"dev_{s.selection_metric}")}
-        best, best_state = -np.inf, None
+        best = BestCheckpoint.of_parameters(trained)
         for epoch in range(s.epochs):
             self.lm.train()
             self.unit_head.train()
@@ -270,11 +270,8 @@ class DynamicParameterMemory(ContextMethod):
             self.unit_head.eval()
             score = dev_epoch_score(self, dev, s.selection_metric, curves[f"dev_{s.selection_metric}"],
                                     f"dpm epoch {epoch + 1}/{s.epochs}", progress)  # DPM inference on dev
-            if score > best:
-                best, best_state = score, {k: p.detach().clone() for k, p in trained.items()}
-        with torch.no_grad():
-            for k, p in trained.items():
-                p.copy_(best_state[k])
+            best.offer(score, epoch)
+        best.restore()
         self._frozen = True  # Algorithm 1, line 1: freeze the SLLM and its LoRA
         self._set_requires_grad()
         self.lm.eval()

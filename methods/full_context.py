@@ -21,7 +21,7 @@ import torch
 from benchbench.backbone import SPEAKER_TAGS, Segment
 from benchbench.data import UtteranceInput
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import LoRASettings, attach_lora, lora_search_space, train_supervised
+from benchbench.training import LoRASettings, attach_lora, lora_search_space, phase1_presets, train_supervised
 
 
 @dataclass
@@ -40,12 +40,13 @@ class FullContext(ContextMethod):
     name = "full_context"
     config_cls = FullContextConfig
     uses_context = True
-    presets = {
-        "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), max_context_tokens=256),
+    # the task LoRA at each preset is `lora`'s (LORA_PRESETS)
+    presets = phase1_presets({
+        "smoke": dict(max_context_tokens=256),
         # CPU-sized; the context is the current speaker's own earlier utterances (the papers' is the
         # whole dialogue: `--preset paper`, or `--set full_context.context=dialogue`)
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), max_context_tokens=512, context="speaker"),
-    }
+        "default": dict(max_context_tokens=512, context="speaker"),
+    })
 
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)

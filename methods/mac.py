@@ -56,14 +56,11 @@ class MemoryAsContext(TitansMemoryMethod):
         if kwargs.get("attention_mask") is not None:
             raise ValueError("mac: memory tokens can only be inserted into unpadded batches "
                              "(one utterance, or dialogues of identical shapes)")
-        s, e = ctx["span"]
-        tokens, ctx["states"][key] = self.branches[key](h[:, s:e], ctx["states"].get(key))
+        s, e = ctx.span
+        tokens, ctx.states[key] = self.branches[key](h[:, s:e], ctx.states.get(key))
         n = tokens.shape[1]
         h = torch.cat([h[:, :s], tokens, h[:, s:]], dim=1)                          # Eq. 4: [.., P, m, h, ..]
-        ctx["span"] = (s + n, e + n)
-        # EmotionLM.forward reads the answer position after the LM has run: point it at the shifted one
-        ctx["batch"].answer_index = ctx["batch"].answer_index + n
         pos = torch.arange(h.shape[1], device=h.device)[None]
-        ctx["block_kwargs"] = {"position_ids": pos, "position_embeddings": self._rotary(h, pos)}
-        kwargs.update(ctx["block_kwargs"])
+        ctx.insert_tokens(n, {"position_ids": pos, "position_embeddings": self._rotary(h, pos)})
+        kwargs.update(ctx.block_kwargs)
         return h, kwargs

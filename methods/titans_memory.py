@@ -48,7 +48,7 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,12 +56,12 @@ from einops import repeat
 from titans_pytorch import NeuralMemory
 from torch import nn
 
-from benchbench.backbone import Segment
+from benchbench.backbone import LMBatch, Segment
 from benchbench.data import UNSCORED, UtteranceInput
-from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import (LoRASettings, UtteranceLevelMethod, attach_lora, dev_epoch_score,
-                                     two_stage_search_space, train_supervised, utterance_examples)
+from benchbench.method import ContextMethod, MethodConfig, UtteranceLevelMethod
 from benchbench.metrics import evaluate
+from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, dev_epoch_score,
+                                 fit_task_lora, phase1_presets, two_stage_search_space)
 
 
 @dataclass
@@ -105,6 +105,39 @@ def resolve_layers(spec: str, n_layers: int) -> list[int]:
     if bad:
         raise ValueError(f"memory layers {bad} out of range for a {n_layers}-block language model")
     return idx
+
+
+@dataclass
+class MemoryPass:
+    """One LM forward with the memory on: what the block hooks read and update.
+
+    Attributes:
+        states: layer key -> titans-pytorch ``NeuralMemState`` of this memory stream: ``S_{i-1}``
+            before the forward, ``S_i`` after it (a missing key is ``S_0``, a fresh memory).
+        batch: the :class:`LMBatch` being run (B equal-shape turns).
+        span: ``(start, end)`` positions of the current utterance's audio tokens in the residual
+            stream ``[B, L, D]``; moved by :meth:`insert_tokens`.
+        block_kwargs: keyword overrides for every later block (MAC: the lengthened sequence's
+            ``position_ids`` and ``position_embeddings``).
+    """
+
+    states: dict[str, Any]
+    batch: LMBatch | None = None
+    span: tuple[int, int] | None = None
+    block_kwargs: dict = field(default_factory=dict)
+
+    def start(self, batch: LMBatch) -> None:
+        """A new forward over ``batch`` (same-shape items; ``ValueError`` otherwise)."""
+        self.batch, self.span, self.block_kwargs = batch, batch.uniform_current_span, {}
+
+    def insert_tokens(self, n: int, block_kwargs: dict) -> None:
+        """``n`` tokens were inserted right before the current span (MAC, Eq. 4): the span and the
+        answer position move by ``n`` (``EmotionLM.forward`` reads the answer after the LM has run)
+        and every later block gets ``block_kwargs``."""
+        s, e = self.span
+        self.span = (s + n, e + n)
+        self.batch.answer_index = self.batch.answer_index + n
+        self.block_kwargs = block_kwargs
 
 
 class MemoryBranch(nn.Module):
@@ -168,15 +201,14 @@ class TitansMemoryMethod(ContextMethod):
     config_cls = TitansMemoryConfig
     uses_context = True
     branch_cls: ClassVar[type[MemoryBranch]]
-    presets = {
-        "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2,
-                      batch_dialogues=8),
+    # Phase 1 at each preset is `lora`'s (LORA_PRESETS), by construction
+    presets = phase1_presets({
+        "smoke": dict(d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2, batch_dialogues=8),
         # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting, and one
         # memory state per speaker (the paper keeps one per dialogue: `--preset paper`, or
         # `--set mal.speaker_memory=false`); see the README's "Memory per speaker"
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), d_m=16, epochs=3, lr=3e-3,
-                        gate_lr=5e-2, batch_dialogues=8, speaker_memory=True),
-    }
+        "default": dict(d_m=16, epochs=3, lr=3e-3, gate_lr=5e-2, batch_dialogues=8, speaker_memory=True),
+    })
 
     @classmethod
     def search_space(cls, trial):
@@ -193,15 +225,14 @@ class TitansMemoryMethod(ContextMethod):
         self.layer_ids = resolve_layers(self.config.layers, len(self.lm.layers))
         # Branches draw from their own RNG stream so that Phase 1 (init, data order, dropout) is
         # bit-identical to the `lora` method under the same seed: memory vs LoRA isolates the memory.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 7919)
+        with auxiliary_rng(seed):
             self.branches = nn.ModuleDict({str(l): self.branch_cls(self.lm.hidden_size, self.config,
                                                                    backbone.max_audio_tokens)
                                            for l in self.layer_ids}).to(self.lm.lm_head.weight.device)
         self._memory_removed = False
         for l, block in enumerate(self.lm.layers):
             block.register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
-        self._active: dict | None = None  # None: memory removed (Phase 1); else per-forward context
+        self._active: MemoryPass | None = None  # None: memory removed (Phase 1); else the current forward
         self.reset()
 
     # ------------------------------------------------------------------ the hooks
@@ -212,35 +243,33 @@ class TitansMemoryMethod(ContextMethod):
             if self._active is None:
                 return None
             ctx = self._active
-            kwargs.update(ctx.get("block_kwargs", {}))  # after a MAC insertion: the new positions
+            kwargs.update(ctx.block_kwargs)  # after a MAC insertion: the new positions
             h = args[0]  # [B, L, D] residual stream before the block
             if key in self.branches:
                 h, kwargs = self._inject(key, h, kwargs, ctx)
             return (h,) + tuple(args[1:]), kwargs
         return hook
 
-    def _inject(self, key: str, h: torch.Tensor, kwargs: dict, ctx: dict):
+    def _inject(self, key: str, h: torch.Tensor, kwargs: dict, ctx: MemoryPass):
         """Apply branch ``key`` to the current utterance's span of ``h [B, L, D]`` in place (MAL, MAG:
         token positions untouched). Returns the new ``(h, block kwargs)``."""
-        s, e = ctx["span"]
-        h_tilde, ctx["states"][key] = self.branches[key](h[:, s:e], ctx["states"].get(key))
+        s, e = ctx.span
+        h_tilde, ctx.states[key] = self.branches[key](h[:, s:e], ctx.states.get(key))
         return torch.cat([h[:, :s], h_tilde, h[:, e:]], dim=1), kwargs
 
     @contextmanager
-    def memory_active(self, states: dict):
+    def memory_active(self, states: dict) -> Iterator[MemoryPass]:
         """Run LM forwards with the memory on, reading and updating ``states`` (layer key -> NeuralMemState)."""
-        self._active = {"states": states, "span": None}
+        self._active = MemoryPass(states)
         try:
             yield self._active
         finally:
             self._active = None
 
-    def _forward_turn(self, ctx: dict, embeddings: list[torch.Tensor]) -> torch.Tensor:
+    def _forward_turn(self, ctx: MemoryPass, embeddings: list[torch.Tensor]) -> torch.Tensor:
         """Label logits ``[B, C]`` for one turn of B equal-shape dialogues, memory on."""
         batch = self.lm.batch([[Segment(e)] for e in embeddings])
-        ctx["span"] = batch.uniform_current_span
-        ctx["batch"] = batch
-        ctx.pop("block_kwargs", None)
+        ctx.start(batch)
         return self.lm(batch)
 
     # ------------------------------------------------------------------ training (Sec. 3.4)
@@ -256,7 +285,7 @@ class TitansMemoryMethod(ContextMethod):
         # Phase 1: task adaptation with the memory removed, exactly as `lora` (dev scored the same way)
         self._memory_removed = True
         try:
-            train_supervised(self, self.lora_params, c.lora, utterance_examples(self.backbone, train), dev, progress)
+            fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
         finally:
             self._memory_removed = False
         for p in self.lora_params.values():
@@ -282,7 +311,9 @@ class TitansMemoryMethod(ContextMethod):
         losses = self.curves.setdefault(f"{self.name}_train_loss", [])
         gate_curve = self.curves.setdefault(f"{self.name}_mean_gate", []) if gates else None
         dev_scores = self.curves.setdefault(f"{self.name}_dev_{c.selection_metric}", [])
-        best, best_state = evaluate(self, dev, self.labels)[c.selection_metric], self._memory_state()
+        # Phase 2 replaces Phase 1 only if it beats it on dev
+        best = BestCheckpoint(self._memory_state, self._load_memory_state,
+                              score=evaluate(self, dev, self.labels)[c.selection_metric])
         for epoch in range(c.epochs):
             self.branches.train()
             batches = [group[i:i + c.batch_dialogues] for group in buckets.values()
@@ -317,9 +348,8 @@ class TitansMemoryMethod(ContextMethod):
                 gate_curve.append(self.mean_gate())
             score = dev_epoch_score(self, dev, c.selection_metric, dev_scores,
                                     f"{self.name} epoch {epoch + 1}/{c.epochs}", progress)
-            if score > best:
-                best, best_state = score, self._memory_state()
-        self._load_memory_state(best_state)
+            best.offer(score, epoch)
+        best.restore()
 
     def mean_gate(self) -> float:
         """A scalar summary of how open the gates are (logged per Phase-2 epoch)."""

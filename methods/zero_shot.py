@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchbench.method import MethodConfig
-from benchbench.methods.lora import UtteranceLevelMethod
+from benchbench.method import MethodConfig, UtteranceLevelMethod
 
 
 @dataclass

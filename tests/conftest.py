@@ -15,7 +15,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def backbone(_isolated_cache):
-    from benchbench.backbone import tiny_qwen2_audio
+    from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
 
     return tiny_qwen2_audio(seed=0)
 

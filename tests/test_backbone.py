@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchbench.backbone import INSTRUCTION, Segment, tiny_qwen2_audio
+from benchbench.backbone import INSTRUCTION, Segment
+from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
 from benchbench.data import UtteranceInput
 
 
@@ -15,7 +16,7 @@ def tone(f0=150.0, seconds=1.0, sr=16000, amp=0.3):
 
 @pytest.fixture(scope="module")
 def af3():
-    from benchbench.backbone import tiny_audio_flamingo_3
+    from benchbench.backbones.audio_flamingo_3 import tiny_audio_flamingo_3
 
     return tiny_audio_flamingo_3(seed=0)
 
@@ -42,7 +43,7 @@ def test_cached_path_matches_native_forward(which, mask_kwarg, backbone, af3):
 
 @pytest.fixture(scope="module")
 def ultravox():
-    from benchbench.backbone import tiny_ultravox
+    from benchbench.backbones.ultravox import tiny_ultravox
 
     return tiny_ultravox(seed=0)
 
@@ -107,5 +108,24 @@ def test_bad_inputs_raise_with_the_utterance_named(backbone):
         backbone.audio_embeddings(UtteranceInput("u-stereo", "d", 0, "s", np.zeros((100, 2), np.float32), 16000))
     with pytest.raises(ValueError, match="u-empty"):
         backbone.audio_embeddings(UtteranceInput("u-empty", "d", 0, "s", np.zeros(0, np.float32), 16000))
-    with pytest.raises(ValueError, match="no verbalizer"):
-        backbone.verbalizer_ids(["anger", "contempt"])
+    with pytest.raises(ValueError, match="spare label words are used up"):  # more labels than the tiny vocabulary has
+        backbone.verbalizer_ids([f"emotion{i}" for i in range(13)])
+
+
+def test_a_new_tasks_label_words_never_change_the_tiny_backbone(backbone):
+    """A label outside the tiny vocabulary is scored through a spare label word: earlier tasks keep
+    their verbalizers, the tokenizer and the backbone key (hence cached features and numbers) stay."""
+    from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
+    from benchbench.backbones.tiny import LABEL_WORDS
+
+    key, vocab = backbone.key, len(backbone.tokenizer)
+    tok = backbone.tokenizer.convert_tokens_to_ids
+    assert backbone.verbalizer_ids(["anger", "neutral"]) == [tok("anger"), tok("neutral")]
+    ids = backbone.verbalizer_ids(["anger", "contempt", "anxiety", "neutral"])
+    # the first spare words that are not labels of the task: LABEL_WORDS[1], LABEL_WORDS[3] (0 and 2 are labels)
+    assert ids == [tok("anger"), tok(LABEL_WORDS[1]), tok(LABEL_WORDS[3]), tok("neutral")]
+    assert len(set(ids)) == 4
+    lm = backbone.new_lm(["anger", "contempt", "anxiety", "neutral"])
+    assert lm.verbalizer_ids.tolist() == ids
+    rebuilt = tiny_qwen2_audio(seed=0, cache_dir=backbone.cache_dir)
+    assert rebuilt.key == key and len(rebuilt.tokenizer) == vocab

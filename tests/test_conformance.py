@@ -18,7 +18,10 @@ def test_every_registry_entry_resolves():
     for reg in (METHODS, TASKS):  # a registry name resolves to the class that carries that name
         for n in reg.names():
             assert reg.get(n).name == n
-    assert BACKBONES.names() and all(callable(BACKBONES.get(n)) for n in BACKBONES.names())
+    from benchbench.backbone import backbone_spec
+
+    assert BACKBONES.names() and all(backbone_spec(n).name == n and callable(backbone_spec(n).build)
+                                     for n in BACKBONES.names())
 
 
 def test_unknown_name_suggests():

@@ -135,7 +135,7 @@ def test_bad_input_names_the_file(tmp_path, release):
 
 
 def test_unscored_utterances_are_context_not_targets(task, backbone):
-    from benchbench.methods.lora import utterance_examples
+    from benchbench.training import utterance_examples
     from benchbench.metrics import evaluate
 
     f = task.folds()[0]

@@ -45,8 +45,8 @@ def test_mac_lengthens_the_sequence_and_shifts_positions(backbone, tiny_task):
     assert L2 == L + n_p + T
     assert pos.shape[-1] == L2 and torch.equal(pos[0], torch.arange(L2))
     # the utterance's audio tokens now sit at positions s + N_p + T .. e + N_p + T
-    assert ctx["span"] == (s + n_p + T, e + n_p + T)
-    assert int(ctx["batch"].answer_index[0]) == L2 - 1
+    assert ctx.span == (s + n_p + T, e + n_p + T)
+    assert int(ctx.batch.answer_index[0]) == L2 - 1
 
 
 def test_mac_at_a_later_block_and_its_state_carries(backbone, tiny_task):
@@ -96,7 +96,7 @@ def test_mag_keeps_length_and_positions(backbone, tiny_task):
         mag._forward_turn(ctx, [emb])
     h.remove()
     L, pos = seen[0]
-    assert int(ctx["batch"].answer_index[0]) == L - 1 and torch.equal(pos[0], torch.arange(L))
+    assert int(ctx.batch.answer_index[0]) == L - 1 and torch.equal(pos[0], torch.arange(L))
 
 
 def test_the_three_share_one_branch(backbone):

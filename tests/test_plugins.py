@@ -41,7 +41,7 @@ def test_installed_plugin_is_listed_with_its_origin(ema_site):
 
 CHECK = """
 import numpy as np, torch
-from benchbench.backbone import tiny_qwen2_audio
+from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
 from benchbench.method import METHODS
 from benchbench.tasks.synthetic import SyntheticProsodyTask
 from benchbench.testing import fitted, run_conformance

@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from benchbench.backbone import BackboneWeightsMissing, Segment, load_pretrained, tiny_qwen2_audio
+from benchbench.backbone import Segment, make_backbone
+from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
+from benchbench.weights import BackboneWeightsMissing
 from benchbench.data import UtteranceInput
 
 LABELS = ["anger", "happiness", "neutral", "sadness"]
+
+
+def load_pretrained(name, cache_dir=None, **options):
+    """A real backbone through the registry, exactly as `bench run --backbone NAME --weights ...` builds it."""
+    return make_backbone(name, options, **({"cache_dir": cache_dir} if cache_dir is not None else {}))
 
 
 def speech(seconds, sr=16000, seed=0):
@@ -22,7 +29,7 @@ def speech(seconds, sr=16000, seed=0):
 
 @pytest.fixture(scope="module")
 def ultravox():
-    from benchbench.backbone import tiny_ultravox
+    from benchbench.backbones.ultravox import tiny_ultravox
 
     return tiny_ultravox(seed=0)
 
@@ -62,12 +69,10 @@ def _save_tiny(bb, path):
     return path
 
 
-@pytest.mark.parametrize("name,tiny", [("qwen2-audio-7b", "tiny_qwen2_audio"),
-                                       ("audio-flamingo-3", "tiny_audio_flamingo_3")])
+@pytest.mark.parametrize("name,tiny", [("qwen2-audio-7b", "tiny-qwen2-audio"),
+                                       ("audio-flamingo-3", "tiny-audio-flamingo-3")])
 def test_real_backbone_loads_a_local_checkpoint(name, tiny, tmp_path):
-    import benchbench.backbone as bbm
-
-    ref = getattr(bbm, tiny)(seed=3, cache_dir=tmp_path / "c1")
+    ref = make_backbone(tiny, seed=3, cache_dir=tmp_path / "c1")
     ckpt = _save_tiny(ref, tmp_path / "ckpt")
     bb = load_pretrained(name, weights=str(ckpt), cache_dir=tmp_path / "c2")
     assert bb.name == name and bb.key == ref.key  # same config and encoder weights -> same cache key

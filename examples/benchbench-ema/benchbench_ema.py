@@ -31,9 +31,9 @@ from torch import nn
 
 from benchbench.backbone import Segment
 from benchbench.method import ContextMethod, MethodConfig
-from benchbench.methods.lora import (LoRASettings, attach_lora, dev_epoch_score, train_supervised,
-                                     two_stage_search_space, utterance_examples)
 from benchbench.metrics import evaluate
+from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, dev_epoch_score,
+                                 fit_task_lora, phase1_presets, two_stage_search_space)
 
 
 @dataclass
@@ -55,10 +55,11 @@ class SpeakerEMA(ContextMethod):
     name = "ema"
     config_cls = EMAConfig
     uses_context = True
-    presets = {
-        "smoke": dict(lora=dict(lr=2e-3, epochs=1, batch_size=16), epochs=1, lr=3e-3, gate_lr=1e-2),
-        "default": dict(lora=dict(lr=1e-3, epochs=6, batch_size=32), epochs=8, lr=3e-3, gate_lr=5e-2),
-    }
+    # Phase 1 at each preset is `lora`'s (benchbench.training.LORA_PRESETS), by construction
+    presets = phase1_presets({
+        "smoke": dict(epochs=1, lr=3e-3, gate_lr=1e-2),
+        "default": dict(epochs=8, lr=3e-3, gate_lr=5e-2),
+    })
 
     @classmethod
     def search_space(cls, trial):
@@ -68,8 +69,7 @@ class SpeakerEMA(ContextMethod):
         super().__init__(backbone, labels, config, seed)
         self.lora_params = attach_lora(self.lm, self.config.lora)
         d = self.lm.hidden_size
-        with torch.random.fork_rng(devices=[]):  # Phase 1 stays bit-identical to `lora` under the seed
-            torch.manual_seed(seed + 7919)
+        with auxiliary_rng(seed):  # Phase 1 stays bit-identical to `lora` under the seed
             self.proj = nn.Linear(d, d, bias=False)           # W
         self.alpha = nn.Parameter(torch.zeros(()))            # gate, tanh(0) = 0
         self._gate_open = True  # False only while Phase 1 scores dev with the host + LoRA alone
@@ -100,7 +100,7 @@ class SpeakerEMA(ContextMethod):
     def fit(self, train, dev, progress=None):
         c = self.config
         self._gate_open = False  # Phase 1: the host + LoRA alone
-        train_supervised(self, self.lora_params, c.lora, utterance_examples(self.backbone, train), dev, progress)
+        fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
         self._gate_open = True
         for p in self.lora_params.values():
             p.requires_grad_(False)
@@ -114,7 +114,7 @@ class SpeakerEMA(ContextMethod):
         opt_g = torch.optim.AdamW([self.alpha], lr=c.gate_lr, weight_decay=0.0)
         losses = self.curves.setdefault("ema_train_loss", [])
         dev_scores = self.curves.setdefault(f"ema_dev_{c.selection_metric}", [])
-        best, best_state = evaluate(self, dev, self.labels)[c.selection_metric], self._state()
+        best = BestCheckpoint(self._state, self._load_state, score=evaluate(self, dev, self.labels)[c.selection_metric])
         for epoch in range(c.epochs):
             perm = self.rng.permutation(len(examples))
             for i in range(0, len(perm), c.batch_size):
@@ -132,17 +132,19 @@ class SpeakerEMA(ContextMethod):
             self.curves.setdefault("ema_abs_tanh_alpha", []).append(abs(math.tanh(self.alpha.item())))
             score = dev_epoch_score(self, dev, c.selection_metric, dev_scores, f"ema epoch {epoch + 1}/{c.epochs}",
                                     progress)
-            if score > best:
-                best, best_state = score, self._state()
-        with torch.no_grad():
-            for k, p in self._params().items():
-                p.copy_(best_state[k])
+            best.offer(score, epoch)
+        best.restore()
 
     def _params(self) -> dict[str, nn.Parameter]:
         return {"ema.proj.weight": self.proj.weight, "ema.alpha": self.alpha}
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().clone() for k, p in self._params().items()}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self._params().items():
+                p.copy_(state[k])
 
     def trained_parameters(self):
         return {**self.lora_params, **self._params()}

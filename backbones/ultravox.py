@@ -1,5 +1,7 @@
 """Ultravox composed from transformers' own classes (no remote code).
 
+Registered as ``ultravox-v0.4`` (fixie-ai/ultravox-v0_4) and ``tiny-ultravox``.
+
 Ultravox (fixie-ai) is not a transformers model class: its checkpoints ship ``ultravox_model.py`` to
 run with ``trust_remote_code``. The suite never runs remote code. It composes the same network from
 transformers' parts, following the checkpoint's layout:
@@ -21,11 +23,27 @@ silent random init.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec
+from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
+
+from .audio_flamingo_3 import AF3_PROMPT
+from .tiny import NEEDS, build_tiny, tiny_text_config
+
+LLAMA3_PROMPT = replace(
+    AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+    instruction="\n" + CHAT_INSTRUCTION + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+"""Ultravox v0.4's Llama-3.1-Instruct chat format (audio tokens without bos/eos markers)."""
+
+HUB_ID = "fixie-ai/ultravox-v0_4"
+SIZE = ("Whisper encoder + Llama-3.1-8B-Instruct, about 17 GB in bf16; its config.json names both base "
+        "checkpoints, which must be on disk too")
 
 
 class _SwiGLU(nn.Module):
@@ -161,3 +179,54 @@ def load_ultravox(path: Path, whisper_path: Path | None = None, llama_path: Path
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """Ultravox composed from transformers parts at tiny size, random init under ``seed``.
+
+    Whisper encoder (80 mel bins, 2 layers, d_model 64, a 4 s window), the stacking projector
+    (stack factor 8: 6.25 audio tokens per second, as the real model), and a 2-block Llama LM
+    (hidden 64) over the suite's tiny tokenizer.
+    """
+    from transformers import LlamaConfig, WhisperConfig
+
+    def build(tokenizer):
+        wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                             d_model=64, max_source_positions=200)
+        lcfg = LlamaConfig(**{k: v for k, v in tiny_text_config(tokenizer).items() if k != "model_type"})
+        lcfg._attn_implementation = "sdpa"
+        return UltravoxComposite(wcfg, lcfg, stack_factor=8)
+
+    return build_tiny("tiny-ultravox", build, seed, cache_dir)
+
+
+def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
+                  device: str | None = None, device_map: str | None = None,
+                  allow_download: bool = False) -> AudioLLMBackbone:
+    """Ultravox v0.4 composed (:func:`load_ultravox`, never remote code) from ``weights`` and the
+    Whisper and Llama checkpoints its ``config.json`` names; arguments and errors as
+    :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b` (``device_map`` is not supported by the
+    composite: ``ValueError``)."""
+    import json
+
+    import transformers
+
+    name = "ultravox-v0.4"
+    torch_dtype = check_load_options(name, dtype, device, device_map)
+    if device_map:
+        raise ValueError(f"backbone {name}: --device-map is not supported by the composed model; use --device")
+    path = resolve_weights(name, HUB_ID, SIZE, weights, allow_download)
+    model = load_ultravox(path, dtype=torch_dtype, local_files_only=not allow_download)
+    cfg = json.loads((path / "config.json").read_text())
+    feature_extractor = transformers.WhisperFeatureExtractor.from_pretrained(
+        cfg.get("audio_model_id", "openai/whisper-medium"), local_files_only=not allow_download)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if device:
+        model.to(device)
+    return AudioLLMBackbone(name, model, feature_extractor, tokenizer, cache_dir=cache_dir, prompt=LLAMA3_PROMPT)
+
+
+TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS)
+ULTRAVOX_V0_4 = BackboneSpec("ultravox-v0.4", ultravox_v0_4,
+                             f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
+                             options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)

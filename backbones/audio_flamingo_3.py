@@ -1,0 +1,64 @@
+"""Audio Flamingo 3: ``AudioFlamingo3ForConditionalGeneration`` (nvidia/audio-flamingo-3-hf) and its
+tiny version.
+
+A Whisper-style encoder (conv stride 2, average pooling by 2: 25 audio tokens per second), a 2-layer
+projector and a Qwen2.5 LM; audio features come from the model's own ``get_audio_features``.
+Registered as ``audio-flamingo-3`` and ``tiny-audio-flamingo-3``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from benchbench.backbone import AUDIO_TOKEN, AudioLLMBackbone, BackboneSpec
+from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
+
+from .qwen2_audio import QWEN_CHAT_PROMPT
+from .tiny import NEEDS, build_tiny, tiny_text_config
+
+AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
+"""Audio Flamingo 3 (a Qwen2.5 LM): Qwen's chat format; its audio tokens have no bos/eos markers."""
+
+HUB_ID, SIZE = "nvidia/audio-flamingo-3-hf", "about 8B parameters, about 17 GB in bf16"
+
+
+def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """``AudioFlamingo3ForConditionalGeneration`` from a tiny config, random init under ``seed``.
+
+    Audio tower: AF3's Whisper-style encoder (conv stride 2, then average pooling by 2), 80 mel bins,
+    2 layers, d_model 64, a 4 s window, so 25 audio tokens per second as in the real model; its
+    2-layer projector; the same tiny Qwen2 LM as ``tiny-qwen2-audio``.
+    """
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    def build(tokenizer):
+        config = AudioFlamingo3Config(
+            audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=128, hidden_size=64, max_source_positions=200),
+            text_config=tiny_text_config(tokenizer),
+            audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        )
+        config.text_config._attn_implementation = "sdpa"
+        config.audio_config._attn_implementation = "eager"
+        return AudioFlamingo3ForConditionalGeneration(config)
+
+    return build_tiny("tiny-audio-flamingo-3", build, seed, cache_dir)
+
+
+def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None,
+                     dtype: str | None = None, device: str | None = None, device_map: str | None = None,
+                     allow_download: bool = False) -> AudioLLMBackbone:
+    """Audio Flamingo 3 (transformers port) from ``weights``; arguments and errors as
+    :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b`."""
+    torch_dtype = check_load_options("audio-flamingo-3", dtype, device, device_map)
+    path = resolve_weights("audio-flamingo-3", HUB_ID, SIZE, weights, allow_download)
+    model, fe, tok = load_transformers_model("AudioFlamingo3ForConditionalGeneration", path, torch_dtype, device,
+                                             device_map)
+    return AudioLLMBackbone("audio-flamingo-3", model, fe, tok, cache_dir=cache_dir, prompt=AF3_PROMPT)
+
+
+TINY_AUDIO_FLAMINGO_3 = BackboneSpec("tiny-audio-flamingo-3", tiny_audio_flamingo_3, NEEDS)
+AUDIO_FLAMINGO_3 = BackboneSpec("audio-flamingo-3", audio_flamingo_3,
+                                f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
+                                options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)

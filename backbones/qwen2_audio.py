@@ -1,0 +1,75 @@
+"""Qwen2-Audio: ``Qwen2AudioForConditionalGeneration`` (Qwen/Qwen2-Audio-7B-Instruct) and its tiny version.
+
+Audio tower: a Whisper encoder (conv stride 2, average pooling by 2: 25 audio tokens per second over
+a 30 s window), a linear projector, a Qwen2 LM. Registered as ``qwen2-audio-7b`` and
+``tiny-qwen2-audio`` (the suite's default backbone).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchbench.backbone import AUDIO_TOKEN, CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
+from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
+
+from .tiny import NEEDS, build_tiny, tiny_text_config
+
+QWEN_CHAT_PROMPT = PromptFormat(
+    prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+    instruction="\n" + CHAT_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n",
+    context_header="Previous utterances:\n", current_header="\nCurrent utterance:\n", speaker="{tag}: ",
+    verbalizer_prefix="")
+"""Qwen2-Audio-7B-Instruct's chat format (audio between ``<|audio_bos|>`` / ``<|audio_eos|>``)."""
+
+HUB_ID, SIZE = "Qwen/Qwen2-Audio-7B-Instruct", "about 8B parameters, about 17 GB in bf16"
+
+
+def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """``Qwen2AudioForConditionalGeneration`` from a tiny config, random init under ``seed``.
+
+    Audio tower: 80 mel bins, 2 layers, d_model 64, a 4 s window (``max_source_positions`` 200,
+    i.e. 25 audio tokens per second). Language model: Qwen2, 2 blocks, hidden 64, 4 heads (2 KV).
+    """
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    def build(tokenizer):
+        config = Qwen2AudioConfig(
+            audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=2,
+                              encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
+                              max_source_positions=200),
+            text_config=tiny_text_config(tokenizer),
+            audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        )
+        config._attn_implementation = "eager"
+        config.text_config._attn_implementation = "sdpa"
+        config.audio_config._attn_implementation = "eager"
+        return Qwen2AudioForConditionalGeneration(config)
+
+    return build_tiny("tiny-qwen2-audio", build, seed, cache_dir)
+
+
+def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
+                   device: str | None = None, device_map: str | None = None,
+                   allow_download: bool = False) -> AudioLLMBackbone:
+    """Qwen2-Audio-7B-Instruct from ``weights`` (a checkpoint folder or hub id; default: the HF cache).
+
+    Args:
+        dtype: ``bf16``, ``fp16`` or ``fp32`` (default: the checkpoint's own); device: e.g. ``cuda``;
+            device_map: ``from_pretrained``'s (e.g. ``auto``); at most one of the two.
+        allow_download: let ``huggingface_hub`` download missing files (off: never silently).
+        seed: unused (the weights are fixed); every builder takes it.
+
+    Raises:
+        BackboneWeightsMissing: not on disk (the message names the download command);
+        ValueError: bad dtype, or both device and device_map.
+    """
+    torch_dtype = check_load_options("qwen2-audio-7b", dtype, device, device_map)
+    path = resolve_weights("qwen2-audio-7b", HUB_ID, SIZE, weights, allow_download)
+    model, fe, tok = load_transformers_model("Qwen2AudioForConditionalGeneration", path, torch_dtype, device, device_map)
+    return AudioLLMBackbone("qwen2-audio-7b", model, fe, tok, cache_dir=cache_dir, prompt=QWEN_CHAT_PROMPT)
+
+
+TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS)
+QWEN2_AUDIO_7B = BackboneSpec("qwen2-audio-7b", qwen2_audio_7b,
+                              f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
+                              options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)

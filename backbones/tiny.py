@@ -1,0 +1,64 @@
+"""What every tiny backbone shares: a word-level tokenizer, the tiny Qwen2 text config, the
+feature extractor and the seeded builder.
+
+The tiny tokenizer's vocabulary is frozen: its size and order set the random init of every tiny
+backbone, hence the backbone key, the feature cache and every earlier tiny-backbone number. A task
+whose label words are not in :data:`LABEL_WORDS` needs no change here: labels outside the
+vocabulary are scored through the spare label words
+(:meth:`benchbench.backbone.AudioLLMBackbone.verbalizer_ids`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchbench.backbone import (AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, CONTEXT_HEADER, CURRENT_HEADER, INSTRUCTION,
+                                 SPEAKER_TAGS, AudioLLMBackbone)
+
+LABEL_WORDS = ("anger", "happiness", "neutral", "sadness", "joy", "surprise", "disgust", "fear",
+               "boredom", "frustration", "excited", "other")
+"""Frozen (see the module docstring); also the spare words for labels outside the vocabulary."""
+PROMPT_WORDS = tuple(sorted({w for t in (INSTRUCTION, CONTEXT_HEADER, CURRENT_HEADER) for w in t.split()}))
+NEEDS = "nothing (built from its config class, random init; for tests and CPU runs)"
+
+
+def tiny_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` over the suite's prompt words, labels and speaker tags."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]
+    words = specials + list(PROMPT_WORDS) + list(LABEL_WORDS) + list(SPEAKER_TAGS)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": [AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]})
+    return fast
+
+
+def tiny_text_config(tokenizer) -> dict:
+    """Qwen2, 2 blocks, hidden 64, 4 heads (2 KV): the LM of every tiny backbone."""
+    return dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                tie_word_embeddings=False)
+
+
+def tiny_feature_extractor():
+    """Whisper log-mel features, 80 bins, 16 kHz, 10 ms hop, a 4 s window."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=4, n_fft=400)
+
+
+def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | None) -> AudioLLMBackbone:
+    """A tiny backbone: ``build_model(tokenizer)`` under ``seed`` (the caller's RNG untouched), the
+    tiny tokenizer and feature extractor, and :data:`LABEL_WORDS` as spare label words."""
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(tokenizer)
+    return AudioLLMBackbone(name, model, tiny_feature_extractor(), tokenizer, cache_dir=cache_dir,
+                            spare_label_words=LABEL_WORDS)

@@ -1,0 +1,229 @@
+"""The training machinery every trainable method shares, so that comparisons hold by construction.
+
+* :class:`LoRASettings` and :data:`LORA_PRESETS`: the task LoRA and its schedule (Titans-as-a-Layer
+  Sec. 3.4, Phase 1), one definition for ``lora`` and for every two-stage method's Phase 1.
+* :func:`phase1_presets`: a two-stage method's presets with Phase 1 taken from :data:`LORA_PRESETS`
+  (never copied by value), so Phase 1 of ``mal`` / ``mac`` / ``mag`` / ``ema`` is the ``lora`` method
+  at every preset.
+* :func:`fit_task_lora`: Phase 1 itself. ``lora``'s ``fit`` is this function; a two-stage method
+  calls it with its memory switched off, so its Phase 1 trains the same parameters, in the same
+  order, from the same RNG state, with the same dev-selected epoch, as ``lora``.
+* :class:`BestCheckpoint`: model selection on dev (never test): a snapshot whenever the dev score
+  strictly improves, restored at the end; :func:`dev_epoch_score` scores one epoch on dev and
+  reports it (``bench sweep`` prunes on these reports).
+* :func:`auxiliary_rng`: a method's own RNG stream for what it adds to the host (memory branches,
+  heads, temporary adapters), so drawing their initial values leaves the main stream (LoRA init,
+  data order, dropout) exactly as ``lora`` sees it.
+* The search spaces of LoRA and of a frozen-host Phase 2 (:func:`lora_search_space`,
+  :func:`two_stage_search_space`) for ``bench sweep``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from .backbone import EmotionLM, Segment
+from .data import Dialogue
+from .method import ContextMethod, MethodConfig, ProgressFn
+from .metrics import evaluate
+
+LM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+AUXILIARY_SEED_OFFSET = 7919
+"""Offset of a method's auxiliary RNG stream from its seed (:func:`auxiliary_rng`)."""
+
+
+@dataclass
+class LoRASettings(MethodConfig):
+    """LoRA and its training schedule. Defaults: Titans-as-a-Layer Sec. 3.4, Phase 1."""
+
+    r: int = 32                    # rank r = 32
+    alpha: int = 64                # scaling alpha_LoRA = 64
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = LM_LINEAR_LAYERS  # all linear layers of the LM blocks
+    lr: float = 2e-5               # AdamW, learning rate 2e-5
+    weight_decay: float = 0.0
+    epochs: int = 3                # three epochs
+    batch_size: int = 8            # utterances (or context sequences) per step
+    selection_metric: str = "ua"   # dev metric for choosing the best epoch's checkpoint
+
+
+LORA_PRESETS: dict[str, dict] = {
+    "smoke": dict(lr=2e-3, epochs=1, batch_size=16),
+    # CPU-sized: the tiny random-init backbone needs a larger step than the 7B paper setting
+    "default": dict(lr=1e-3, epochs=6, batch_size=32),
+}
+"""The task LoRA's presets (``paper`` = the :class:`LoRASettings` defaults): ``lora``'s presets and
+every two-stage method's Phase 1 (:func:`phase1_presets`)."""
+
+
+def phase1_presets(presets: dict[str, dict]) -> dict[str, dict]:
+    """A two-stage method's presets: its own values per preset plus ``lora`` = :data:`LORA_PRESETS`
+    of that preset. ``ValueError`` when a preset sets ``lora`` itself (Phase 1 must stay ``lora``;
+    a user may still override it with ``--set METHOD.lora.KEY=VALUE``) or names an unknown preset."""
+    unknown = set(presets) - set(LORA_PRESETS)
+    if unknown:
+        raise ValueError(f"presets {sorted(unknown)} have no LoRA preset (known: {sorted(LORA_PRESETS)})")
+    out = {}
+    for name in LORA_PRESETS:
+        own = dict(presets.get(name, {}))
+        if "lora" in own:
+            raise ValueError(f"preset {name!r} sets its own Phase-1 LoRA; Phase 1 is LORA_PRESETS[{name!r}]")
+        out[name] = {"lora": dict(LORA_PRESETS[name]), **own}
+    return out
+
+
+def lora_search_space(trial, prefix: str = "lora.") -> dict:
+    """LoRA's search space: learning rate (log), rank r with alpha = 2r (the papers' ratio), epochs."""
+    r = trial.suggest_categorical(f"{prefix}r", [8, 16, 32, 64])
+    return {"lr": trial.suggest_float(f"{prefix}lr", 1e-4, 1e-2, log=True), "r": r, "alpha": 2 * r,
+            "epochs": trial.suggest_int(f"{prefix}epochs", 1, 8)}
+
+
+def two_stage_search_space(trial) -> dict:
+    """Phase 1's LoRA (under ``lora.``) and a frozen-host Phase 2's epochs and two learning rates
+    (``lr`` for the added module, ``gate_lr`` for its gates), as in Titans-as-a-Layer Sec. 3.4."""
+    return {"lora": lora_search_space(trial), "epochs": trial.suggest_int("epochs", 1, 10),
+            "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+            "gate_lr": trial.suggest_float("gate_lr", 1e-4, 1e-1, log=True)}
+
+
+@contextmanager
+def auxiliary_rng(seed: int) -> Iterator[None]:
+    """Inside: torch's CPU RNG seeded with ``seed + AUXILIARY_SEED_OFFSET``; outside it, the RNG is as
+    before (``torch.random.fork_rng``). Initialise what a method adds to the host here."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + AUXILIARY_SEED_OFFSET)
+        yield
+
+
+def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task") -> dict[str, nn.Parameter]:
+    """Wrap ``lm.language_model`` with a peft LoRA adapter; returns its parameters by name (trainable).
+    ``ValueError`` when ``s.target_modules`` match no layer."""
+    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules))
+    lm.language_model = get_peft_model(lm.language_model, cfg, adapter_name=adapter_name)
+    params = {n: p for n, p in lm.named_parameters() if "lora_" in n and f".{adapter_name}." in n}
+    if not params:
+        raise ValueError(f"LoRA target modules {s.target_modules} matched no layer of the language model")
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+class BestCheckpoint:
+    """Model selection on dev: keeps a snapshot whenever :meth:`offer` sees a strictly better score.
+
+    Args:
+        snapshot: returns detached copies of the tensors to keep (called on improvement).
+        load: writes a snapshot back (called by :meth:`restore`).
+        score: the score to beat (``-inf``: the first offer wins); with a finite score, the current
+            tensors are the initial snapshot (e.g. Phase 2 must beat Phase 1 on dev to replace it).
+    """
+
+    def __init__(self, snapshot: Callable[[], dict[str, torch.Tensor]],
+                 load: Callable[[dict[str, torch.Tensor]], None], score: float = -np.inf):
+        self._snapshot, self._load = snapshot, load
+        self.score = score
+        self.state = snapshot() if np.isfinite(score) else None
+        self.epoch: int | None = None  # the selected epoch (0-based); None: the initial state
+
+    @classmethod
+    def of_parameters(cls, params: dict[str, nn.Parameter], score: float = -np.inf) -> "BestCheckpoint":
+        """A checkpoint of named parameters, restored in place (``copy_`` under ``no_grad``)."""
+        def load(state):
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(state[k])
+
+        return cls(lambda: {k: p.detach().clone() for k, p in params.items()}, load, score)
+
+    def offer(self, score: float, epoch: int) -> bool:
+        """Keep the current tensors if ``score`` beats the best so far; returns whether it did."""
+        if score > self.score:
+            self.score, self.state, self.epoch = score, self._snapshot(), epoch
+            return True
+        return False
+
+    def restore(self) -> None:
+        """Load the best snapshot (``RuntimeError`` if nothing was ever kept)."""
+        if self.state is None:
+            raise RuntimeError("no checkpoint to restore: no dev score was offered")
+        self._load(self.state)
+
+
+def dev_epoch_score(method: ContextMethod, dev: Sequence[Dialogue], metric: str, curve: list[float],
+                    message: str, progress: ProgressFn | None) -> float:
+    """End-of-epoch model selection step: the method's own streaming evaluation on ``dev`` (never
+    test), the ``metric`` value appended to ``curve`` and reported as ``progress(message,
+    {"dev_<metric>": value})`` (``bench sweep`` prunes on these reports). Returns the value."""
+    score = evaluate(method, dev, method.labels)[metric]
+    curve.append(score)
+    if progress:
+        progress(message, {"dev_" + metric: score})
+    return score
+
+
+Example = tuple[list[Segment], int]
+
+
+def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]:
+    """One context-free example per scored utterance: ``([Segment(audio [T, D])], label)``."""
+    return [([Segment(backbone.audio_embeddings(u.input))], u.label)
+            for d in dialogues for u in d.utterances if u.scored]
+
+
+def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
+                     examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
+                     curve_prefix: str = "lora") -> BestCheckpoint:
+    """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``.
+
+    Records ``<prefix>_train_loss`` (per step) and ``<prefix>_dev_<metric>`` (per epoch) in
+    ``method.curves``; the parameters end at the best dev epoch (dev only, never test), which the
+    returned checkpoint names.
+    """
+    lm = method.lm
+    opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=s.weight_decay)
+    losses, dev_scores = method.curves.setdefault(f"{curve_prefix}_train_loss", []), \
+        method.curves.setdefault(f"{curve_prefix}_dev_{s.selection_metric}", [])
+    best = BestCheckpoint.of_parameters(params)
+    # length-grouped batches (like transformers' group_by_length): little padding when example
+    # lengths differ (full_context), in a random order of batches
+    lengths = np.array([sum(seg.audio.shape[0] for seg in segs) for segs, _ in examples])
+    for epoch in range(s.epochs):
+        lm.train()
+        perm = method.rng.permutation(len(examples))
+        perm = perm[np.argsort(lengths[perm], kind="stable")]
+        batches = [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
+        for b in method.rng.permutation(len(batches)):
+            chunk = [examples[j] for j in batches[b]]
+            logits = lm(lm.batch([segs for segs, _ in chunk]))
+            loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        lm.eval()
+        score = dev_epoch_score(method, dev, s.selection_metric, dev_scores,
+                                f"{curve_prefix} epoch {epoch + 1}/{s.epochs}", progress)
+        best.offer(score, epoch)
+    best.restore()
+    lm.eval()
+    return best
+
+
+def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
+                  train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None) -> BestCheckpoint:
+    """Phase 1 (Titans-as-a-Layer Sec. 3.4): the task LoRA on one scored utterance at a time, dev-selected.
+
+    This *is* ``lora``'s ``fit``; a two-stage method calls it with its memory off (its dev scoring
+    then predicts like ``lora``), so its Phase 1 equals ``lora`` under the same seed and preset
+    (``tests/test_training.py`` pins it at the smoke, default and paper presets).
+    """
+    return train_supervised(method, params, s, utterance_examples(method.backbone, train), dev, progress)
