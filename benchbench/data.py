@@ -164,3 +164,14 @@ def manifest_of(dialogues: Sequence[Dialogue], labels: Sequence[str] | None = No
 def hash_json(obj) -> str:
     """Stable sha256 of a JSON-serialisable object."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def speaker_history_counts(utterances: Sequence[UtteranceInput]) -> list[int]:
+    """For each utterance of a dialogue (turn order), how many earlier utterances of the same speaker
+    it has (context-only ones included)."""
+    seen: dict[str, int] = {}
+    out = []
+    for u in utterances:
+        out.append(seen.get(u.speaker, 0))
+        seen[u.speaker] = out[-1] + 1
+    return out

@@ -1,37 +1,38 @@
-"""The benchmark harness: methods x tasks x backbone x seeds x folds.
+"""The benchmark runner: methods x tasks x backbone x seeds x folds, one cell at a time.
 
-Each cell (method, task, backbone, seed, fold) builds the method from its preset config, fits it on
-the fold's train dialogues with dev-only model selection, streams the fold's test dialogues through
-it (label-free inputs), scores WA / UA / WF1 / Macro-F1 / per-class F1, keeps every per-utterance
-prediction, and logs everything to MLflow. ``results.csv`` and ``predictions.csv`` are rewritten
-after every cell, so a crash or Ctrl-C loses nothing already computed; a failing cell is recorded
-(status ``failed``, with its error) and the run goes on.
+Each cell (:class:`Cell`: method, task, backbone, seed, fold) builds the method from its preset
+config, fits it on the fold's train dialogues with dev-only model selection, streams the fold's test
+dialogues through it (label-free inputs), scores WA / UA / WF1 / Macro-F1 / per-class F1, keeps every
+per-utterance prediction, and logs everything to MLflow. ``results.csv`` and ``predictions.csv`` are
+rewritten after every cell, so a crash or Ctrl-C loses nothing already computed; a failing cell is
+recorded (status ``failed``, with its error) and the run goes on. The statistics are
+:mod:`benchbench.analysis`'s; the run's ``summary.json`` and ``leaderboard.md`` are written from its
+:class:`~benchbench.analysis.Summary` at the end, however the run ends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import pandas as pd
-import torch
-from scipy import stats
 from tqdm.auto import tqdm
 
-from .backbone import backbone_factory, make_backbone
-from .data import hash_json
+from .analysis import Summary, TaskSummary, summarize
+from .backbone import AudioLLMBackbone, backbone_factory, make_backbone
+from .data import Fold, hash_json, speaker_history_counts
+from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
 from .method import METHODS
-from .metrics import METRICS, compute_metrics, confusion, scored_only, stream_predict
-from .stats import compare_all, interval
-from .task import TASKS, check_task_options
+from .metrics import compute_metrics, confusion, scored_only, stream_predict
+from .task import TASKS, Task, check_task_options
+from .training import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -53,40 +54,6 @@ class RunSpec:
     task_options: dict = field(default_factory=dict)      # task -> constructor options (e.g. n_train)
     backbone_options: dict = field(default_factory=dict)  # weights, dtype, device, device_map, allow_download
     baseline: str = "lora"                   # reference method for paired comparisons
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak-memory window: Linux's VmHWM (``/proc/self/clear_refs``) and CUDA's counters."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not allowed: the peak then covers the process so far
-        pass
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process since :func:`reset_peak_memory`, in MiB (``peak_rss_mb``:
-    the backbone included, read from ``/proc/self/status`` VmHWM, else ``resource.getrusage``), and
-    ``peak_cuda_mb`` (``torch.cuda.max_memory_allocated``) where CUDA is in use."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out["peak_rss_mb"] = int(line.split()[1]) / 1024  # kB
-    except OSError:
-        import resource
-
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.cuda.is_available():
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def validate(spec: RunSpec) -> None:
@@ -113,8 +80,13 @@ def preset_label(spec: RunSpec, task_name: str) -> str:
     return spec.preset + "".join(f"+{k}={v}" for k, v in sorted(options.items())) if options else spec.preset
 
 
-def run(spec: RunSpec, show_progress: bool = True) -> dict:
-    """Run the benchmark; returns the summary dict (also written to ``<output>/summary.json``)."""
+def run(spec: RunSpec, show_progress: bool = True) -> Summary:
+    """Run the benchmark; returns its :class:`~benchbench.analysis.Summary` (also written to
+    ``<output>/summary.json``, with ``leaderboard.md`` beside it).
+
+    Raises (before any output folder or MLflow run exists): ``KeyError`` for an unknown method,
+    task or backbone; ``ValueError`` for a bad option (:func:`validate`).
+    """
     from .tracking import Tracker  # MLflow import is slow: only when running
 
     validate(spec)
@@ -126,7 +98,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
                       tags={"output_dir": str(out.resolve())})
     rows: list[dict] = []
     predictions: list[pd.DataFrame] = []
-    task_info: dict[str, dict] = {}
+    task_info: dict[str, TaskSummary] = {}
     status = "FINISHED"
     backbone = None
     try:
@@ -142,16 +114,17 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
             tracker.log_artifact(out / f"manifest-{task_name}.json")
             for notice in task.notices:
                 tqdm.write(f"NOTICE {task_name}: {notice}")
-            task_info[task_name] = {"reference": task.reference(), "params": task.params(),
-                                    "notices": list(task.notices),
-                                    "manifest_sha256": manifest["sha256"], "labels": list(task.labels)}
-            cells = [(f, m, s) for f in folds for m in spec.methods for s in spec.seeds]
+            task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
+                                               list(task.notices))
+            cells = [Cell(m, task, f, s, backbone, spec.backbone, preset_label(spec, task_name), spec.preset,
+                          spec.method_overrides.get(m) or {}, manifest)
+                     for f in folds for m in spec.methods for s in spec.seeds]
             bar = tqdm(cells, desc=f"{task_name}", disable=not show_progress, unit="cell")
-            for fold, method_name, seed in bar:
-                bar.set_postfix_str(f"{method_name} seed={seed} fold={fold.index}")
-                row, preds = _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker,
-                                       lambda msg, d: bar.write(f"  [{method_name} s{seed} f{fold.index}] {msg} "
-                                                               + " ".join(f"{k}={v:.3f}" for k, v in d.items())))
+            for cell in bar:
+                bar.set_postfix_str(f"{cell.method} seed={cell.seed} fold={cell.fold.index}")
+                tag = f"  [{cell.method} s{cell.seed} f{cell.fold.index}] "
+                row, preds = run_cell(cell, tracker, lambda msg, d, tag=tag: bar.write(
+                    tag + msg + " " + " ".join(f"{k}={v:.3f}" for k, v in d.items())))
                 rows.append(row)
                 if preds is not None:
                     predictions.append(preds)
@@ -165,11 +138,11 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
         results = pd.DataFrame(rows)
         preds_df = pd.concat(predictions) if predictions else pd.DataFrame()
         summary = summarize(results, preds_df, task_info, spec.baseline)
-        summary["run"] = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
-                          "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
-                          "backbone_key": backbone.key if backbone is not None else None}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        from .leaderboard import render_markdown
+        summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
+                       "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
+                       "backbone_key": backbone.key if backbone is not None else None}
+        summary.write(out / "summary.json")
+        from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
 
         (out / "leaderboard.md").write_text(render_markdown(summary, reference=spec.baseline))
         if rows and any(r["status"] == "failed" for r in rows):
@@ -178,19 +151,52 @@ def run(spec: RunSpec, show_progress: bool = True) -> dict:
     return summary
 
 
-def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, progress):
-    cls = METHODS.get(method_name)
-    config = cls.make_config(spec.preset, spec.method_overrides.get(method_name))
-    base = {"method": method_name, "task": task.name, "backbone": spec.backbone, "seed": seed,
+@dataclass
+class Cell:
+    """One unit of the benchmark: a method on a task's fold, on a backbone, under a seed.
+
+    ``preset``: the cell's preset label (:func:`preset_label`); ``overrides``: the method's config
+    overrides on top of that preset; ``manifest``: the task's data manifest (its hash tags the cell).
+    """
+
+    method: str
+    task: Task
+    fold: Fold
+    seed: int
+    backbone: AudioLLMBackbone
+    backbone_name: str
+    preset: str
+    config_preset: str
+    overrides: dict
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.task.name}-s{self.seed}-f{self.fold.index}"
+
+
+def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None = None
+             ) -> tuple[dict, pd.DataFrame | None]:
+    """Fit, stream the test split, score and log one cell.
+
+    Returns ``(row, predictions)``: the ``results.csv`` row (``status`` ``ok`` with metrics and
+    costs, or ``failed`` with the error and traceback, in which case predictions are ``None``) and
+    the scored test utterances' ``predictions.csv`` rows. Never raises for a failure inside the
+    method: other cells are independent.
+    """
+    cls = METHODS.get(cell.method)
+    config = cls.make_config(cell.config_preset, cell.overrides)
+    task, fold, seed, backbone = cell.task, cell.fold, cell.seed, cell.backbone
+    base = {"method": cell.method, "task": task.name, "backbone": cell.backbone_name, "seed": seed,
             "fold": fold.index}
-    params = {**base, "preset": preset_label(spec, task.name), "backbone_key": backbone.key,
+    params = {**base, "preset": cell.preset, "backbone_key": backbone.key,
               **{f"method.{k}": v for k, v in config.flat().items()},
               **{f"task.{k}": v for k, v in task.params().items()}}
-    tags = {"data_manifest_sha256": manifest["sha256"],
-            "fold_manifest_sha256": hash_json(manifest["folds"][str(fold.index)]),
+    tags = {"data_manifest_sha256": cell.manifest["sha256"],
+            "fold_manifest_sha256": hash_json(cell.manifest["folds"][str(fold.index)]),
             "config_sha256": hash_json(params), "uses_context": str(cls.uses_context)}
     try:
-        _seed_everything(seed)
+        seed_everything(seed)
         reset_peak_memory()
         t0 = time.perf_counter()
         method = cls(backbone, task.labels, config, seed=seed)
@@ -239,192 +245,8 @@ def _run_cell(spec, backbone, task, manifest, fold, method_name, seed, tracker, 
         if method.test_time_issues:
             (tmp / "test_time_issues.json").write_text(json.dumps(method.test_time_issues, indent=2))
         (tmp / "config.json").write_text(json.dumps({"params": params, "tags": tags}, indent=2, default=str))
-        run_id = tracker.log_cell(f"{method_name}-{task.name}-s{seed}-f{fold.index}", params,
-                                  {**metrics, **cost}, method.curves, tags, tmp)
+        run_id = tracker.log_cell(cell.name, params, {**metrics, **cost}, method.curves, tags, tmp)
     row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "n_test_stream": n_stream,
            "mlflow_run_id": run_id,
            "uses_context": cls.uses_context}
     return row, preds
-
-
-def test_time_costs(counters: dict[str, float], n_test: int) -> dict[str, float]:
-    """A method's test-time counters as logged costs: ``*_seconds`` totals also become
-    ``*_ms_per_utterance`` and ``test_time_updates`` also ``test_time_updates_per_utterance``."""
-    out = dict(counters)
-    for k, v in counters.items():
-        if k.endswith("_seconds"):
-            out[k[: -len("_seconds")] + "_ms_per_utterance"] = 1000 * v / n_test
-    if "test_time_updates" in counters:
-        out["test_time_updates_per_utterance"] = counters["test_time_updates"] / n_test
-    return out
-
-
-def speaker_history_counts(utterances) -> list[int]:
-    """For each utterance, how many earlier utterances of the same speaker the dialogue has."""
-    seen: dict[str, int] = {}
-    out = []
-    for u in utterances:
-        out.append(seen.get(u.speaker, 0))
-        seen[u.speaker] = out[-1] + 1
-    return out
-
-
-# ---------------------------------------------------------------------------- summary
-HISTORY_BINS = (0, 1, 2, 3)  # the last bin is "3 or more"
-
-
-def history_bin(k: int) -> str:
-    """``"0"``, ``"1"``, ``"2"`` or ``"3+"`` for a count of the speaker's earlier utterances."""
-    return f"{HISTORY_BINS[-1]}+" if k >= HISTORY_BINS[-1] else str(int(k))
-
-
-def accuracy_by_speaker_history(preds: pd.DataFrame) -> list[dict]:
-    """WA per method/task/backbone by the number of the speaker's earlier utterances (0, 1, 2, 3+).
-
-    Pooled over seeds and folds. A context method's gain should grow with the history; an
-    utterance-level method's accuracy should not depend on it.
-    """
-    if preds.empty or "speaker_history" not in preds:
-        return []
-    binned = preds.assign(history_bin=preds["speaker_history"].map(history_bin))
-    out = []
-    for (m, t, b), g in binned.groupby(["method", "task", "backbone"], sort=False):
-        acc = g.groupby("history_bin", sort=False)["correct"].agg(["mean", "size"])
-        acc = acc.loc[[k for k in map(history_bin, HISTORY_BINS) if k in acc.index]]
-        out.append({"method": m, "task": t, "backbone": b,
-                    "wa": {k: float(v) for k, v in acc["mean"].items()},
-                    "n": {k: int(v) for k, v in acc["size"].items()}})
-    return out
-
-
-TURN_BINS = 12  # positions 0..11 each, then "12+"
-
-
-def accuracy_by_turn(preds: pd.DataFrame) -> list[dict]:
-    """WA per method/task/backbone by the utterance's position in its dialogue (turn 0, 1, ..., 12+).
-
-    Pooled over seeds and folds, with Wilson 95% intervals over the pooled utterances
-    (``statsmodels.stats.proportion.proportion_confint``; utterances are treated as independent, so
-    read the bands as descriptive). Memory should show as accuracy that rises with the position.
-    """
-    if preds.empty or "turn" not in preds:
-        return []
-    from statsmodels.stats.proportion import proportion_confint
-
-    binned = preds.assign(turn_bin=preds["turn"].clip(upper=TURN_BINS))
-    out = []
-    for (m, t, b), g in binned.groupby(["method", "task", "backbone"], sort=False):
-        acc = g.groupby("turn_bin")["correct"].agg(["sum", "size"]).sort_index()
-        lo, hi = proportion_confint(acc["sum"], acc["size"], alpha=0.05, method="wilson")
-        keys = [f"{TURN_BINS}+" if k >= TURN_BINS else str(int(k)) for k in acc.index]
-        out.append({"method": m, "task": t, "backbone": b,
-                    "wa": dict(zip(keys, (acc["sum"] / acc["size"]).astype(float))),
-                    "ci_low": dict(zip(keys, np.asarray(lo, dtype=float))),
-                    "ci_high": dict(zip(keys, np.asarray(hi, dtype=float))),
-                    "n": dict(zip(keys, acc["size"].astype(int).tolist()))})
-    return out
-
-
-def summarize(results: pd.DataFrame, preds: pd.DataFrame, task_info: dict, baseline: str = "lora",
-              n_resamples: int = 2000) -> dict:
-    """Mean / sd / 95% interval / n over seeds x folds per method/task/backbone, task references,
-    checks, and paired comparisons against ``baseline`` (:func:`benchbench.stats.compare_all`)."""
-    summary: dict = {"cells": [], "tasks": {t: info["reference"] | {"manifest_sha256": info["manifest_sha256"],
-                                                                     "labels": info["labels"],
-                                                                     "notices": info.get("notices", [])}
-                                            for t, info in task_info.items()},
-                     "checks": {"leakage": []}, "comparisons": [], "by_speaker_history": [], "by_turn": [],
-                     "failed_cells": []}
-    if results.empty:
-        return summary
-    failed = results[results["status"] == "failed"]
-    summary["failed_cells"] = failed.drop(columns=["traceback"], errors="ignore").to_dict("records")
-    ok = results[results["status"] == "ok"]
-    if ok.empty:  # every cell failed: nothing to summarise beyond the failures
-        return summary
-    metric_cols = [c for c in ok.columns if c in METRICS or c.startswith("f1_")] + \
-        ["fit_seconds", "eval_ms_per_utterance", "trained_parameters", "peak_rss_mb", "peak_cuda_mb",
-         "test_time_update_ms_per_utterance", "test_time_updates_per_utterance", "test_time_issues"]
-    for (m, t, b), g in ok.groupby(["method", "task", "backbone"], sort=False):
-        summary["cells"].append({
-            "method": m, "task": t, "backbone": b, "n": int(len(g)),
-            "seeds": sorted(g["seed"].unique().tolist()), "folds": sorted(g["fold"].unique().tolist()),
-            **{c: interval(g[c].dropna(), bounds=(0.0, 1.0) if c in METRICS or c.startswith("f1_") else None)
-               for c in metric_cols if c in g and g[c].notna().any()}})
-    summary["checks"]["leakage"] = leakage_checks(ok, task_info)
-    if not preds.empty:
-        labels = {t: info["labels"] for t, info in task_info.items()}
-        summary["comparisons"] = compare_all(preds, labels, reference=baseline, n_resamples=n_resamples)
-        summary["by_speaker_history"] = accuracy_by_speaker_history(preds)
-        summary["by_turn"] = accuracy_by_turn(preds)
-    return summary
-
-
-def leakage_checks(ok: pd.DataFrame, task_info: dict, alpha: float = 0.01) -> list[dict]:
-    """Context-free methods whose WA beats the task's context-free Bayes ceiling beyond noise.
-
-    One-sided exact binomial test of each cell's correct count against the ceiling
-    (``scipy.stats.binomtest``), Bonferroni-corrected over the cells tested. A flagged cell means
-    information leaks into utterance-level predictions (labels, other utterances, or data reuse).
-    """
-    tested = []
-    for _, r in ok[ok["uses_context"] == False].iterrows():  # noqa: E712
-        ceiling = task_info[r["task"]]["reference"].get("ceilings", {}).get("context_free")
-        if ceiling is None:
-            continue
-        k, n = int(round(r["wa"] * r["n_test"])), int(r["n_test"])
-        p = stats.binomtest(k, n, ceiling, alternative="greater").pvalue
-        tested.append({"method": r["method"], "task": r["task"], "seed": int(r["seed"]), "fold": int(r["fold"]),
-                       "wa": float(r["wa"]), "ceiling": ceiling, "p_value": float(p)})
-    for t in tested:
-        t["p_bonferroni"] = min(1.0, t["p_value"] * len(tested))
-        t["leakage_suspected"] = t["p_bonferroni"] < alpha
-    return tested
-
-
-def format_summary(summary: dict) -> str:
-    """The terminal table: mean +/- sd per method/task/backbone, then references and checks."""
-    lines = []
-    rows = []
-    for c in summary["cells"]:
-        rows.append({"task": c["task"], "backbone": c["backbone"], "method": c["method"], "n": c["n"],
-                     **{m.upper(): f"{100 * c[m]['mean']:.2f} ± {100 * c[m]['sd']:.2f}" for m in METRICS if m in c},
-                     "fit s": f"{c['fit_seconds']['mean']:.1f}",
-                     "ms/utt": f"{c['eval_ms_per_utterance']['mean']:.1f}"})
-    if rows:
-        lines.append(pd.DataFrame(rows).to_string(index=False))
-    for t, ref in summary["tasks"].items():
-        ceil = ref.get("ceilings")
-        if ceil:
-            lines.append(f"{t} reference ceilings (WA %): " +
-                         ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items()))
-        on_test = ref.get("test_ceilings")
-        if on_test:
-            lines.append(f"{t} the same Bayes rules on this test split (WA %): " +
-                         ", ".join(f"{k} {100 * v:.2f}" for k, v in on_test.items()))
-    hist = summary.get("by_speaker_history", [])
-    if hist:
-        lines.append("WA (%) by the speaker's earlier utterances in the dialogue:")
-        lines.append(pd.DataFrame([{"task": h["task"], "backbone": h["backbone"], "method": h["method"],
-                                    **{k: f"{100 * v:.1f}" for k, v in h["wa"].items()}} for h in hist]
-                                  ).to_string(index=False))
-    for c in summary["comparisons"]:
-        b, cells = c["bootstrap"]["wa"], c["cells"]
-        cell_p = f", {cells['primary']} over {c['n_cells']} cells p={cells['primary_p']:.3g}" \
-            if cells["primary_p"] is not None else ""
-        lines.append(f"{c['task']}: {c['method']} - {c['reference']} WA {100 * b['diff']:+.2f} pts "
-                     f"[95% dialogue bootstrap {100 * b['ci_low']:+.2f}, {100 * b['ci_high']:+.2f}] "
-                     f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['dialogues']['wilcoxon_p']:.3g}, "
-                     f"Holm {c['dialogues']['wilcoxon_p_holm']:.3g}, r={c['dialogues']['rank_biserial']:+.2f}; "
-                     f"McNemar p={c['mcnemar']['p_value']:.3g}{cell_p})")
-    for task, info in summary.get("tasks", {}).items():
-        for notice in info.get("notices", []):
-            lines.append(f"NOTICE {task}: {notice}")
-    for chk in summary["checks"]["leakage"]:
-        if chk["leakage_suspected"]:
-            lines.append(f"WARNING possible leakage: context-free {chk['method']} (seed {chk['seed']}, fold "
-                         f"{chk['fold']}) WA {100 * chk['wa']:.2f} > ceiling {100 * chk['ceiling']:.2f} "
-                         f"(p={chk['p_bonferroni']:.2g})")
-    for f in summary["failed_cells"]:
-        lines.append(f"FAILED {f['method']} {f['task']} seed {f['seed']} fold {f['fold']}: {f['error']}")
-    return "\n".join(lines)

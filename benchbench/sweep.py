@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .method import METHODS
@@ -53,10 +53,17 @@ class SweepSpec:
     pruner: str = "median"              # median | hyperband | none
     tracking_uri: str | None = None
     export: str | None = None           # best config file (default: runs/sweeps/<study>.best.json)
+    task_options: dict = field(default_factory=dict)      # the task's constructor options (e.g. n_train)
+    backbone_options: dict = field(default_factory=dict)  # weights, dtype, device, device_map, allow_download
+
+    @property
+    def preset_label(self) -> str:
+        """The preset plus any task options (``default+n_train=160``), as ``bench run`` labels cells."""
+        return self.preset + "".join(f"+{k}={v}" for k, v in sorted(self.task_options.items()))
 
     @property
     def study_name(self) -> str:
-        return self.study or f"{self.method}-{self.task}-{self.backbone}-{self.preset}"
+        return self.study or f"{self.method}-{self.task}-{self.backbone}-{self.preset_label}"
 
 
 def make_storage(url: str):
@@ -136,11 +143,11 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from .backbone import make_backbone
-    from .harness import _seed_everything
+    from .backbone import backbone_factory, make_backbone
     from .metrics import evaluate
-    from .task import TASKS
+    from .task import TASKS, check_task_options
     from .tracking import package_versions
+    from .training import seed_everything
 
     cls = METHODS.get(spec.method)
     try:  # fail before anything runs when the method has no search space
@@ -149,12 +156,14 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
         raise ValueError(str(e)) from None
     except Exception:  # noqa: BLE001 - FixedTrial lacks the values: the space exists
         pass
-    task = TASKS.get(spec.task)(data_dir=spec.data_dir, preset=spec.preset)
+    check_task_options(spec.task, spec.task_options)
+    backbone_factory(spec.backbone, spec.backbone_options)
+    task = TASKS.get(spec.task)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options)
     folds = {f.index: f for f in task.folds()}
     fold = folds[min(folds)] if spec.fold is None else folds.get(spec.fold)
     if fold is None:
         raise ValueError(f"task {spec.task} has no fold {spec.fold} (folds: {sorted(folds)})")
-    backbone = make_backbone(spec.backbone)
+    backbone = make_backbone(spec.backbone, spec.backbone_options)
 
     if spec.tracking_uri:
         mlflow.set_tracking_uri(spec.tracking_uri)
@@ -178,7 +187,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
             "mlflow.parentRunId": parent_id, "optuna_study": study_name, "optuna_trial": str(trial.number),
             "method": spec.method, "task": spec.task, **{f"version.{k}": v for k, v in package_versions().items()}})
         rid = run.info.run_id
-        params = {"method": spec.method, "task": spec.task, "backbone": spec.backbone, "preset": spec.preset,
+        params = {"method": spec.method, "task": spec.task, "backbone": spec.backbone, "preset": spec.preset_label,
                   "fold": fold.index, "seed": spec.seed, "metric": spec.metric,
                   **{f"method.{k}": v for k, v in config.flat().items()}}
         for k, v in params.items():
@@ -197,7 +206,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after {msg}")
 
-        _seed_everything(spec.seed)
+        seed_everything(spec.seed)
         state = "FAILED"
         try:
             method = cls(backbone, task.labels, config, seed=spec.seed)
@@ -243,7 +252,8 @@ def export_best(study, spec: SweepSpec, path: str | Path) -> Path:
     doc = {"format": CONFIG_FORMAT, "methods": {spec.method: best.user_attrs["config"]},
            "sweep": {"study": study.study_name, "trial": best.number, "dev_metric": spec.metric,
                      "value": best.value, "params": best.params, "task": spec.task, "fold": spec.fold,
-                     "preset": spec.preset, "backbone": spec.backbone, "storage": spec.storage}}
+                     "preset": spec.preset, "task_options": spec.task_options, "backbone": spec.backbone,
+                     "storage": spec.storage}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")

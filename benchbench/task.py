@@ -3,12 +3,62 @@
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from .data import Fold, hash_json, manifest_of
 from .registry import Registry
+
+
+@dataclass(frozen=True)
+class TaskReference:
+    """Reference figures a task reports beside results; accuracies (WA) as fractions in [0, 1].
+
+    Attributes:
+        context_free: the best WA any method can reach from the current utterance alone (e.g. a
+            Bayes rule on a generated task); context-free methods above it beyond noise are flagged
+            as leakage (:func:`benchbench.analysis.leakage_checks`). ``None``: unknown.
+        ceilings: other named reference accuracies (e.g. ``speaker_history``, ``chance``).
+        test_ceilings: the same rules scored on the task's own test utterances.
+
+    Raises ``ValueError`` for a value outside [0, 1] (NaN allowed: not computable).
+    """
+
+    context_free: float | None = None
+    ceilings: dict[str, float] = field(default_factory=dict)
+    test_ceilings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        values = ([("context_free", self.context_free)] if self.context_free is not None else []) + \
+            list(self.ceilings.items()) + list(self.test_ceilings.items())
+        for k, v in values:
+            if not (math.isnan(v) or 0.0 <= v <= 1.0):
+                raise ValueError(f"task reference {k}={v}: expected a fraction in [0, 1]")
+
+    def all_ceilings(self) -> dict[str, float]:
+        """``context_free`` (when known) and the other ceilings, for display."""
+        return ({"context_free": self.context_free} if self.context_free is not None else {}) | dict(self.ceilings)
+
+    def to_dict(self) -> dict:
+        """The JSON form (``summary.json``'s per-task ``ceilings`` / ``test_ceilings``)."""
+        out = {}
+        if self.all_ceilings():
+            out["ceilings"] = self.all_ceilings()
+        if self.test_ceilings:
+            out["test_ceilings"] = dict(self.test_ceilings)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskReference":
+        """Inverse of :meth:`to_dict`; ``ValueError`` naming unknown keys."""
+        unknown = set(d) - {"ceilings", "test_ceilings"}
+        if unknown:
+            raise ValueError(f"task reference: unknown key(s) {sorted(unknown)} (known: ceilings, test_ceilings)")
+        ceilings = dict(d.get("ceilings") or {})
+        return cls(ceilings.pop("context_free", None), ceilings, dict(d.get("test_ceilings") or {}))
 
 
 class Task(ABC):
@@ -45,9 +95,9 @@ class Task(ABC):
     def folds(self) -> list[Fold]:
         """All folds, in index order."""
 
-    def reference(self) -> dict:
-        """Reference figures reported beside results (e.g. ``{"ceilings": {...}}``); fractions in [0, 1]."""
-        return {}
+    def reference(self) -> TaskReference:
+        """Reference figures reported beside results (:class:`TaskReference`; none by default)."""
+        return TaskReference()
 
     def params(self) -> dict:
         """The task's resolved configuration (logged as run params)."""

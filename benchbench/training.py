@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -93,6 +94,13 @@ def two_stage_search_space(trial) -> dict:
     return {"lora": lora_search_space(trial), "epochs": trial.suggest_int("epochs", 1, 10),
             "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
             "gate_lr": trial.suggest_float("gate_lr", 1e-4, 1e-1, log=True)}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs (a cell's or a sweep trial's start)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 @contextmanager

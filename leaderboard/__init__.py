@@ -1,21 +1,24 @@
 """The leaderboard: logged runs (MLflow) -> ``leaderboard.html``, ``leaderboard.md``, ``leaderboard.tex``.
 
 ``bench leaderboard [--tracking-uri URI] [--experiment NAME] --output DIR`` calls :func:`build`:
-cells are read back from MLflow (:mod:`.collect`), summarised with the harness's statistics
-(:func:`benchbench.harness.summarize`: intervals, dialogue bootstrap, Holm-corrected tests) and
+cells are read back from MLflow (:mod:`.collect`), summarised by :func:`benchbench.analysis.summarize`
+(intervals, dialogue bootstrap, Holm-corrected tests) and
 rendered with the papers' reported numbers (:mod:`.render`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from benchbench.analysis import summarize
 
 from .collect import Collected, collect
 from .render import load_reported, render_html, render_latex, render_markdown, sections
 
-__all__ = ["build", "collect", "Collected", "load_reported", "render_html", "render_latex", "render_markdown",
+__all__ = ["LeaderboardSpec", "build", "collect", "Collected", "load_reported", "render_html", "render_latex", "render_markdown",
            "sections"]
 
 
@@ -28,16 +31,28 @@ def _relabel_presets(c: Collected) -> None:
             df.loc[other, "backbone"] = df.loc[other, "backbone"] + " (" + df.loc[other, "preset"] + " preset)"
 
 
-def build(output: str | Path, tracking_uri: str | None = None, experiment: str = "benchbench",
-          reference: str = "lora", parent_run_ids: list[str] | None = None, preset: str | None = None,
-          tasks: list[str] | None = None, n_resamples: int = 2000) -> dict[str, Path]:
-    """Read the logged cells, compute the statistics and write the leaderboard files into ``output``.
+@dataclass
+class LeaderboardSpec:
+    """What ``bench leaderboard`` was asked to do (the CLI's options, resolved)."""
+
+    output: str | Path                   # folder for leaderboard.html, .md, .tex, .json
+    tracking_uri: str | None = None      # MLflow tracking URI (None: MLflow's default)
+    experiment: str = "benchbench"
+    reference: str = "lora"              # method the significance marks compare against
+    parent_run_ids: list[str] | None = None  # only these `bench run` invocations
+    preset: str | None = None            # only cells of this preset
+    tasks: list[str] | None = None       # only these tasks
+    n_resamples: int = 2000              # dialogue-bootstrap resamples
+
+
+def build(spec: LeaderboardSpec) -> dict[str, Path]:
+    """Read the logged cells, compute the statistics and write the leaderboard files into ``spec.output``.
 
     Returns ``{"html", "md", "tex", "json"}`` paths. Raises ``ValueError`` (naming the tracking URI
     and experiment) when there is nothing to show.
     """
-    from benchbench.harness import summarize
-
+    output, tracking_uri, experiment, reference = spec.output, spec.tracking_uri, spec.experiment, spec.reference
+    parent_run_ids, preset, tasks, n_resamples = spec.parent_run_ids, spec.preset, spec.tasks, spec.n_resamples
     c = collect(tracking_uri, experiment, parent_run_ids, preset, tasks)
     _relabel_presets(c)
     summary = summarize(c.results, c.predictions, c.task_info, reference, n_resamples=n_resamples)
@@ -59,6 +74,6 @@ def build(output: str | Path, tracking_uri: str | None = None, experiment: str =
     paths["html"].write_text(render_html(summary, reported, reference, provenance=provenance))
     paths["md"].write_text(render_markdown(summary, reported, reference))
     paths["tex"].write_text(render_latex(summary, reported, reference))
-    paths["json"].write_text(json.dumps({"summary": summary, "sources": c.sources, "skipped": c.skipped,
+    paths["json"].write_text(json.dumps({"summary": summary.to_dict(), "sources": c.sources, "skipped": c.skipped,
                                          "tracking_uri": uri, "experiment": experiment}, indent=2, default=str))
     return paths

@@ -9,13 +9,14 @@ tracking store alone, never from a run folder.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
+from benchbench.analysis import Summary, TaskSummary
 
 CELL_KEY = ["task", "backbone", "method", "preset", "seed", "fold"]
 
@@ -26,14 +27,14 @@ class Collected:
 
     ``results``: one row per cell (the columns of a run's ``results.csv``, plus ``preset``,
     ``parent_run_id``, ``git_commit``, ``start_time``); ``predictions``: every test utterance of those
-    cells (``predictions.csv`` rows); ``task_info``: per task ``{"reference", "labels",
-    "manifest_sha256"}`` as the harness's :func:`~benchbench.harness.summarize` expects;
+    cells (``predictions.csv`` rows); ``task_info``: per task a :class:`~benchbench.analysis.TaskSummary`
+    (read from the runs' ``summary.json``) as :func:`~benchbench.analysis.summarize` expects;
     ``sources``: the parent runs used (id, name, git commit, start time).
     """
 
     results: pd.DataFrame
     predictions: pd.DataFrame
-    task_info: dict = field(default_factory=dict)
+    task_info: dict[str, TaskSummary] = field(default_factory=dict)
     sources: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -120,14 +121,17 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
             except Exception as e:  # noqa: BLE001
                 skipped.append(f"parent run {pid}: summary.json not readable ({e}); its tasks show no ceilings")
                 continue
-            for t, info in json.loads(Path(path).read_text()).get("tasks", {}).items():
-                ref = {k: v for k, v in info.items() if k not in ("labels", "manifest_sha256")}
-                task_info[t] = {"reference": ref, "labels": info.get("labels"),
-                                "manifest_sha256": info.get("manifest_sha256")}
+            try:
+                tasks = Summary.read(path).tasks
+            except ValueError as e:
+                skipped.append(f"parent run {pid}: {e}; its tasks show no ceilings")
+                continue
+            for t, info in tasks.items():
+                task_info[t] = TaskSummary(info.labels, info.reference, info.manifest_sha256)
     results["n_test"] = results["mlflow_run_id"].map(n_test)  # NaN where predictions were unreadable
     predictions = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     for t in results["task"].unique():  # tasks whose parent summary was unreadable
         if t not in task_info:
             labels = sorted(predictions.loc[predictions["task"] == t, "label"].unique()) if len(predictions) else []
-            task_info[t] = {"reference": {}, "labels": labels, "manifest_sha256": None}
+            task_info[t] = TaskSummary(list(labels))
     return Collected(results, predictions, task_info, sources, skipped)

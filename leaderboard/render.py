@@ -1,6 +1,6 @@
 """Leaderboard rendering: Markdown, LaTeX and a self-contained, sortable HTML page with plots.
 
-Input is a summary as :func:`benchbench.harness.summarize` makes it (per method/task/backbone
+Input is a :class:`benchbench.analysis.Summary` as :func:`benchbench.analysis.summarize` makes it (per method/task/backbone
 intervals over seeds x folds, paired comparisons against the reference, accuracy by speaker history
 and by position in the dialogue) plus the papers' reported numbers (``reported.csv``). Everything is
 organised in *sections*, one per task x backbone; reported rows join the section of their task and
@@ -23,7 +23,9 @@ from importlib.resources import files
 
 import pandas as pd
 
+from benchbench.analysis import Summary
 from benchbench.metrics import METRICS
+from benchbench.task import TaskReference
 
 METRIC_NAMES = {"wa": "WA", "ua": "UA", "wf1": "WF1", "macro_f1": "Macro-F1"}
 # cost columns: summary key, header, format (the same in every output format)
@@ -86,7 +88,7 @@ class Section:
     backbone: str
     rows: list[Row]
     labels: list[str]
-    reference: dict                             # the task's reference figures (ceilings, ...)
+    reference: TaskReference                    # the task's reference figures (ceilings, ...)
     by_turn: list[dict]
     by_history: list[dict]
 
@@ -104,30 +106,31 @@ def _marks(comp: dict) -> dict:
     return out
 
 
-def sections(summary: dict, reported: pd.DataFrame | None = None, reference: str = "lora") -> list[Section]:
+def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora") -> list[Section]:
     """Measured and reported rows grouped by task x backbone, measured rows sorted by WA."""
     out: dict[tuple, Section] = {}
 
     def section(task, backbone):
         if (task, backbone) not in out:
-            info = summary["tasks"].get(task, {})
+            info = summary.tasks.get(task)
             out[(task, backbone)] = Section(
-                task, backbone, [], list(info.get("labels") or []),
-                {k: v for k, v in info.items() if k not in ("labels", "manifest_sha256")},
-                [h for h in summary.get("by_turn", []) if h["task"] == task and h["backbone"] == backbone],
-                [h for h in summary.get("by_speaker_history", []) if h["task"] == task and h["backbone"] == backbone])
+                task, backbone, [], list(info.labels) if info else [],
+                info.reference if info else TaskReference(),
+                [h for h in summary.by_turn if h["task"] == task and h["backbone"] == backbone],
+                [h for h in summary.by_speaker_history if h["task"] == task and h["backbone"] == backbone])
         return out[(task, backbone)]
 
-    comps = {(c["task"], c["backbone"], c["method"]): c for c in summary.get("comparisons", [])
+    comps = {(c["task"], c["backbone"], c["method"]): c for c in summary.comparisons
              if c["reference"] == reference}
-    for c in summary["cells"]:
-        s = section(c["task"], c["backbone"])
-        comp = comps.get((c["task"], c["backbone"], c["method"]))
+    for c in summary.cells:
+        s = section(c.task, c.backbone)
+        comp = comps.get((c.task, c.backbone, c.method))
+        st = c.stats
         s.rows.append(Row(
-            method=c["method"], kind="measured", n=c["n"],
-            metrics={m: c[m] for m in METRICS if m in c},
-            per_class={k.removeprefix("f1_"): v["mean"] for k, v in c.items() if k.startswith("f1_")},
-            costs={k: c[k]["mean"] for k, _, _ in COSTS if k in c},
+            method=c.method, kind="measured", n=c.n,
+            metrics={m: st[m] for m in METRICS if m in st},
+            per_class={k.removeprefix("f1_"): v["mean"] for k, v in st.items() if k.startswith("f1_")},
+            costs={k: st[k]["mean"] for k, _, _ in COSTS if k in st},
             marks=_marks(comp) if comp else {}, comparison=comp))
     for s in out.values():
         s.rows.sort(key=lambda r: -r.metrics["wa"]["mean"])
@@ -178,11 +181,11 @@ def _method_text(row: Row) -> str:
 
 
 def _ceilings_text(sec: Section) -> str:
-    ceil = sec.reference.get("ceilings")
+    ceil = sec.reference.all_ceilings()
     return ("Reference ceilings (WA %): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items())) if ceil else ""
 
 
-def render_markdown(summary: dict, reported: pd.DataFrame | None = None, reference: str = "lora") -> str:
+def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora") -> str:
     """A Markdown table per task x backbone: mean [95% interval] (in %) over seeds x folds, ▲/▼ marks
     against ``reference``, the WA difference with its dialogue-bootstrap interval and Holm p, costs;
     then the papers' reported rows (italic) and references."""
@@ -210,7 +213,7 @@ def render_markdown(summary: dict, reported: pd.DataFrame | None = None, referen
     return "\n".join(out) + "\n"
 
 
-def render_latex(summary: dict, reported: pd.DataFrame | None = None, reference: str = "lora") -> str:
+def render_latex(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora") -> str:
     """One ``tabular`` per task x backbone (pandas Styler), metrics as mean [95% interval] in %."""
     parts = []
     for sec in sections(summary, reported, reference):
@@ -264,9 +267,9 @@ def plot_metrics(sec: Section) -> str:
                 err = None if math.isnan(lo) else [[100 * (v["mean"] - lo)], [100 * (hi - v["mean"])]]
                 ax.errorbar(100 * v["mean"], y, xerr=err, fmt="o", color="#003f5c", capsize=3, ms=4)
         if m == "wa":
-            for (k, c), style in zip((sec.reference.get("ceilings") or {}).items(), ("--", ":", "-.", (0, (1, 3)))):
+            for (k, c), style in zip(sec.reference.all_ceilings().items(), ("--", ":", "-.", (0, (1, 3)))):
                 ax.axvline(100 * c, color="#ef5675", ls=style, lw=1, label=k)
-            if sec.reference.get("ceilings"):
+            if sec.reference.all_ceilings():
                 ax.legend(fontsize=7, loc="lower right", frameon=False)
         ax.set_title(METRIC_NAMES[m] + " (%)")
         ax.grid(axis="x", alpha=0.3)
@@ -297,7 +300,7 @@ def plot_position(sec: Section) -> str | None:
         a2.set_xticks(range(len(keys)), keys)
     a2.set_xlabel("speaker's earlier utterances")
     a2.set_title("accuracy by speaker history")
-    for k, c in (sec.reference.get("ceilings") or {}).items():
+    for k, c in sec.reference.all_ceilings().items():
         if k in ("context_free", "speaker_history"):
             for ax in (a1, a2):
                 ax.axhline(100 * c, color="#ef5675", ls="--" if k == "context_free" else ":", lw=1)
@@ -411,7 +414,7 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
     return "\n".join(parts)
 
 
-def render_html(summary: dict, reported: pd.DataFrame | None = None, reference: str = "lora",
+def render_html(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora",
                 title: str = "benchbench leaderboard", provenance: str = "") -> str:
     """The self-contained page (inline CSS, JS and SVG; nothing fetched): a sortable table per
     task x backbone, metric plots with interval bars, accuracy by dialogue position, reported rows."""

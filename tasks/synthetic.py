@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchbench.data import Dialogue, Fold, Utterance, UtteranceInput
-from benchbench.task import Task
+from benchbench.task import Task, TaskReference
 
 LABELS = ("anger", "happiness", "neutral", "sadness")
 # o_e in z units: (f0, energy, rate).
@@ -173,8 +173,10 @@ class SyntheticProsodyTask(Task):
             self._folds = [Fold(0, split["train"], split["dev"], split["test"])]
         return self._folds
 
-    def reference(self) -> dict:
-        return {"ceilings": self.ceilings(), "test_ceilings": self.test_ceilings()}
+    def reference(self) -> TaskReference:
+        ceilings = self.ceilings()
+        return TaskReference(context_free=ceilings.pop("context_free"), ceilings=ceilings,
+                             test_ceilings=self.test_ceilings())
 
     def test_ceilings(self) -> dict:
         """The two Bayes rules of :meth:`ceilings` applied to this task's own test utterances

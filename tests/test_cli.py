@@ -94,12 +94,12 @@ def test_missing_data_dir_fails_cleanly_and_marks_the_mlflow_run(tmp_path, capsy
 def test_summary_when_every_cell_failed():
     import pandas as pd
 
-    from benchbench.harness import format_summary, summarize
+    from benchbench.analysis import TaskSummary, format_summary, summarize
 
     rows = pd.DataFrame([{"method": "lora", "task": "synthetic", "backbone": "tiny-qwen2-audio", "seed": 0,
                           "fold": 0, "status": "failed", "error": "ValueError: boom", "traceback": "..."}])
-    s = summarize(rows, pd.DataFrame(), {"synthetic": {"reference": {}, "manifest_sha256": "x", "labels": ["a"]}})
-    assert s["cells"] == [] and s["failed_cells"][0]["error"] == "ValueError: boom"
+    s = summarize(rows, pd.DataFrame(), {"synthetic": TaskSummary(["a"], manifest_sha256="x")})
+    assert s.cells == [] and s.failed_cells[0]["error"] == "ValueError: boom"
     assert "FAILED lora synthetic seed 0 fold 0: ValueError: boom" in format_summary(s)
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    from benchbench.fixtures import make_iemocap
+    from benchbench.tools.fixtures import make_iemocap
 
     return make_iemocap(EMODB_DIR, tmp_path_factory.mktemp("iemocap"), per_speaker=8)
 

@@ -9,6 +9,7 @@ import struct
 import pandas as pd
 import pytest
 
+from benchbench.analysis import Summary
 from benchbench.cli import main
 from benchbench.leaderboard import collect, load_reported, render_html, sections
 from benchbench.leaderboard.render import PAPERS
@@ -57,11 +58,12 @@ def _cell(method, wa):
 
 
 def test_marks_need_both_the_bootstrap_interval_and_the_holm_corrected_test():
-    summary = {"cells": [_cell("lora", 0.5), _cell("better", 0.6), _cell("worse", 0.4), _cell("noisy", 0.58)],
-               "tasks": {"t": {"labels": ["x"]}},
-               "comparisons": [_comparison("better", (0.02, 0.15), (-0.01, 0.08), 0.01),
-                               _comparison("worse", (-0.2, -0.03), (-0.2, -0.03), 0.002),
-                               _comparison("noisy", (0.01, 0.15), (0.01, 0.15), 0.08)]}
+    summary = Summary.from_dict({
+        "cells": [_cell("lora", 0.5), _cell("better", 0.6), _cell("worse", 0.4), _cell("noisy", 0.58)],
+        "tasks": {"t": {"labels": ["x"]}},
+        "comparisons": [_comparison("better", (0.02, 0.15), (-0.01, 0.08), 0.01),
+                        _comparison("worse", (-0.2, -0.03), (-0.2, -0.03), 0.002),
+                        _comparison("noisy", (0.01, 0.15), (0.01, 0.15), 0.08)]})
     (sec,) = sections(summary)
     rows = {r.method: r for r in sec.rows}
     assert [r.method for r in sec.rows] == ["better", "noisy", "lora", "worse"]  # sorted by WA
@@ -90,7 +92,7 @@ def test_bench_leaderboard_reads_mlflow_and_writes_every_format(logged):
     lora_s0 = got.results[(got.results.method == "lora") & (got.results.seed == 0)]
     assert lora_s0["mlflow_run_id"].tolist() == r2["mlflow_run_id"].tolist()
     assert len(got.predictions) == r1["n_test"].sum()
-    assert got.task_info["synthetic"]["reference"]["ceilings"]["context_free"] > 0.25
+    assert got.task_info["synthetic"].reference.context_free > 0.25
 
     md = (board / "leaderboard.md").read_text()
     assert "### synthetic · tiny-qwen2-audio (smoke preset)" in md and "### iemocap · qwen2-audio-7b" in md

@@ -169,7 +169,7 @@ def test_phase_one_is_exactly_the_lora_method(backbone, tiny_task):
 
 def test_headroom_probe_features(backbone, tiny_task):
     """The probe's context features are what they claim, and every probe returns accuracies."""
-    from benchbench.headroom import FEATURES, _tensors, probe
+    from benchbench.tools.headroom import FEATURES, _tensors, probe
 
     d = tiny_task.folds()[0].train[:3]
     E, Y, K, spk, dlg = _tensors(backbone, d)

@@ -20,7 +20,7 @@ needs_emodb = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
 def meld_raw(tmp_path_factory):
     if not (EMODB_DIR / "wav").is_dir() or not (MELD_DIR / "train_sent_emo.csv").is_file():
         pytest.skip("needs ../shared/data/emodb and ../shared/data/meld")
-    from benchbench.fixtures import make_meld
+    from benchbench.tools.fixtures import make_meld
 
     return make_meld(EMODB_DIR, MELD_DIR, tmp_path_factory.mktemp("meld"))
 
@@ -53,7 +53,7 @@ def test_bad_csv_names_the_file_and_row(tmp_path):
 
 
 def test_decode_audio_resamples_a_48k_aac_clip(tmp_path):
-    from benchbench.fixtures import write_mp4
+    from benchbench.tools.fixtures import write_mp4
     from benchbench.tasks.meld import decode_audio
 
     sr = 22050

@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchbench.harness import leakage_checks
+from benchbench.analysis import TaskSummary, leakage_checks
+from benchbench.task import TaskReference
 from benchbench.metrics import compute_metrics
 
 
@@ -25,19 +26,22 @@ def test_metric_input_errors():
 
 
 def test_leakage_check_flags_a_context_free_method_above_the_ceiling():
-    info = {"t": {"reference": {"ceilings": {"context_free": 0.5}}}}
+    info = {"t": TaskSummary(["a", "b"], TaskReference(context_free=0.5))}
     rows = pd.DataFrame([
         {"method": "honest", "task": "t", "seed": 0, "fold": 0, "wa": 0.52, "n_test": 400, "uses_context": False},
         {"method": "leaky", "task": "t", "seed": 0, "fold": 0, "wa": 0.70, "n_test": 400, "uses_context": False},
         {"method": "memory", "task": "t", "seed": 0, "fold": 0, "wa": 0.90, "n_test": 400, "uses_context": True}])
-    flags = {c["method"]: c["leakage_suspected"] for c in leakage_checks(rows, info)}
+    flags = {c.method: c.leakage_suspected for c in leakage_checks(rows, info)}
     assert flags == {"honest": False, "leaky": True}
+    info["t"] = TaskSummary(["a", "b"])  # no context-free ceiling: nothing to test against
+    assert leakage_checks(rows, info) == []
 
 
 def test_speaker_history_counts_and_accuracy_by_history():
     from types import SimpleNamespace as U
 
-    from benchbench.harness import accuracy_by_speaker_history, speaker_history_counts
+    from benchbench.analysis import accuracy_by_speaker_history
+    from benchbench.data import speaker_history_counts
 
     utts = [U(speaker=s) for s in "ABAABBA"]
     assert speaker_history_counts(utts) == [0, 0, 1, 2, 1, 2, 3]

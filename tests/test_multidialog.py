@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
-    from benchbench.fixtures import make_multidialog
+    from benchbench.tools.fixtures import make_multidialog
 
     return make_multidialog(EMODB_DIR, tmp_path_factory.mktemp("md"))
 

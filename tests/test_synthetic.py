@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from benchbench.task import TaskReference
+
 from tests.conftest import same_emotion_rate
 from benchbench.tasks.synthetic import (EMOTION_OFFSETS, SAMPLE_RATE, SyntheticProsodyTask, render_waveform,
                                         speaker_history_posterior)
@@ -53,7 +55,14 @@ def test_test_ceilings_apply_the_bayes_rules_to_the_test_split():
     for k in ("context_free", "speaker_history"):  # within binomial noise of the population figures
         assert abs(on_test[k] - c[k]) < 4 * np.sqrt(c[k] * (1 - c[k]) / n)
     assert on_test["speaker_history"] > on_test["context_free"]
-    assert t.reference()["test_ceilings"] == on_test
+    ref = t.reference()
+    assert ref.test_ceilings == on_test and ref.context_free == pytest.approx(c["context_free"])
+    assert ref.to_dict()["ceilings"] == c  # summary.json keeps every ceiling, context_free first
+    assert TaskReference.from_dict(ref.to_dict()) == ref
+    with pytest.raises(ValueError, match="ceiling"):
+        TaskReference.from_dict({"ceiling": {}})
+    with pytest.raises(ValueError, match="fraction"):
+        TaskReference(context_free=53.2)
 
 
 def test_emotions_are_sticky_per_speaker():

@@ -12,7 +12,7 @@ Emo-DB audio (real emotional speech, ``../shared/data/emodb``):
 * :func:`make_multidialog` - a MultiDialog-layout sample (``metadata.jsonl`` per split and 16 kHz
   wavs named ``..._<actor>.wav``).
 
-Command line: ``python -m benchbench.fixtures iemocap --emodb ../shared/data/emodb --out DIR``.
+Command line: ``python -m benchbench.tools.fixtures iemocap --emodb ../shared/data/emodb --out DIR``.
 Nothing here is used by a benchmark run.
 """
 
@@ -232,7 +232,7 @@ def make_multidialog(emodb_dir: str | Path, out_dir: str | Path, turns: int = 6,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchbench.fixtures", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchbench.tools.fixtures", description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["iemocap", "meld", "multidialog"])
     p.add_argument("--meld-csv", default=None, help="folder with MELD's real *_sent_emo.csv (for meld)")
     p.add_argument("--emodb", required=True, help="Emo-DB folder (wav/ or the wavs themselves)")

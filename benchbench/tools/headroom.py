@@ -12,7 +12,7 @@ test accuracy overall and by the number of the speaker's earlier utterances in t
   (Titans-as-a-Layer Eq. 6-8, one memory update per utterance; here a depth-1 memory of width
   ``d_m``) with a trainable head instead of the frozen host LM.
 
-Run: ``python -m benchbench.headroom [--n-train 160]`` (default: the preset's 480 training
+Run: ``python -m benchbench.tools.headroom [--n-train 160]`` (default: the preset's 480 training
 dialogues). Dev unused, test scored.
 """
 
@@ -24,9 +24,10 @@ import json
 import torch
 from torch import nn
 
-from .backbone import make_backbone
-from .harness import HISTORY_BINS, history_bin, speaker_history_counts
-from .task import TASKS
+from benchbench.analysis import HISTORY_BINS, history_bin
+from benchbench.backbone import make_backbone
+from benchbench.data import speaker_history_counts
+from benchbench.task import TASKS
 
 FEATURES = ("none", "speaker_mean", "dialogue_mean", "memory")
 
@@ -52,7 +53,7 @@ def _tensors(backbone, dialogues):
 class _Probe(nn.Module):
     def __init__(self, feature: str, dim: int, n_labels: int, max_tokens: int, d_m: int):
         super().__init__()
-        from .methods.mal import MALBranch, MALConfig
+        from benchbench.methods.mal import MALBranch, MALConfig
 
         self.feature = feature
         if feature == "memory":

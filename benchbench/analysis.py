@@ -1,0 +1,335 @@
+"""Analysis: from finished cells to a typed :class:`Summary` (the contract of the CLI, the leaderboard
+and ``summary.json``).
+
+Input: one row per cell (``results.csv`` columns: method, task, backbone, seed, fold, status,
+metrics as fractions, costs, ``n_test``, ``uses_context``), every scored test utterance's prediction
+(``predictions.csv`` rows) and per task a :class:`TaskSummary`. Output: per method x task x backbone
+the mean / sd / 95% Student-t interval / n of every metric and cost over seeds x folds; paired
+comparisons against a reference method (:func:`benchbench.stats.compare_all`: dialogue-cluster
+bootstrap, Wilcoxon over dialogues with Holm, McNemar, tests over cells); accuracy by the speaker's
+history and by position in the dialogue; the leakage check of context-free methods against the
+task's context-free ceiling. Nothing here trains or predicts: the same functions serve a fresh run
+(:mod:`benchbench.harness`), a run folder (``bench compare``) and the MLflow store (``bench
+leaderboard``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .metrics import METRICS
+from .stats import compare_all, interval
+from .task import TaskReference
+
+COST_COLUMNS = ("fit_seconds", "eval_ms_per_utterance", "trained_parameters", "peak_rss_mb", "peak_cuda_mb",
+                "test_time_update_ms_per_utterance", "test_time_updates_per_utterance", "test_time_issues")
+"""Cost columns of ``results.csv`` summarised per method (seconds, milliseconds, counts, MiB)."""
+
+
+# ---------------------------------------------------------------------------- the typed summary
+@dataclass
+class TaskSummary:
+    """What the analysis needs to know of a task: its labels (class-index order), reference figures,
+    data-manifest hash and notices (count mismatches, skipped files)."""
+
+    labels: list[str]
+    reference: TaskReference = field(default_factory=TaskReference)
+    manifest_sha256: str | None = None
+    notices: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self.reference.to_dict(), "manifest_sha256": self.manifest_sha256, "labels": list(self.labels),
+                "notices": list(self.notices)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSummary":
+        ref = {k: v for k, v in d.items() if k not in ("labels", "manifest_sha256", "notices")}
+        return cls(list(d.get("labels") or []), TaskReference.from_dict(ref), d.get("manifest_sha256"),
+                   list(d.get("notices") or []))
+
+
+@dataclass
+class CellSummary:
+    """One method x task x backbone over its seeds x folds.
+
+    ``stats``: column -> ``{"mean", "sd", "n", "ci_low", "ci_high"}`` (:func:`benchbench.stats.interval`)
+    for the metrics (``wa``, ``ua``, ``wf1``, ``macro_f1``, ``f1_<label>``: fractions, intervals
+    clipped to [0, 1]) and the costs (:data:`COST_COLUMNS`).
+    """
+
+    method: str
+    task: str
+    backbone: str
+    n: int
+    seeds: list[int]
+    folds: list[int]
+    stats: dict[str, dict]
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "task": self.task, "backbone": self.backbone, "n": self.n,
+                "seeds": self.seeds, "folds": self.folds, **self.stats}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CellSummary":
+        head = ("method", "task", "backbone", "n", "seeds", "folds")
+        return cls(d["method"], d["task"], d["backbone"], int(d["n"]), list(d.get("seeds", [])),
+                   list(d.get("folds", [])), {k: v for k, v in d.items() if k not in head})
+
+
+@dataclass
+class LeakageCheck:
+    """One context-free cell tested against its task's context-free ceiling (:func:`leakage_checks`)."""
+
+    method: str
+    task: str
+    seed: int
+    fold: int
+    wa: float
+    ceiling: float
+    p_value: float
+    p_bonferroni: float = float("nan")
+    leakage_suspected: bool = False
+
+
+@dataclass
+class Summary:
+    """Everything a run (or a set of logged runs) says, typed; ``to_dict`` is ``summary.json``.
+
+    ``comparisons``, ``by_speaker_history`` and ``by_turn`` hold the records of
+    :func:`benchbench.stats.compare`, :func:`accuracy_by_speaker_history` and
+    :func:`accuracy_by_turn` (their docstrings give the keys); ``failed_cells`` the failed rows of
+    ``results.csv``; ``run`` where the run's files and MLflow records are (a fresh run only).
+    """
+
+    cells: list[CellSummary] = field(default_factory=list)
+    tasks: dict[str, TaskSummary] = field(default_factory=dict)
+    leakage: list[LeakageCheck] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
+    by_speaker_history: list[dict] = field(default_factory=list)
+    by_turn: list[dict] = field(default_factory=list)
+    failed_cells: list[dict] = field(default_factory=list)
+    run: dict | None = None
+
+    def to_dict(self) -> dict:
+        out = {"cells": [c.to_dict() for c in self.cells], "tasks": {t: s.to_dict() for t, s in self.tasks.items()},
+               "checks": {"leakage": [asdict(c) for c in self.leakage]}, "comparisons": self.comparisons,
+               "by_speaker_history": self.by_speaker_history, "by_turn": self.by_turn,
+               "failed_cells": self.failed_cells}
+        if self.run is not None:
+            out["run"] = self.run
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Summary":
+        """Read ``summary.json`` (``ValueError`` naming a missing top-level key)."""
+        missing = {"cells", "tasks"} - set(d)
+        if missing:
+            raise ValueError(f"not a benchbench summary: missing {sorted(missing)}")
+        return cls([CellSummary.from_dict(c) for c in d["cells"]],
+                   {t: TaskSummary.from_dict(s) for t, s in d["tasks"].items()},
+                   [LeakageCheck(**c) for c in d.get("checks", {}).get("leakage", [])],
+                   d.get("comparisons", []), d.get("by_speaker_history", []), d.get("by_turn", []),
+                   d.get("failed_cells", []), d.get("run"))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Summary":
+        """``summary.json`` from disk; ``ValueError`` naming the file when it is not a summary."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------- by history and position
+HISTORY_BINS = (0, 1, 2, 3)  # the last bin is "3 or more"
+
+
+def history_bin(k: int) -> str:
+    """``"0"``, ``"1"``, ``"2"`` or ``"3+"`` for a count of the speaker's earlier utterances."""
+    return f"{HISTORY_BINS[-1]}+" if k >= HISTORY_BINS[-1] else str(int(k))
+
+
+def accuracy_by_speaker_history(preds: pd.DataFrame) -> list[dict]:
+    """WA per method/task/backbone by the number of the speaker's earlier utterances (0, 1, 2, 3+).
+
+    Pooled over seeds and folds; records ``{"method", "task", "backbone", "wa": {bin: fraction},
+    "n": {bin: count}}``. A context method's gain should grow with the history; an utterance-level
+    method's accuracy should not depend on it.
+    """
+    if preds.empty or "speaker_history" not in preds:
+        return []
+    binned = preds.assign(history_bin=preds["speaker_history"].map(history_bin))
+    out = []
+    for (m, t, b), g in binned.groupby(["method", "task", "backbone"], sort=False):
+        acc = g.groupby("history_bin", sort=False)["correct"].agg(["mean", "size"])
+        acc = acc.loc[[k for k in map(history_bin, HISTORY_BINS) if k in acc.index]]
+        out.append({"method": m, "task": t, "backbone": b,
+                    "wa": {k: float(v) for k, v in acc["mean"].items()},
+                    "n": {k: int(v) for k, v in acc["size"].items()}})
+    return out
+
+
+TURN_BINS = 12  # positions 0..11 each, then "12+"
+
+
+def accuracy_by_turn(preds: pd.DataFrame) -> list[dict]:
+    """WA per method/task/backbone by the utterance's position in its dialogue (turn 0, 1, ..., 12+).
+
+    Pooled over seeds and folds, with Wilson 95% intervals over the pooled utterances
+    (``statsmodels.stats.proportion.proportion_confint``; utterances are treated as independent, so
+    read the bands as descriptive); records ``{"method", "task", "backbone", "wa", "ci_low",
+    "ci_high", "n"}``, each but the first three keyed by bin. Memory should show as accuracy that
+    rises with the position.
+    """
+    if preds.empty or "turn" not in preds:
+        return []
+    from statsmodels.stats.proportion import proportion_confint
+
+    binned = preds.assign(turn_bin=preds["turn"].clip(upper=TURN_BINS))
+    out = []
+    for (m, t, b), g in binned.groupby(["method", "task", "backbone"], sort=False):
+        acc = g.groupby("turn_bin")["correct"].agg(["sum", "size"]).sort_index()
+        lo, hi = proportion_confint(acc["sum"], acc["size"], alpha=0.05, method="wilson")
+        keys = [f"{TURN_BINS}+" if k >= TURN_BINS else str(int(k)) for k in acc.index]
+        out.append({"method": m, "task": t, "backbone": b,
+                    "wa": dict(zip(keys, (acc["sum"] / acc["size"]).astype(float))),
+                    "ci_low": dict(zip(keys, np.asarray(lo, dtype=float))),
+                    "ci_high": dict(zip(keys, np.asarray(hi, dtype=float))),
+                    "n": dict(zip(keys, acc["size"].astype(int).tolist()))})
+    return out
+
+
+# ---------------------------------------------------------------------------- checks and the summary
+def leakage_checks(ok: pd.DataFrame, tasks: dict[str, TaskSummary], alpha: float = 0.01) -> list[LeakageCheck]:
+    """Context-free methods whose WA beats the task's context-free ceiling beyond noise.
+
+    One-sided exact binomial test of each cell's correct count against
+    ``TaskReference.context_free`` (``scipy.stats.binomtest``), Bonferroni-corrected over the cells
+    tested. A flagged cell means information leaks into utterance-level predictions (labels, other
+    utterances, or data reuse). Tasks without a context-free ceiling are not tested.
+    """
+    tested = []
+    for _, r in ok[ok["uses_context"] == False].iterrows():  # noqa: E712
+        ceiling = tasks[r["task"]].reference.context_free
+        if ceiling is None:
+            continue
+        k, n = int(round(r["wa"] * r["n_test"])), int(r["n_test"])
+        p = stats.binomtest(k, n, ceiling, alternative="greater").pvalue
+        tested.append(LeakageCheck(r["method"], r["task"], int(r["seed"]), int(r["fold"]), float(r["wa"]),
+                                   ceiling, float(p)))
+    for t in tested:
+        t.p_bonferroni = min(1.0, t.p_value * len(tested))
+        t.leakage_suspected = bool(t.p_bonferroni < alpha)
+    return tested
+
+
+def summarize(results: pd.DataFrame, preds: pd.DataFrame, tasks: dict[str, TaskSummary], baseline: str = "lora",
+              n_resamples: int = 2000) -> Summary:
+    """Mean / sd / 95% interval / n over seeds x folds per method/task/backbone, task references,
+    checks, and paired comparisons against ``baseline`` (:func:`benchbench.stats.compare_all`)."""
+    summary = Summary(tasks=dict(tasks))
+    if results.empty:
+        return summary
+    failed = results[results["status"] == "failed"]
+    summary.failed_cells = failed.drop(columns=["traceback"], errors="ignore").to_dict("records")
+    ok = results[results["status"] == "ok"]
+    if ok.empty:  # every cell failed: nothing to summarise beyond the failures
+        return summary
+    metric_cols = [c for c in ok.columns if c in METRICS or c.startswith("f1_")] + list(COST_COLUMNS)
+    for (m, t, b), g in ok.groupby(["method", "task", "backbone"], sort=False):
+        summary.cells.append(CellSummary(
+            m, t, b, int(len(g)), sorted(g["seed"].unique().tolist()), sorted(g["fold"].unique().tolist()),
+            {c: interval(g[c].dropna(), bounds=(0.0, 1.0) if c in METRICS or c.startswith("f1_") else None)
+             for c in metric_cols if c in g and g[c].notna().any()}))
+    summary.leakage = leakage_checks(ok, tasks)
+    if not preds.empty:
+        summary.comparisons = compare_all(preds, {t: s.labels for t, s in tasks.items()}, reference=baseline,
+                                          n_resamples=n_resamples)
+        summary.by_speaker_history = accuracy_by_speaker_history(preds)
+        summary.by_turn = accuracy_by_turn(preds)
+    return summary
+
+
+PREDICTION_COLUMNS = {"method", "task", "backbone", "fold", "seed", "dialogue_id", "utterance_id", "label",
+                      "prediction", "correct"}
+
+
+def compare_run_dir(run_dir: str | Path, reference: str = "lora", all_pairs: bool = False,
+                    n_resamples: int = 2000) -> list[dict]:
+    """Comparisons (:func:`benchbench.stats.compare_all`) recomputed from a ``bench run`` output folder.
+
+    Raises:
+        FileNotFoundError: ``predictions.csv`` or ``summary.json`` missing (named).
+        ValueError: ``predictions.csv`` lacks a column, or ``summary.json`` is not a summary (named).
+    """
+    folder = Path(run_dir)
+    preds_path, summary_path = folder / "predictions.csv", folder / "summary.json"
+    for f in (preds_path, summary_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found (is {folder} a `bench run --output` folder?)")
+    preds = pd.read_csv(preds_path)
+    missing = PREDICTION_COLUMNS - set(preds.columns)
+    if missing:
+        raise ValueError(f"{preds_path}: missing columns {sorted(missing)}")
+    tasks = Summary.read(summary_path).tasks
+    labels = {t: info.labels or sorted(set(preds.loc[preds.task == t, "label"])) for t, info in tasks.items()}
+    return compare_all(preds, labels, reference=reference, all_pairs=all_pairs, n_resamples=n_resamples)
+
+
+# ---------------------------------------------------------------------------- the terminal report
+def format_summary(summary: Summary) -> str:
+    """The terminal table: mean +/- sd per method/task/backbone, then references, comparisons, notices,
+    leakage warnings and failed cells."""
+    lines = []
+    rows = []
+    for c in summary.cells:
+        s = c.stats
+        rows.append({"task": c.task, "backbone": c.backbone, "method": c.method, "n": c.n,
+                     **{m.upper(): f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['sd']:.2f}" for m in METRICS if m in s},
+                     "fit s": f"{s['fit_seconds']['mean']:.1f}",
+                     "ms/utt": f"{s['eval_ms_per_utterance']['mean']:.1f}"})
+    if rows:
+        lines.append(pd.DataFrame(rows).to_string(index=False))
+    for t, info in summary.tasks.items():
+        ceil = info.reference.all_ceilings()
+        if ceil:
+            lines.append(f"{t} reference ceilings (WA %): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items()))
+        on_test = info.reference.test_ceilings
+        if on_test:
+            lines.append(f"{t} the same Bayes rules on this test split (WA %): " +
+                         ", ".join(f"{k} {100 * v:.2f}" for k, v in on_test.items()))
+    hist = summary.by_speaker_history
+    if hist:
+        lines.append("WA (%) by the speaker's earlier utterances in the dialogue:")
+        lines.append(pd.DataFrame([{"task": h["task"], "backbone": h["backbone"], "method": h["method"],
+                                    **{k: f"{100 * v:.1f}" for k, v in h["wa"].items()}} for h in hist]
+                                  ).to_string(index=False))
+    for c in summary.comparisons:
+        b, cells = c["bootstrap"]["wa"], c["cells"]
+        cell_p = f", {cells['primary']} over {c['n_cells']} cells p={cells['primary_p']:.3g}" \
+            if cells["primary_p"] is not None else ""
+        lines.append(f"{c['task']}: {c['method']} - {c['reference']} WA {100 * b['diff']:+.2f} pts "
+                     f"[95% dialogue bootstrap {100 * b['ci_low']:+.2f}, {100 * b['ci_high']:+.2f}] "
+                     f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['dialogues']['wilcoxon_p']:.3g}, "
+                     f"Holm {c['dialogues']['wilcoxon_p_holm']:.3g}, r={c['dialogues']['rank_biserial']:+.2f}; "
+                     f"McNemar p={c['mcnemar']['p_value']:.3g}{cell_p})")
+    for task, info in summary.tasks.items():
+        for notice in info.notices:
+            lines.append(f"NOTICE {task}: {notice}")
+    for chk in summary.leakage:
+        if chk.leakage_suspected:
+            lines.append(f"WARNING possible leakage: context-free {chk.method} (seed {chk.seed}, fold "
+                         f"{chk.fold}) WA {100 * chk.wa:.2f} > ceiling {100 * chk.ceiling:.2f} "
+                         f"(p={chk.p_bonferroni:.2g})")
+    for f in summary.failed_cells:
+        lines.append(f"FAILED {f['method']} {f['task']} seed {f['seed']} fold {f['fold']}: {f['error']}")
+    return "\n".join(lines)
