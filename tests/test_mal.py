@@ -154,19 +154,6 @@ def test_bad_layer_spec_raises():
         resolve_layers("every-other", 4)
 
 
-def test_phase_one_is_exactly_the_lora_method(backbone, tiny_task):
-    """Same seed: MAL's Phase-1 LoRA equals the `lora` method's, so MAL - LoRA isolates the memory."""
-    lora_cls = METHODS.get("lora")
-    fold = tiny_task.folds()[0]
-    lora = lora_cls(backbone, tiny_task.labels, lora_cls.make_config("smoke"), seed=3)
-    lora.fit(fold.train, fold.dev)
-    mal = MemoryAsALayer(backbone, tiny_task.labels, MemoryAsALayer.make_config("smoke", {"epochs": 0}), seed=3)
-    mal.fit(fold.train, fold.dev)
-    assert mal.curves["lora_dev_ua"] == lora.curves["lora_dev_ua"]
-    for name, p in lora.trained_parameters().items():
-        assert torch.equal(p, mal.lora_params[name]), name
-
-
 def test_headroom_probe_features(backbone, tiny_task):
     """The probe's context features are what they claim, and every probe returns accuracies."""
     from benchbench.tools.headroom import FEATURES, _tensors, probe

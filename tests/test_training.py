@@ -1,0 +1,87 @@
+"""The shared training machinery: Phase 1 of every two-stage method is `lora`, at every preset."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchbench.method import METHODS
+from benchbench.training import (LORA_PRESETS, BestCheckpoint, LoRASettings, auxiliary_rng, phase1_presets)
+
+TWO_STAGE = ["mal", "mac", "mag"]
+PRESETS = ["smoke", "default", "paper"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("name", TWO_STAGE + ["full_context"])
+def test_phase_one_settings_are_loras_at_every_preset(name, preset):
+    lora = METHODS.get("lora").make_config(preset)
+    assert METHODS.get(name).make_config(preset).lora == lora
+    # a user's override still applies on top (and only there)
+    assert METHODS.get(name).make_config(preset, {"lora": {"lr": 0.5}}).lora.lr == 0.5
+    assert METHODS.get(name).make_config(preset).lora.lr == lora.lr
+
+
+@pytest.mark.parametrize("preset,name", [("smoke", "mal"), ("default", "mal"), ("paper", "mal"),
+                                         ("default", "mac"), ("default", "mag")])
+def test_phase_one_trains_exactly_the_lora_method(backbone, tiny_task, preset, name):
+    """Same seed and preset: the two-stage method's Phase-1 LoRA is bit-identical to `lora`'s, with
+    the same dev curve, so (memory - LoRA) isolates the memory."""
+    fold = tiny_task.folds()[0]
+    lora_cls, cls = METHODS.get("lora"), METHODS.get(name)
+    lora = lora_cls(backbone, tiny_task.labels, lora_cls.make_config(preset), seed=5)
+    lora.fit(fold.train, fold.dev)
+    two = cls(backbone, tiny_task.labels, cls.make_config(preset, {"epochs": 0}), seed=5)
+    two.fit(fold.train, fold.dev)
+    assert two.curves["lora_dev_ua"] == lora.curves["lora_dev_ua"]
+    assert len(lora.curves["lora_dev_ua"]) == lora.config.epochs
+    for k, p in lora.trained_parameters().items():
+        assert torch.equal(p, two.lora_params[k]), k
+
+
+def test_phase1_presets_refuse_a_copied_lora():
+    presets = phase1_presets({"smoke": {"epochs": 1}})
+    assert presets["smoke"] == {"lora": LORA_PRESETS["smoke"], "epochs": 1}
+    assert presets["default"] == {"lora": LORA_PRESETS["default"]}
+    with pytest.raises(ValueError, match="sets its own Phase-1 LoRA"):
+        phase1_presets({"default": {"lora": {"lr": 1e-3}}})
+    with pytest.raises(ValueError, match="no LoRA preset"):
+        phase1_presets({"huge": {}})
+
+
+def test_best_checkpoint_keeps_the_strictly_best_dev_epoch():
+    w = torch.nn.Parameter(torch.zeros(2))
+    best = BestCheckpoint.of_parameters({"w": w})
+    for epoch, score in enumerate([0.4, 0.6, 0.6, 0.5]):
+        with torch.no_grad():
+            w.fill_(epoch)
+        best.offer(score, epoch)
+    assert best.epoch == 1 and best.score == 0.6  # a tie does not replace the earlier epoch
+    best.restore()
+    assert w.tolist() == [1.0, 1.0]
+    # a finite starting score: the current tensors are kept unless beaten (Phase 2 vs Phase 1)
+    phase2 = BestCheckpoint.of_parameters({"w": w}, score=0.7)
+    with torch.no_grad():
+        w.fill_(9)
+    assert not phase2.offer(0.65, 0)
+    phase2.restore()
+    assert w.tolist() == [1.0, 1.0] and phase2.epoch is None
+    with pytest.raises(RuntimeError, match="no dev score"):
+        BestCheckpoint.of_parameters({"w": w}).restore()
+
+
+def test_auxiliary_rng_leaves_the_main_stream_untouched():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with auxiliary_rng(0):
+        a = torch.rand(3)
+    assert torch.equal(torch.rand(3), expected)  # the main stream continues as if nothing was drawn
+    with auxiliary_rng(0):
+        assert torch.equal(torch.rand(3), a)  # and the auxiliary stream is reproducible
+    assert not torch.equal(a, expected)
+
+
+def test_lora_settings_defaults_are_the_papers():
+    s = LoRASettings()
+    assert (s.r, s.alpha, s.lr, s.epochs, s.batch_size) == (32, 64, 2e-5, 3, 8)
+    assert np.isclose(LORA_PRESETS["default"]["lr"], 1e-3)
