@@ -25,7 +25,12 @@ PRESETS = ["smoke", "default", "paper"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows every default and keeps the descriptions' line breaks."""
+    """``--help`` shows every default (unless the help text already says it) and keeps the
+    descriptions' line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
 
 
 def _csv(s: str) -> list[str]:
@@ -204,17 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="Optuna search of one method's hyperparameters on a task's dev split",
                         formatter_class=_Formatter)
-    sw.add_argument("--method", required=True)
-    sw.add_argument("--task", required=True)
+    sw.add_argument("--method", required=True, help="the method whose search space is searched")
+    sw.add_argument("--task", required=True, help="the task whose dev split is the objective")
     sw.add_argument("--trials", type=int, default=50, help="finished trials the study should hold")
     sw.add_argument("--storage", default=None,
                     help="journal:PATH (default journal:runs/sweeps/optuna.journal) or an RDB URL")
     sw.add_argument("--study", default=None, help="study name (default: METHOD-TASK-BACKBONE-PRESET)")
-    sw.add_argument("--preset", default="default", choices=PRESETS)
+    sw.add_argument("--preset", default="default", choices=PRESETS, help="the preset the search space overrides")
     sw.add_argument("--fold", type=int, default=None, help="fold whose dev split is the objective (default: first)")
-    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--seed", type=int, default=0, help="method seed of every trial")
     sw.add_argument("--metric", default="ua", choices=["wa", "ua", "wf1", "macro_f1"], help="dev metric")
-    sw.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    sw.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
+                    help="Optuna pruner over the per-epoch dev reports")
     _add_task_options(sw)
     _add_backbone_options(sw)
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's local default)")
@@ -243,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     ls = sub.add_parser("list", help="list registered methods, tasks or backbones", formatter_class=_Formatter)
-    ls.add_argument("what", choices=["methods", "tasks", "backbones"])
+    ls.add_argument("what", choices=["methods", "tasks", "backbones"], help="which registry")
     ls.set_defaults(func=cmd_list)
     return p
 

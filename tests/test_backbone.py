@@ -129,3 +129,26 @@ def test_a_new_tasks_label_words_never_change_the_tiny_backbone(backbone):
     assert lm.verbalizer_ids.tolist() == ids
     rebuilt = tiny_qwen2_audio(seed=0, cache_dir=backbone.cache_dir)
     assert rebuilt.key == key and len(rebuilt.tokenizer) == vocab
+
+
+def test_backbone_registry_entries_are_typed_specs(backbone):
+    from benchbench.backbone import BACKBONES, BackboneSpec, backbone_factory, backbone_spec, make_backbone
+    from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
+
+    real, tiny = backbone_spec("qwen2-audio-7b"), backbone_spec("tiny-qwen2-audio")
+    assert real.pretrained and real.hub_id == "Qwen/Qwen2-Audio-7B-Instruct" and "weights" in real.options
+    assert not tiny.pretrained and tiny.options == () and "random init" in tiny.needs
+    with pytest.raises(ValueError, match="built from a config"):
+        backbone_factory("tiny-qwen2-audio", {"weights": "/x"})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['revision'\]"):
+        backbone_factory("qwen2-audio-7b", {"revision": "main"})
+    # a contributor's backbone: one spec, registered by name (as a plugin's entry point would)
+    BACKBONES.register("tiny-test-family", BackboneSpec("tiny-test-family", tiny_qwen2_audio, "nothing"))
+    BACKBONES.register("not-a-spec", tiny_qwen2_audio)
+    try:
+        assert make_backbone("tiny-test-family", cache_dir=backbone.cache_dir).key == backbone.key
+        with pytest.raises(TypeError, match="not a benchbench.backbone.BackboneSpec"):
+            backbone_spec("not-a-spec")
+    finally:
+        BACKBONES._entries.pop("tiny-test-family")
+        BACKBONES._entries.pop("not-a-spec")

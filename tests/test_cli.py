@@ -124,3 +124,18 @@ def test_task_options_change_the_data_and_label_the_preset(tmp_path, capsys):
         rc = main(["run", "--methods", "lora", "--tasks", "synthetic", "--preset", "smoke", *bad,
                    "--tracking-uri", uri, "--output", str(tmp_path / "x"), "--no-progress"])
         assert rc == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "leaderboard", "compare", "list"])
+def test_help_shows_every_default(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    if command in ("run", "sweep"):
+        assert "(default: tiny-qwen2-audio)" in text and "--task-set" in text and "--weights" in text
+        assert "(default: default)" in text  # the preset
+    if command == "run":
+        assert "(default: [0, 1, 2])" in text
+    if command == "leaderboard":
+        assert "(default: benchbench)" in text and "(default: 2000)" in text

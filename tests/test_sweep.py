@@ -114,3 +114,25 @@ def test_config_file_errors_name_the_file(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["run", "--config", str(bad), "--tasks", "synthetic"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_sweep_takes_the_task_and_backbone_options_of_bench_run(tmp_path, capsys):
+    cmd = _sweep_cmd(tmp_path, "opts", 1) + ["--task-set", "synthetic.n_train=3", "--task-set", "synthetic.n_test=1",
+                                              "--task-set", "synthetic.n_turns=4", "--backbone", "tiny-audio-flamingo-3"]
+    assert main(cmd) == 0
+    doc = json.loads((tmp_path / "opts.best.json").read_text())
+    assert doc["sweep"]["task_options"] == {"n_train": 3, "n_test": 1, "n_turns": 4}
+    assert doc["sweep"]["backbone"] == "tiny-audio-flamingo-3"
+    (run,) = [r for r in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("benchbench").experiment_id],
+        "tags.optuna_trial = '0'")]
+    assert run.data.params["preset"] == "smoke+n_test=1+n_train=3+n_turns=4"
+    assert run.data.params["backbone"] == "tiny-audio-flamingo-3"
+    # refused before any trial: an unknown task option, another task's option, a load option on a tiny backbone
+    capsys.readouterr()
+    assert main(_sweep_cmd(tmp_path, "bad", 1) + ["--task-set", "synthetic.n_trian=3"]) == 2
+    assert "unknown option(s) ['n_trian']" in capsys.readouterr().err
+    assert main(_sweep_cmd(tmp_path, "bad", 1) + ["--task-set", "emodb.seed=1"]) == 2
+    assert "not the swept task" in capsys.readouterr().err
+    assert main(_sweep_cmd(tmp_path, "bad", 1) + ["--weights", str(tmp_path)]) == 2
+    assert "built from a config" in capsys.readouterr().err
