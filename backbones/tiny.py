@@ -53,12 +53,14 @@ def tiny_feature_extractor():
     return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=4, n_fft=400)
 
 
-def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | None) -> AudioLLMBackbone:
+def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | None, own_frames: bool = False,
+               feature_extractor=None) -> AudioLLMBackbone:
     """A tiny backbone: ``build_model(tokenizer)`` under ``seed`` (the caller's RNG untouched), the
-    tiny tokenizer and feature extractor, and :data:`LABEL_WORDS` as spare label words."""
+    tiny tokenizer, the tiny feature extractor (or ``feature_extractor``), and :data:`LABEL_WORDS` as
+    spare label words."""
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(tokenizer)
-    return AudioLLMBackbone(name, model, tiny_feature_extractor(), tokenizer, cache_dir=cache_dir,
-                            spare_label_words=LABEL_WORDS)
+    return AudioLLMBackbone(name, model, feature_extractor or tiny_feature_extractor(), tokenizer,
+                            cache_dir=cache_dir, spare_label_words=LABEL_WORDS, own_frames=own_frames)

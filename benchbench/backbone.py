@@ -232,11 +232,18 @@ class AudioLLMBackbone:
         prompt: the LM input layout (:class:`PromptFormat`).
         spare_label_words: for closed word-level vocabularies, words that score labels the
             vocabulary lacks (:meth:`verbalizer_ids`); empty for real tokenizers.
+        own_frames: run a Qwen2-Audio-style tower (Whisper encoder + average pooling) over the
+            utterance's own mel frames, positions 0..n-1, instead of the padded window with the
+            padding masked (Qwen2-Audio's own forward). The two agree up to the convolutions' view of
+            the padding at the clip's end (``tests/test_whisper_weights.py`` states the tolerance);
+            the own-frames path costs the clip's length instead of the window's (30 s for a real
+            Whisper). Part of the backbone key.
     """
 
     def __init__(self, name: str, model: nn.Module, feature_extractor, tokenizer, cache_dir: Path | None = None,
-                 prompt: PromptFormat = TINY_PROMPT, spare_label_words: Sequence[str] = ()):
+                 prompt: PromptFormat = TINY_PROMPT, spare_label_words: Sequence[str] = (), own_frames: bool = False):
         self.name = name
+        self.own_frames = own_frames
         self.prompt = prompt
         self.spare_label_words = tuple(spare_label_words)
         self.model = model.eval().requires_grad_(False)
@@ -254,6 +261,8 @@ class AudioLLMBackbone:
         h = hashlib.sha256()
         h.update(_config_identity(self.model.config).encode())
         h.update(self.feature_extractor.to_json_string().encode())
+        if self.own_frames:
+            h.update(b"own_frames")
         for module in (self.model.model.audio_tower, self.model.model.multi_modal_projector):
             for k, v in sorted(module.state_dict().items()):
                 h.update(k.encode())
@@ -302,6 +311,12 @@ class AudioLLMBackbone:
             # cached as float32 on the CPU; EmotionLM moves them to its own device and dtype
             return emb.reshape(-1, self.hidden_size).float().cpu().contiguous()
         tower = self.model.model.audio_tower
+        if self.own_frames:
+            with torch.no_grad():
+                hidden = encode_own_frames(tower, features[:, :, : int(feat_mask.sum())])
+                emb = self.model.model.multi_modal_projector(hidden)[0]
+            self.encoder_calls += 1
+            return emb.float().cpu().contiguous()
         feat_len = feats.attention_mask.sum(-1)
         conv_len, n_tokens = tower._get_feat_extract_output_lengths(feat_len)
         max_len = (feats.input_features.shape[-1] - 2) // 2 + 1
@@ -390,6 +405,25 @@ class AudioLLMBackbone:
         return lm.eval()
 
 
+def encode_own_frames(tower: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A Qwen2-Audio-style audio tower (``Qwen2AudioEncoder``: Whisper conv1/conv2 with GELU, sinusoid-
+    trained positions, encoder layers, then ``AvgPool1d(2)`` and the final LayerNorm) over one
+    utterance's own mel frames ``[1, n_mels, F]`` (F frames of 10 ms), with positions ``0..F/2-1``:
+    hidden states ``[1, T, d_model]``, T = ``tower._get_feat_extract_output_lengths(F)[1]`` (25 per
+    second). ``ValueError`` when the clip needs more positions than the tower has."""
+    x = nn.functional.gelu(tower.conv1(features))
+    x = nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)                       # [1, F/2, d]
+    if x.shape[1] > tower.embed_positions.weight.shape[0]:
+        raise ValueError(f"audio of {x.shape[1]} encoder positions is longer than the tower's "
+                         f"{tower.embed_positions.weight.shape[0]}")
+    x = x + tower.embed_positions.weight[: x.shape[1]]
+    for layer in tower.layers:
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+    x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
+    return tower.layer_norm(x)
+
+
 def _config_identity(config) -> str:
     """The config as JSON without what does not change the network: where it was loaded from, the
     transformers version, the class list save_pretrained adds, and dtype fields (the weights, hashed
@@ -438,6 +472,7 @@ class BackboneSpec:
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 for _name, _target in (("tiny-qwen2-audio", "qwen2_audio:TINY_QWEN2_AUDIO"),
+                       ("qwen2-audio-whisper-tiny", "qwen2_audio:QWEN2_AUDIO_WHISPER_TINY"),
                        ("tiny-audio-flamingo-3", "audio_flamingo_3:TINY_AUDIO_FLAMINGO_3"),
                        ("tiny-ultravox", "ultravox:TINY_ULTRAVOX"),
                        ("qwen2-audio-7b", "qwen2_audio:QWEN2_AUDIO_7B"),
