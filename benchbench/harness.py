@@ -31,7 +31,7 @@ from .data import Fold, hash_json, speaker_history_counts
 from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
 from .method import METHODS
 from .metrics import compute_metrics, confusion, scored_only, stream_predict
-from .task import TASKS, Task, check_task_options
+from .task import TASKS, Task, check_task_options, preset_label
 from .training import seed_everything
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,6 @@ def validate(spec: RunSpec) -> None:
         raise ValueError("no seeds given")
 
 
-def preset_label(spec: RunSpec, task_name: str) -> str:
-    """The cell's ``preset`` param: the preset, plus the task options when any were set
-    (``default+n_train=160``), so that the leaderboard never pools cells of different data."""
-    options = spec.task_options.get(task_name)
-    return spec.preset + "".join(f"+{k}={v}" for k, v in sorted(options.items())) if options else spec.preset
-
-
 def run(spec: RunSpec, show_progress: bool = True) -> Summary:
     """Run the benchmark; returns its :class:`~benchbench.analysis.Summary` (also written to
     ``<output>/summary.json``, with ``leaderboard.md`` beside it).
@@ -116,7 +109,8 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
                 tqdm.write(f"NOTICE {task_name}: {notice}")
             task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
                                                list(task.notices))
-            cells = [Cell(m, task, f, s, backbone, spec.backbone, preset_label(spec, task_name), spec.preset,
+            label = preset_label(spec.preset, spec.task_options.get(task_name))
+            cells = [Cell(m, task, f, s, backbone, spec.backbone, label, spec.preset,
                           spec.method_overrides.get(m) or {}, manifest)
                      for f in folds for m in spec.methods for s in spec.seeds]
             bar = tqdm(cells, desc=f"{task_name}", disable=not show_progress, unit="cell")
@@ -155,7 +149,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
 class Cell:
     """One unit of the benchmark: a method on a task's fold, on a backbone, under a seed.
 
-    ``preset``: the cell's preset label (:func:`preset_label`); ``overrides``: the method's config
+    ``preset``: the cell's preset label (:func:`benchbench.task.preset_label`); ``overrides``: the method's config
     overrides on top of that preset; ``manifest``: the task's data manifest (its hash tags the cell).
     """
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .method import METHODS
+from .task import preset_label
 
 log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "journal:runs/sweeps/optuna.journal"
@@ -59,7 +60,7 @@ class SweepSpec:
     @property
     def preset_label(self) -> str:
         """The preset plus any task options (``default+n_train=160``), as ``bench run`` labels cells."""
-        return self.preset + "".join(f"+{k}={v}" for k, v in sorted(self.task_options.items()))
+        return preset_label(self.preset, self.task_options)
 
     @property
     def study_name(self) -> str:

@@ -125,6 +125,12 @@ TASKS.register("meld", "benchbench.tasks.meld:MELDTask")
 TASKS.register("multidialog", "benchbench.tasks.multidialog:MultiDialogTask")
 
 
+def preset_label(preset: str, options: dict | None) -> str:
+    """A cell's ``preset`` param: the preset, plus the task options when any were set
+    (``default+n_train=160``), so that the leaderboard never pools cells of different data."""
+    return preset + "".join(f"+{k}={v}" for k, v in sorted((options or {}).items()))
+
+
 def check_task_options(name: str, options: dict) -> None:
     """``ValueError`` naming task ``name`` and the option for any its constructor does not take."""
     known = TASKS.get(name).option_names()

@@ -6,7 +6,6 @@ import torch
 from titans_pytorch import NeuralMemory
 
 from benchbench.backbone import Segment
-from benchbench.method import METHODS
 from benchbench.methods.mal import MALBranch, MALConfig, MemoryAsALayer, resolve_layers
 
 
