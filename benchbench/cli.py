@@ -44,6 +44,18 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _key_value(s: str) -> tuple[str, object]:
+    """``key=value`` (value parsed as JSON when it can be, e.g. ``hidden_size=1024``)."""
+    if "=" not in s or not s.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    key, value = s.split("=", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key, value
+
+
 def _override(s: str) -> tuple[str, str, object]:
     """``name.key=value`` for a method or a task (value parsed as JSON when it can be, e.g.
     ``mal.lora.lr=1e-3``, ``synthetic.n_train=160``)."""
@@ -69,8 +81,12 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("backbone options (the real backbones only, except --backbone)")
+    g = p.add_argument_group("backbone options (--weights ... --allow-download: the real backbones only)")
     g.add_argument("--backbone", default="tiny-qwen2-audio", help="see `bench list backbones`")
+    g.add_argument("--backbone-set", dest="backbone_set", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="a tiny backbone's LM size: hidden_size=N (a multiple of 64), num_hidden_layers=N "
+                        "(repeatable; the cells' backbone is then labelled e.g. tiny-qwen2-audio+hidden_size=1024)")
     g.add_argument("--weights", default=None, metavar="DIR|HUB_ID",
                    help="checkpoint folder or hub id (default: the backbone's hub id, from the HF cache)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -90,7 +106,7 @@ def _task_options(args) -> dict:
 
 def _backbone_options(args) -> dict:
     return {"weights": args.weights, "dtype": args.dtype, "device": args.device, "device_map": args.device_map,
-            "allow_download": args.allow_download}
+            "allow_download": args.allow_download, **dict(args.backbone_set)}
 
 
 # ---------------------------------------------------------------------------- subcommands

@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .analysis import Summary, TaskSummary, summarize
-from .backbone import AudioLLMBackbone, backbone_factory, make_backbone
+from .backbone import AudioLLMBackbone, backbone_factory, backbone_label, make_backbone
 from .data import Fold, hash_json, speaker_history_counts
 from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
 from .method import METHODS
@@ -110,7 +110,8 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
             task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
                                                list(task.notices))
             label = preset_label(spec.preset, spec.task_options.get(task_name))
-            cells = [Cell(m, task, f, s, backbone, spec.backbone, label, spec.preset,
+            cells = [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label,
+                          spec.preset,
                           spec.method_overrides.get(m) or {}, manifest)
                      for f in folds for m in spec.methods for s in spec.seeds]
             bar = tqdm(cells, desc=f"{task_name}", disable=not show_progress, unit="cell")

@@ -63,8 +63,16 @@ class SweepSpec:
         return preset_label(self.preset, self.task_options)
 
     @property
+    def backbone_label(self) -> str:
+        """The backbone plus its network options (``tiny-qwen2-audio+hidden_size=1024``), as ``bench run``
+        labels cells (:func:`benchbench.backbone.backbone_label`)."""
+        from .backbone import backbone_label
+
+        return backbone_label(self.backbone, self.backbone_options)
+
+    @property
     def study_name(self) -> str:
-        return self.study or f"{self.method}-{self.task}-{self.backbone}-{self.preset_label}"
+        return self.study or f"{self.method}-{self.task}-{self.backbone_label}-{self.preset_label}"
 
 
 def make_storage(url: str):
@@ -188,7 +196,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
             "mlflow.parentRunId": parent_id, "optuna_study": study_name, "optuna_trial": str(trial.number),
             "method": spec.method, "task": spec.task, **{f"version.{k}": v for k, v in package_versions().items()}})
         rid = run.info.run_id
-        params = {"method": spec.method, "task": spec.task, "backbone": spec.backbone, "preset": spec.preset_label,
+        params = {"method": spec.method, "task": spec.task, "backbone": spec.backbone_label, "preset": spec.preset_label,
                   "fold": fold.index, "seed": spec.seed, "metric": spec.metric,
                   **{f"method.{k}": v for k, v in config.flat().items()}}
         for k, v in params.items():

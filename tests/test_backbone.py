@@ -137,7 +137,7 @@ def test_backbone_registry_entries_are_typed_specs(backbone):
 
     real, tiny = backbone_spec("qwen2-audio-7b"), backbone_spec("tiny-qwen2-audio")
     assert real.pretrained and real.hub_id == "Qwen/Qwen2-Audio-7B-Instruct" and "weights" in real.options
-    assert not tiny.pretrained and tiny.options == () and "random init" in tiny.needs
+    assert not tiny.pretrained and tiny.options == ("hidden_size", "num_hidden_layers") and "random init" in tiny.needs
     with pytest.raises(ValueError, match="built from a config"):
         backbone_factory("tiny-qwen2-audio", {"weights": "/x"})
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['revision'\]"):
@@ -152,3 +152,28 @@ def test_backbone_registry_entries_are_typed_specs(backbone):
     finally:
         BACKBONES._entries.pop("tiny-test-family")
         BACKBONES._entries.pop("not-a-spec")
+
+
+def test_lm_size_options_build_the_wide_variant_and_leave_the_default_alone(backbone):
+    """``--backbone-set hidden_size=N num_hidden_layers=N``: the tiny LM at another size (issue 17's
+    d=1024 variant), checked before anything is built; the default is the network of every earlier number."""
+    from benchbench.backbone import backbone_factory, backbone_label, make_backbone
+    from benchbench.backbones.tiny import tiny_text_config, tiny_tokenizer
+
+    assert tiny_text_config(tiny_tokenizer()) == dict(
+        model_type="qwen2", vocab_size=len(backbone.tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=False)
+    wide = make_backbone("tiny-qwen2-audio", {"hidden_size": 256, "num_hidden_layers": 3}, cache_dir=backbone.cache_dir)
+    text = wide.model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size) == (256, 3, 4, 512)
+    assert wide.hidden_size == 256 and wide.key != backbone.key
+    u = tone(220.0)  # the same audio tower config: audio tokens per second unchanged
+    assert wide.audio_embeddings(u).shape == (backbone.audio_embeddings(u).shape[0], 256)
+    assert backbone_label("tiny-qwen2-audio", {"num_hidden_layers": 3, "hidden_size": 256, "dtype": "bf16"}) == \
+        "tiny-qwen2-audio+hidden_size=256+num_hidden_layers=3"
+    for bad, msg in (({"hidden_size": 96}, "hidden_size=96: expected a multiple of 64"),
+                     ({"hidden_size": "1024"}, "expected an integer"),
+                     ({"num_hidden_layers": 0}, "num_hidden_layers=0: expected >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            backbone_factory("tiny-ultravox", bad)

@@ -103,11 +103,12 @@ def test_summary_when_every_cell_failed():
     assert "FAILED lora synthetic seed 0 fold 0: ValueError: boom" in format_summary(s)
 
 
-def test_task_options_change_the_data_and_label_the_preset(tmp_path, capsys):
+def test_task_and_backbone_options_change_the_data_and_the_network_and_label_both(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "o"
     rc = main(["run", "--methods", "lora", "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0",
                "--task-set", "synthetic.n_test=2", "--task-set", "synthetic.n_turns=4",
+               "--backbone-set", "hidden_size=128", "--backbone-set", "num_hidden_layers=1",
                "--tracking-uri", uri, "--output", str(out), "--no-progress"])
     assert rc == 0
     manifest = json.loads((out / "manifest-synthetic.json").read_text())
@@ -118,9 +119,16 @@ def test_task_options_change_the_data_and_label_the_preset(tmp_path, capsys):
     runs = client.search_runs([client.get_experiment_by_name("benchbench").experiment_id])
     (cell,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert cell.data.params["preset"] == "smoke+n_test=2+n_turns=4" and cell.data.params["task.n_test"] == "2"
-    # an option the task does not take, or for a task not being run, fails before any training
+    # the network options label the backbone, so the leaderboard never pools it with the default one
+    assert cell.data.params["backbone"] == "tiny-qwen2-audio+hidden_size=128+num_hidden_layers=1"
+    assert pd.read_csv(out / "results.csv")["backbone"].tolist() == [cell.data.params["backbone"]]
+    default_key = "ccff32f3"  # tiny-qwen2-audio's key of earlier sessions: the default LM is unchanged
+    assert not cell.data.params["backbone_key"].startswith(default_key)
+    # an option the task does not take, or for a task not being run, or a bad LM size, fails before any training
     for bad, msg in ((["--task-set", "synthetic.n_trian=3"], "unknown option(s) ['n_trian']"),
-                     (["--task-set", "emodb.min_turns=3"], "is not in --tasks")):
+                     (["--task-set", "emodb.min_turns=3"], "is not in --tasks"),
+                     (["--backbone-set", "hidden_size=100"], "--backbone-set hidden_size=100: expected a multiple of 64"),
+                     (["--backbone-set", "width=128"], "unknown option(s) ['width']")):
         rc = main(["run", "--methods", "lora", "--tasks", "synthetic", "--preset", "smoke", *bad,
                    "--tracking-uri", uri, "--output", str(tmp_path / "x"), "--no-progress"])
         assert rc == 2 and msg in capsys.readouterr().err
