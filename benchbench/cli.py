@@ -132,10 +132,14 @@ def cmd_run(args) -> int:
     spec = RunSpec(methods=args.methods, tasks=args.tasks, backbone=args.backbone, seeds=args.seeds,
                    preset=args.preset, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
                    output=args.output, folds=args.folds, method_overrides=overrides,
-                   task_options=_task_options(args), backbone_options=_backbone_options(args))
+                   task_options=_task_options(args), backbone_options=_backbone_options(args),
+                   rerun=args.rerun, executor=args.executor, ray_address=args.ray_address,
+                   cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, max_retries=args.max_retries)
     summary = run(spec, show_progress=not args.no_progress)
     print(format_summary(summary))
-    print(f"\nresults: {summary.run['output']}  (MLflow: {summary.run['mlflow_tracking_uri']}, "
+    print(f"\ncells: {summary.run['cells_computed']} computed, {summary.run['cells_reused']} reused from earlier runs"
+          + ("" if args.rerun else " (--rerun recomputes them)"))
+    print(f"results: {summary.run['output']}  (MLflow: {summary.run['mlflow_tracking_uri']}, "
           f"parent run {summary.run['mlflow_parent_run_id']})")
     return 1 if summary.failed_cells else 0
 
@@ -221,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's local default)")
     r.add_argument("--output", default=None, help="output folder (default: a new folder under runs/)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    x = r.add_argument_group("execution")
+    x.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process, one cell at a time; ray: each cell a Ray task")
+    x.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto; default: start Ray on this machine)")
+    x.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray CPUs per cell")
+    x.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray GPUs per cell")
+    x.add_argument("--max-retries", type=int, default=2, help="Ray: attempts after a worker dies mid-cell")
+    r.add_argument("--rerun", action="store_true",
+                   help="recompute cells that already have a finished run in the tracking store or the output "
+                        "folder (default: reuse them)")
     r.set_defaults(func=cmd_run)
 
     sw = sub.add_parser("sweep", help="Optuna search of one method's hyperparameters on a task's dev split",
@@ -278,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (harness.Terminated): what finished is kept
+        signal_name = "SIGTERM" if type(e).__name__ == "Terminated" else "interrupt"
+        print(f"\nbench: stopped by {signal_name}; finished cells are kept (the same command resumes)",
+              file=sys.stderr)
+        return 143 if signal_name == "SIGTERM" else 130
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import tempfile
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,12 +32,16 @@ from .analysis import Summary, TaskSummary, summarize
 from .backbone import AudioLLMBackbone, backbone_factory, backbone_label, make_backbone
 from .data import Fold, hash_json, speaker_history_counts
 from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
-from .method import METHODS
+from .method import METHODS, ConfigValueError
 from .metrics import compute_metrics, confusion, scored_only, stream_predict
 from .task import TASKS, Task, check_task_options, preset_label
 from .training import seed_everything
 
 log = logging.getLogger(__name__)
+
+RESULTS_VERSION = 1
+"""Part of every cell key: raise it when a change to the suite changes what a cell computes, so
+that cells of the older code are recomputed rather than reused."""
 
 
 @dataclass
@@ -54,78 +61,302 @@ class RunSpec:
     task_options: dict = field(default_factory=dict)      # task -> constructor options (e.g. n_train)
     backbone_options: dict = field(default_factory=dict)  # weights, dtype, device, device_map, allow_download
     baseline: str = "lora"                   # reference method for paired comparisons
+    rerun: bool = False                      # recompute cells that already have a finished run
+    executor: str = "local"                  # local (this process, one cell at a time) | ray
+    ray_address: str | None = None           # None: start Ray on this machine; else join that cluster
+    cpus_per_cell: float = 1.0               # Ray resources of each cell
+    gpus_per_cell: float = 0.0
+    max_retries: int = 2                     # Ray: attempts after a worker dies mid-cell
 
 
 def validate(spec: RunSpec) -> None:
-    """Resolve every name up front so a typo fails before any training (``KeyError`` with hints)."""
+    """Check every name and option without loading data: methods (every config built, every ``--set``
+    value type- and range-checked, ``--set`` only for methods being run), tasks (options, data
+    folder), backbone options, seeds.
+
+    Raises:
+        KeyError: an unknown method, task or backbone (with the known names).
+        ValueError: a bad option; the message names the command-line option (``--set mal.lora.lr='abc':
+            expected a float``, ``--task-set``, ``--data-dir``, ``--backbone-set``, ``--folds``).
+    """
+    for m in spec.method_overrides:
+        if m not in spec.methods:
+            raise ValueError(f"--set {m}.*: method {m!r} is not in --methods {spec.methods}")
     for m in spec.methods:
-        METHODS.get(m).make_config(spec.preset, spec.method_overrides.get(m))
-    for t in spec.tasks:
-        cls = TASKS.get(t)
-        if cls.needs_data_dir and not spec.data_dir:
-            raise ValueError(f"task {t!r} reads files: pass --data-dir")
+        try:
+            METHODS.get(m).make_config(spec.preset, spec.method_overrides.get(m))
+        except ConfigValueError as e:
+            raise ValueError(e.for_option(m)) from None
     for t, options in spec.task_options.items():
         if t not in spec.tasks:
             raise ValueError(f"--task-set {t}.*: task {t!r} is not in --tasks {spec.tasks}")
         check_task_options(t, options)
+    for t in spec.tasks:
+        cls = TASKS.get(t)
+        if not cls.needs_data_dir:
+            continue
+        where = f"task {t} reads {cls.needs}; obtain it from {cls.source}"
+        if not spec.data_dir:
+            raise ValueError(f"--data-dir is required: {where}")
+        if not Path(spec.data_dir).is_dir():
+            raise ValueError(f"--data-dir {spec.data_dir}: no such folder ({where})")
     backbone_factory(spec.backbone, spec.backbone_options)
     if not spec.seeds:
         raise ValueError("no seeds given")
+    if spec.executor not in ("local", "ray"):
+        raise ValueError(f"--executor {spec.executor}: expected local or ray")
+    if spec.executor == "ray":
+        if not spec.cpus_per_cell > 0 or spec.gpus_per_cell < 0 or spec.max_retries < 0:
+            raise ValueError("--cpus-per-cell must be > 0, --gpus-per-cell and --max-retries >= 0")
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ImportError("--executor ray needs Ray: pip install 'ray>=2.40'")
+    elif spec.ray_address:
+        raise ValueError("--ray-address is for --executor ray")
+
+
+def prepare(spec: RunSpec) -> tuple[dict[str, Task], AudioLLMBackbone]:
+    """:func:`validate`, then build every task (its data loaded, its preset and options applied;
+    ``--folds`` checked against its folds) and the backbone: everything that can fail on what the
+    user gave fails here, before an output folder or an MLflow run exists.
+
+    Raises:
+        KeyError, ValueError: as :func:`validate`; a task's own error for its data, prefixed with
+        the task and the data folder.
+    """
+    validate(spec)
+    tasks = {}
+    for t in spec.tasks:
+        try:
+            task = TASKS.get(t)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options.get(t, {}))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"task {t} (--data-dir {spec.data_dir}): {e}") from e
+        except TypeError as e:  # a --task-set value of the wrong type
+            raise ValueError(f"task {t}: --task-set {spec.task_options.get(t)}: {e}") from e
+        have = [f.index for f in task.folds()]
+        if spec.folds is not None and not set(spec.folds) <= set(have):
+            raise ValueError(f"--folds {','.join(map(str, spec.folds))}: task {t} has folds "
+                             f"{','.join(map(str, have))}")
+        tasks[t] = task
+    return tasks, make_backbone(spec.backbone, spec.backbone_options)
+
+
+# ---------------------------------------------------------------------------- Ray executor
+_WORKER_STATE: dict[tuple[str, str], tuple[Task, dict, AudioLLMBackbone]] = {}
+
+
+def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: int, store) -> tuple[dict, object]:
+    """One cell in a Ray worker: the task and backbone built as the driver built them (once per
+    worker process and run), the cell computed and logged to ``store`` (a
+    :class:`~benchbench.tracking.CellStore`). A retried attempt first looks for its own earlier
+    attempt's FINISHED run, so a worker lost after logging does not log the cell twice."""
+    spec = RunSpec(**json.loads(spec_json))
+    state = _WORKER_STATE.get((spec_json, task_name))
+    if state is None:
+        _WORKER_STATE.clear()
+        task = TASKS.get(task_name)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options.get(task_name, {}))
+        state = (task, task.manifest(), make_backbone(spec.backbone, spec.backbone_options))
+        _WORKER_STATE[(spec_json, task_name)] = state
+    task, manifest, backbone = state
+    cell = Cell(method, task, {f.index: f for f in task.folds()}[fold], seed, backbone,
+                backbone_label(spec.backbone, spec.backbone_options), preset_label(spec.preset,
+                                                                                  spec.task_options.get(task_name)),
+                spec.preset, spec.method_overrides.get(method) or {}, manifest)
+    found = store.find_cell(cell.key)
+    return found if found is not None else run_cell(cell, store)
+
+
+def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
+               finished: Callable[[int, dict, pd.DataFrame | None], None]) -> None:
+    """Compute ``cells[i]`` for ``i`` in ``pending`` as Ray tasks (``spec.cpus_per_cell`` CPUs and
+    ``spec.gpus_per_cell`` GPUs each, retried up to ``spec.max_retries`` times when a worker dies);
+    ``finished(i, row, predictions)`` in the driver as each returns. Without ``spec.ray_address`` Ray
+    starts on this machine and is shut down at the end; with one it joins that cluster (every node
+    needs benchbench installed, the data at ``--data-dir`` and the tracking store reachable: an MLflow
+    tracking server or a shared database, not a local sqlite file). A cell whose attempts are all
+    lost is a ``failed`` row naming the Ray error. Ctrl-C / SIGTERM cancel what is still running."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=spec.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False, configure_logging=False)
+    spec_json = json.dumps(spec.__dict__)
+    remote = ray.remote(_worker_cell).options(num_cpus=spec.cpus_per_cell, num_gpus=spec.gpus_per_cell,
+                                              max_retries=spec.max_retries)
+    store = tracker.cells
+    refs = {remote.remote(spec_json, cells[i].task.name, cells[i].method, cells[i].seed, cells[i].fold.index,
+                          store): i for i in pending}
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=30)
+            tracker.heartbeat()
+            for ref in ready:
+                i = refs.pop(ref)
+                try:
+                    row, preds = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    c = cells[i]
+                    row, preds = {"method": c.method, "task": c.task.name, "backbone": c.backbone_name,
+                                  "seed": c.seed, "fold": c.fold.index, "cell_key": c.key, "status": "failed",
+                                  "error": f"{type(e).__name__}: {str(e)[:500]}"}, None
+                finished(i, row, preds)
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption) inside :func:`run`: handled as Ctrl-C is."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _previous_results(out: Path) -> tuple[pd.DataFrame, dict[str, tuple[dict, pd.DataFrame]]]:
+    """An earlier run's ``results.csv`` in ``out`` (empty when none) and its finished cells by
+    ``cell_key``: ``(row, predictions)``, predictions read back exactly (:func:`read_predictions`)."""
+    from .tracking import read_predictions
+
+    path = out / "results.csv"
+    if not path.exists():
+        return pd.DataFrame(), {}
+    rows = pd.read_csv(path, dtype={"cell_key": str})
+    if "cell_key" not in rows or not (out / "predictions.csv").exists():
+        return rows, {}
+    dtypes = json.loads((out / "predictions-dtypes.json").read_text()) if (out / "predictions-dtypes.json").exists() \
+        else None
+    if dtypes is None:
+        return rows, {}
+    preds = read_predictions(out / "predictions.csv", dtypes)
+    done = {}
+    for row in rows.to_dict("records"):
+        if row.get("status") == "ok" and isinstance(row.get("cell_key"), str):
+            done[row["cell_key"]] = ({k: v for k, v in row.items() if not (isinstance(v, float) and v != v)},
+                                     preds[preds["cell_key"] == row["cell_key"]])
+    return rows, done
 
 
 def run(spec: RunSpec, show_progress: bool = True) -> Summary:
     """Run the benchmark; returns its :class:`~benchbench.analysis.Summary` (also written to
     ``<output>/summary.json``, with ``leaderboard.md`` beside it).
 
+    A cell whose key (:attr:`Cell.key`) already has a FINISHED run in the tracking store, or a row
+    in ``<output>/results.csv`` of an earlier run into the same folder, is reused (its row and
+    predictions read back), unless ``spec.rerun``. An existing output folder is resumed into: its
+    other rows are kept. SIGTERM and Ctrl-C end the parent run KILLED, with summary.json holding
+    what finished (:class:`Terminated` / ``KeyboardInterrupt`` propagate).
+
     Raises (before any output folder or MLflow run exists): ``KeyError`` for an unknown method,
-    task or backbone; ``ValueError`` for a bad option (:func:`validate`).
+    task or backbone; ``ValueError`` for a bad option or missing data (:func:`prepare`).
     """
     from .tracking import Tracker  # MLflow import is slow: only when running
 
-    validate(spec)
+    tasks, backbone = prepare(spec)
     out = Path(spec.output) if spec.output else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    earlier_rows, earlier = _previous_results(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec.__dict__, indent=2))
     tracker = Tracker(spec.tracking_uri, f"bench-{out.name}",
                       params={k: v for k, v in spec.__dict__.items() if k != "method_overrides"},
                       tags={"output_dir": str(out.resolve())})
+    for run_id in tracker.reaped:
+        tqdm.write(f"NOTICE: run {run_id} was left RUNNING by a process that is gone: marked KILLED")
     rows: list[dict] = []
     predictions: list[pd.DataFrame] = []
+    dtypes: dict[str, str] = {}
     task_info: dict[str, TaskSummary] = {}
     status = "FINISHED"
-    backbone = None
+    counts = {"reused": 0, "computed": 0}
+    keys: set[str] = set()
+
+    def save() -> None:
+        kept = earlier_rows[~earlier_rows["cell_key"].isin(keys)] if "cell_key" in earlier_rows else earlier_rows
+        kept_keys = set(kept["cell_key"]) if "cell_key" in kept else set()
+        pd.concat([kept, pd.DataFrame(rows)], ignore_index=True).to_csv(out / "results.csv", index=False)
+        old = [p for k, (_, p) in earlier.items() if k in kept_keys]
+        if predictions or old:
+            pd.concat(old + predictions, ignore_index=True).to_csv(out / "predictions.csv", index=False)
+            (out / "predictions-dtypes.json").write_text(json.dumps(dtypes))
+
+    done: dict[int, tuple[dict, pd.DataFrame | None]] = {}
+
+    def record(i: int, row: dict, preds: pd.DataFrame | None) -> None:
+        done[i] = (row, preds)
+        keys.add(row["cell_key"])
+        rows[:] = [done[j][0] for j in sorted(done)]
+        predictions[:] = [done[j][1] for j in sorted(done) if done[j][1] is not None]
+        if preds is not None:
+            dtypes.update({c: str(t) for c, t in preds.dtypes.items()})
+        save()
+
     try:
-        backbone = make_backbone(spec.backbone, spec.backbone_options)
-        for task_name in spec.tasks:
-            task = TASKS.get(task_name)(data_dir=spec.data_dir, preset=spec.preset,
-                                        **spec.task_options.get(task_name, {}))  # checked in validate()
-            folds = task.folds()
-            if spec.folds is not None:
-                folds = [f for f in folds if f.index in spec.folds]
-            manifest = task.manifest()
-            (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
-            tracker.log_artifact(out / f"manifest-{task_name}.json")
-            for notice in task.notices:
-                tqdm.write(f"NOTICE {task_name}: {notice}")
-            task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
-                                               list(task.notices))
-            label = preset_label(spec.preset, spec.task_options.get(task_name))
-            cells = [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label,
-                          spec.preset,
-                          spec.method_overrides.get(m) or {}, manifest)
-                     for f in folds for m in spec.methods for s in spec.seeds]
-            bar = tqdm(cells, desc=f"{task_name}", disable=not show_progress, unit="cell")
-            for cell in bar:
-                bar.set_postfix_str(f"{cell.method} seed={cell.seed} fold={cell.fold.index}")
-                tag = f"  [{cell.method} s{cell.seed} f{cell.fold.index}] "
-                row, preds = run_cell(cell, tracker, lambda msg, d, tag=tag: bar.write(
-                    tag + msg + " " + " ".join(f"{k}={v:.3f}" for k, v in d.items())))
-                rows.append(row)
-                if preds is not None:
-                    predictions.append(preds)
-                pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
-                if predictions:
-                    pd.concat(predictions).to_csv(out / "predictions.csv", index=False)
+        with _sigterm_as_interrupt():
+            cells: list[Cell] = []
+            for task_name, task in tasks.items():
+                folds = task.folds()
+                if spec.folds is not None:
+                    folds = [f for f in folds if f.index in spec.folds]
+                manifest = task.manifest()
+                (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
+                tracker.log_artifact(out / f"manifest-{task_name}.json")
+                for notice in task.notices:
+                    tqdm.write(f"NOTICE {task_name}: {notice}")
+                task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
+                                                   list(task.notices))
+                label = preset_label(spec.preset, spec.task_options.get(task_name))
+                cells += [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label,
+                               spec.preset, spec.method_overrides.get(m) or {}, manifest)
+                          for f in folds for m in spec.methods for s in spec.seeds]
+            pending = []
+            for i, cell in enumerate(cells):
+                found = None if spec.rerun else (earlier.get(cell.key) or tracker.find_cell(cell.key))
+                if found is None:
+                    pending.append(i)
+                else:
+                    counts["reused"] += 1
+                    record(i, {**found[0], "reused": True}, found[1])
+            bar = tqdm(total=len(pending), desc="cells", disable=not show_progress, unit="cell")
+            if spec.executor == "ray":
+                def finished(i: int, row: dict, preds: pd.DataFrame | None) -> None:
+                    counts["computed"] += 1
+                    record(i, {**row, "reused": False}, preds)
+                    bar.update()
+
+                run_on_ray(spec, cells, pending, tracker, finished)
+            else:
+                for i in pending:
+                    cell = cells[i]
+                    bar.set_postfix_str(f"{cell.task.name} {cell.method} seed={cell.seed} fold={cell.fold.index}")
+                    tag = f"  [{cell.method} s{cell.seed} f{cell.fold.index}] "
+
+                    def progress(msg, d, tag=tag):
+                        tracker.heartbeat()
+                        bar.write(tag + msg + " " + " ".join(f"{k}={v:.3f}" for k, v in d.items()))
+
+                    row, preds = run_cell(cell, tracker, progress)
+                    counts["computed"] += 1
+                    tracker.heartbeat()
+                    record(i, {**row, "reused": False}, preds)
+                    bar.update()
+            bar.close()
     except BaseException as e:  # the parent run records how it ended; results so far are kept below
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         raise
@@ -135,7 +366,8 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
         summary = summarize(results, preds_df, task_info, spec.baseline)
         summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
                        "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
-                       "backbone_key": backbone.key if backbone is not None else None}
+                       "backbone_key": backbone.key, "cells_reused": counts["reused"],
+                       "cells_computed": counts["computed"], "status": status}
         summary.write(out / "summary.json")
         from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
 
@@ -169,6 +401,19 @@ class Cell:
     def name(self) -> str:
         return f"{self.method}-{self.task.name}-s{self.seed}-f{self.fold.index}"
 
+    @property
+    def key(self) -> str:
+        """The cell's identity (sha256): method and its fully resolved config, task, its options and
+        preset, the data manifest's and the fold's hashes, backbone label and key, seed, fold and
+        :data:`RESULTS_VERSION`. Equal keys give equal results, so a finished cell is reused, never redone."""
+        config = METHODS.get(self.method).make_config(self.config_preset, self.overrides)
+        task_params = {k: v for k, v in self.task.params().items() if k != "data_dir"}  # content is in the manifest
+        return hash_json({"method": self.method, "config": config.to_dict(), "task": self.task.name,
+                          "task_params": task_params, "preset": self.preset, "data": self.manifest["sha256"],
+                          "fold_data": self.manifest["folds"][str(self.fold.index)], "backbone": self.backbone_name,
+                          "backbone_key": self.backbone.key, "seed": self.seed, "fold": self.fold.index,
+                          "results_version": RESULTS_VERSION})
+
 
 def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None = None
              ) -> tuple[dict, pd.DataFrame | None]:
@@ -183,13 +428,13 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
     config = cls.make_config(cell.config_preset, cell.overrides)
     task, fold, seed, backbone = cell.task, cell.fold, cell.seed, cell.backbone
     base = {"method": cell.method, "task": task.name, "backbone": cell.backbone_name, "seed": seed,
-            "fold": fold.index}
+            "fold": fold.index, "cell_key": cell.key}
     params = {**base, "preset": cell.preset, "backbone_key": backbone.key,
               **{f"method.{k}": v for k, v in config.flat().items()},
               **{f"task.{k}": v for k, v in task.params().items()}}
     tags = {"data_manifest_sha256": cell.manifest["sha256"],
             "fold_manifest_sha256": hash_json(cell.manifest["folds"][str(fold.index)]),
-            "config_sha256": hash_json(params), "uses_context": str(cls.uses_context)}
+            "config_sha256": hash_json(params), "uses_context": str(cls.uses_context), "cell_key": cell.key}
     try:
         seed_everything(seed)
         reset_peak_memory()
@@ -232,16 +477,19 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
         "correct": (y_true == y_pred).astype(int),
         **{f"p_{lab}": p[:, i] for i, lab in enumerate(task.labels)},
     })
+    row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "n_test_stream": n_stream,
+           "uses_context": cls.uses_context}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         preds.to_csv(tmp / "predictions.csv", index=False)
+        # what a later run needs to reuse this cell exactly (benchbench.tracking.Tracker.find_cell)
+        (tmp / "row.json").write_text(json.dumps(
+            {**row, "prediction_dtypes": {c: str(t) for c, t in preds.dtypes.items()}},
+            default=lambda v: v.item() if hasattr(v, "item") else str(v)))
         pd.DataFrame(confusion(y_true, y_pred, len(task.labels)), index=task.labels,
                      columns=task.labels).to_csv(tmp / "confusion_matrix.csv")
         if method.test_time_issues:
             (tmp / "test_time_issues.json").write_text(json.dumps(method.test_time_issues, indent=2))
         (tmp / "config.json").write_text(json.dumps({"params": params, "tags": tags}, indent=2, default=str))
         run_id = tracker.log_cell(cell.name, params, {**metrics, **cost}, method.curves, tags, tmp)
-    row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "n_test_stream": n_stream,
-           "mlflow_run_id": run_id,
-           "uses_context": cls.uses_context}
-    return row, preds
+    return {**row, "mlflow_run_id": run_id}, preds

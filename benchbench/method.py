@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -57,12 +59,21 @@ class MethodConfig:
 
     @classmethod
     def from_overrides(cls, overrides: dict | None = None):
-        """Defaults updated with ``overrides`` (nested dicts for nested configs); unknown keys raise."""
+        """Defaults updated with ``overrides`` (nested dicts for nested configs), every value checked
+        against its field's type (``int`` for a ``float`` field and a comma-separated string for a
+        tuple of strings are converted) and then :meth:`check`.
+
+        Raises:
+            ConfigValueError: an unknown key, a value of the wrong type or out of range; ``path``
+                names the field (``lora.lr``), so a caller can name its own option (``--set mal.lora.lr``).
+        """
         overrides = dict(overrides or {})
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(overrides) - set(known)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigValueError(sorted(unknown)[0], overrides[sorted(unknown)[0]],
+                                   f"unknown option(s) {sorted(unknown)} of {cls.__name__}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, f in known.items():
             if name not in overrides:
@@ -70,11 +81,121 @@ class MethodConfig:
             v = overrides[name]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if dataclasses.is_dataclass(default) and isinstance(v, dict):
-                v = type(default).from_overrides({**dataclasses.asdict(default), **v})
-            elif isinstance(default, tuple) and isinstance(v, list):  # JSON has no tuples
-                v = tuple(v)
+                try:
+                    v = type(default).from_overrides({**dataclasses.asdict(default), **v})
+                except ConfigValueError as e:
+                    raise ConfigValueError(f"{name}.{e.path}", e.value, e.problem) from None
+            elif not dataclasses.is_dataclass(default) or not isinstance(v, type(default)):
+                try:
+                    v = _typed(v, hints.get(name, Any))
+                except TypeError as e:
+                    raise ConfigValueError(name, v, f"expected {e}") from None
             kwargs[name] = v
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        try:
+            config.check()
+        except ConfigValueError:
+            raise
+        except ValueError as e:
+            raise ConfigValueError("", None, str(e)) from None
+        return config
+
+    def check(self) -> None:
+        """``ValueError`` for a value out of its range (a subclass checks its own fields; nested configs
+        are checked when they are built). Called on every config :meth:`from_overrides` builds, i.e.
+        before any cell runs."""
+
+
+def check_ranges(config: MethodConfig, at_least: dict[str, float] = {}, positive: tuple[str, ...] = (),
+                 fraction: tuple[str, ...] = (), choices: dict[str, tuple] = {}) -> None:
+    """Range checks for :meth:`MethodConfig.check`: ``at_least`` (field -> minimum), ``positive``
+    (> 0), ``fraction`` (in [0, 1)), ``choices`` (field -> allowed values). ``ConfigValueError``
+    naming the first field out of range."""
+    for name, low in at_least.items():
+        if getattr(config, name) < low:
+            raise ConfigValueError(name, getattr(config, name), f"expected >= {low:g}")
+    for name in positive:
+        v = getattr(config, name)
+        if v is not None and not v > 0:
+            raise ConfigValueError(name, v, "expected > 0")
+    for name in fraction:
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigValueError(name, getattr(config, name), "expected a fraction in [0, 1)")
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigValueError(name, getattr(config, name), f"expected one of {', '.join(map(str, allowed))}")
+
+
+class ConfigValueError(ValueError):
+    """A method-config value that does not fit its field: ``path`` (``lora.lr``), the ``value`` given,
+    the ``problem`` in words (``expected a float``)."""
+
+    def __init__(self, path: str, value: Any, problem: str):
+        self.path, self.value, self.problem = path, value, problem
+        super().__init__(f"{path}={value!r}: {problem}" if value is not None else problem)
+
+    def for_option(self, method: str) -> str:
+        """The message naming the command-line option, e.g. ``--set mal.lora.lr='abc': expected a float``."""
+        if self.value is None:
+            return f"--set {method}.*: {self.problem}"
+        return f"--set {method}.{self.path}={self.value!r}: {self.problem}"
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """``value`` as the annotation ``hint`` wants it (``TypeError(what was expected)`` otherwise):
+    bool, int, float (ints accepted), str (ints accepted: ``--set mal.layers=0``), tuples (lists or
+    comma-separated strings), ``X | None`` and ``X | Y``, dicts; other annotations pass unchecked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is None:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _typed(value, a)
+                except TypeError:
+                    continue
+        raise TypeError(" or ".join(_type_name(a) for a in args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple or hint is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_typed(x, args[0]) for x in items)
+            if not args:
+                return tuple(items)
+            if len(items) == len(args):
+                return tuple(_typed(x, a) for x, a in zip(items, args))
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise TypeError(_type_name(hint))
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a float", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
 
 
 STATE_PREFIX = "state."
@@ -107,6 +228,7 @@ class ContextMethod(ABC):
         self.backbone = backbone
         self.labels = tuple(labels)
         self.config = config if config is not None else self.config_cls()
+        self.config.check()
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)

@@ -110,13 +110,14 @@ def _tracking(client_cls, attempts: int = 8):
     import random
     import time
 
-    from .tracking import EXPERIMENT
+    import mlflow
+
+    from .tracking import EXPERIMENT, ensure_experiment
 
     for attempt in range(attempts):
         try:
             client = client_cls()
-            exp = client.get_experiment_by_name(EXPERIMENT)
-            return client, exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+            return client, ensure_experiment(client, mlflow.get_tracking_uri(), EXPERIMENT)
         except Exception:  # noqa: BLE001 - schema migration / creation race: try again
             if attempt == attempts - 1:
                 raise

@@ -74,6 +74,7 @@ class Task(ABC):
     labels: ClassVar[tuple[str, ...]]
     needs_data_dir: ClassVar[bool] = False
     needs: ClassVar[str] = "nothing (generated)"   # what --data-dir must hold, for `bench list tasks`
+    source: ClassVar[str] = ""                     # where the corpus is obtained (and its licence)
 
     def __init__(self, data_dir: str | Path | None = None, preset: str = "default", seed: int = 0):
         self.data_dir = Path(data_dir) if data_dir is not None else None

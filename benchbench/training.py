@@ -32,8 +32,8 @@ from torch import nn
 
 from .backbone import EmotionLM, Segment
 from .data import Dialogue
-from .method import ContextMethod, MethodConfig, ProgressFn
-from .metrics import evaluate
+from .method import ContextMethod, MethodConfig, ProgressFn, check_ranges
+from .metrics import METRICS, evaluate
 
 LM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -54,6 +54,10 @@ class LoRASettings(MethodConfig):
     epochs: int = 3                # three epochs
     batch_size: int = 8            # utterances (or context sequences) per step
     selection_metric: str = "ua"   # dev metric for choosing the best epoch's checkpoint
+
+    def check(self) -> None:
+        check_ranges(self, at_least=dict(r=1, epochs=0, batch_size=1), positive=("alpha", "lr"),
+                     fraction=("dropout",), choices=dict(selection_metric=METRICS))
 
 
 LORA_PRESETS: dict[str, dict] = {

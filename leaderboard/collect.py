@@ -56,6 +56,8 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from benchbench.tracking import cell_artifact
+
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -99,8 +101,8 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
     with tempfile.TemporaryDirectory() as tmp:
         for r in results.itertuples():
             try:
-                path = mlflow.artifacts.download_artifacts(run_id=r.mlflow_run_id, artifact_path="predictions.csv",
-                                                           dst_path=str(Path(tmp) / r.mlflow_run_id))
+                path = cell_artifact(client, uri, client.get_run(r.mlflow_run_id), "predictions.csv",
+                                     str(Path(tmp) / r.mlflow_run_id))
             except Exception as e:  # noqa: BLE001 - an artifact store error must not lose the other cells
                 skipped.append(f"run {r.mlflow_run_id} ({r.method} {r.task} s{r.seed} f{r.fold}): "
                                f"predictions.csv not readable: {e}")
@@ -116,8 +118,7 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
             sources.append({"run_id": pid, "name": run.info.run_name, "git_commit": run.data.tags.get("git_commit"),
                             "start_time": pd.Timestamp(run.info.start_time, unit="ms").isoformat()})
             try:
-                path = mlflow.artifacts.download_artifacts(run_id=pid, artifact_path="summary.json",
-                                                           dst_path=str(Path(tmp) / pid))
+                path = cell_artifact(client, uri, run, "summary.json", str(Path(tmp) / pid))
             except Exception as e:  # noqa: BLE001
                 skipped.append(f"parent run {pid}: summary.json not readable ({e}); its tasks show no ceilings")
                 continue

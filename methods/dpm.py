@@ -61,7 +61,7 @@ from torch import nn
 
 from benchbench.backbone import AUDIO_BOS, AUDIO_EOS, Segment
 from benchbench.data import Dialogue, UtteranceInput
-from benchbench.method import ContextMethod, MethodConfig, ProgressFn
+from benchbench.method import ContextMethod, MethodConfig, ProgressFn, check_ranges
 from benchbench.training import (LM_LINEAR_LAYERS, BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng,
                                  dev_epoch_score, lora_search_space)
 
@@ -89,6 +89,11 @@ class DPMConfig(MethodConfig):
     temp_eps: float = 1e-7         # AdamW eps (Temp-LoRA)
     test_time_steps: int = 1       # updates per utterance (the paper: one)
     unit_head_lr: float | None = None  # None: the task LoRA's lr
+
+    def check(self) -> None:
+        check_ranges(self, at_least=dict(n_units=1, kmeans_max_frames=1, n_o=1, n_p=0, n_r=1, temp_r=1,
+                                         test_time_steps=1),
+                     positive=("temp_alpha", "temp_lr", "temp_eps", "unit_head_lr"), fraction=("temp_dropout",))
 
 
 class _UnitStream:
@@ -140,9 +145,6 @@ class DynamicParameterMemory(ContextMethod):
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)
         c = self.config
-        for k in ("n_units", "n_o", "n_r", "temp_r", "test_time_steps"):
-            if getattr(c, k) < 1:
-                raise ValueError(f"dpm: {k} must be >= 1, got {getattr(c, k)}")
         self.task_params = attach_lora(self.lm, c.lora, adapter_name="task")
         peft_model = self.lm.language_model
         with auxiliary_rng(seed):  # own RNG stream: Phase 1 does not depend on it

@@ -20,7 +20,7 @@ import torch
 
 from benchbench.backbone import SPEAKER_TAGS, Segment
 from benchbench.data import UtteranceInput
-from benchbench.method import ContextMethod, MethodConfig
+from benchbench.method import ContextMethod, MethodConfig, check_ranges
 from benchbench.training import LoRASettings, attach_lora, lora_search_space, phase1_presets, train_supervised
 
 
@@ -32,6 +32,9 @@ class FullContextConfig(MethodConfig):
     # "dialogue": every previous utterance (the papers' explicit context); "speaker": only the current
     # speaker's own previous utterances (the speaker-baseline context)
     context: str = "dialogue"
+
+    def check(self) -> None:
+        check_ranges(self, at_least=dict(max_context_tokens=0), choices=dict(context=("dialogue", "speaker")))
 
 
 class FullContext(ContextMethod):
@@ -50,8 +53,6 @@ class FullContext(ContextMethod):
 
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)
-        if self.config.context not in ("dialogue", "speaker"):
-            raise ValueError(f"full_context context {self.config.context!r}: expected 'dialogue' or 'speaker'")
         self.lora_params = attach_lora(self.lm, self.config.lora)
         self.reset()
 

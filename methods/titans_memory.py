@@ -58,8 +58,8 @@ from torch import nn
 
 from benchbench.backbone import LMBatch, Segment
 from benchbench.data import UNSCORED, UtteranceInput
-from benchbench.method import ContextMethod, MethodConfig, UtteranceLevelMethod
-from benchbench.metrics import evaluate
+from benchbench.method import ConfigValueError, ContextMethod, MethodConfig, UtteranceLevelMethod, check_ranges
+from benchbench.metrics import METRICS, evaluate
 from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, dev_epoch_score,
                                  fit_task_lora, phase1_presets, two_stage_search_space)
 
@@ -87,6 +87,20 @@ class TitansMemoryConfig(MethodConfig):
     # One memory state per speaker of the dialogue instead of one per dialogue: each utterance reads
     # and writes only its speaker's state (a speaker-baseline variant; the paper keeps one state).
     speaker_memory: bool = False
+
+    def check(self) -> None:
+        check_ranges(self, at_least=dict(d_m=1, n_persistent=0, memory_depth=1, memory_heads=1, epochs=0,
+                                         batch_dialogues=1),
+                     positive=("memory_max_lr", "memory_max_grad_norm", "lr", "grad_clip", "gate_lr", "gate_grad_clip"),
+                     choices=dict(selection_metric=METRICS))
+        if self.layers not in ("all", "quartile"):
+            try:
+                [int(x) for x in str(self.layers).split(",")]
+            except ValueError:
+                raise ConfigValueError("layers", self.layers, "expected all, quartile or comma-separated block "
+                                       "indices") from None
+        if self.chunk_size != "utterance" and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise ConfigValueError("chunk_size", self.chunk_size, "expected utterance or a positive integer")
 
 
 def resolve_layers(spec: str, n_layers: int) -> list[int]:
@@ -155,10 +169,8 @@ class MemoryBranch(nn.Module):
         if c.chunk_size == "utterance":
             self.store_len = c.n_persistent + max_tokens + 1
             self.chunk_size = self.store_len
-        elif isinstance(c.chunk_size, int) and c.chunk_size >= 1:
+        else:  # a positive int (TitansMemoryConfig.check)
             self.store_len, self.chunk_size = None, c.chunk_size
-        else:
-            raise ValueError(f"memory chunk_size {c.chunk_size!r}: expected 'utterance' or a positive int")
         self.W_in = nn.Linear(hidden_size, c.d_m, bias=False)
         self.W_out = nn.Linear(c.d_m, hidden_size, bias=False)
         self.P = nn.Parameter(torch.randn(c.n_persistent, c.d_m) * 0.02)

@@ -49,6 +49,7 @@ class EmoDBDialogueTask(Task):
     labels = LABELS
     needs_data_dir = True
     needs = "Emo-DB wav/ folder (SSTTTEV.wav files); free download"
+    source = "http://emodb.bilderbar.info/download/ (free for research; Burkhardt et al., Interspeech 2005)"
 
     def __init__(self, data_dir=None, preset: str = "default", seed: int = 0, min_turns: int = 6,
                  max_turns: int = 10, p_stay: float = 0.7):

@@ -89,6 +89,7 @@ class IEMOCAPTask(Task):
     name = "iemocap"
     labels = LABELS
     needs_data_dir = True
+    source = DOWNLOAD
     needs = "IEMOCAP_full_release/Session{1..5}/ (dialog/EmoEvaluation/*.txt, sentences/wav/); licensed"
 
     def __init__(self, data_dir=None, preset: str = "default", seed: int = 0, dev_fraction: float = 0.1):

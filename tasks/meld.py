@@ -104,6 +104,7 @@ class MELDTask(Task):
     needs_data_dir = True
     needs = ("MELD.Raw/: {train,dev,test}_sent_emo.csv and the mp4 clips in train_splits/, "
              "dev_splits_complete/, output_repeated_splits_test/; public (GPL-3.0)")
+    source = DOWNLOAD
 
     def __init__(self, data_dir=None, preset: str = "default", seed: int = 0, sample_rate: int = 16000):
         super().__init__(data_dir, preset, seed)

@@ -96,6 +96,7 @@ class MultiDialogTask(Task):
     needs_data_dir = True
     needs = ("IVLLab/MultiDialog snapshot: {split}_metadata_*.jsonl and the unpacked 16 kHz wavs "
              "(no dataset script is run)")
+    source = DOWNLOAD
 
     def __init__(self, data_dir=None, preset: str = "default", seed: int = 0,
                  gold_actors: tuple[str, ...] = GOLD_ACTORS):

@@ -81,14 +81,13 @@ def test_bench_run_rejects_unknown_names(tmp_path, capsys):
     assert rc == 2 and "--data-dir" in capsys.readouterr().err
 
 
-def test_missing_data_dir_fails_cleanly_and_marks_the_mlflow_run(tmp_path, capsys):
+def test_missing_data_dir_fails_before_anything_is_written(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rc = main(["run", "--methods", "lora", "--tasks", "emodb", "--data-dir", str(tmp_path / "nowhere"),
                "--tracking-uri", uri, "--output", str(tmp_path / "o"), "--no-progress"])
-    assert rc == 2 and "nowhere" in capsys.readouterr().err
-    client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("benchbench").experiment_id])
-    assert run.info.status == "FAILED"
+    err = capsys.readouterr().err
+    assert rc == 2 and "nowhere: no such folder" in err and "emodb.bilderbar.info" in err
+    assert list(tmp_path.iterdir()) == []  # no output folder, no MLflow store
 
 
 def test_summary_when_every_cell_failed():

@@ -104,7 +104,7 @@ def test_stream_keeps_only_the_prefix_it_reads():
 
 def test_config_errors_and_registry(backbone, tiny_task):
     assert "dpm" in METHODS.names()
-    with pytest.raises(ValueError, match="n_r must be >= 1"):
+    with pytest.raises(ValueError, match="n_r=0: expected >= 1"):
         DynamicParameterMemory(backbone, tiny_task.labels, dataclasses.replace(DynamicParameterMemory.make_config("smoke"), n_r=0))
     m = DynamicParameterMemory(backbone, tiny_task.labels, DynamicParameterMemory.make_config("smoke", {"n_units": 10_000}))
     with pytest.raises(ValueError, match="fewer than n_units"):

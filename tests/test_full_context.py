@@ -38,5 +38,5 @@ def test_token_budget_keeps_the_most_recent_utterances(backbone, tiny_task):
 
 
 def test_unknown_context_raises(backbone, tiny_task):
-    with pytest.raises(ValueError, match="expected 'dialogue' or 'speaker'"):
+    with pytest.raises(ValueError, match="context='everyone': expected one of dialogue, speaker"):
         make(backbone, tiny_task.labels, context="everyone")

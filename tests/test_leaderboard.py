@@ -19,12 +19,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    """Two smoke `bench run`s into one sqlite store: lora+mal on seeds 0,1, then lora seed 0 again."""
+    """Two smoke `bench run`s into one sqlite store: lora+mal on seeds 0,1, then lora seed 0 again (--rerun)."""
     tmp = tmp_path_factory.mktemp("lb")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     common = ["--tasks", "synthetic", "--preset", "smoke", "--tracking-uri", uri, "--no-progress"]
     assert main(["run", "--methods", "lora,mal", "--seeds", "0,1", "--output", str(tmp / "run1"), *common]) == 0
-    assert main(["run", "--methods", "lora", "--seeds", "0", "--output", str(tmp / "run2"), *common]) == 0
+    assert main(["run", "--methods", "lora", "--seeds", "0", "--rerun", "--output", str(tmp / "run2"), *common]) == 0
     board = tmp / "board"
     assert main(["leaderboard", "--tracking-uri", uri, "--output", str(board), "--resamples", "200"]) == 0
     return {"tmp": tmp, "uri": uri, "board": board}

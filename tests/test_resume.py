@@ -1,0 +1,153 @@
+"""Runs that survive crashes: cell keys, reuse from the tracking store and the output folder,
+dead RUNNING runs marked KILLED, SIGTERM handled like Ctrl-C, checks before any work, a movable
+sqlite store. Real subprocesses (the ``bench`` console script), real signals, a real sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+# 3 tiny cells x 2 methods: seconds each; the synthetic task at a size the smoke preset fits fast
+TINY = ["--tasks", "synthetic", "--preset", "smoke", "--seeds", "0,1", "--no-progress",
+        "--task-set", "synthetic.n_train=6", "--task-set", "synthetic.n_dev=2", "--task-set", "synthetic.n_test=3",
+        "--task-set", "synthetic.n_turns=4", "--task-set", "synthetic.duration_s=0.64"]
+METHODS = ["--methods", "lora,zero_shot"]
+
+
+def _bench(*args: str, cwd: Path | None = None) -> list[str]:
+    return [sys.executable, "-m", "benchbench.cli", "run", *args]
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "BENCHBENCH_CACHE": str(cwd / "cache")}
+    return subprocess.Popen(_bench(*args, cwd=cwd), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(results: Path, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if results.exists() and len(pd.read_csv(results)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"bench exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"no {n} rows in {results} after {timeout} s")
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    return client.search_runs([client.get_experiment_by_name("benchbench").experiment_id], max_results=1000)
+
+
+def _cell_lines(predictions: Path, key: str) -> list[str]:
+    lines = predictions.read_text().splitlines()
+    col = lines[0].split(",").index("cell_key")
+    return [line for line in lines[1:] if line.split(",")[col] == key]
+
+
+def _assert_each_cell_finished_once(uri: str, n_cells: int) -> None:
+    runs = _runs(uri)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    cells = [r for r in runs if "cell_key" in r.data.tags and r.info.status == "FINISHED"]
+    keys = [r.data.tags["cell_key"] for r in cells]
+    assert len(keys) == len(set(keys)) == n_cells
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_run_resumes_with_every_cell_once(tmp_path, how):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    out = tmp_path / "out"
+    args = [*METHODS, *TINY, "--tracking-uri", uri, "--output", str(out)]
+    proc = _start(args, tmp_path)
+    _wait_for_rows(out / "results.csv", 1, proc)
+    proc.send_signal(how)
+    _, err = proc.communicate(timeout=120)
+    first = pd.read_csv(out / "results.csv", dtype={"cell_key": str})
+    key = first["cell_key"][0]
+    first_lines = _cell_lines(out / "predictions.csv", key)
+    assert first_lines
+    (parent,) = [r for r in _runs(uri) if "cell_key" not in r.data.tags]
+    if how == signal.SIGTERM:  # handled like Ctrl-C: the parent KILLED, what finished in summary.json
+        assert proc.returncode == 143 and "Traceback" not in err and "stopped by SIGTERM" in err
+        assert parent.info.status == "KILLED"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["run"]["status"] == "KILLED" and len(summary["cells"]) >= 1
+    else:  # nothing ran to mark it: the next run against the store finds the dead process
+        assert proc.returncode == -9 and parent.info.status == "RUNNING"
+
+    again = subprocess.run(_bench(*args, cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "BENCHBENCH_CACHE": str(tmp_path / "cache")})
+    assert again.returncode == 0, again.stderr[-2000:]
+    n_done = len(first)
+    assert f"{4 - n_done} computed, {n_done} reused" in again.stdout
+    runs = _runs(uri)
+    assert [r.info.status for r in runs if r.info.run_id == parent.info.run_id] == ["KILLED"]
+    _assert_each_cell_finished_once(uri, 4)
+    results = pd.read_csv(out / "results.csv", dtype={"cell_key": str})
+    assert len(results) == 4 and set(results["status"]) == {"ok"} and results["reused"].sum() == n_done
+    assert _cell_lines(out / "predictions.csv", key) == first_lines  # byte-identical
+
+    # the store is one folder: moved elsewhere, a new output folder reuses every cell from it
+    shutil.move(tmp_path / "store", tmp_path / "moved")
+    assert not (tmp_path / "mlruns").exists()  # artifacts went beside the database, not into the cwd
+    uri2 = f"sqlite:///{tmp_path / 'moved' / 'mlflow.db'}"
+    out2 = tmp_path / "out2"
+    third = subprocess.run(_bench(*[*METHODS, *TINY, "--tracking-uri", uri2, "--output", str(out2)], cwd=tmp_path),
+                           cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "BENCHBENCH_CACHE": str(tmp_path / "cache")})
+    assert third.returncode == 0 and "0 computed, 4 reused" in third.stdout, third.stderr[-2000:]
+    assert (out2 / "predictions.csv").read_bytes() == (out / "predictions.csv").read_bytes()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--folds", "99"], "--folds 99: task synthetic has folds 0"),
+    (["--methods", "lora", "--set", "lora.lr=abc"], "--set lora.lr='abc': expected a float"),
+    (["--methods", "lora", "--set", "lora.lr=-1"], "--set lora.lr=-1.0: expected > 0"),
+    (["--methods", "lora", "--set", "mal.lr=5"], "--set mal.*: method 'mal' is not in --methods"),
+    (["--methods", "lora", "--tasks", "emodb"], "--data-dir is required: task emodb reads Emo-DB"),
+    (["--methods", "lora", "--tasks", "iemocap", "--data-dir", "/nonexistent"],
+     "--data-dir /nonexistent: no such folder (task iemocap reads IEMOCAP_full_release"),
+    (["--task-set", "synthetic.preset_size=3"], "unknown option(s) ['preset_size']"),
+])
+def test_bad_input_exits_2_before_anything_is_written(tmp_path, bad, message):
+    from benchbench.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["run", "--methods", "lora", "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0",
+            "--tracking-uri", uri, "--output", str(tmp_path / "out"), "--no-progress"]
+    for i in range(0, len(bad), 2):  # a later option of the same name replaces the default one
+        if bad[i] in args:
+            args[args.index(bad[i]) + 1] = bad[i + 1]
+        else:
+            args += bad[i:i + 2]
+    err = subprocess.run([sys.executable, "-m", "benchbench.cli", *args], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert err.returncode == 2 and message in err.stderr, err.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output folder, no store, no mlruns
+    assert main is not None
+
+
+def test_stale_run_detection(tmp_path):
+    """A RUNNING run is stale when its process is gone (same host) or its heartbeat is old (any host)."""
+    from benchbench.tracking import STALE_AFTER_S, is_stale, process_tags
+
+    me = process_tags()
+    assert not is_stale(me)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert is_stale({**me, "pid": str(dead.pid), "pid_start": ""})
+    assert is_stale({**me, "host": "elsewhere", "heartbeat": str(time.time() - STALE_AFTER_S - 1)})
+    assert not is_stale({**me, "host": "elsewhere"})
+    assert not is_stale({})  # an older suite's run: never taken for dead
