@@ -151,3 +151,75 @@ def test_stale_run_detection(tmp_path):
     assert is_stale({**me, "host": "elsewhere", "heartbeat": str(time.time() - STALE_AFTER_S - 1)})
     assert not is_stale({**me, "host": "elsewhere"})
     assert not is_stale({})  # an older suite's run: never taken for dead
+
+
+def _run_to_end(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(_bench(*args), cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "BENCHBENCH_CACHE": str(cwd / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_executors_predictions_and_survives_a_lost_worker(tmp_path):
+    """Two Ray workers on this machine: predictions.csv byte-identical to the local executor's; a
+    worker killed mid-cell is retried and every cell ends FINISHED exactly once."""
+    pytest.importorskip("ray")
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    _run_to_end([*METHODS, *TINY, "--tracking-uri", f"sqlite:///{tmp_path / 'a.db'}", "--output", str(local)],
+                tmp_path)
+    uri = f"sqlite:///{tmp_path / 'b.db'}"
+    proc = _start([*METHODS, *TINY, "--tracking-uri", uri, "--output", str(ray_out), "--executor", "ray",
+                   "--cpus-per-cell", "1"], tmp_path)
+    killed = None
+    t0 = time.time()
+    while killed is None and proc.poll() is None and time.time() - t0 < 600:
+        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        busy = [int(line.split()[0]) for line in ps.splitlines() if "ray::_worker_cell" in line]
+        if busy:
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=900)
+    assert killed is not None and proc.returncode == 0, err[-3000:]
+    assert "4 computed, 0 reused" in out
+    _assert_each_cell_finished_once(uri, 4)
+    assert (ray_out / "predictions.csv").read_bytes() == (local / "predictions.csv").read_bytes()
+    assert (pd.read_csv(ray_out / "results.csv")["status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_ray_fan_out_against_an_mlflow_tracking_server_and_resume(tmp_path):
+    """What a cluster uses: a real `mlflow server` on 127.0.0.1, cells logged by Ray workers, and the
+    same command again reusing every cell from the server."""
+    pytest.importorskip("ray")
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}", "--workers", "1"],
+                              cwd=server_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        args = [*METHODS, *TINY, "--tracking-uri", uri, "--executor", "ray"]
+        first = _run_to_end([*args, "--output", str(tmp_path / "one")], tmp_path)
+        assert "4 computed, 0 reused" in first.stdout
+        again = _run_to_end([*args, "--output", str(tmp_path / "two")], tmp_path)
+        assert "0 computed, 4 reused" in again.stdout
+        _assert_each_cell_finished_once(uri, 4)
+        assert (tmp_path / "one" / "predictions.csv").read_bytes() == (tmp_path / "two" / "predictions.csv").read_bytes()
+        assert (server_dir / "mlartifacts").is_dir()  # the server keeps the artifacts, not the workers' cwd
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
