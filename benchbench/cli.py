@@ -186,11 +186,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .backbone import BACKBONES
-    from .method import METHODS
-    from .task import TASKS
-
-    reg = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES}[args.what]
+    if args.what == "tasks":  # only the registry asked for: tasks load without torch
+        from .task import TASKS as reg
+    elif args.what == "methods":
+        from .method import METHODS as reg
+    else:
+        from .backbone import BACKBONES as reg
     width = max([len(n) for n in reg.names()] + [15]) + 1
     for name in reg.names():
         error = reg.check(name)
@@ -198,6 +199,8 @@ def cmd_list(args) -> int:
         if not error and args.what in ("tasks", "backbones"):
             about = reg.get(name).needs  # Task.needs / BackboneSpec.needs
             about = f"  needs: {about}" if about else ""
+            source = getattr(reg.get(name), "source", "")  # where a task's corpus is obtained
+            about += f"; from {source}" if source else ""
         print(f"{name:<{width}} {reg.origin(name)}{about}" + (f"  BROKEN: {error}" if error else ""))
     return 0
 

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -146,3 +147,13 @@ def test_help_shows_every_default(command, capsys):
         assert "(default: [0, 1, 2])" in text
     if command == "leaderboard":
         assert "(default: benchbench)" in text and "(default: 2000)" in text
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["list", "tasks"], ["run", "--seeds", "x"]])
+def test_help_usage_errors_and_list_tasks_do_not_import_torch_or_mlflow(argv):
+    """What answers in well under a second: nothing heavy is imported (torch alone takes ~2 s here)."""
+    code = ("import sys\nfrom benchbench.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'ray') if m in sys.modules]\n"
+            "assert not heavy, heavy\n") % (argv,)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
