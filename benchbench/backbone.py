@@ -36,7 +36,7 @@ from scipy.signal import resample_poly
 from torch import nn
 
 from .data import UtteranceInput
-from .registry import Registry
+from .names import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -473,17 +473,6 @@ class BackboneSpec:
         return self.hub_id is not None
 
 
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
-for _name, _target in (("tiny-qwen2-audio", "qwen2_audio:TINY_QWEN2_AUDIO"),
-                       ("qwen2-audio-whisper-tiny", "qwen2_audio:QWEN2_AUDIO_WHISPER_TINY"),
-                       ("audio-flamingo-3-whisper-tiny", "audio_flamingo_3:AUDIO_FLAMINGO_3_WHISPER_TINY"),
-                       ("ultravox-whisper-tiny", "ultravox:ULTRAVOX_WHISPER_TINY"),
-                       ("tiny-audio-flamingo-3", "audio_flamingo_3:TINY_AUDIO_FLAMINGO_3"),
-                       ("tiny-ultravox", "ultravox:TINY_ULTRAVOX"),
-                       ("qwen2-audio-7b", "qwen2_audio:QWEN2_AUDIO_7B"),
-                       ("audio-flamingo-3", "audio_flamingo_3:AUDIO_FLAMINGO_3"),
-                       ("ultravox-v0.4", "ultravox:ULTRAVOX_V0_4")):
-    BACKBONES.register(_name, f"benchbench.backbones.{_target}")
 
 
 def backbone_spec(name: str) -> BackboneSpec:

@@ -110,10 +110,19 @@ def _backbone_options(args) -> dict:
 
 
 # ---------------------------------------------------------------------------- subcommands
-def cmd_run(args) -> int:
-    from .analysis import format_summary
-    from .harness import RunSpec, run
+def _check_names(methods: list[str], tasks: list[str], backbone: str) -> None:
+    """Unknown names fail in milliseconds, before torch, transformers and mlflow are imported."""
+    from .names import BACKBONES, METHODS
+    from .task import TASKS
 
+    for m in methods:
+        METHODS.require(m)
+    for t in tasks:
+        TASKS.require(t)
+    BACKBONES.require(backbone)
+
+
+def cmd_run(args) -> int:
     overrides: dict = {}
     if args.config:
         from .sweep import load_config_file
@@ -123,6 +132,10 @@ def cmd_run(args) -> int:
             args.methods = list(overrides)
     if not args.methods:
         raise ValueError("--methods is required (or --config with methods)")
+    _check_names(args.methods, args.tasks, args.backbone)
+    from .analysis import format_summary
+    from .harness import RunSpec, run
+
     for method, path, value in args.overrides:
         node = overrides.setdefault(method, {})
         *parents, leaf = path.split(".")
@@ -145,6 +158,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    _check_names([args.method], [args.task], args.backbone)
     from .sweep import DEFAULT_STORAGE, SweepSpec, run_sweep
 
     task_options = _task_options(args)

@@ -38,7 +38,7 @@ from torch import nn
 
 from .backbone import AudioLLMBackbone, Segment
 from .data import Dialogue, UtteranceInput
-from .registry import Registry
+from . import names as _names
 
 
 @dataclasses.dataclass
@@ -342,11 +342,5 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-METHODS: Registry[type[ContextMethod]] = Registry("method")
-METHODS.register("zero_shot", "benchbench.methods.zero_shot:ZeroShot")
-METHODS.register("lora", "benchbench.methods.lora:LoRAMethod")
-METHODS.register("full_context", "benchbench.methods.full_context:FullContext")
-METHODS.register("mal", "benchbench.methods.mal:MemoryAsALayer")
-METHODS.register("mac", "benchbench.methods.mac:MemoryAsContext")
-METHODS.register("mag", "benchbench.methods.mag:MemoryAsGating")
-METHODS.register("dpm", "benchbench.methods.dpm:DynamicParameterMemory")
+METHODS = _names.METHODS
+"""The method registry (defined, without imports of its entries, in :mod:`benchbench.names`)."""

@@ -74,13 +74,18 @@ class Registry(Generic[T]):
             return str(e)
         return None
 
-    def get(self, name: str) -> T:
-        """The registered object; ``KeyError`` listing known names (with "did you mean") otherwise."""
+    def require(self, name: str) -> None:
+        """``KeyError`` listing known names (with "did you mean") unless ``name`` is registered;
+        nothing is imported (a command line is checked in milliseconds)."""
         self._load_entry_points()
         if name not in self._entries:
             close = difflib.get_close_matches(name, self._entries, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise KeyError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}")
+
+    def get(self, name: str) -> T:
+        """The registered object; ``KeyError`` listing known names (with "did you mean") otherwise."""
+        self.require(name)
         obj = self._entries[name]
         if isinstance(obj, str):
             module, _, attr = obj.partition(":")

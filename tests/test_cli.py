@@ -149,9 +149,12 @@ def test_help_shows_every_default(command, capsys):
         assert "(default: benchbench)" in text and "(default: 2000)" in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["list", "tasks"], ["run", "--seeds", "x"]])
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["list", "tasks"], ["run", "--seeds", "x"],
+                                  ["run", "--methods", "lroa", "--tasks", "synthetic"],
+                                  ["sweep", "--method", "mal", "--task", "emodb", "--backbone", "tiny-qwen3"]])
 def test_help_usage_errors_and_list_tasks_do_not_import_torch_or_mlflow(argv):
-    """What answers in well under a second: nothing heavy is imported (torch alone takes ~2 s here)."""
+    """What answers in well under a second (help, usage errors, unknown names, the task list): nothing
+    heavy is imported (torch alone takes ~2 s here)."""
     code = ("import sys\nfrom benchbench.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'ray') if m in sys.modules]\n"
             "assert not heavy, heavy\n") % (argv,)
