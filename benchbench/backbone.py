@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from scipy.signal import resample_poly
 from torch import nn
 
-from .data import UtteranceInput
+from .data import UtteranceInput, default_cache_dir
 from .names import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,6 @@ AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>
 INSTRUCTION = "what is the emotion of the current utterance ? answer :"
 CONTEXT_HEADER = "previous utterances :"
 CURRENT_HEADER = "current utterance :"
-
-
-def default_cache_dir() -> Path:
-    """``$BENCHBENCH_CACHE`` or ``~/.cache/benchbench``."""
-    return Path(os.environ.get("BENCHBENCH_CACHE", Path.home() / ".cache" / "benchbench"))
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import cached_property
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -175,3 +177,9 @@ def speaker_history_counts(utterances: Sequence[UtteranceInput]) -> list[int]:
         out.append(seen.get(u.speaker, 0))
         seen[u.speaker] = out[-1] + 1
     return out
+
+
+def default_cache_dir() -> Path:
+    """``$BENCHBENCH_CACHE`` or ``~/.cache/benchbench``: audio features per backbone and generated
+    task data live under it."""
+    return Path(os.environ.get("BENCHBENCH_CACHE", Path.home() / ".cache" / "benchbench"))

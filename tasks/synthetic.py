@@ -33,9 +33,13 @@ speaker_history 0.78, baseline_known 0.99.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+
 import numpy as np
 
-from benchbench.data import Dialogue, Fold, Utterance, UtteranceInput
+from benchbench.data import Dialogue, Fold, Utterance, UtteranceInput, default_cache_dir, hash_json
 from benchbench.task import Task, TaskReference
 
 LABELS = ("anger", "happiness", "neutral", "sadness")
@@ -164,14 +168,63 @@ class SyntheticProsodyTask(Task):
         return Dialogue(did, tuple(utts))
 
     def folds(self) -> list[Fold]:
+        """The one fold, generated under ``seed`` or read from the on-disk cache
+        (``$BENCHBENCH_CACHE/tasks/synthetic/<key>.npz``, keyed by every option, the seed and
+        :data:`GENERATOR_VERSION`; the same waveforms and latents bit for bit, tested)."""
         if self._folds is None:
-            rng = np.random.default_rng([self.seed, 20261121])
-            split = {}
-            for part in ("train", "dev", "test"):
-                split[part] = tuple(self._dialogue(f"syn-{part}-{i:04d}", rng)
-                                    for i in range(self.sizes[f"n_{part}"]))
-            self._folds = [Fold(0, split["train"], split["dev"], split["test"])]
+            path = default_cache_dir() / "tasks" / "synthetic" / f"{self.cache_key}.npz"
+            if not self._read_cache(path):
+                rng = np.random.default_rng([self.seed, 20261121])
+                split = {}
+                for part in ("train", "dev", "test"):
+                    split[part] = tuple(self._dialogue(f"syn-{part}-{i:04d}", rng)
+                                        for i in range(self.sizes[f"n_{part}"]))
+                self._folds = [Fold(0, split["train"], split["dev"], split["test"])]
+                self._write_cache(path)
         return self._folds
+
+    @property
+    def cache_key(self) -> str:
+        """sha256 of what the generated data depend on: sizes, sigmas, seed, generator version."""
+        params = {k: v for k, v in self.params().items() if k not in ("data_dir", "preset")}
+        return hash_json({**params, "generator_version": GENERATOR_VERSION})
+
+    def _write_cache(self, path) -> None:
+        """Every utterance's waveform, ids, speaker, label and latents in one ``.npz`` (written to a
+        temporary file and renamed: a crash never leaves half a cache); an unwritable cache is skipped."""
+        fold = self._folds[0]
+        utts = [(part, d, u) for part in ("train", "dev", "test") for d in getattr(fold, part) for u in d.utterances]
+        meta = [{"part": part, "dialogue": d.dialogue_id, "id": u.utterance_id, "turn": u.input.turn,
+                 "speaker": u.input.speaker, "label": int(u.label)} for part, d, u in utts]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+                np.savez(f, meta=np.array(json.dumps(meta)),
+                         lengths=np.array([len(u.input.waveform) for _, _, u in utts]),
+                         audio=np.concatenate([u.input.waveform for _, _, u in utts]),
+                         x=np.stack([self.latents[u.utterance_id]["x"] for _, _, u in utts]),
+                         b=np.stack([self.latents[u.utterance_id]["b"] for _, _, u in utts]))
+            os.replace(f.name, path)
+        except OSError:
+            pass
+
+    def _read_cache(self, path) -> bool:
+        """Rebuild the fold and the latents from ``path``; ``False`` when there is none (or it is unreadable)."""
+        try:
+            with np.load(path) as z:
+                meta, lengths, audio, x, b = json.loads(str(z["meta"])), z["lengths"], z["audio"], z["x"], z["b"]
+        except (OSError, ValueError, KeyError):
+            return False
+        ends = np.cumsum(lengths)
+        parts: dict[str, dict[str, list]] = {"train": {}, "dev": {}, "test": {}}
+        for i, m in enumerate(meta):
+            wav = audio[ends[i] - lengths[i]:ends[i]]
+            self.latents[m["id"]] = {"x": x[i], "b": b[i], "emotion": m["label"]}
+            inp = UtteranceInput(m["id"], m["dialogue"], m["turn"], m["speaker"], wav, SAMPLE_RATE)
+            parts[m["part"]].setdefault(m["dialogue"], []).append(Utterance(inp, m["label"]))
+        split = {p: tuple(Dialogue(did, tuple(us)) for did, us in ds.items()) for p, ds in parts.items()}
+        self._folds = [Fold(0, split["train"], split["dev"], split["test"])]
+        return True
 
     def reference(self) -> TaskReference:
         ceilings = self.ceilings()
@@ -226,6 +279,8 @@ class SyntheticProsodyTask(Task):
 
 
 HISTORY_WINDOW = 7
+GENERATOR_VERSION = 1
+"""Part of the data cache key: raise it when a change to the generator changes the data."""
 
 
 def nearest_offset(x: np.ndarray) -> np.ndarray:
