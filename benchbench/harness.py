@@ -178,6 +178,8 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
     lost is a ``failed`` row naming the Ray error. Ctrl-C / SIGTERM cancel what is still running."""
     import ray
 
+    from .tracking import reap_stale_runs
+
     started = not ray.is_initialized()
     if started:
         ray.init(address=spec.ray_address, include_dashboard=False, logging_level=logging.WARNING,
@@ -207,6 +209,9 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
             ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
+        # a worker lost while logging left its attempt's child run RUNNING: mark it KILLED now
+        for run_id in reap_stale_runs(tracker.client, tracker.experiment_id):
+            tqdm.write(f"NOTICE: run {run_id} of a lost Ray worker: marked KILLED")
 
 
 class Terminated(KeyboardInterrupt):
