@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -214,25 +215,47 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
             tqdm.write(f"NOTICE: run {run_id} of a lost Ray worker: marked KILLED")
 
 
+@contextmanager
+def _warnings_to(path: Path):
+    """Within the block, Python warnings (libraries' deprecation notices, ...) are appended to
+    ``path``, each once per place it comes from, instead of printed through the progress bar; the
+    filters and printer are restored after."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        def show(message, category, filename, lineno, file=None, line=None):
+            with open(path, "a") as f:
+                f.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+        warnings.showwarning = show
+        yield
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's pre-emption) inside :func:`run`: handled as Ctrl-C is."""
 
 
-@contextmanager
-def _sigterm_as_interrupt():
-    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _StopOnSigterm:
+    """SIGTERM for one run (main thread only; elsewhere a no-op): while cells run it raises
+    :class:`Terminated` (once); once the run is writing its outputs (``raising = False``) it is only
+    remembered (``seen``), so summary.json and the parent run are complete before the run stops."""
 
-    def handler(signum, frame):
-        raise Terminated("SIGTERM")
+    def __init__(self):
+        self.seen, self.raising, self._old = False, True, None
 
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    def __enter__(self) -> "_StopOnSigterm":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        if self.raising:
+            self.raising = False
+            raise Terminated("SIGTERM")
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def _previous_results(out: Path) -> tuple[pd.DataFrame, dict[str, tuple[dict, pd.DataFrame]]]:
@@ -312,8 +335,9 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
             dtypes.update({c: str(t) for c, t in preds.dtypes.items()})
         save()
 
+    stop = _StopOnSigterm().__enter__()
     try:
-        with _sigterm_as_interrupt():
+        with _warnings_to(out / "warnings.log"):
             cells: list[Cell] = []
             for task_name, task in tasks.items():
                 folds = task.folds()
@@ -366,20 +390,27 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         raise
     finally:
+        stop.raising = False  # from here a SIGTERM waits until the outputs are written
         results = pd.DataFrame(rows)
         preds_df = pd.concat(predictions) if predictions else pd.DataFrame()
         summary = summarize(results, preds_df, task_info, spec.baseline)
         summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
                        "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
                        "backbone_key": backbone.key, "cells_reused": counts["reused"],
-                       "cells_computed": counts["computed"], "status": status}
+                       "cells_computed": counts["computed"], "status": "KILLED" if stop.seen else status}
         summary.write(out / "summary.json")
         from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
 
         (out / "leaderboard.md").write_text(render_markdown(summary, reference=spec.baseline))
         if rows and any(r["status"] == "failed" for r in rows):
             status = "FAILED"
-        tracker.finish(out / "summary.json", status)
+        if stop.seen and summary.run["status"] != "KILLED":  # the signal came while the summary was written
+            summary.run["status"] = "KILLED"
+            summary.write(out / "summary.json")
+        tracker.finish(out / "summary.json", "KILLED" if stop.seen else status)
+        stop.__exit__()
+    if stop.seen:  # SIGTERM while the outputs were written: they are complete, now stop
+        raise Terminated("SIGTERM")
     return summary
 
 

@@ -26,8 +26,12 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
     rc = main(["run", "--methods", METHODS4, "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0,1",
                "--tracking-uri", uri, "--output", str(out), "--no-progress"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "context_free" in printed and "mal" in printed
+    # libraries' warnings go to the output folder's warnings.log, not through the progress bar
+    assert "Warning" not in captured.err
+    assert "is_gradient_checkpointing" in (out / "warnings.log").read_text()
 
     res = pd.read_csv(out / "results.csv")
     assert len(res) == 8 and set(res["method"]) == set(METHODS4.split(","))
