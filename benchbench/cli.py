@@ -61,12 +61,8 @@ def _override(s: str) -> tuple[str, str, object]:
     ``mal.lora.lr=1e-3``, ``synthetic.n_train=160``)."""
     if "=" not in s or "." not in s.split("=", 1)[0]:
         raise argparse.ArgumentTypeError(f"expected NAME.KEY=VALUE (a method or task name), got {s!r}")
-    key, value = s.split("=", 1)
+    key, value = _key_value(s)
     method, path = key.split(".", 1)
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        pass
     return method, path, value
 
 

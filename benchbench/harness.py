@@ -21,6 +21,7 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -130,7 +131,7 @@ def prepare(spec: RunSpec) -> tuple[dict[str, Task], AudioLLMBackbone]:
     tasks = {}
     for t in spec.tasks:
         try:
-            task = TASKS.get(t)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options.get(t, {}))
+            task = _build_task(spec, t)
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"task {t} (--data-dir {spec.data_dir}): {e}") from e
         except TypeError as e:  # a --task-set value of the wrong type
@@ -141,6 +142,19 @@ def prepare(spec: RunSpec) -> tuple[dict[str, Task], AudioLLMBackbone]:
                              f"{','.join(map(str, have))}")
         tasks[t] = task
     return tasks, make_backbone(spec.backbone, spec.backbone_options)
+
+
+def _build_task(spec: RunSpec, name: str) -> Task:
+    """Task ``name`` with the run's data folder, preset and its ``--task-set`` options."""
+    return TASKS.get(name)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options.get(name, {}))
+
+
+def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone, folds, methods,
+           seeds) -> list["Cell"]:
+    """The run's cells of ``task``: fold x method x seed, in that order (the order of results.csv)."""
+    label = preset_label(spec.preset, spec.task_options.get(task.name))
+    return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label, spec.preset,
+                 spec.method_overrides.get(m) or {}, manifest) for f in folds for m in methods for s in seeds]
 
 
 # ---------------------------------------------------------------------------- Ray executor
@@ -156,14 +170,11 @@ def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: i
     state = _WORKER_STATE.get((spec_json, task_name))
     if state is None:
         _WORKER_STATE.clear()
-        task = TASKS.get(task_name)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options.get(task_name, {}))
+        task = _build_task(spec, task_name)
         state = (task, task.manifest(), make_backbone(spec.backbone, spec.backbone_options))
         _WORKER_STATE[(spec_json, task_name)] = state
     task, manifest, backbone = state
-    cell = Cell(method, task, {f.index: f for f in task.folds()}[fold], seed, backbone,
-                backbone_label(spec.backbone, spec.backbone_options), preset_label(spec.preset,
-                                                                                  spec.task_options.get(task_name)),
-                spec.preset, spec.method_overrides.get(method) or {}, manifest)
+    (cell,) = _cells(spec, task, manifest, backbone, [f for f in task.folds() if f.index == fold], [method], [seed])
     found = store.find_cell(cell.key)
     return found if found is not None else run_cell(cell, store)
 
@@ -200,9 +211,7 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
                 try:
                     row, preds = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    c = cells[i]
-                    row, preds = {"method": c.method, "task": c.task.name, "backbone": c.backbone_name,
-                                  "seed": c.seed, "fold": c.fold.index, "cell_key": c.key, "status": "failed",
+                    row, preds = {**cells[i].base, "status": "failed",
                                   "error": f"{type(e).__name__}: {str(e)[:500]}"}, None
                 finished(i, row, preds)
     finally:
@@ -335,80 +344,76 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
             dtypes.update({c: str(t) for c, t in preds.dtypes.items()})
         save()
 
-    stop = _StopOnSigterm().__enter__()
-    try:
-        with _warnings_to(out / "warnings.log"):
-            cells: list[Cell] = []
-            for task_name, task in tasks.items():
-                folds = task.folds()
-                if spec.folds is not None:
-                    folds = [f for f in folds if f.index in spec.folds]
-                manifest = task.manifest()
-                (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
-                tracker.log_artifact(out / f"manifest-{task_name}.json")
-                for notice in task.notices:
-                    tqdm.write(f"NOTICE {task_name}: {notice}")
-                task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
-                                                   list(task.notices))
-                label = preset_label(spec.preset, spec.task_options.get(task_name))
-                cells += [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label,
-                               spec.preset, spec.method_overrides.get(m) or {}, manifest)
-                          for f in folds for m in spec.methods for s in spec.seeds]
-            pending = []
-            for i, cell in enumerate(cells):
-                found = None if spec.rerun else (earlier.get(cell.key) or tracker.find_cell(cell.key))
-                if found is None:
-                    pending.append(i)
+    with _StopOnSigterm() as stop:
+        try:
+            with _warnings_to(out / "warnings.log"):
+                cells: list[Cell] = []
+                for task_name, task in tasks.items():
+                    folds = task.folds()
+                    if spec.folds is not None:
+                        folds = [f for f in folds if f.index in spec.folds]
+                    manifest = task.manifest()
+                    (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
+                    tracker.log_artifact(out / f"manifest-{task_name}.json")
+                    for notice in task.notices:
+                        tqdm.write(f"NOTICE {task_name}: {notice}")
+                    task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
+                                                       list(task.notices))
+                    cells += _cells(spec, task, manifest, backbone, folds, spec.methods, spec.seeds)
+                pending = []
+                for i, cell in enumerate(cells):
+                    found = None if spec.rerun else (earlier.get(cell.key) or tracker.find_cell(cell.key))
+                    if found is None:
+                        pending.append(i)
+                    else:
+                        counts["reused"] += 1
+                        record(i, {**found[0], "reused": True}, found[1])
+                bar = tqdm(total=len(pending), desc="cells", disable=not show_progress, unit="cell")
+                if spec.executor == "ray":
+                    def finished(i: int, row: dict, preds: pd.DataFrame | None) -> None:
+                        counts["computed"] += 1
+                        record(i, {**row, "reused": False}, preds)
+                        bar.update()
+
+                    run_on_ray(spec, cells, pending, tracker, finished)
                 else:
-                    counts["reused"] += 1
-                    record(i, {**found[0], "reused": True}, found[1])
-            bar = tqdm(total=len(pending), desc="cells", disable=not show_progress, unit="cell")
-            if spec.executor == "ray":
-                def finished(i: int, row: dict, preds: pd.DataFrame | None) -> None:
-                    counts["computed"] += 1
-                    record(i, {**row, "reused": False}, preds)
-                    bar.update()
+                    for i in pending:
+                        cell = cells[i]
+                        bar.set_postfix_str(f"{cell.task.name} {cell.method} seed={cell.seed} fold={cell.fold.index}")
+                        tag = f"  [{cell.method} s{cell.seed} f{cell.fold.index}] "
 
-                run_on_ray(spec, cells, pending, tracker, finished)
-            else:
-                for i in pending:
-                    cell = cells[i]
-                    bar.set_postfix_str(f"{cell.task.name} {cell.method} seed={cell.seed} fold={cell.fold.index}")
-                    tag = f"  [{cell.method} s{cell.seed} f{cell.fold.index}] "
+                        def progress(msg, d, tag=tag):
+                            tracker.heartbeat()
+                            bar.write(tag + msg + " " + " ".join(f"{k}={v:.3f}" for k, v in d.items()))
 
-                    def progress(msg, d, tag=tag):
+                        row, preds = run_cell(cell, tracker, progress)
+                        counts["computed"] += 1
                         tracker.heartbeat()
-                        bar.write(tag + msg + " " + " ".join(f"{k}={v:.3f}" for k, v in d.items()))
-
-                    row, preds = run_cell(cell, tracker, progress)
-                    counts["computed"] += 1
-                    tracker.heartbeat()
-                    record(i, {**row, "reused": False}, preds)
-                    bar.update()
-            bar.close()
-    except BaseException as e:  # the parent run records how it ended; results so far are kept below
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        raise
-    finally:
-        stop.raising = False  # from here a SIGTERM waits until the outputs are written
-        results = pd.DataFrame(rows)
-        preds_df = pd.concat(predictions) if predictions else pd.DataFrame()
-        summary = summarize(results, preds_df, task_info, spec.baseline)
-        summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
-                       "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
-                       "backbone_key": backbone.key, "cells_reused": counts["reused"],
-                       "cells_computed": counts["computed"], "status": "KILLED" if stop.seen else status}
-        summary.write(out / "summary.json")
-        from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
-
-        (out / "leaderboard.md").write_text(render_markdown(summary, reference=spec.baseline))
-        if rows and any(r["status"] == "failed" for r in rows):
-            status = "FAILED"
-        if stop.seen and summary.run["status"] != "KILLED":  # the signal came while the summary was written
-            summary.run["status"] = "KILLED"
+                        record(i, {**row, "reused": False}, preds)
+                        bar.update()
+                bar.close()
+        except BaseException as e:  # the parent run records how it ended; results so far are kept below
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            raise
+        finally:
+            stop.raising = False  # from here a SIGTERM waits until the outputs are written
+            results = pd.DataFrame(rows)
+            preds_df = pd.concat(predictions) if predictions else pd.DataFrame()
+            summary = summarize(results, preds_df, task_info, spec.baseline)
+            summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
+                           "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
+                           "backbone_key": backbone.key, "cells_reused": counts["reused"],
+                           "cells_computed": counts["computed"], "status": "KILLED" if stop.seen else status}
             summary.write(out / "summary.json")
-        tracker.finish(out / "summary.json", "KILLED" if stop.seen else status)
-        stop.__exit__()
+            from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
+
+            (out / "leaderboard.md").write_text(render_markdown(summary, reference=spec.baseline))
+            if rows and any(r["status"] == "failed" for r in rows):
+                status = "FAILED"
+            if stop.seen and summary.run["status"] != "KILLED":  # the signal came while the summary was written
+                summary.run["status"] = "KILLED"
+                summary.write(out / "summary.json")
+            tracker.finish(out / "summary.json", "KILLED" if stop.seen else status)
     if stop.seen:  # SIGTERM while the outputs were written: they are complete, now stop
         raise Terminated("SIGTERM")
     return summary
@@ -438,6 +443,12 @@ class Cell:
         return f"{self.method}-{self.task.name}-s{self.seed}-f{self.fold.index}"
 
     @property
+    def base(self) -> dict:
+        """The identifying columns of the cell's results.csv and predictions.csv rows."""
+        return {"method": self.method, "task": self.task.name, "backbone": self.backbone_name, "seed": self.seed,
+                "fold": self.fold.index, "cell_key": self.key}
+
+    @cached_property
     def key(self) -> str:
         """The cell's identity (sha256): method and its fully resolved config, task, its options and
         preset, the data manifest's and the fold's hashes, backbone label and key, seed, fold and
@@ -463,8 +474,7 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
     cls = METHODS.get(cell.method)
     config = cls.make_config(cell.config_preset, cell.overrides)
     task, fold, seed, backbone = cell.task, cell.fold, cell.seed, cell.backbone
-    base = {"method": cell.method, "task": task.name, "backbone": cell.backbone_name, "seed": seed,
-            "fold": fold.index, "cell_key": cell.key}
+    base = cell.base
     params = {**base, "preset": cell.preset, "backbone_key": backbone.key,
               **{f"method.{k}": v for k, v in config.flat().items()},
               **{f"task.{k}": v for k, v in task.params().items()}}
