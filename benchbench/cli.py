@@ -195,6 +195,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_speed(args) -> int:
+    _check_names(args.methods, [], args.backbone)
+    from .speed import main as speed_table
+
+    text = speed_table(args.backbone, _backbone_options(args), args.methods, threads=args.threads,
+                       curve=not args.no_curve, repeats=args.repeats, n_dialogues=args.dialogues)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "tasks":  # only the registry asked for: tasks load without torch
         from .task import TASKS as reg
@@ -291,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all-pairs", action="store_true", help="compare every pair of methods instead")
     c.add_argument("--resamples", type=int, default=2000, help="dialogue-bootstrap resamples")
     c.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("speed", help="per-utterance inference cost of each method as a ratio to lora, the "
+                                      "cost-vs-dialogue-length curve and encoder calls (untrained methods)",
+                        formatter_class=_Formatter)
+    sp.add_argument("--methods", type=_csv, default=["lora", "zero_shot", "full_context", "mal", "mac", "mag", "dpm"],
+                    help="comma-separated (lora, the reference, is always measured)")
+    sp.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    sp.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is kept")
+    sp.add_argument("--dialogues", type=int, default=24, help="synthetic test dialogues of 10 turns timed")
+    sp.add_argument("--no-curve", action="store_true", help="skip the cost-vs-dialogue-length curve")
+    sp.add_argument("--output", default=None, metavar="FILE", help="also write the tables to FILE (markdown)")
+    _add_backbone_options(sp)
+    sp.set_defaults(func=cmd_speed)
 
     ls = sub.add_parser("list", help="list registered methods, tasks or backbones", formatter_class=_Formatter)
     ls.add_argument("what", choices=["methods", "tasks", "backbones"], help="which registry")

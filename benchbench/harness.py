@@ -41,7 +41,7 @@ from .training import seed_everything
 
 log = logging.getLogger(__name__)
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 """Part of every cell key: raise it when a change to the suite changes what a cell computes, so
 that cells of the older code are recomputed rather than reused."""
 

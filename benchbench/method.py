@@ -215,13 +215,16 @@ class ContextMethod(ABC):
         name: registry name; config_cls: the config dataclass;
         uses_context: whether a prediction may depend on earlier utterances of the dialogue
             (``False`` methods are checked against a task's context-free ceiling for leakage);
-        presets: preset name -> config overrides.
+        presets: preset name -> config overrides;
+        batch_utterances: the most utterances one LM forward holds where :meth:`predict_dialogues`
+            batches across dialogues.
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     uses_context: ClassVar[bool]
     presets: ClassVar[dict[str, dict]] = {}
+    batch_utterances: ClassVar[int] = 256  # utterances per LM forward where predict_dialogues batches
 
     def __init__(self, backbone: AudioLLMBackbone, labels: Sequence[str], config: MethodConfig | None = None,
                  seed: int = 0):
@@ -272,6 +275,13 @@ class ContextMethod(ABC):
         """Probabilities ``[N, C]`` for a whole dialogue, from a fresh state, in turn order."""
         self.reset()
         return np.stack([self.step(u) for u in utterances])
+
+    def predict_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> list[np.ndarray]:
+        """:meth:`predict_dialogue` of each dialogue (each from a fresh state), in order: ``[N_d, C]``
+        per dialogue. The harness evaluates through this; a method may batch across dialogues as
+        long as every dialogue gets what :meth:`predict_dialogue` gives it (the conformance suite
+        checks it within ``PREFIX_ATOL``)."""
+        return [self.predict_dialogue(u) for u in dialogues]
 
     # ------------------------------------------------------------------ parameters
     def trained_parameters(self) -> dict[str, nn.Parameter]:
@@ -325,14 +335,37 @@ class UtteranceLevelMethod(ContextMethod):
     def reset(self) -> None:
         pass
 
-    @torch.no_grad()
     def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        return self.predict_dialogues([utterances])[0]
+
+    @torch.no_grad()
+    def predict_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> list[np.ndarray]:
+        """Every utterance alone, up to :attr:`batch_utterances` per LM forward across dialogues."""
         self.lm.eval()
-        batch = self.lm.batch([[Segment(self.backbone.audio_embeddings(u))] for u in utterances])
-        return torch.softmax(self.lm(batch).float(), -1).numpy()
+        out = []
+        for group in utterance_groups(dialogues, self.batch_utterances):
+            utts = [u for d in group for u in d]
+            batch = self.lm.batch([[Segment(self.backbone.audio_embeddings(u))] for u in utts])
+            probs = torch.softmax(self.lm(batch).float(), -1).cpu().numpy()
+            out.extend(np.split(probs, np.cumsum([len(d) for d in group])[:-1]))
+        return out
 
     def step(self, utterance: UtteranceInput) -> np.ndarray:
         return self.predict_dialogue([utterance])[0]
+
+
+def utterance_groups(dialogues: Sequence[Sequence[UtteranceInput]], budget: int) -> list[list[Sequence[UtteranceInput]]]:
+    """Consecutive dialogues grouped so that a group holds at most ``budget`` utterances (a longer
+    dialogue is a group of its own; empty dialogues are kept, in order)."""
+    groups: list[list] = [[]]
+    n = 0
+    for d in dialogues:
+        if groups[-1] and n + len(d) > budget:
+            groups.append([])
+            n = 0
+        groups[-1].append(d)
+        n += len(d)
+    return groups if groups[0] else []
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

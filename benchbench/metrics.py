@@ -46,10 +46,14 @@ def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
 def stream_predict(method, dialogues: Sequence[Dialogue]) -> list[np.ndarray]:
     """Per dialogue, probabilities ``[N_d, C]`` from the method's streaming evaluation.
 
-    Only the label-free inputs (:meth:`Dialogue.inputs`) are handed to the method; every utterance
+    Through :meth:`ContextMethod.predict_dialogues` (each dialogue from a fresh state; the method may
+    batch across dialogues). Only the label-free inputs (:meth:`Dialogue.inputs`) are handed to the method; every utterance
     of the stream is predicted, the context-only (unscored) ones included.
     """
-    return [np.asarray(method.predict_dialogue(d.inputs())) for d in dialogues]
+    inputs = [d.inputs() for d in dialogues]
+    if hasattr(method, "predict_dialogues"):  # a ContextMethod: it may batch across dialogues
+        return [np.asarray(p) for p in method.predict_dialogues(inputs)]
+    return [np.asarray(method.predict_dialogue(u)) for u in inputs]
 
 
 def scored_only(dialogues: Sequence[Dialogue], probs: Sequence[np.ndarray]):

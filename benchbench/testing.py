@@ -11,7 +11,8 @@ Importable by contributors, so a plugin's own CI runs exactly what the suite run
 
 The method is fitted on the task's first fold with its ``smoke`` preset, then checked for: output
 shape and probabilities, per-dialogue state reset (dialogue order permuted), prefix consistency
-(turn i sees turns <= i; ``step`` agrees with ``predict_dialogue``), context-free independence for
+(turn i sees turns <= i; ``step`` agrees with ``predict_dialogue``), batching across dialogues
+(``predict_dialogues`` agrees with ``predict_dialogue``), context-free independence for
 ``uses_context = False``, unreachable test labels, safetensors save/load round trip, and
 determinism under a seed. Each ``check_*`` raises ``AssertionError`` naming the method and the
 property.
@@ -69,6 +70,17 @@ def check_prefix_consistency(m: ContextMethod, task) -> None:
     m.reset()
     streamed = np.stack([m.step(u) for u in d.inputs()])
     assert np.allclose(full, streamed, atol=PREFIX_ATOL), f"{m.name}: step() disagrees with predict_dialogue()"
+
+
+def check_batched_dialogues(m: ContextMethod, task) -> None:
+    """:meth:`ContextMethod.predict_dialogues` (the harness's path, which may batch across dialogues)
+    gives every dialogue what :meth:`ContextMethod.predict_dialogue` gives it alone."""
+    test = task.folds()[0].test
+    batched = m.predict_dialogues([d.inputs() for d in test])
+    assert len(batched) == len(test), f"{m.name}: predict_dialogues returned {len(batched)} for {len(test)} dialogues"
+    for d, p in zip(test, batched):
+        assert np.allclose(np.asarray(p), np.asarray(m.predict_dialogue(d.inputs())), atol=PREFIX_ATOL), \
+            f"{m.name}: predict_dialogues disagrees with predict_dialogue ({d.dialogue_id})"
 
 
 def check_context_free_independence(m: ContextMethod, task) -> None:
@@ -133,6 +145,7 @@ def run_conformance(name: str, backbone, task) -> None:
     check_output_shape(m, task)
     check_permutation_invariance(m, task)
     check_prefix_consistency(m, task)
+    check_batched_dialogues(m, task)
     check_context_free_independence(m, task)
     check_labels_unreachable(m, task)
     check_save_load(name, backbone, task, m)

@@ -11,9 +11,9 @@ This lengthens the sequence by N_p + T and shifts the positions of the utterance
 everything after them (the instruction, the answer position) by as much: the point of the ablation
 ("it shifts the positional indices of the original tokens"). From the branch's block on, the blocks
 get position ids ``0..L'-1`` of the lengthened sequence and their rotary embeddings; the answer is
-read at its shifted position. MAC has no gate (all its parameters take the memory learning rate), and
-it needs unpadded batches (one utterance, or equal-shape dialogues in Phase 2: ``ValueError``
-otherwise). Default placement: one branch at the LM input, as Eq. 4 states; ``layers`` takes a list
+read at its shifted position. MAC has no gate (all its parameters take the memory learning rate). In a
+right-padded batch of utterances each item gets its own N_p + T_b tokens, and the lengthened
+sequences their own attention mask. Default placement: one branch at the LM input, as Eq. 4 states; ``layers`` takes a list
 like for ``mal`` (each branch inserts its own tokens).
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from einops import repeat
+from transformers.masking_utils import create_causal_mask
 
 from benchbench.methods.titans_memory import MemoryBranch, TitansMemoryConfig, TitansMemoryMethod
 
@@ -37,7 +38,7 @@ class MACBranch(MemoryBranch):
 
     def forward(self, h: torch.Tensor, state=None):
         m, state = self.retrieve(h, state)
-        p = repeat(self.W_out(self.P), "n d -> b n d", b=h.shape[0])
+        p = repeat(self.W_out(self.P), "n d -> b n d", b=h.shape[0]).to(m.dtype)
         return torch.cat([p, m], dim=1), state
 
 
@@ -50,17 +51,41 @@ class MemoryAsContext(TitansMemoryMethod):
 
     def __init__(self, backbone, labels, config=None, seed=0):
         super().__init__(backbone, labels, config, seed)
-        self._rotary = self.lm.language_model.get_base_model().rotary_emb
+        base = self.lm.language_model.get_base_model()
+        self._rotary, self._lm_config = base.rotary_emb, base.config
 
     def _inject(self, key, h, kwargs, ctx):
-        if kwargs.get("attention_mask") is not None:
-            raise ValueError("mac: memory tokens can only be inserted into unpadded batches "
-                             "(one utterance, or dialogues of identical shapes)")
-        s, e = ctx.span
-        tokens, ctx.states[key] = self.branches[key](h[:, s:e], ctx.states.get(key))
-        n = tokens.shape[1]
-        h = torch.cat([h[:, :s], tokens, h[:, s:]], dim=1)                          # Eq. 4: [.., P, m, h, ..]
-        pos = torch.arange(h.shape[1], device=h.device)[None]
-        ctx.insert_tokens(n, {"position_ids": pos, "position_embeddings": self._rotary(h, pos)})
+        """Insert ``[W_out P; m_b]`` (N_p + T_b tokens) before item b's audio tokens, for every item of
+        the right-padded batch ``h [B, L, D]``; the sequence becomes ``[B, L + max_b(N_p + T_b), D]``
+        with its own attention mask, position ids ``0..L'-1`` and rotary embeddings from here on."""
+        lay, branch, n_p = ctx.layout, self.branches[key], self.config.n_persistent
+        B, L, D = h.shape
+        x = h[lay.b_idx, lay.pos_idx]                                            # [n_tok, D]
+        m, ctx.states[key] = branch.read(x, lay, ctx.states.get(key))
+        T = torch.bincount(lay.b_idx, minlength=B)                               # audio tokens per item
+        start = torch.full((B,), L, device=h.device).scatter_reduce(0, lay.b_idx, lay.pos_idx, "amin")
+        n = n_p + T                                                              # tokens inserted per item
+        rows = torch.arange(B, device=h.device)[:, None]
+        pos = torch.arange(L, device=h.device)[None].expand(B, L)
+        dst = pos + (pos >= start[:, None]) * n[:, None]                         # where the old tokens go
+        L2 = L + int(n.max())
+        out = h.new_zeros(B, L2, D).index_put((rows.expand(B, L), dst), h)
+        if n_p:
+            p_pos = start[:, None] + torch.arange(n_p, device=h.device)[None]    # [B, N_p]
+            p = branch.W_out(branch.P).to(h.dtype)
+            out = out.index_put((rows.expand(B, n_p), p_pos), p[None].expand(B, n_p, D))
+        out = out.index_put((lay.b_idx, lay.pos_idx + n_p), m)                   # Eq. 4: [.., P, m, h, ..]
+        mask = ctx.batch.attention_mask
+        mask2 = mask.new_zeros(B, L2).index_put((rows.expand(B, L), dst), mask)
+        inserted = (torch.arange(L2, device=h.device)[None] >= start[:, None]) & \
+            (torch.arange(L2, device=h.device)[None] < (start + n)[:, None])
+        mask2 = mask2.masked_fill(inserted, 1)
+        ctx.batch.attention_mask = mask2
+        position_ids = torch.arange(L2, device=h.device)[None]
+        attention = create_causal_mask(config=self._lm_config, inputs_embeds=out,
+                                       attention_mask=None if bool(mask2.all()) else mask2,
+                                       past_key_values=None, position_ids=position_ids)
+        ctx.insert_tokens(n, {"position_ids": position_ids, "position_embeddings": self._rotary(out, position_ids),
+                              "attention_mask": attention})
         kwargs.update(ctx.block_kwargs)
-        return h, kwargs
+        return out, kwargs

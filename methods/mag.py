@@ -41,9 +41,8 @@ class MAGBranch(MemoryBranch):
     def gate_parameters(self):
         return [self.W_g.weight, self.W_g.bias]
 
-    def forward(self, h: torch.Tensor, state=None):
-        m, state = self.retrieve(h, state)
-        return h * torch.sigmoid(self.W_g(m)), state                               # Eq. 5
+    def inject(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return h * torch.sigmoid(self.W_g(m))                                       # Eq. 5
 
 
 class MemoryAsGating(TitansMemoryMethod):

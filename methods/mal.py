@@ -43,9 +43,8 @@ class MALBranch(MemoryBranch):
     def gate_parameters(self):
         return [self.alpha]
 
-    def forward(self, h: torch.Tensor, state=None):
-        delta, state = self.retrieve(h, state)
-        return h + torch.tanh(self.alpha) * delta, state                           # Eq. 9
+    def inject(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.alpha) * delta                                   # Eq. 9
 
 
 class MemoryAsALayer(TitansMemoryMethod):

@@ -45,21 +45,20 @@ Memory updates (``chunk_size``):
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
-from einops import repeat
 from titans_pytorch import NeuralMemory
 from torch import nn
 
 from benchbench.backbone import LMBatch, Segment
 from benchbench.data import UNSCORED, UtteranceInput
-from benchbench.method import ConfigValueError, ContextMethod, MethodConfig, UtteranceLevelMethod, check_ranges
-from benchbench.metrics import METRICS, evaluate
+from benchbench.method import (ConfigValueError, ContextMethod, MethodConfig, UtteranceLevelMethod, check_ranges,
+                               utterance_groups)
+from benchbench.metrics import METRICS
 from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, dev_epoch_score,
                                  fit_task_lora, phase1_presets, two_stage_search_space)
 
@@ -82,7 +81,8 @@ class TitansMemoryConfig(MethodConfig):
     grad_clip: float = 1.0       # ... clipping 1.0
     gate_lr: float = 2e-4        # gates ({alpha} in MAL, W_g in MAG; MAC has none): lr 2e-4 ...
     gate_grad_clip: float = 2.0  # ... clipping 2.0
-    batch_dialogues: int = 1     # memory streams (dialogues; speakers with speaker_memory) per Phase-2 step, equal shapes only
+    batch_dialogues: int = 1     # dialogues per Phase-2 step
+    eval_batch_utterances: int = 256  # utterances (of whole dialogues) per LM forward when predicting
     selection_metric: str = "ua"
     # One memory state per speaker of the dialogue instead of one per dialogue: each utterance reads
     # and writes only its speaker's state (a speaker-baseline variant; the paper keeps one state).
@@ -90,7 +90,7 @@ class TitansMemoryConfig(MethodConfig):
 
     def check(self) -> None:
         check_ranges(self, at_least=dict(d_m=1, n_persistent=0, memory_depth=1, memory_heads=1, epochs=0,
-                                         batch_dialogues=1),
+                                         batch_dialogues=1, eval_batch_utterances=1),
                      positive=("memory_max_lr", "memory_max_grad_norm", "lr", "grad_clip", "gate_lr", "gate_grad_clip"),
                      choices=dict(selection_metric=METRICS))
         if self.layers not in ("all", "quartile"):
@@ -122,87 +122,224 @@ def resolve_layers(spec: str, n_layers: int) -> list[int]:
 
 
 @dataclass
+class StreamLayout:
+    """Where the audio tokens of a batch of utterances go in the memory's input, per memory stream.
+
+    A batch item is one utterance (its audio tokens at ``[start_b, end_b)`` of the residual stream
+    ``[B, L, D]``); a memory stream is a dialogue (or one speaker of it) with its utterances in turn
+    order. Stream s's memory input is ``[L_s, d_m]``: utterance j of the stream occupies a slot that
+    starts with the N_p persistent tokens P and continues with its T_b tokens W_in h. With
+    ``chunk_size="utterance"`` slot j is chunk j of ``C = max_b(N_p + T_b) + 1`` positions (padding
+    after the tokens, excluded from the surprise by the store mask and from the chunk means by
+    ``counts``), so one titans-pytorch call stores and reads the whole dialogue exactly as streaming
+    it utterance by utterance would; with an integer ``chunk_size`` the slots are packed back to back
+    (every N_p + T_b must then be a multiple of it), as the chained calls would see them.
+
+    A stream with fewer utterances than the longest of its call is filled up to the same length with
+    copies of its last chunk: an all-padding chunk would have zero surprise, which titans-pytorch
+    0.5.5's ``softclamp_grad_norm`` turns into NaN (0 * 0.5 / 0), and the NaN would reach the
+    gradients through the backward pass. The copies come after the stream's end: nothing reads them.
+
+    Attributes:
+        b_idx, pos_idx: ``[n_tok]`` item and position in ``[B, L, D]`` of every audio token.
+        tok_dst: ``[n_tok]`` flat index in ``[S * L_s]`` of every audio token's W_in h.
+        src: ``[S * L_s]`` what each memory-input position holds: row ``i < N_p`` of P, row
+            ``N_p + k`` for audio token k's W_in h, or ``N_p + n_tok`` for zero padding.
+        mask: ``[S, L_s]`` bool, real positions (stored with their learning rate) vs padding.
+        counts: ``[S, L_s / C]`` real positions per chunk (the divisor of the chunk means).
+        n_streams, length, chunk: S, L_s and the titans-pytorch chunk size C of this call.
+    """
+
+    b_idx: torch.Tensor
+    pos_idx: torch.Tensor
+    tok_dst: torch.Tensor
+    src: torch.Tensor
+    mask: torch.Tensor
+    counts: torch.Tensor
+    n_streams: int
+    length: int
+    chunk: int
+
+    @classmethod
+    def build(cls, spans: Sequence[tuple[int, int]], streams: Sequence[Sequence[int]], n_p: int,
+              chunk_size: int | str, max_tokens: int | None = None, device=None) -> "StreamLayout":
+        """Layout for items with audio spans ``spans[b] = (start, end)`` grouped into ``streams`` (lists
+        of item indices in turn order; every item in exactly one stream).
+
+        Raises:
+            ValueError: an utterance longer than ``max_tokens`` (the backbone's window), or, for an
+                integer ``chunk_size``, N_p + T not a multiple of it (titans-pytorch 0.5.5 would not
+                chain the state exactly: ../shared/reference/titans-pytorch.md, pitfall 1).
+        """
+        lengths = [e - s for s, e in spans]
+        if max_tokens is not None and max(lengths, default=0) > max_tokens:
+            raise ValueError(f"memory branch: utterance of {max(lengths)} audio tokens is longer than the "
+                             f"{max_tokens} the backbone's window holds")
+        if chunk_size == "utterance":
+            C = max(n_p + t for t in lengths) + 1
+            offsets = [[j * C for j in range(len(st))] for st in streams]
+            ends = [len(st) * C for st in streams]
+        else:
+            C = int(chunk_size)
+            bad = [n_p + t for t in lengths if (n_p + t) % C]
+            if bad:
+                raise ValueError(f"memory branch: N_p + T = {bad[0]} is not a multiple of chunk_size {C}; "
+                                 "titans-pytorch would not chain the dialogue state exactly (use chunk_size=1 "
+                                 "or a divisor of N_p + T)")
+            offsets, ends = [], []
+            for st in streams:
+                o = np.cumsum([0] + [n_p + lengths[b] for b in st])
+                offsets.append(o[:-1].tolist())
+                ends.append(int(o[-1]))
+        Ls = max(-(-max(ends) // C) * C, C)
+        n_tok = sum(lengths[b] for st in streams for b in st)
+        src = np.full(len(streams) * Ls, n_p + n_tok)
+        mask = np.zeros(len(streams) * Ls, dtype=bool)
+        b_idx, pos_idx, tok_dst = [], [], []
+        k = 0
+        for s_i, st in enumerate(streams):
+            for b, off in zip(st, offsets[s_i]):
+                base = s_i * Ls + off
+                start, end = spans[b]
+                T = end - start
+                src[base:base + n_p] = np.arange(n_p)
+                src[base + n_p:base + n_p + T] = n_p + k + np.arange(T)
+                tok_dst.append(base + n_p + np.arange(T))
+                b_idx.append(np.full(T, b))
+                pos_idx.append(start + np.arange(T))
+                mask[base:base + n_p + T] = True
+                k += T
+            last = slice(s_i * Ls + ends[s_i] - C, s_i * Ls + ends[s_i])
+            for pad in range(s_i * Ls + ends[s_i], (s_i + 1) * Ls, C):  # copies of the last chunk
+                src[pad:pad + C], mask[pad:pad + C] = src[last], mask[last]
+        cat = lambda xs: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=torch.long, device=device)
+        mask_t = torch.as_tensor(mask, device=device).view(len(streams), Ls)
+        return cls(cat(b_idx), cat(pos_idx), cat(tok_dst), torch.as_tensor(src, device=device), mask_t,
+                   mask_t.view(len(streams), Ls // C, C).sum(-1).float(), len(streams), Ls, C)
+
+    def shift(self, n: torch.Tensor) -> None:
+        """Item b's tokens moved ``n[b]`` positions right (MAC inserted tokens before them)."""
+        self.pos_idx = self.pos_idx + n[self.b_idx]
+
+
+@dataclass
 class MemoryPass:
     """One LM forward with the memory on: what the block hooks read and update.
 
     Attributes:
-        states: layer key -> titans-pytorch ``NeuralMemState`` of this memory stream: ``S_{i-1}``
-            before the forward, ``S_i`` after it (a missing key is ``S_0``, a fresh memory).
-        batch: the :class:`LMBatch` being run (B equal-shape turns).
-        span: ``(start, end)`` positions of the current utterance's audio tokens in the residual
-            stream ``[B, L, D]``; moved by :meth:`insert_tokens`.
+        states: layer key -> titans-pytorch ``NeuralMemState`` of the S memory streams of this forward
+            (batched over streams): ``S_{i-1}`` before the forward, the stream's last state after it (a
+            missing key is ``S_0``, a fresh memory).
+        batch: the :class:`LMBatch` being run (one utterance per item).
+        layout: where each item's audio tokens sit in the residual stream and in the memory input.
         block_kwargs: keyword overrides for every later block (MAC: the lengthened sequence's
-            ``position_ids`` and ``position_embeddings``).
+            ``position_ids``, ``position_embeddings`` and attention mask).
     """
 
     states: dict[str, Any]
     batch: LMBatch | None = None
-    span: tuple[int, int] | None = None
+    layout: StreamLayout | None = None
     block_kwargs: dict = field(default_factory=dict)
 
-    def start(self, batch: LMBatch) -> None:
-        """A new forward over ``batch`` (same-shape items; ``ValueError`` otherwise)."""
-        self.batch, self.span, self.block_kwargs = batch, batch.uniform_current_span, {}
+    def start(self, batch: LMBatch, layout: StreamLayout) -> None:
+        """A new forward over ``batch`` laid out by ``layout``."""
+        self.batch, self.layout, self.block_kwargs = batch, layout, {}
 
-    def insert_tokens(self, n: int, block_kwargs: dict) -> None:
-        """``n`` tokens were inserted right before the current span (MAC, Eq. 4): the span and the
-        answer position move by ``n`` (``EmotionLM.forward`` reads the answer after the LM has run)
-        and every later block gets ``block_kwargs``."""
-        s, e = self.span
-        self.span = (s + n, e + n)
+    def insert_tokens(self, n: torch.Tensor, block_kwargs: dict) -> None:
+        """``n[b]`` tokens were inserted right before item b's audio tokens (MAC, Eq. 4): its tokens and
+        its answer position move by ``n[b]`` (``EmotionLM.forward`` reads the answer after the LM has
+        run) and every later block gets ``block_kwargs``."""
+        self.layout.shift(n)
         self.batch.answer_index = self.batch.answer_index + n
         self.block_kwargs = block_kwargs
+
+
+class _ChunkMean(nn.Module):
+    """Replaces titans-pytorch's ``AveragePool`` chunk summary (from which the decay and momentum gates
+    are computed): the mean over each chunk's real positions, ``counts`` set by the caller before each
+    call, instead of over all C positions (padding included). ``[b, n * C, d] -> [b, n, d]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        b, L, d = x.shape
+        total = x.reshape(b, L // chunk_size, chunk_size, d).sum(2)
+        if self.counts is None or self.counts.shape != total.shape[:2]:  # a call not from MemoryBranch.read
+            return total / chunk_size
+        return total / self.counts.to(total).clamp(min=1)[..., None]
 
 
 class MemoryBranch(nn.Module):
     """The Titans memory read-out shared by MAL, MAC and MAG (Eq. 3 / Eq. 6-8).
 
-    ``retrieve(h [B, T, D], state) -> (m [B, T, D], state)``; subclasses add the injection as
-    ``forward``. ``max_tokens``: the most audio tokens one utterance can have (needed for
-    ``chunk_size="utterance"``). Raises ``ValueError`` for an unknown ``chunk_size`` and, in
-    ``retrieve``, for a length it cannot chain exactly.
+    ``read(x [n_tok, D], layout, state) -> (m [n_tok, D], state)`` for the audio tokens of a batch of
+    utterances in memory streams (:class:`StreamLayout`); ``retrieve(h [B, T, D], state)`` is the
+    same for B equal-length utterances, each its own stream. Subclasses add the injection
+    (``inject(x, m)``; ``forward(h, state)`` applies it to ``h``). ``max_tokens``: the most audio
+    tokens one utterance can have (the backbone's window). ``ValueError`` (from
+    :meth:`StreamLayout.build`) for lengths it cannot chain exactly.
+
+    Chunk statistics: the decay and momentum gates of an update come from the mean of its chunk's
+    stored positions (N_p + T, see :class:`_ChunkMean`), whatever the padding, so an utterance's
+    update does not depend on the lengths of the other utterances it is batched with. (Until
+    results version 2 every update was padded to N_p + T_max + 1 positions and the gates read the
+    mean over the padding too.)
     """
 
     def __init__(self, hidden_size: int, c: TitansMemoryConfig, max_tokens: int):
         super().__init__()
-        self.n_p, self.max_tokens = c.n_persistent, max_tokens
-        if c.chunk_size == "utterance":
-            self.store_len = c.n_persistent + max_tokens + 1
-            self.chunk_size = self.store_len
-        else:  # a positive int (TitansMemoryConfig.check)
-            self.store_len, self.chunk_size = None, c.chunk_size
+        self.n_p, self.max_tokens, self.chunk_size = c.n_persistent, max_tokens, c.chunk_size
         self.W_in = nn.Linear(hidden_size, c.d_m, bias=False)
         self.W_out = nn.Linear(c.d_m, hidden_size, bias=False)
         self.P = nn.Parameter(torch.randn(c.n_persistent, c.d_m) * 0.02)
+        # chunk_size here is a placeholder: every call sets the chunk of its layout (_set_chunk)
         self.memory = NeuralMemory(
-            dim=c.d_m, chunk_size=self.chunk_size, heads=c.memory_heads,
+            dim=c.d_m, chunk_size=1 if c.chunk_size == "utterance" else c.chunk_size, heads=c.memory_heads,
             default_model_kwargs=dict(depth=c.memory_depth, expansion_factor=4.0),
             default_step_transform_max_lr=c.memory_max_lr, max_grad_norm=c.memory_max_grad_norm)
+        self.memory.reduce_to_chunk_rep = _ChunkMean()
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """Parameters trained with the gate learning rate and clipping (Sec. 3.4)."""
         return []
 
+    def layout(self, lengths: Sequence[int], device=None) -> StreamLayout:
+        """The layout of B utterances of ``lengths`` tokens, each its own stream, spans ``(0, T_b)``."""
+        return StreamLayout.build([(0, t) for t in lengths], [[b] for b in range(len(lengths))], self.n_p,
+                                  self.chunk_size, self.max_tokens, device)
+
+    def read(self, x: torch.Tensor, layout: StreamLayout, state=None):
+        """Eq. 6-8 for every stream: ``(m [n_tok, D], S)`` for audio tokens ``x [n_tok, D]`` laid out by
+        ``layout``; ``state``: the streams' ``S_{i-1}`` (``None``: fresh memories), ``S``: their last state."""
+        x_dtype, x = x.dtype, x.to(self.W_in.weight.dtype)  # the branch runs in float32 over a bf16 host
+        S, Ls = layout.n_streams, layout.length
+        table = torch.cat([self.P, self.W_in(x), self.P.new_zeros(1, self.P.shape[1])])
+        z = table[layout.src].view(S, Ls, -1)                                   # Eq. 6: [P; W_in h] per slot
+        mem = self.memory
+        mem.chunk_size = mem.store_chunk_size = mem.retrieve_chunk_size = layout.chunk
+        mem.reduce_to_chunk_rep.counts = layout.counts
+        try:
+            r, state = mem(z, state=state, store_mask=layout.mask)              # Eq. 7
+        finally:
+            mem.reduce_to_chunk_rep.counts = None
+        return self.W_out(r.reshape(S * Ls, -1)[layout.tok_dst]).to(x_dtype), state   # Eq. 8 / Eq. 3
+
     def retrieve(self, h: torch.Tensor, state=None):
-        """Eq. 6-8: ``(m [B, T, D], S_i)`` for hidden states ``h [B, T, D]`` and state ``S_{i-1}``."""
-        B, T, _ = h.shape
-        h_dtype, h = h.dtype, h.to(self.W_in.weight.dtype)  # the branch runs in float32 over a bf16 host
-        z = torch.cat([repeat(self.P, "n d -> b n d", b=B), self.W_in(h)], dim=1)  # Eq. 6: [P; W_in h]
-        n = self.n_p + T
-        if self.store_len is not None:  # one update per utterance; every token reads S_{i-1}
-            if T > self.max_tokens:
-                raise ValueError(f"memory branch: utterance of {T} audio tokens is longer than the "
-                                 f"{self.max_tokens} the memory's chunk was sized for")
-            z = nn.functional.pad(z, (0, 0, 0, self.store_len - n))
-            mask = (torch.arange(self.store_len, device=h.device) < n).expand(B, -1)
-            r, state = self.memory(z, state=state, store_mask=mask)                # Eq. 7
-        else:
-            if n % self.chunk_size:
-                raise ValueError(f"memory branch: N_p + T = {self.n_p} + {T} is not a multiple of chunk_size "
-                                 f"{self.chunk_size}; titans-pytorch would not chain the dialogue state "
-                                 "exactly (use chunk_size=1 or a divisor of N_p + T)")
-            r, state = self.memory(z, state=state)                                # Eq. 7
-        return self.W_out(r[:, self.n_p:n]).to(h_dtype), state                     # Eq. 8 / Eq. 3
+        """``(m [B, T, D], S_i)`` for hidden states ``h [B, T, D]`` (B streams, one utterance each) and
+        their states ``S_{i-1}``."""
+        B, T, D = h.shape
+        m, state = self.read(h.reshape(B * T, D), self.layout([T] * B, h.device), state)
+        return m.view(B, T, D), state
+
+    def inject(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The injection of the read-out ``m`` into the hidden states ``x`` (same shape)."""
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, state=None):
+        m, state = self.retrieve(h, state)
+        return self.inject(h, m), state
 
 
 class TitansMemoryMethod(ContextMethod):
@@ -241,7 +378,8 @@ class TitansMemoryMethod(ContextMethod):
             self.branches = nn.ModuleDict({str(l): self.branch_cls(self.lm.hidden_size, self.config,
                                                                    backbone.max_audio_tokens)
                                            for l in self.layer_ids}).to(self.lm.lm_head.weight.device)
-        self._memory_removed = False
+        self._memory_removed = False  # True in Phase 1, and after it when dev selected Phase 1
+        self.selected: dict | None = None  # after fit: {"phase": 1 or 2, "epoch": 0-based epoch of that phase}
         for l, block in enumerate(self.lm.layers):
             block.register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
         self._active: MemoryPass | None = None  # None: memory removed (Phase 1); else the current forward
@@ -255,7 +393,7 @@ class TitansMemoryMethod(ContextMethod):
             if self._active is None:
                 return None
             ctx = self._active
-            kwargs.update(ctx.block_kwargs)  # after a MAC insertion: the new positions
+            kwargs.update(ctx.block_kwargs)  # after a MAC insertion: the new positions and mask
             h = args[0]  # [B, L, D] residual stream before the block
             if key in self.branches:
                 h, kwargs = self._inject(key, h, kwargs, ctx)
@@ -263,11 +401,12 @@ class TitansMemoryMethod(ContextMethod):
         return hook
 
     def _inject(self, key: str, h: torch.Tensor, kwargs: dict, ctx: MemoryPass):
-        """Apply branch ``key`` to the current utterance's span of ``h [B, L, D]`` in place (MAL, MAG:
-        token positions untouched). Returns the new ``(h, block kwargs)``."""
-        s, e = ctx.span
-        h_tilde, ctx.states[key] = self.branches[key](h[:, s:e], ctx.states.get(key))
-        return torch.cat([h[:, :s], h_tilde, h[:, e:]], dim=1), kwargs
+        """Apply branch ``key`` to the audio tokens of ``h [B, L, D]`` (MAL, MAG: token positions
+        untouched). Returns the new ``(h, block kwargs)``."""
+        lay, branch = ctx.layout, self.branches[key]
+        x = h[lay.b_idx, lay.pos_idx]                                            # [n_tok, D]
+        m, ctx.states[key] = branch.read(x, lay, ctx.states.get(key))
+        return h.index_put((lay.b_idx, lay.pos_idx), branch.inject(x, m)), kwargs
 
     @contextmanager
     def memory_active(self, states: dict) -> Iterator[MemoryPass]:
@@ -278,11 +417,36 @@ class TitansMemoryMethod(ContextMethod):
         finally:
             self._active = None
 
-    def _forward_turn(self, ctx: MemoryPass, embeddings: list[torch.Tensor]) -> torch.Tensor:
-        """Label logits ``[B, C]`` for one turn of B equal-shape dialogues, memory on."""
+    def _forward(self, ctx: MemoryPass, embeddings: Sequence[torch.Tensor], streams: Sequence[Sequence[int]]):
+        """Label logits ``[B, C]`` for B utterances (audio embeddings ``[T_b, D]``) in memory ``streams``
+        (lists of utterance indices in turn order), memory on, one LM forward for all of them."""
         batch = self.lm.batch([[Segment(e)] for e in embeddings])
-        ctx.start(batch)
+        ctx.start(batch, StreamLayout.build([sp[-1] for sp in batch.audio_spans], streams, self.config.n_persistent,
+                                            self.config.chunk_size, self.backbone.max_audio_tokens,
+                                            batch.inputs_embeds.device))
         return self.lm(batch)
+
+    def _forward_turn(self, ctx: MemoryPass, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        """Label logits ``[B, C]`` for one turn of B memory streams (``ctx.states`` batched over them)."""
+        return self._forward(ctx, embeddings, [[b] for b in range(len(embeddings))])
+
+    def _dialogue_streams(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> list[list[int]]:
+        """Memory streams of dialogues laid out one after the other (flat utterance indices): one per
+        dialogue, or one per speaker of each dialogue (``speaker_memory``)."""
+        streams, offset = [], 0
+        for utts in dialogues:
+            keys = self._stream_keys(utts)
+            for k in sorted(set(keys)):
+                streams.append([offset + t for t, key in enumerate(keys) if key == k])
+            offset += len(utts)
+        return streams
+
+    def _forward_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> torch.Tensor:
+        """Label logits ``[sum N_d, C]`` of whole dialogues from fresh memories, every utterance of every
+        dialogue in one LM forward (the memory streams run in one titans-pytorch call per branch)."""
+        embs = [self.backbone.audio_embeddings(u) for utts in dialogues for u in utts]
+        with self.memory_active({}) as ctx:
+            return self._forward(ctx, embs, self._dialogue_streams(dialogues))
 
     # ------------------------------------------------------------------ training (Sec. 3.4)
     def memory_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -296,53 +460,34 @@ class TitansMemoryMethod(ContextMethod):
         c = self.config
         # Phase 1: task adaptation with the memory removed, exactly as `lora` (dev scored the same way)
         self._memory_removed = True
-        try:
-            fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
-        finally:
-            self._memory_removed = False
+        phase1 = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
         for p in self.lora_params.values():
             p.requires_grad_(False)
-        # Phase 2: memory training, LoRA and backbone frozen
+        # Phase 2: memory training, LoRA and backbone frozen. Each step is one LM forward over every
+        # utterance of `batch_dialogues` training dialogues, the memory streams (dialogues, or their
+        # speakers) stored and read in one titans-pytorch call per branch: backpropagation through
+        # each dialogue's memory
+        self._memory_removed = False
         rest, gates = self.memory_parameters()
         opt_rest = torch.optim.AdamW(rest, lr=c.lr)
         opt_gate = torch.optim.AdamW(gates, lr=c.gate_lr, weight_decay=0.0) if gates else None
-        # memory streams with identical shapes share a batched memory (titans-pytorch keeps one
-        # sequence index per batched state). A stream is a dialogue, or with speaker memory one
-        # speaker's utterances in turn order: each utterance then reads and writes only its own
-        # speaker's state and its input is that utterance alone, so the speakers' streams are
-        # independent sequences and train as such
-        buckets = defaultdict(list)
         device = self.lm.lm_head.weight.device
-        for d in train:
-            embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
-            keys = self._stream_keys(d.inputs())
-            for k in sorted(set(keys)):
-                turns = [t for t, key in enumerate(keys) if key == k]
-                buckets[tuple(embs[t].shape[0] for t in turns)].append(
-                    ([embs[t] for t in turns], torch.tensor([d.labels[t] for t in turns], device=device)))
+        train = [d for d in train if any(d.scored)]  # a dialogue with no target changes nothing
+        labels = [torch.tensor(d.labels, device=device) for d in train]
         losses = self.curves.setdefault(f"{self.name}_train_loss", [])
         gate_curve = self.curves.setdefault(f"{self.name}_mean_gate", []) if gates else None
         dev_scores = self.curves.setdefault(f"{self.name}_dev_{c.selection_metric}", [])
-        # Phase 2 replaces Phase 1 only if it beats it on dev
-        best = BestCheckpoint(self._memory_state, self._load_memory_state,
-                              score=evaluate(self, dev, self.labels)[c.selection_metric])
+        # Phase 2 replaces Phase 1 only if it beats Phase 1's dev score (memory removed, as `lora`)
+        best = BestCheckpoint(self._memory_state, self._load_memory_state, score=phase1.score)
         for epoch in range(c.epochs):
             self.branches.train()
-            batches = [group[i:i + c.batch_dialogues] for group in buckets.values()
-                       for i in range(0, len(group), c.batch_dialogues)]
-            for bi in self.rng.permutation(len(batches)):
-                group = batches[bi]
-                with self.memory_active({}) as ctx:
-                    loss, n_scored = 0.0, 0
-                    for t in range(len(group[0][0])):
-                        logits = self._forward_turn(ctx, [embs[t] for embs, _ in group])
-                        y_t = torch.stack([y[t] for _, y in group])
-                        # context-only utterances update the memory but are no target
-                        loss = loss + nn.functional.cross_entropy(logits, y_t, ignore_index=UNSCORED, reduction="sum")
-                        n_scored += int((y_t != UNSCORED).sum())
-                    if n_scored == 0:
-                        continue
-                    loss = loss / n_scored
+            order = self.rng.permutation(len(train))
+            for i in range(0, len(order), c.batch_dialogues):
+                group = order[i:i + c.batch_dialogues]
+                logits = self._forward_dialogues([train[j].inputs() for j in group])
+                # context-only utterances update the memory but are no target
+                loss = nn.functional.cross_entropy(logits, torch.cat([labels[j] for j in group]),
+                                                   ignore_index=UNSCORED)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.name} phase 2: non-finite training loss at epoch {epoch}")
                 opt_rest.zero_grad()
@@ -362,6 +507,10 @@ class TitansMemoryMethod(ContextMethod):
                                     f"{self.name} epoch {epoch + 1}/{c.epochs}", progress)
             best.offer(score, epoch)
         best.restore()
+        # which model dev selected: Phase 1 (the memory is then removed: predictions are Phase 1's,
+        # i.e. `lora`'s) or a Phase-2 epoch
+        self.selected = {"phase": 1, "epoch": phase1.epoch} if best.epoch is None else {"phase": 2, "epoch": best.epoch}
+        self._memory_removed = best.epoch is None
 
     def mean_gate(self) -> float:
         """A scalar summary of how open the gates are (logged per Phase-2 epoch)."""
@@ -387,18 +536,40 @@ class TitansMemoryMethod(ContextMethod):
         self.states: dict = {}  # stream key (0, or the speaker) -> layer key -> NeuralMemState
 
     def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
-        if self._memory_removed:  # Phase 1 dev scoring: the host + LoRA alone, batched like `lora`
-            return UtteranceLevelMethod.predict_dialogue(self, utterances)
-        return super().predict_dialogue(utterances)
+        return self.predict_dialogues([utterances])[0]
+
+    @torch.no_grad()
+    def predict_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> list[np.ndarray]:
+        """Whole dialogues, each from a fresh memory, up to ``eval_batch_utterances`` utterances per LM
+        forward; the same predictions as streaming each with :meth:`step` (within float rounding:
+        the conformance suite's ``PREFIX_ATOL``)."""
+        if self._memory_removed:  # Phase 1 (dev scoring, or Phase 1 selected): the host + LoRA, like `lora`
+            return UtteranceLevelMethod.predict_dialogues(self, dialogues)
+        self.lm.eval()
+        self.branches.eval()
+        out = []
+        for group in utterance_groups(dialogues, self.config.eval_batch_utterances):
+            probs = torch.softmax(self._forward_dialogues(group).float(), -1).cpu().numpy()
+            out.extend(np.split(probs, np.cumsum([len(d) for d in group])[:-1]))
+        return out
 
     @torch.no_grad()
     def step(self, utterance: UtteranceInput) -> np.ndarray:
+        if self._memory_removed:
+            return UtteranceLevelMethod.predict_dialogue(self, [utterance])[0]
         self.lm.eval()
         self.branches.eval()
         stream = utterance.speaker if self.config.speaker_memory else 0
         with self.memory_active(self.states.setdefault(stream, {})) as ctx:
             logits = self._forward_turn(ctx, [self.backbone.audio_embeddings(utterance)])
         return torch.softmax(logits.float(), -1).numpy()[0]
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        # whether dev selected Phase 1 (memory removed) or Phase 2
+        return {"memory_removed": torch.tensor(int(self._memory_removed))}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._memory_removed = bool(state["memory_removed"]) if "memory_removed" in state else False
 
     def trained_parameters(self):
         params = dict(self.lora_params)

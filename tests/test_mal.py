@@ -197,19 +197,17 @@ def test_speaker_memory_keeps_one_state_per_speaker(backbone, tiny_task):
     assert set(mal.states) == {x.speaker for x in other} | {u[-1].speaker}  # one state per speaker
     fold = tiny_task.folds()[0]
     # Phase 2 trains each speaker's utterances as one sequence (independent memory streams)
-    seen, forward = [], mal._forward_turn
+    seen, forward = [], mal._forward
 
-    def recording(ctx, embeddings):
+    def recording(ctx, embeddings, streams):
         if mal.branches.training:
-            seen.append((id(ctx), len(embeddings)))
-        return forward(ctx, embeddings)
+            seen.append([len(st) for st in streams])
+            assert sorted(i for st in streams for i in st) == list(range(len(embeddings)))
+            assert all(st == sorted(st) for st in streams)  # turn order inside a stream
+        return forward(ctx, embeddings, streams)
 
-    mal._forward_turn = recording
+    mal._forward = recording
     mal.fit(fold.train, fold.dev)
     assert np.isfinite(mal.curves["mal_train_loss"]).all()
-    turns = {}
-    for ctx, b in seen:
-        turns.setdefault(ctx, []).append(b)
     streams = sorted(n for d in fold.train for n in np.unique([u.speaker for u in d.inputs()], return_counts=True)[1])
-    per_epoch = sorted(n for bs in turns.values() for n in [len(bs)] * bs[0])  # one entry per stream
-    assert per_epoch == sorted(streams * mal.config.epochs)
+    assert sorted(n for batch in seen for n in batch) == sorted(streams * mal.config.epochs)

@@ -1,10 +1,13 @@
 """MAC (Eq. 4) and MAG (Eq. 5) against MAL (Eq. 9): one branch, three injections."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from benchbench.backbone import Segment
+from benchbench.testing import PREFIX_ATOL
 from benchbench.method import METHODS
 from benchbench.methods.mac import MACBranch, MACConfig, MemoryAsContext
 from benchbench.methods.mag import MAGBranch, MAGConfig, MemoryAsGating
@@ -45,7 +48,7 @@ def test_mac_lengthens_the_sequence_and_shifts_positions(backbone, tiny_task):
     assert L2 == L + n_p + T
     assert pos.shape[-1] == L2 and torch.equal(pos[0], torch.arange(L2))
     # the utterance's audio tokens now sit at positions s + N_p + T .. e + N_p + T
-    assert ctx.span == (s + n_p + T, e + n_p + T)
+    assert torch.equal(ctx.layout.pos_idx, torch.arange(s + n_p + T, e + n_p + T))
     assert int(ctx.batch.answer_index[0]) == L2 - 1
 
 
@@ -60,16 +63,33 @@ def test_mac_at_a_later_block_and_its_state_carries(backbone, tiny_task):
     assert mac.num_trained_parameters() > 0
 
 
-def test_mac_refuses_padded_batches(backbone, tiny_task):
-    mac = make("mac", backbone, tiny_task.labels)
-    a = torch.randn(10, backbone.hidden_size)
-    with pytest.raises(ValueError, match="different current-utterance spans"):
-        with torch.no_grad(), mac.memory_active({}) as ctx:
-            mac._forward_turn(ctx, [a, torch.randn(12, backbone.hidden_size)])
-    h = torch.randn(2, 20, backbone.hidden_size)
-    ctx = {"states": {}, "span": (1, 11)}
-    with pytest.raises(ValueError, match="unpadded batches"):
-        mac._inject("0", h, {"attention_mask": torch.ones(2, 1, 20, 20, dtype=torch.bool)}, ctx)
+def _shortened(dialogues, seed=0):
+    """The dialogues with every utterance cut to a random 30-100% of its length (unequal audio tokens)."""
+    rng = np.random.default_rng(seed)
+    return [[dataclasses.replace(u, waveform=u.waveform[:int(len(u.waveform) * rng.uniform(0.3, 1.0))],
+                                 utterance_id=u.utterance_id + "-cut") for u in d.inputs()] for d in dialogues]
+
+
+@pytest.mark.parametrize("name,layers", [("mac", "0"), ("mac", "all"), ("mag", "all"), ("mal", "all")])
+def test_batched_dialogues_of_unequal_lengths_match_streaming(name, layers, backbone, tiny_task):
+    """Every utterance of several dialogues in one right-padded LM forward (MAC: each item with its own
+    N_p + T_b inserted tokens and attention mask) gives what streaming one utterance at a time gives."""
+    m = make(name, backbone, tiny_task.labels, layers=layers, speaker_memory=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.branches.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    dialogues = _shortened(tiny_task.folds()[0].test)
+    assert len({backbone.audio_embeddings(u).shape[0] for d in dialogues for u in d}) > 3
+    batched = m.predict_dialogues(dialogues)
+    for d, p in zip(dialogues, batched):
+        m.reset()
+        streamed = np.stack([m.step(u) for u in d])
+        np.testing.assert_allclose(p, streamed, atol=PREFIX_ATOL)
+        np.testing.assert_allclose(p[:2], m.predict_dialogue(d[:2]), atol=PREFIX_ATOL)
+    # and the memory matters: the same utterances read from fresh memories differ
+    alone = np.concatenate([m.predict_dialogue([u]) for u in dialogues[0]])
+    assert np.abs(alone - batched[0]).max() > 1e-3
 
 
 def test_mag_gates_in_place(backbone):
