@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -248,6 +249,8 @@ class AudioLLMBackbone:
         self.key = self._compute_key()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._memory_cache: dict[str, torch.Tensor] = {}
+        self._lending: bool = False  # inside lend_lm(): the next new_lm() gets the backbone's own LM
+        self._lent: bool = False     # ... and has got it
         self.encoder_calls = 0  # audio-encoder forward passes actually run (cache misses)
 
     # ---------------------------------------------------------------- identity
@@ -394,10 +397,73 @@ class AudioLLMBackbone:
         return ids
 
     def new_lm(self, labels: Sequence[str]) -> EmotionLM:
-        """A private, frozen copy of the language model + LM head scoring ``labels``."""
-        lm = EmotionLM(copy.deepcopy(self.model.model.language_model), copy.deepcopy(self.model.lm_head),
-                       self.tokenizer, self.verbalizer_ids(labels), self.prompt, labels)
+        """The frozen language model + LM head scoring ``labels``, for one method.
+
+        Inside :meth:`lend_lm` (the harness, for every cell) this is the backbone's own LM: the
+        method's adapters and hooks go onto the shared frozen modules and are removed when the cell
+        ends, so a cell holds the LM once (a 7B LM in bf16: 15 GB instead of 30). Outside it, a
+        private deep copy (the same numbers; tests and scripts that keep several methods alive).
+
+        Raises:
+            RuntimeError: a second method asks for the LM while it is lent (one method per lease).
+        """
+        language_model, lm_head = self.model.model.language_model, self.model.lm_head
+        if self._lending:
+            if self._lent:
+                raise RuntimeError(f"backbone {self.name}: its language model is already lent to a method "
+                                   "in this lend_lm() block (one method per lease)")
+            self._lent = True
+        else:
+            language_model, lm_head = copy.deepcopy(language_model), copy.deepcopy(lm_head)
+        lm = EmotionLM(language_model, lm_head, self.tokenizer, self.verbalizer_ids(labels), self.prompt, labels)
         return lm.eval()
+
+    @contextmanager
+    def lend_lm(self):
+        """Within the block, :meth:`new_lm` hands out the backbone's own (frozen) LM instead of a copy;
+        at its end, whatever the method did to the modules is undone (:class:`ModuleRestorer`:
+        modules it replaced, e.g. peft's LoRA layers, put back; hooks it registered removed;
+        ``requires_grad`` and train/eval flags restored), also when the block raises."""
+        restorer = ModuleRestorer(self.model.model.language_model, self.model.lm_head)
+        self._lending, self._lent = True, False
+        try:
+            yield
+        finally:
+            self._lending = self._lent = False
+            restorer.restore()
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+class ModuleRestorer:
+    """A record of module trees (every submodule's children, hooks, attribute names, ``training`` flag
+    and every parameter's ``requires_grad``) that :meth:`restore` puts back: children replaced since
+    (peft wraps each target ``nn.Linear`` in a LoRA layer in place) get their original module again,
+    hooks registered and attributes added since (peft's ``peft_config``) are removed, flags are reset. Parameter values are not recorded: adapters live
+    in the modules they add, and the backbone's own weights are frozen."""
+
+    def __init__(self, *roots: nn.Module):
+        self._modules = [(m, dict(m._modules), {a: set(getattr(m, a, {})) for a in _HOOK_DICTS}, m.training,
+                          set(vars(m))) for root in roots for m in root.modules()]
+        self._params = [(p, p.requires_grad) for root in roots for p in root.parameters()]
+
+    def restore(self) -> None:
+        for m, children, hooks, training, attributes in self._modules:
+            for k in set(vars(m)) - attributes:  # e.g. the peft_config peft copies onto the model
+                delattr(m, k)
+            if dict(m._modules) != children:
+                m._modules.clear()
+                m._modules.update(children)
+            for attr, keys in hooks.items():
+                d = getattr(m, attr, None)
+                for k in [k for k in (d or {}) if k not in keys]:
+                    del d[k]
+            m.training = training
+        for p, requires_grad in self._params:
+            p.requires_grad_(requires_grad)
 
 
 def encode_own_frames(tower: nn.Module, features: torch.Tensor) -> torch.Tensor:

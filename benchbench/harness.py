@@ -482,16 +482,18 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
             "fold_manifest_sha256": hash_json(cell.manifest["folds"][str(fold.index)]),
             "config_sha256": hash_json(params), "uses_context": str(cls.uses_context), "cell_key": cell.key}
     try:
-        seed_everything(seed)
-        reset_peak_memory()
-        t0 = time.perf_counter()
-        method = cls(backbone, task.labels, config, seed=seed)
-        method.fit(fold.train, fold.dev, progress=progress)
-        t1 = time.perf_counter()
-        method.test_time_cost.clear()  # count what the test set costs, not dev scoring during fit
-        method.test_time_issues.clear()
-        probs = stream_predict(method, fold.test)
-        t2 = time.perf_counter()
+        # the method works on the backbone's own LM (no copy); its adapters and hooks go at the block's end
+        with backbone.lend_lm():
+            seed_everything(seed)
+            reset_peak_memory()
+            t0 = time.perf_counter()
+            method = cls(backbone, task.labels, config, seed=seed)
+            method.fit(fold.train, fold.dev, progress=progress)
+            t1 = time.perf_counter()
+            method.test_time_cost.clear()  # count what the test set costs, not dev scoring during fit
+            method.test_time_issues.clear()
+            probs = stream_predict(method, fold.test)
+            t2 = time.perf_counter()
     except Exception as e:  # record and go on: other cells are independent
         log.error("cell %s failed: %s", base, e)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",

@@ -206,7 +206,9 @@ class ContextMethod(ABC):
     """Base class of all methods (see module docstring for the contract).
 
     Args:
-        backbone: the frozen audio LLM; the method takes a private copy of its LM (``self.lm``).
+        backbone: the frozen audio LLM; the method's LM (``self.lm``) is from
+            :meth:`AudioLLMBackbone.new_lm`: the backbone's own modules inside ``lend_lm()`` (the
+            harness), a private copy otherwise.
         labels: class names, in class-index order.
         config: the method's config (``None``: defaults of ``config_cls``).
         seed: seeds parameter init and data order.

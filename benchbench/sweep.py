@@ -219,9 +219,10 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
         seed_everything(spec.seed)
         state = "FAILED"
         try:
-            method = cls(backbone, task.labels, config, seed=spec.seed)
-            method.fit(fold.train, fold.dev, progress=progress)
-            value = float(evaluate(method, fold.dev, task.labels)[spec.metric])  # dev only, never test
+            with backbone.lend_lm():  # the backbone's own LM, adapters removed after the trial
+                method = cls(backbone, task.labels, config, seed=spec.seed)
+                method.fit(fold.train, fold.dev, progress=progress)
+                value = float(evaluate(method, fold.dev, task.labels)[spec.metric])  # dev only, never test
             client.log_metric(rid, f"objective_dev_{spec.metric}", value)
             state = "FINISHED"
             return value

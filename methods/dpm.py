@@ -37,11 +37,14 @@ method from its seed, B = 0, so a fresh temporary LoRA leaves the task LoRA's ou
 and a new optimizer. Algorithm 1 skips the update for a sample's first sentence (it has no prefix);
 here the first utterance is also written to memory, with only the within-utterance prefix, because a
 speaker's first utterance is part of the dialogue's evidence. ``n_o``, ``n_p`` and ``n_r`` are not
-given in the paper: the defaults are ours (2 s and 4 s of 25 Hz tokens).
+given in the paper: the defaults are ours (2 s and 4 s of 25 Hz tokens; the CPU-sized ``default``
+preset reads n_r = 25 tokens, 1 s, before the utterance: an update costs about 2 x (n_r + T + 1)
+token-forwards against the prediction's prompt + T, so n_r sets DPM's cost; ``bench speed``).
 
-**Cost.** Every test utterance costs one forward for the prediction plus one forward and backward
-through the LM per update; ``test_time_cost`` reports the updates and their milliseconds per
-utterance, and the harness logs them beside the other costs. A non-finite test-time loss (or
+**Cost.** Every test utterance costs one LM forward holding both the prediction and the first
+update's window (both read the parameters after utterance i-1), its backward, and one forward and
+backward per further update; ``test_time_cost`` reports the updates and their milliseconds per
+utterance (the fused prediction included), and the harness logs them beside the other costs. A non-finite test-time loss (or
 gradient) skips that update, is recorded in ``test_time_issues`` with its dialogue and utterance, and
 the run goes on.
 """
@@ -128,7 +131,7 @@ class DynamicParameterMemory(ContextMethod):
                       n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3),
         # CPU-sized: steps scaled to the tiny random-init backbone, like the other methods
         "default": dict(lora=dict(r=32, alpha=64, lr=1e-3, epochs=6, batch_size=32), n_units=64,
-                        n_o=25, n_p=50, n_r=100, temp_r=16, temp_alpha=16, temp_lr=3e-3),
+                        n_o=25, n_p=50, n_r=25, temp_r=16, temp_alpha=16, temp_lr=3e-3),
     }
 
     @classmethod
@@ -197,28 +200,39 @@ class DynamicParameterMemory(ContextMethod):
         return emb, torch.cat([emb, eos]), units
 
     # ------------------------------------------------------------------ the autoregressive unit loss
-    def _unit_windows(self, windows: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
-        """Mean next-unit cross-entropy over a batch of windows.
+    def _unit_windows(self, windows: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+                      prompts: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean next-unit cross-entropy over a batch of windows, and the label logits of ``prompts``
+        from the same LM forward.
 
         Each window is ``(emb [n, D], units [n], n_scored)``: the LM reads ``[<|audio_bos|>; emb[:-1]]``
         and position j predicts ``units[j]``; the last ``n_scored`` predictions are scored (Eq. 3 / 9).
-        Windows are right-padded into one batch. Returns the mean over windows of each window's mean.
+        Each prompt is one utterance's audio embeddings ``[T, D]`` in the suite's prompt (as ``lora``
+        reads it). All are right-padded into one batch. Returns the mean over windows of each window's
+        mean (0 without windows) and the label logits ``[P, C]`` (``None`` without prompts).
         """
         w = self.lm.lm_head.weight
         bos = self.lm.text_embeddings(self.backbone.prompt.audio_bos or self.lm.tokenizer.bos_token or AUDIO_BOS)[:1]
-        seqs = [torch.cat([bos.to(e), e[:-1]]).to(w) for e, _, _ in windows]
+        seqs = [self.lm.build_sequence([Segment(e)])[0] for e in prompts]
+        seqs += [torch.cat([bos.to(e), e[:-1]]).to(w) for e, _, _ in windows]
         L, D = max(s.shape[0] for s in seqs), seqs[0].shape[1]
         x = seqs[0].new_zeros(len(seqs), L, D)
         mask = torch.zeros(len(seqs), L, dtype=torch.long, device=x.device)
         for b, s in enumerate(seqs):
             x[b, : s.shape[0]], mask[b, : s.shape[0]] = s, 1
         h = self.lm.hidden_states(x, mask)                                     # [B, L, D]
+        P = len(prompts)
+        logits = None
+        if P:
+            answer = torch.tensor([s.shape[0] - 1 for s in seqs[:P]], device=h.device)
+            logits = nn.functional.linear(h[torch.arange(P, device=h.device), answer],
+                                          w[self.lm.verbalizer_ids])           # [P, C], as EmotionLM.forward
         losses = []
         for b, (e, u, k) in enumerate(windows):
             n = e.shape[0]
-            logits = self.unit_head(h[b, n - k:n])                             # [k, n_units + 1]
-            losses.append(nn.functional.cross_entropy(logits.float(), u[n - k:].to(logits.device)))
-        return torch.stack(losses).mean()
+            out = self.unit_head(h[P + b, n - k:n])                            # [k, n_units + 1]
+            losses.append(nn.functional.cross_entropy(out.float(), u[n - k:].to(out.device)))
+        return (torch.stack(losses).mean() if losses else h.new_zeros(())), logits
 
     def _phase1_window(self, emb: torch.Tensor, units: torch.Tensor, end: int):
         """Eq. 3-4: the last n_o tokens up to ``end`` (exclusive) and the n_p before them."""
@@ -254,10 +268,10 @@ class DynamicParameterMemory(ContextMethod):
             perm = self.rng.permutation(len(examples))
             for i in range(0, len(perm), s.batch_size):
                 chunk = [examples[j] for j in perm[i:i + s.batch_size]]
-                logits = self.lm(self.lm.batch([[Segment(e)] for e, _, _ in chunk]))
+                # L_e's prompts and L_a's windows in one LM forward
+                loss_a, logits = self._unit_windows([w for _, _, w in chunk], prompts=[e for e, _, _ in chunk])  # Eq. 3
                 loss_e = nn.functional.cross_entropy(logits, torch.tensor([y for _, y, _ in chunk],
                                                                           device=logits.device))  # Eq. 5
-                loss_a = self._unit_windows([w for _, _, w in chunk])                               # Eq. 3
                 loss = 0.5 * (loss_a + loss_e)                                                       # Eq. 7
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"dpm phase 1: non-finite training loss at epoch {epoch}")
@@ -312,21 +326,24 @@ class DynamicParameterMemory(ContextMethod):
             p.requires_grad_(True)
 
     def step(self, utterance: UtteranceInput) -> np.ndarray:
+        """Algorithm 1 for one utterance: y_i from the temporary LoRA as it stands, then its update on
+        utterance i's units. The prediction and the first update's loss come from one LM forward (both
+        read the same parameters, those after utterance i-1)."""
         self.lm.eval()
         emb, stream_emb, units = self._utterance_tokens(utterance)
-        with torch.no_grad():  # 1. y_i with the temporary LoRA as it stands
-            logits = self.lm(self.lm.batch([[Segment(emb)]]))
-        probs = torch.softmax(logits.float(), -1).numpy()[0]
         if not self._memory_on:
-            return probs
+            with torch.no_grad():
+                return torch.softmax(self.lm(self.lm.batch([[Segment(emb)]])).float(), -1).numpy()[0]
         # 2. write utterance i into the temporary LoRA: L_t over its units given n_r tokens before (Eq. 8-9)
         t0 = time.perf_counter()
         self._stream.append(stream_emb, units)  # keeps at most n_r tokens before this utterance
         window = (self._stream.emb, self._stream.units, units.shape[0])
         params = list(self.temp_params.values())
-        done = 0
-        for _ in range(self.config.test_time_steps):
-            loss = self._unit_windows([window])
+        done, probs = 0, None
+        for k in range(self.config.test_time_steps):
+            loss, logits = self._unit_windows([window], prompts=[emb] if k == 0 else ())
+            if k == 0:  # 1. y_i with the temporary LoRA as it stands (after utterances < i)
+                probs = torch.softmax(logits.detach().float(), -1).numpy()[0]
             grads = torch.autograd.grad(loss, params)  # the temporary LoRA only: the task LoRA never moves
             finite = torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
             if not finite:

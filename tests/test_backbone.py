@@ -177,3 +177,44 @@ def test_lm_size_options_build_the_wide_variant_and_leave_the_default_alone(back
                      ({"num_hidden_layers": 0}, "num_hidden_layers=0: expected >= 1")):
         with pytest.raises(ValueError, match=msg):
             backbone_factory("tiny-ultravox", bad)
+
+
+def _lm_fingerprint(bb):
+    lm = bb.model.model.language_model
+    mods = [(n, type(m).__name__, m.training) for n, m in lm.named_modules()]
+    hooks = sum(len(getattr(m, a)) for m in lm.modules() for a in ("_forward_hooks", "_forward_pre_hooks"))
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
+    grads = [p.requires_grad for p in lm.parameters()]
+    return mods, hooks, state, grads, sorted(vars(lm))
+
+
+@pytest.mark.parametrize("name", ["lora", "mal", "mac", "dpm", "full_context"])
+def test_lent_lm_is_shared_and_restored_after_the_method(name, tiny_task):
+    """Inside lend_lm() a method works on the backbone's own LM (no copy) and leaves nothing behind:
+    no adapter, hook or attribute, the same weights and flags; its predictions equal those of the same
+    method on a private copy."""
+    from benchbench.method import METHODS
+    from benchbench.testing import fitted
+
+    bb = tiny_qwen2_audio(seed=0)
+    before = _lm_fingerprint(bb)
+    fold = tiny_task.folds()[0]
+    with bb.lend_lm():
+        m = fitted(name, bb, tiny_task)
+        shared = bb.model.model.language_model.layers[0].mlp
+        assert any(p.data_ptr() == next(shared.parameters()).data_ptr() for p in m.lm.parameters())  # no copy
+        lent = [m.predict_dialogue(d.inputs()) for d in fold.test]
+        with pytest.raises(RuntimeError, match="already lent"):
+            bb.new_lm(tiny_task.labels)
+    after = _lm_fingerprint(bb)
+    assert before[0] == after[0] and before[1] == after[1] and before[3] == after[3] and before[4] == after[4]
+    assert before[2].keys() == after[2].keys() and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+    private = fitted(name, bb, tiny_task)  # outside lend_lm: a deep copy, as before
+    for a, b in zip(lent, [private.predict_dialogue(d.inputs()) for d in fold.test]):
+        assert np.array_equal(a, b)
+    # and a failing method leaves the LM restored as well
+    with pytest.raises(ZeroDivisionError):
+        with bb.lend_lm():
+            METHODS.get(name)(bb, tiny_task.labels, METHODS.get(name).make_config("smoke"), seed=0)
+            1 / 0
+    assert _lm_fingerprint(bb)[:2] == before[:2]

@@ -62,10 +62,10 @@ def test_non_finite_test_time_loss_is_reported_and_skipped(dpm, tiny_task, monke
     calls = {"n": 0}
     real = DynamicParameterMemory._unit_windows
 
-    def poisoned(self, windows):
+    def poisoned(self, windows, prompts=()):
         calls["n"] += 1
-        loss = real(self, windows)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        loss, logits = real(self, windows, prompts)
+        return (loss * float("nan") if calls["n"] == 2 else loss), logits
 
     monkeypatch.setattr(DynamicParameterMemory, "_unit_windows", poisoned)
     dpm.test_time_issues.clear()
