@@ -60,7 +60,8 @@ class CellSummary:
 
     ``stats``: column -> ``{"mean", "sd", "n", "ci_low", "ci_high"}`` (:func:`benchbench.stats.interval`)
     for the metrics (``wa``, ``ua``, ``wf1``, ``macro_f1``, ``f1_<label>``: fractions, intervals
-    clipped to [0, 1]) and the costs (:data:`COST_COLUMNS`).
+    clipped to [0, 1]) and the costs (:data:`COST_COLUMNS`). ``selection``: for two-stage methods,
+    ``{"phase_2": cells whose dev selection kept a Phase-2 epoch, "n": cells}`` (empty otherwise).
     """
 
     method: str
@@ -70,16 +71,18 @@ class CellSummary:
     seeds: list[int]
     folds: list[int]
     stats: dict[str, dict]
+    selection: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "task": self.task, "backbone": self.backbone, "n": self.n,
-                "seeds": self.seeds, "folds": self.folds, **self.stats}
+                "seeds": self.seeds, "folds": self.folds, **self.stats,
+                **({"selection": self.selection} if self.selection else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CellSummary":
-        head = ("method", "task", "backbone", "n", "seeds", "folds")
+        head = ("method", "task", "backbone", "n", "seeds", "folds", "selection")
         return cls(d["method"], d["task"], d["backbone"], int(d["n"]), list(d.get("seeds", [])),
-                   list(d.get("folds", [])), {k: v for k, v in d.items() if k not in head})
+                   list(d.get("folds", [])), {k: v for k, v in d.items() if k not in head}, dict(d.get("selection") or {}))
 
 
 @dataclass
@@ -232,6 +235,15 @@ def leakage_checks(ok: pd.DataFrame, tasks: dict[str, TaskSummary], alpha: float
     return tested
 
 
+def selection_counts(cells: pd.DataFrame) -> dict:
+    """``{"phase_2": k, "n": n}`` for cells (results.csv rows) of a two-stage method (``phases`` 2): in
+    how many of them dev selection kept a Phase-2 epoch (else Phase 1: the memory unused); ``{}``
+    for other methods or rows without the columns (results of older runs)."""
+    if "phases" not in cells or "selected_phase" not in cells or not (cells["phases"] == 2).all():
+        return {}
+    return {"phase_2": int((cells["selected_phase"] == 2).sum()), "n": int(len(cells))}
+
+
 def summarize(results: pd.DataFrame, preds: pd.DataFrame, tasks: dict[str, TaskSummary], baseline: str = "lora",
               n_resamples: int = 2000) -> Summary:
     """Mean / sd / 95% interval / n over seeds x folds per method/task/backbone, task references,
@@ -249,7 +261,7 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, tasks: dict[str, TaskS
         summary.cells.append(CellSummary(
             m, t, b, int(len(g)), sorted(g["seed"].unique().tolist()), sorted(g["fold"].unique().tolist()),
             {c: interval(g[c].dropna(), bounds=(0.0, 1.0) if c in METRICS or c.startswith("f1_") else None)
-             for c in metric_cols if c in g and g[c].notna().any()}))
+             for c in metric_cols if c in g and g[c].notna().any()}, selection_counts(g)))
     summary.leakage = leakage_checks(ok, tasks)
     if not preds.empty:
         summary.comparisons = compare_all(preds, {t: s.labels for t, s in tasks.items()}, reference=baseline,

@@ -249,6 +249,9 @@ class AudioLLMBackbone:
         self.key = self._compute_key()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._memory_cache: dict[str, torch.Tensor] = {}
+        # outcomes of deterministic trainings on this backbone, reused within the process
+        # (benchbench.training.fit_task_lora: a two-stage method's Phase 1 is the lora cell's training)
+        self.fit_cache: dict[str, dict] = {}
         self._lending: bool = False  # inside lend_lm(): the next new_lm() gets the backbone's own LM
         self._lent: bool = False     # ... and has got it
         self.encoder_calls = 0  # audio-encoder forward passes actually run (cache misses)

@@ -69,7 +69,9 @@ def _override(s: str) -> tuple[str, str, object]:
 # ---------------------------------------------------------------------------- shared option groups
 def _add_task_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task options")
-    g.add_argument("--data-dir", default=None, help="dataset folder for tasks that read files (see `bench list tasks`)")
+    g.add_argument("--data-dir", action="append", default=None, metavar="PATH|TASK=PATH",
+                   help="dataset folder for tasks that read files (see `bench list tasks`); TASK=PATH gives one "
+                        "task its own folder (repeatable: --data-dir emodb=DIR1 --data-dir iemocap=DIR2)")
     g.add_argument("--task-set", dest="task_options", type=_override, action="append", default=[],
                    metavar="TASK.KEY=VALUE",
                    help="task option, e.g. synthetic.n_train=160 (repeatable; the cells' preset is then "
@@ -119,6 +121,8 @@ def _check_names(methods: list[str], tasks: list[str], backbone: str) -> None:
 
 
 def cmd_run(args) -> int:
+    from .task import parse_data_dirs
+
     overrides: dict = {}
     if args.config:
         from .sweep import load_config_file
@@ -139,7 +143,7 @@ def cmd_run(args) -> int:
             node = node.setdefault(k, {})
         node[leaf] = value
     spec = RunSpec(methods=args.methods, tasks=args.tasks, backbone=args.backbone, seeds=args.seeds,
-                   preset=args.preset, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+                   preset=args.preset, data_dir=parse_data_dirs(args.data_dir), tracking_uri=args.tracking_uri,
                    output=args.output, folds=args.folds, method_overrides=overrides,
                    task_options=_task_options(args), backbone_options=_backbone_options(args),
                    rerun=args.rerun, executor=args.executor, ray_address=args.ray_address,
@@ -154,6 +158,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .task import parse_data_dirs
+
     _check_names([args.method], [args.task], args.backbone)
     from .sweep import DEFAULT_STORAGE, SweepSpec, run_sweep
 
@@ -163,7 +169,7 @@ def cmd_sweep(args) -> int:
         raise ValueError(f"--task-set {stray[0]}.*: task {stray[0]!r} is not the swept task {args.task!r}")
     spec = SweepSpec(method=args.method, task=args.task, trials=args.trials,
                      storage=args.storage or DEFAULT_STORAGE, study=args.study, preset=args.preset,
-                     backbone=args.backbone, data_dir=args.data_dir, fold=args.fold, seed=args.seed,
+                     backbone=args.backbone, data_dir=parse_data_dirs(args.data_dir), fold=args.fold, seed=args.seed,
                      metric=args.metric, pruner=args.pruner, tracking_uri=args.tracking_uri, export=args.export,
                      task_options=task_options.get(args.task, {}), backbone_options=_backbone_options(args))
     res = run_sweep(spec)

@@ -36,7 +36,7 @@ from .data import Fold, hash_json, speaker_history_counts
 from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
 from .method import METHODS, ConfigValueError
 from .metrics import compute_metrics, confusion, scored_only, stream_predict
-from .task import TASKS, Task, check_task_options, preset_label
+from .task import TASKS, Task, check_task_options, data_dir_for, preset_label
 from .training import seed_everything
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class RunSpec:
     backbone: str = "tiny-qwen2-audio"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     preset: str = "default"
-    data_dir: str | None = None
+    data_dir: str | dict | None = None       # one folder, or {task: folder, "*": the others' folder}
     tracking_uri: str | None = None
     output: str | None = None
     folds: list[int] | None = None           # None: all folds of each task
@@ -98,10 +98,11 @@ def validate(spec: RunSpec) -> None:
         if not cls.needs_data_dir:
             continue
         where = f"task {t} reads {cls.needs}; obtain it from {cls.source}"
-        if not spec.data_dir:
-            raise ValueError(f"--data-dir is required: {where}")
-        if not Path(spec.data_dir).is_dir():
-            raise ValueError(f"--data-dir {spec.data_dir}: no such folder ({where})")
+        folder = data_dir_for(spec.data_dir, t)
+        if not folder:
+            raise ValueError(f"--data-dir is required (a folder, or {t}=FOLDER): {where}")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--data-dir {folder}: no such folder ({where})")
     backbone_factory(spec.backbone, spec.backbone_options)
     if not spec.seeds:
         raise ValueError("no seeds given")
@@ -133,7 +134,7 @@ def prepare(spec: RunSpec) -> tuple[dict[str, Task], AudioLLMBackbone]:
         try:
             task = _build_task(spec, t)
         except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"task {t} (--data-dir {spec.data_dir}): {e}") from e
+            raise ValueError(f"task {t} (--data-dir {data_dir_for(spec.data_dir, t)}): {e}") from e
         except TypeError as e:  # a --task-set value of the wrong type
             raise ValueError(f"task {t}: --task-set {spec.task_options.get(t)}: {e}") from e
         have = [f.index for f in task.folds()]
@@ -146,7 +147,8 @@ def prepare(spec: RunSpec) -> tuple[dict[str, Task], AudioLLMBackbone]:
 
 def _build_task(spec: RunSpec, name: str) -> Task:
     """Task ``name`` with the run's data folder, preset and its ``--task-set`` options."""
-    return TASKS.get(name)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options.get(name, {}))
+    return TASKS.get(name)(data_dir=data_dir_for(spec.data_dir, name), preset=spec.preset,
+                           **spec.task_options.get(name, {}))
 
 
 def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone, folds, methods,
@@ -379,8 +381,8 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
                 else:
                     for i in pending:
                         cell = cells[i]
-                        bar.set_postfix_str(f"{cell.task.name} {cell.method} seed={cell.seed} fold={cell.fold.index}")
-                        tag = f"  [{cell.method} s{cell.seed} f{cell.fold.index}] "
+                        bar.set_postfix_str(f"{cell.task.name} {cell.label} seed={cell.seed} fold={cell.fold.index}")
+                        tag = f"  [{cell.label} s{cell.seed} f{cell.fold.index}] "
 
                         def progress(msg, d, tag=tag):
                             tracker.heartbeat()
@@ -440,20 +442,32 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.task.name}-s{self.seed}-f{self.fold.index}"
+        return f"{self.label}-{self.task.name}-s{self.seed}-f{self.fold.index}"
+
+    @cached_property
+    def config(self):
+        """The method's fully resolved config (preset + overrides)."""
+        return METHODS.get(self.method).make_config(self.config_preset, self.overrides)
+
+    @cached_property
+    def label(self) -> str:
+        """The method as results name it: ``mal`` for the papers' form, ``mal[speaker]`` for a variant
+        (:meth:`ContextMethod.label`)."""
+        return METHODS.get(self.method).label(self.config)
 
     @property
     def base(self) -> dict:
-        """The identifying columns of the cell's results.csv and predictions.csv rows."""
-        return {"method": self.method, "task": self.task.name, "backbone": self.backbone_name, "seed": self.seed,
-                "fold": self.fold.index, "cell_key": self.key}
+        """The identifying columns of the cell's results.csv and predictions.csv rows (``method``: the
+        label with the variant, ``method_name``: the registry name)."""
+        return {"method": self.label, "method_name": self.method, "task": self.task.name,
+                "backbone": self.backbone_name, "seed": self.seed, "fold": self.fold.index, "cell_key": self.key}
 
     @cached_property
     def key(self) -> str:
         """The cell's identity (sha256): method and its fully resolved config, task, its options and
         preset, the data manifest's and the fold's hashes, backbone label and key, seed, fold and
         :data:`RESULTS_VERSION`. Equal keys give equal results, so a finished cell is reused, never redone."""
-        config = METHODS.get(self.method).make_config(self.config_preset, self.overrides)
+        config = self.config
         task_params = {k: v for k, v in self.task.params().items() if k != "data_dir"}  # content is in the manifest
         return hash_json({"method": self.method, "config": config.to_dict(), "task": self.task.name,
                           "task_params": task_params, "preset": self.preset, "data": self.manifest["sha256"],
@@ -472,7 +486,7 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
     method: other cells are independent.
     """
     cls = METHODS.get(cell.method)
-    config = cls.make_config(cell.config_preset, cell.overrides)
+    config = cell.config
     task, fold, seed, backbone = cell.task, cell.fold, cell.seed, cell.backbone
     base = cell.base
     params = {**base, "preset": cell.preset, "backbone_key": backbone.key,
@@ -490,6 +504,10 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
             method = cls(backbone, task.labels, config, seed=seed)
             method.fit(fold.train, fold.dev, progress=progress)
             t1 = time.perf_counter()
+            selected = method.selected or {}
+            if cls.phases == 2 and selected.get("phase") == 1 and progress:
+                progress("NOTICE: dev selected Phase 1 over every Phase-2 epoch: the memory is unused in this cell "
+                         "(its predictions are Phase 1's, i.e. lora's)", {})
             method.test_time_cost.clear()  # count what the test set costs, not dev scoring during fit
             method.test_time_issues.clear()
             probs = stream_predict(method, fold.test)
@@ -525,8 +543,12 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
         "correct": (y_true == y_pred).astype(int),
         **{f"p_{lab}": p[:, i] for i, lab in enumerate(task.labels)},
     })
-    row = {**base, "status": "ok", **metrics, **cost, "n_test": n_test, "n_test_stream": n_stream,
+    # model selection on dev is a result: which phase (2: the memory trained after the task LoRA) and epoch
+    selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
+                 "selected_epoch": None if selected.get("epoch") is None else selected["epoch"] + 1}
+    row = {**base, "status": "ok", **metrics, **cost, **selection, "n_test": n_test, "n_test_stream": n_stream,
            "uses_context": cls.uses_context}
+    tags.update({k: str(v) for k, v in selection.items() if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         preds.to_csv(tmp / "predictions.csv", index=False)

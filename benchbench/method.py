@@ -218,6 +218,7 @@ class ContextMethod(ABC):
         uses_context: whether a prediction may depend on earlier utterances of the dialogue
             (``False`` methods are checked against a task's context-free ceiling for leakage);
         presets: preset name -> config overrides;
+        phases: 2 for two-stage methods, whose dev selection may keep Phase 1 (the memory unused);
         batch_utterances: the most utterances one LM forward holds where :meth:`predict_dialogues`
             batches across dialogues.
     """
@@ -226,6 +227,7 @@ class ContextMethod(ABC):
     config_cls: ClassVar[type[MethodConfig]]
     uses_context: ClassVar[bool]
     presets: ClassVar[dict[str, dict]] = {}
+    phases: ClassVar[int] = 1  # training phases; 2 for a memory trained after its task LoRA (Phase 2)
     batch_utterances: ClassVar[int] = 256  # utterances per LM forward where predict_dialogues batches
 
     def __init__(self, backbone: AudioLLMBackbone, labels: Sequence[str], config: MethodConfig | None = None,
@@ -244,6 +246,9 @@ class ContextMethod(ABC):
         # the harness clears both before the test set and logs them with the cell
         self.test_time_cost: dict[str, float] = {}
         self.test_time_issues: list[dict] = []
+        # model selection on dev, set by fit: {"phase": 1 or 2, "epoch": 0-based epoch of that phase}
+        # (logged per cell as selected_phase / selected_epoch); None for a method with nothing to select
+        self.selected: dict | None = None
 
     @classmethod
     def make_config(cls, preset: str = "default", overrides: dict | None = None) -> MethodConfig:
@@ -252,6 +257,19 @@ class ContextMethod(ABC):
             raise ValueError(f"method {cls.name}: unknown preset {preset!r} (known: paper, {', '.join(cls.presets)})")
         merged = _deep_merge(cls.presets.get(preset, {}), overrides or {})
         return cls.config_cls.from_overrides(merged)
+
+    @classmethod
+    def variant(cls, config: MethodConfig) -> str:
+        """``""`` when ``config`` is the papers' form of the method; else a short name of the departure
+        (``"speaker"``: one memory state or context per speaker instead of per dialogue)."""
+        return ""
+
+    @classmethod
+    def label(cls, config: MethodConfig) -> str:
+        """What results call the method under ``config``: its name for the papers' form, ``name[variant]``
+        for a departure (``mal[speaker]``), in results.csv, MLflow, the summary and the leaderboard."""
+        v = cls.variant(config)
+        return f"{cls.name}[{v}]" if v else cls.name
 
     @classmethod
     def search_space(cls, trial) -> dict:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .method import METHODS
-from .task import preset_label
+from .task import data_dir_for, preset_label
 
 log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "journal:runs/sweeps/optuna.journal"
@@ -168,7 +168,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
         pass
     check_task_options(spec.task, spec.task_options)
     backbone_factory(spec.backbone, spec.backbone_options)
-    task = TASKS.get(spec.task)(data_dir=spec.data_dir, preset=spec.preset, **spec.task_options)
+    task = TASKS.get(spec.task)(data_dir=data_dir_for(spec.data_dir, spec.task), preset=spec.preset, **spec.task_options)
     folds = {f.index: f for f in task.folds()}
     fold = folds[min(folds)] if spec.fold is None else folds.get(spec.fold)
     if fold is None:

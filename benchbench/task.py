@@ -7,7 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 from .data import Fold, hash_json, manifest_of
 from .registry import Registry
@@ -124,6 +124,39 @@ TASKS.register("emodb", "benchbench.tasks.emodb:EmoDBDialogueTask")
 TASKS.register("iemocap", "benchbench.tasks.iemocap:IEMOCAPTask")
 TASKS.register("meld", "benchbench.tasks.meld:MELDTask")
 TASKS.register("multidialog", "benchbench.tasks.multidialog:MultiDialogTask")
+
+
+def skipped_notice(skipped: Sequence[dict], shown: int = 3) -> str:
+    """The notice for files a loader skipped (``{"file", "reason"}`` each): how many, the first
+    ``shown`` with their reasons, and where the full list is (the manifest's ``skipped``)."""
+    head = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"{len(skipped)} file(s) skipped: {head}{more} (all in the manifest's 'skipped')"
+
+
+def data_dir_for(data_dir: str | dict | None, task: str) -> str | None:
+    """The data folder of ``task`` from ``--data-dir``: one folder for every task (a string), or
+    ``{task: folder}`` with an optional ``"*"`` for the others (``--data-dir emodb=PATH``)."""
+    if isinstance(data_dir, dict):
+        return data_dir.get(task, data_dir.get("*"))
+    return data_dir
+
+
+def parse_data_dirs(values: list[str] | None) -> str | dict | None:
+    """``--data-dir`` values (repeatable) as :func:`data_dir_for` reads them: ``PATH`` (every task)
+    and ``TASK=PATH`` (a registered task's own; a ``=`` after anything else is part of a path).
+    ``ValueError`` for two folders given to the same task."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for v in values:
+        task, sep, path = v.partition("=")
+        key, folder = (task, path) if sep and task in TASKS.names() else ("*", v)
+        if key in out:
+            raise ValueError(f"--data-dir {v}: a second folder for {'every task' if key == '*' else key} "
+                             f"(already {out[key]})")
+        out[key] = folder
+    return out["*"] if list(out) == ["*"] else out
 
 
 def preset_label(preset: str, options: dict | None) -> str:

@@ -91,6 +91,9 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
         "status": "ok", "mlflow_run_id": cells["run_id"], "parent_run_id": cells["tags.mlflow.parentRunId"],
         "git_commit": cells.get("tags.git_commit"), "start_time": cells["start_time"],
     })
+    for c in ("phases", "selected_phase", "selected_epoch"):  # model selection (tags; absent in older runs)
+        if f"tags.{c}" in cells:
+            results[c] = _num(cells[f"tags.{c}"])
     for c in sorted(cells.columns):  # MLflow's column order varies: sorted, the outputs are reproducible
         if c.startswith("metrics."):
             results[c.removeprefix("metrics.")] = _num(cells[c])

@@ -80,6 +80,7 @@ class Row:
     source: str | None = None                       # reported: key of PAPERS
     table: str | None = None
     note: str | None = None
+    selection: dict = field(default_factory=dict)   # two-stage: {"phase_2": cells keeping Phase 2, "n"}
 
 
 @dataclass
@@ -107,7 +108,8 @@ def _marks(comp: dict) -> dict:
 
 
 def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora") -> list[Section]:
-    """Measured and reported rows grouped by task x backbone, measured rows sorted by WA."""
+    """One section per task x backbone that was run: its measured rows sorted by WA, then the papers'
+    reported rows for the same task and backbone (the others: :func:`unmatched_reported`)."""
     out: dict[tuple, Section] = {}
 
     def section(task, backbone):
@@ -131,18 +133,27 @@ def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: 
             metrics={m: st[m] for m in METRICS if m in st},
             per_class={k.removeprefix("f1_"): v["mean"] for k, v in st.items() if k.startswith("f1_")},
             costs={k: st[k]["mean"] for k, _, _ in COSTS if k in st},
-            marks=_marks(comp) if comp else {}, comparison=comp))
+            marks=_marks(comp) if comp else {}, comparison=comp, selection=dict(c.selection)))
     for s in out.values():
         s.rows.sort(key=lambda r: -r.metrics["wa"]["mean"])
-    if reported is not None:
+    if reported is not None:  # beside the runs of the same task and backbone; the rest: unmatched_reported()
         for r in reported.itertuples():
-            s = section(r.task, r.backbone)
-            s.rows.append(Row(method=r.method, kind="reported",
-                              metrics={m: {"mean": float(getattr(r, m))} for m in METRICS
-                                       if not pd.isna(getattr(r, m))},
-                              source=r.source, table=r.table, note=r.note))
-    measured_first = sorted(out.values(), key=lambda s: not any(r.kind == "measured" for r in s.rows))
-    return measured_first
+            if (r.task, r.backbone) not in out:
+                continue
+            out[(r.task, r.backbone)].rows.append(Row(
+                method=r.method, kind="reported", metrics={m: {"mean": float(getattr(r, m))} for m in METRICS
+                                                           if not pd.isna(getattr(r, m))},
+                source=r.source, table=r.table, note=r.note))
+    return list(out.values())
+
+
+def unmatched_reported(summary: Summary, reported: pd.DataFrame | None) -> pd.DataFrame:
+    """The papers' reported rows for task x backbone pairs nothing was run on (the compact table)."""
+    if reported is None or not len(reported):
+        return pd.DataFrame(columns=["task", "backbone", "method"])
+    ran = {(c.task, c.backbone) for c in summary.cells}
+    keep = [(t, b) not in ran for t, b in zip(reported["task"], reported["backbone"])]
+    return reported[keep]
 
 
 # ---------------------------------------------------------------------------- text formats
@@ -177,6 +188,8 @@ def _method_text(row: Row) -> str:
     if row.kind == "reported":
         paper = PAPERS[row.source]
         return f"{row.method} (reported: {row.note}; {paper['short']} {row.table})"
+    if row.selection:  # dev kept Phase 1 (the memory unused) in the other cells
+        return f"{row.method} (Phase 2 selected in {row.selection['phase_2']}/{row.selection['n']} cells)"
     return row.method
 
 
@@ -204,6 +217,16 @@ def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, refe
             out.append("| " + " | ".join(cells) + " |")
         if _ceilings_text(sec):
             out.append("\n" + _ceilings_text(sec))
+        out.append("")
+    rest = unmatched_reported(summary, reported)
+    if len(rest):
+        out.append("### Reported by the papers (tasks and backbones not run here)\n")
+        out.append("| task | backbone | method | WA | UA | WF1 | source |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in rest.itertuples():
+            vals = [("–" if pd.isna(getattr(r, m)) else f"{float(getattr(r, m)):.2f}") for m in ("wa", "ua", "wf1")]
+            out.append(f"| {r.task} | {r.backbone} | {r.method} ({r.note}) | " + " | ".join(vals)
+                       + f" | {PAPERS[r.source]['short']} {r.table} |")
         out.append("")
     if reported is not None and len(reported):
         out.append("Reported rows: " + "; ".join(f"{p['short']}: {p['cite']}" for p in PAPERS.values()))
@@ -424,6 +447,17 @@ def render_html(summary: Summary, reported: pd.DataFrame | None = None, referenc
                   for i, s in enumerate(secs))
     refs = "".join(f'<li id="ref-{p["key"]}">[{p["key"]}] {html.escape(p["cite"])}</li>' for p in PAPERS.values())
     body = "\n".join(_section_html(s, reference, i) for i, s in enumerate(secs))
+    rest = unmatched_reported(summary, reported)
+    if len(rest):
+        toc += '<li><a href="#reported">reported by the papers (not run here)</a></li>'
+        trs = "".join(
+            "<tr class=\"reported\">" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                r.task, r.backbone, f"{r.method} ({r.note})",
+                *("–" if pd.isna(getattr(r, m)) else f"{float(getattr(r, m)):.2f}" for m in ("wa", "ua", "wf1")),
+                f"{PAPERS[r.source]['short']} {r.table}")) + "</tr>" for r in rest.itertuples())
+        body += ('\n<h2 id="reported">Reported by the papers (tasks and backbones not run here)</h2>'
+                 '<table><thead><tr><th>task</th><th>backbone</th><th>method</th><th>WA</th><th>UA</th><th>WF1</th>'
+                 f'<th>source</th></tr></thead><tbody>{trs}</tbody></table>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>

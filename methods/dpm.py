@@ -52,6 +52,7 @@ the run goes on.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,12 +60,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from peft import LoraConfig
 from torch import nn
 
 from benchbench.backbone import AUDIO_BOS, AUDIO_EOS, Segment
 from benchbench.data import Dialogue, UtteranceInput
-from benchbench.method import ContextMethod, MethodConfig, ProgressFn, check_ranges
+from benchbench.method import ContextMethod, MethodConfig, ProgressFn, UtteranceLevelMethod, check_ranges
 from benchbench.training import (LM_LINEAR_LAYERS, BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng,
                                  dev_epoch_score, lora_search_space)
 
@@ -91,11 +91,12 @@ class DPMConfig(MethodConfig):
     temp_lr: float = 5e-5          # temporary LoRA learning rate (Sec. 4.2)
     temp_eps: float = 1e-7         # AdamW eps (Temp-LoRA)
     test_time_steps: int = 1       # updates per utterance (the paper: one)
+    stream_batch: int = 4          # dialogues streamed side by side, each with its own temporary LoRA (memory!)
     unit_head_lr: float | None = None  # None: the task LoRA's lr
 
     def check(self) -> None:
         check_ranges(self, at_least=dict(n_units=1, kmeans_max_frames=1, n_o=1, n_p=0, n_r=1, temp_r=1,
-                                         test_time_steps=1),
+                                         test_time_steps=1, stream_batch=1),
                      positive=("temp_alpha", "temp_lr", "temp_eps", "unit_head_lr"), fraction=("temp_dropout",))
 
 
@@ -120,6 +121,60 @@ class _UnitStream:
         return start
 
 
+class StreamLoRA:
+    """The temporary LoRA of S dialogues at once: DPM's memory, one per dialogue, trained side by side.
+
+    For every target linear layer ``W [out, in]`` of the LM (matched by the last part of its name, as
+    peft matches ``target_modules``; a peft LoRA layer counts as its linear layer) it holds
+    ``A [S, r, in]`` and ``B [S, out, r]`` and, through a forward hook, adds to the layer's output for
+    batch item b of dialogue ``streams[b]`` the LoRA term (Hu et al.)::
+
+        (alpha / r) * dropout(x_b) A_s^T B_s^T          x_b: [L, in] -> [L, out]
+
+    peft cannot express this (its mixed-batch adapters serve inference only, by name; here every
+    dialogue's adapter is trained at every utterance), so the temporary LoRA is ours while the task
+    LoRA stays peft's. With :attr:`streams` ``None`` the hooks add nothing (Phase 1, ``lora``-style
+    scoring). Parameters are float32 whatever the LM's dtype. A is drawn as peft draws ``lora_A``
+    (Kaiming-uniform, a = sqrt(5)); B starts at 0, so a fresh temporary LoRA changes nothing.
+
+    Because each dialogue's parameters only ever see its own items, one AdamW over the stacked
+    tensors (elementwise; every dialogue steps at every turn from turn 0) trains each exactly as a
+    separate optimizer would.
+    """
+
+    def __init__(self, lm: nn.Module, target_modules: Sequence[str], r: int, alpha: float, dropout: float):
+        self.scale, self.dropout = alpha / r, dropout
+        self.streams: torch.Tensor | None = None  # [B] dialogue index of each batch item
+        targets = set(target_modules)
+        self.layers = {n: m for n, m in lm.named_modules()
+                       if n.rsplit(".", 1)[-1] in targets and (isinstance(m, nn.Linear) or hasattr(m, "base_layer"))}
+        if not self.layers:
+            raise ValueError(f"dpm: temporary LoRA target modules {sorted(targets)} matched no layer")
+        self.init = {}
+        for n, m in self.layers.items():
+            a = torch.empty(1, r, m.in_features)
+            nn.init.kaiming_uniform_(a[0], a=math.sqrt(5))
+            self.init[f"{n}.A"], self.init[f"{n}.B"] = a, torch.zeros(1, m.out_features, r)
+        self.params: dict[str, nn.Parameter] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        self.start(1)
+
+    def start(self, n_streams: int) -> None:
+        """Fresh temporary LoRAs (the initial values) for ``n_streams`` dialogues."""
+        device = next(iter(self.layers.values())).weight.device
+        self.params = {k: nn.Parameter(v.to(device).expand(n_streams, *v.shape[1:]).clone())
+                       for k, v in self.init.items()}
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            if self.streams is None:
+                return None
+            x = nn.functional.dropout(args[0], self.dropout, module.training).float()   # [B, L, in]
+            A, B = self.params[f"{name}.A"][self.streams], self.params[f"{name}.B"][self.streams]
+            return out + (self.scale * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))).to(out.dtype)
+        return hook
+
+
 class DynamicParameterMemory(ContextMethod):
     """Task LoRA + unit head (Phase 1), then a per-dialogue temporary LoRA trained at test time."""
 
@@ -128,10 +183,10 @@ class DynamicParameterMemory(ContextMethod):
     uses_context = True
     presets = {
         "smoke": dict(lora=dict(r=8, alpha=16, lr=2e-3, epochs=1, batch_size=16), n_units=16,
-                      n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3),
+                      n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3, stream_batch=8),
         # CPU-sized: steps scaled to the tiny random-init backbone, like the other methods
         "default": dict(lora=dict(r=32, alpha=64, lr=1e-3, epochs=6, batch_size=32), n_units=64,
-                        n_o=25, n_p=50, n_r=25, temp_r=16, temp_alpha=16, temp_lr=3e-3),
+                        n_o=25, n_p=50, n_r=25, temp_r=16, temp_alpha=16, temp_lr=3e-3, stream_batch=64),
     }
 
     @classmethod
@@ -149,22 +204,13 @@ class DynamicParameterMemory(ContextMethod):
         super().__init__(backbone, labels, config, seed)
         c = self.config
         self.task_params = attach_lora(self.lm, c.lora, adapter_name="task")
-        peft_model = self.lm.language_model
         with auxiliary_rng(seed):  # own RNG stream: Phase 1 does not depend on it
-            peft_model.add_adapter("temp", LoraConfig(r=c.temp_r, lora_alpha=c.temp_alpha,
-                                                      lora_dropout=c.temp_dropout,
-                                                      target_modules=list(c.temp_target_modules)))
+            self.temp = StreamLoRA(self.lm.language_model, c.temp_target_modules, c.temp_r, c.temp_alpha,
+                                   c.temp_dropout)
             self.unit_head = nn.Linear(self.lm.hidden_size, c.n_units + 1).to(self.lm.lm_head.weight)  # + <audio_end>
-        peft_model.base_model.set_adapter(["task", "temp"])  # outputs of active adapters add up
-        self.temp_params = {n: p for n, p in self.lm.named_parameters() if "lora_" in n and ".temp." in n}
-        if not self.temp_params:
-            raise ValueError(f"dpm: temporary LoRA target modules {c.temp_target_modules} matched no layer")
         self._frozen = False  # True once Phase 1 is done (Algorithm 1, line 1)
         self._memory_on = True  # False inside task_lora_only()
         self._set_requires_grad()
-        self.temp_init = {n: p.detach().clone() for n, p in self.temp_params.items()}
-        if any(bool(self.temp_init[n].abs().sum()) for n in self.temp_init if "lora_B" in n):
-            raise RuntimeError("dpm: a fresh temporary LoRA must start with B = 0")
         self.codebook: torch.Tensor | None = None  # [n_units, D], fitted in Phase 1
         self.reset()
 
@@ -208,8 +254,8 @@ class DynamicParameterMemory(ContextMethod):
         Each window is ``(emb [n, D], units [n], n_scored)``: the LM reads ``[<|audio_bos|>; emb[:-1]]``
         and position j predicts ``units[j]``; the last ``n_scored`` predictions are scored (Eq. 3 / 9).
         Each prompt is one utterance's audio embeddings ``[T, D]`` in the suite's prompt (as ``lora``
-        reads it). All are right-padded into one batch. Returns the mean over windows of each window's
-        mean (0 without windows) and the label logits ``[P, C]`` (``None`` without prompts).
+        reads it). All are right-padded into one batch. Returns each window's mean ``[W]`` and the
+        label logits ``[P, C]`` (``None`` without prompts).
         """
         w = self.lm.lm_head.weight
         bos = self.lm.text_embeddings(self.backbone.prompt.audio_bos or self.lm.tokenizer.bos_token or AUDIO_BOS)[:1]
@@ -232,7 +278,7 @@ class DynamicParameterMemory(ContextMethod):
             n = e.shape[0]
             out = self.unit_head(h[P + b, n - k:n])                            # [k, n_units + 1]
             losses.append(nn.functional.cross_entropy(out.float(), u[n - k:].to(out.device)))
-        return (torch.stack(losses).mean() if losses else h.new_zeros(())), logits
+        return (torch.stack(losses) if losses else h.new_zeros(0)), logits
 
     def _phase1_window(self, emb: torch.Tensor, units: torch.Tensor, end: int):
         """Eq. 3-4: the last n_o tokens up to ``end`` (exclusive) and the n_p before them."""
@@ -269,7 +315,8 @@ class DynamicParameterMemory(ContextMethod):
             for i in range(0, len(perm), s.batch_size):
                 chunk = [examples[j] for j in perm[i:i + s.batch_size]]
                 # L_e's prompts and L_a's windows in one LM forward
-                loss_a, logits = self._unit_windows([w for _, _, w in chunk], prompts=[e for e, _, _ in chunk])  # Eq. 3
+                losses_a, logits = self._unit_windows([w for _, _, w in chunk], prompts=[e for e, _, _ in chunk])
+                loss_a = losses_a.mean()                                                            # Eq. 3
                 loss_e = nn.functional.cross_entropy(logits, torch.tensor([y for _, y, _ in chunk],
                                                                           device=logits.device))  # Eq. 5
                 loss = 0.5 * (loss_a + loss_e)                                                       # Eq. 7
@@ -288,81 +335,143 @@ class DynamicParameterMemory(ContextMethod):
                                     f"dpm epoch {epoch + 1}/{s.epochs}", progress)  # DPM inference on dev
             best.offer(score, epoch)
         best.restore()
+        self.selected = {"phase": 1, "epoch": best.epoch}
         self._frozen = True  # Algorithm 1, line 1: freeze the SLLM and its LoRA
         self._set_requires_grad()
         self.lm.eval()
         self.reset()
 
     # ------------------------------------------------------------------ inference (Sec. 3.2, Algorithm 1)
+    @property
+    def temp_params(self) -> dict[str, nn.Parameter]:
+        """The temporary LoRA's parameters, ``[S, ...]`` for the S dialogues being streamed."""
+        return self.temp.params
+
+    @property
+    def temp_init(self) -> dict[str, torch.Tensor]:
+        """The initial values of a fresh temporary LoRA, ``[1, ...]`` (A drawn once from the seed, B = 0)."""
+        return self.temp.init
+
+    def _start(self, n_streams: int) -> None:
+        """Fresh temporary LoRAs (initial values) for ``n_streams`` dialogues, a fresh optimizer and
+        empty token streams."""
+        self.temp.start(n_streams)
+        self._opt = torch.optim.AdamW(list(self.temp.params.values()), lr=self.config.temp_lr,
+                                      betas=(0.9, 0.999), eps=self.config.temp_eps, weight_decay=0.0)
+        self._streams = [_UnitStream(keep=self.config.n_r) for _ in range(n_streams)]
+
     def reset(self) -> None:
         """A fresh temporary LoRA (its initial values, B = 0) with a fresh optimizer; a new stream."""
-        with torch.no_grad():
-            for n, p in self.temp_params.items():
-                p.copy_(self.temp_init[n])
-        self._opt = torch.optim.AdamW(list(self.temp_params.values()), lr=self.config.temp_lr,
-                                      betas=(0.9, 0.999), eps=self.config.temp_eps, weight_decay=0.0)
-        self._stream = _UnitStream(keep=self.config.n_r)
+        self._start(1)
 
     @contextmanager
     def task_lora_only(self):
         """Predict with the task LoRA alone: the temporary adapter switched off and no test-time
         updates (the "SLLM without DPM" ablation of the paper's Table 1)."""
-        base = self.lm.language_model.base_model
-        base.set_adapter(["task"])
         self._memory_on = False
         try:
             yield
         finally:
-            base.set_adapter(["task", "temp"])
             self._memory_on = True
-            self._set_requires_grad()
 
     def _set_requires_grad(self) -> None:
-        """Temporary LoRA trainable; task LoRA and unit head trainable only until Phase 1 ends (peft's
-        set_adapter unfreezes every adapter it activates, so this runs after each adapter change)."""
+        """Task LoRA and unit head trainable only until Phase 1 ends."""
         for p in list(self.task_params.values()) + list(self.unit_head.parameters()):
             p.requires_grad_(not self._frozen)
-        for p in self.temp_params.values():
-            p.requires_grad_(True)
 
-    def step(self, utterance: UtteranceInput) -> np.ndarray:
-        """Algorithm 1 for one utterance: y_i from the temporary LoRA as it stands, then its update on
-        utterance i's units. The prediction and the first update's loss come from one LM forward (both
-        read the same parameters, those after utterance i-1)."""
-        self.lm.eval()
-        emb, stream_emb, units = self._utterance_tokens(utterance)
-        if not self._memory_on:
-            with torch.no_grad():
-                return torch.softmax(self.lm(self.lm.batch([[Segment(emb)]])).float(), -1).numpy()[0]
-        # 2. write utterance i into the temporary LoRA: L_t over its units given n_r tokens before (Eq. 8-9)
+    def _turn(self, active: Sequence[int], utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        """Algorithm 1 for one turn of the dialogues ``active`` (indices of the streamed dialogues;
+        ``utterances[k]`` is dialogue ``active[k]``'s): y_i from each temporary LoRA as it stands, then
+        each updated on its own utterance's units (Eq. 8-9). The predictions and the first update's
+        losses come from one LM forward (they read the same parameters, those after utterance i-1).
+        Returns the probabilities ``[len(active), C]``."""
         t0 = time.perf_counter()
-        self._stream.append(stream_emb, units)  # keeps at most n_r tokens before this utterance
-        window = (self._stream.emb, self._stream.units, units.shape[0])
-        params = list(self.temp_params.values())
-        done, probs = 0, None
-        for k in range(self.config.test_time_steps):
-            loss, logits = self._unit_windows([window], prompts=[emb] if k == 0 else ())
-            if k == 0:  # 1. y_i with the temporary LoRA as it stands (after utterances < i)
-                probs = torch.softmax(logits.detach().float(), -1).numpy()[0]
-            grads = torch.autograd.grad(loss, params)  # the temporary LoRA only: the task LoRA never moves
-            finite = torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
-            if not finite:
-                issue = {"dialogue_id": utterance.dialogue_id, "utterance_id": utterance.utterance_id,
-                         "turn": utterance.turn, "loss": float(loss.detach()),
+        active = list(active)
+        toks = [self._utterance_tokens(u) for u in utterances]
+        windows = []
+        for k, (emb, stream_emb, units) in zip(active, toks):
+            self._streams[k].append(stream_emb, units)  # keeps at most n_r tokens before this utterance
+            windows.append((self._streams[k].emb, self._streams[k].units, units.shape[0]))
+        params = list(self.temp.params.values())
+        device = self.lm.lm_head.weight.device
+        cur = list(active)  # dialogues still updating at this turn (a non-finite update stops one)
+        probs = None
+        for step in range(self.config.test_time_steps):
+            first = step == 0
+            streams = torch.tensor(cur, device=device)
+            self.temp.streams = torch.cat([streams, streams]) if first else streams
+            try:
+                losses, logits = self._unit_windows([windows[active.index(k)] for k in cur],
+                                                    prompts=[e for e, _, _ in toks] if first else ())
+            finally:
+                self.temp.streams = None
+            if first:
+                probs = torch.softmax(logits.detach().float(), -1).cpu().numpy()
+            grads = torch.autograd.grad(losses.sum(), params)  # each dialogue's LoRA gets its own loss's gradient
+            bad = [k for k, loss in zip(cur, losses)
+                   if not (torch.isfinite(loss) and all(bool(torch.isfinite(g[k]).all()) for g in grads))]
+            # skip this update of those dialogues: their parameters and moments are put back after the step
+            # (and of those stopped at an earlier step of this turn, which AdamW's moments would still move)
+            saved = {k: ([p.detach()[k].clone() for p in params],
+                         [{n: v[k].clone() for n, v in self._opt.state[p].items() if v.dim()} for p in params])
+                     for k in bad + [k for k in active if k not in cur]}
+            for k in bad:
+                u = utterances[active.index(k)]
+                issue = {"dialogue_id": u.dialogue_id, "utterance_id": u.utterance_id, "turn": u.turn,
+                         "loss": float(losses[cur.index(k)].detach()),
                          "problem": "non-finite test-time loss or gradient; update skipped"}
                 self.test_time_issues.append(issue)
-                log.warning("dpm: %s (dialogue %s, utterance %s)", issue["problem"], utterance.dialogue_id,
-                            utterance.utterance_id)
-                break
+                log.warning("dpm: %s (dialogue %s, utterance %s)", issue["problem"], u.dialogue_id, u.utterance_id)
+                for g in grads:
+                    g[k] = 0
             for p, g in zip(params, grads):
                 p.grad = g
             self._opt.step()
             self._opt.zero_grad(set_to_none=True)
-            done += 1
+            with torch.no_grad():
+                for k, (values, moments) in saved.items():
+                    for p, v, m in zip(params, values, moments):
+                        p[k] = v
+                        for n, x in m.items():
+                            self._opt.state[p][n][k] = x
+            cur = [k for k in cur if k not in bad]
+            cost = self.test_time_cost
+            cost["test_time_updates"] = cost.get("test_time_updates", 0) + len(cur)
+            if not cur:
+                break
         cost = self.test_time_cost
-        cost["test_time_updates"] = cost.get("test_time_updates", 0) + done
         cost["test_time_update_seconds"] = cost.get("test_time_update_seconds", 0.0) + time.perf_counter() - t0
         return probs
+
+    def step(self, utterance: UtteranceInput) -> np.ndarray:
+        """Algorithm 1 for one utterance of the dialogue being streamed (:meth:`reset` starts one)."""
+        self.lm.eval()
+        if not self._memory_on:
+            return UtteranceLevelMethod.predict_dialogue(self, [utterance])[0]
+        return self._turn([0], [utterance])[0]
+
+    def predict_dialogue(self, utterances: Sequence[UtteranceInput]) -> np.ndarray:
+        return self.predict_dialogues([utterances])[0]
+
+    def predict_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> list[np.ndarray]:
+        """Algorithm 1 for up to ``stream_batch`` dialogues side by side, turn by turn, each with its own
+        temporary LoRA (:class:`StreamLoRA`); what streaming each alone with :meth:`step` gives, within
+        float rounding. Without the memory (:meth:`task_lora_only`): the task LoRA, batched like ``lora``."""
+        self.lm.eval()
+        if not self._memory_on:
+            return UtteranceLevelMethod.predict_dialogues(self, dialogues)
+        out = []
+        for i in range(0, len(dialogues), self.config.stream_batch):
+            group = dialogues[i:i + self.config.stream_batch]
+            self._start(len(group))
+            probs = [[] for _ in group]
+            for t in range(max((len(d) for d in group), default=0)):
+                active = [k for k, d in enumerate(group) if t < len(d)]
+                for k, p in zip(active, self._turn(active, [group[k][t] for k in active])):
+                    probs[k].append(p)
+            out.extend(np.stack(p) if p else np.zeros((0, len(self.labels)), dtype=np.float32) for p in probs)
+        self.reset()
+        return out
 
     # ------------------------------------------------------------------ parameters and fitted state
     def trained_parameters(self):

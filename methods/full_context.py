@@ -57,6 +57,11 @@ class FullContext(ContextMethod):
         self.reset()
 
     @classmethod
+    def variant(cls, config: FullContextConfig) -> str:
+        """``speaker`` when the context is the current speaker's own history (the papers': the dialogue)."""
+        return "speaker" if config.context == "speaker" else ""
+
+    @classmethod
     def search_space(cls, trial):
         return {"lora": lora_search_space(trial),
                 "max_context_tokens": trial.suggest_categorical("max_context_tokens", [128, 256, 512, 1024])}
@@ -100,6 +105,20 @@ class FullContext(ContextMethod):
         self.lm.eval()
         seqs = [self._segments(utterances[:i], u) for i, u in enumerate(utterances)]
         return torch.softmax(self.lm(self.lm.batch(seqs)).float(), -1).numpy()
+
+    @torch.no_grad()
+    def predict_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> list[np.ndarray]:
+        """Every turn of every dialogue (each input holding its own dialogue's turns up to it), sorted
+        by length into LM batches of at most ``batch_utterances`` (little padding)."""
+        self.lm.eval()
+        seqs = [self._segments(d[:i], u) for d in dialogues for i, u in enumerate(d)]
+        lengths = np.array([sum(seg.audio.shape[0] for seg in segs) for segs in seqs])
+        order = np.argsort(lengths, kind="stable")
+        probs = np.zeros((len(seqs), len(self.labels)), dtype=np.float32)
+        for i in range(0, len(order), self.batch_utterances):
+            idx = order[i:i + self.batch_utterances]
+            probs[idx] = torch.softmax(self.lm(self.lm.batch([seqs[j] for j in idx])).float(), -1).cpu().numpy()
+        return np.split(probs, np.cumsum([len(d) for d in dialogues])[:-1]) if dialogues else []
 
     @torch.no_grad()
     def step(self, utterance: UtteranceInput) -> np.ndarray:

@@ -349,6 +349,7 @@ class TitansMemoryMethod(ContextMethod):
 
     config_cls = TitansMemoryConfig
     uses_context = True
+    phases = 2
     branch_cls: ClassVar[type[MemoryBranch]]
     # Phase 1 at each preset is `lora`'s (LORA_PRESETS), by construction
     presets = phase1_presets({
@@ -358,6 +359,11 @@ class TitansMemoryMethod(ContextMethod):
         # `--set mal.speaker_memory=false`); see the README's "Memory per speaker"
         "default": dict(d_m=16, epochs=3, lr=3e-3, gate_lr=5e-2, batch_dialogues=8, speaker_memory=True),
     })
+
+    @classmethod
+    def variant(cls, config: TitansMemoryConfig) -> str:
+        """``speaker`` with one memory state per speaker (the paper keeps one per dialogue)."""
+        return "speaker" if config.speaker_memory else ""
 
     @classmethod
     def search_space(cls, trial):
@@ -379,7 +385,6 @@ class TitansMemoryMethod(ContextMethod):
                                                                    backbone.max_audio_tokens)
                                            for l in self.layer_ids}).to(self.lm.lm_head.weight.device)
         self._memory_removed = False  # True in Phase 1, and after it when dev selected Phase 1
-        self.selected: dict | None = None  # after fit: {"phase": 1 or 2, "epoch": 0-based epoch of that phase}
         for l, block in enumerate(self.lm.layers):
             block.register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
         self._active: MemoryPass | None = None  # None: memory removed (Phase 1); else the current forward

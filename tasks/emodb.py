@@ -28,7 +28,7 @@ import numpy as np
 import soundfile as sf
 
 from benchbench.data import Dialogue, Fold, Utterance, UtteranceInput
-from benchbench.task import Task
+from benchbench.task import Task, skipped_notice
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class EmoDBDialogueTask(Task):
             by_speaker[spk].append(Utterance(inp, LABELS.index(EMOTION_LETTERS[letter])))
         for s in self.skipped:
             log.warning("emodb: skipped %s (%s)", s["file"], s["reason"])
+        if self.skipped:  # a NOTICE line in the terminal and in summary.json, beside the manifest's list
+            self.notices.append(skipped_notice(self.skipped))
         return by_speaker
 
     def _compose(self, pair_index: int, pair: tuple[str, str]) -> tuple[Dialogue, ...]:

@@ -34,7 +34,7 @@ import numpy as np
 import soundfile as sf
 
 from benchbench.data import UNSCORED, Dialogue, Fold, Utterance, UtteranceInput
-from benchbench.task import Task
+from benchbench.task import Task, skipped_notice
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,15 @@ class IEMOCAPTask(Task):
         self.skipped: list[dict] = []
         self.other_codes: dict[str, int] = {}
         self._sessions = {k: self._load_session(k) for k in SESSIONS}
+        if self.skipped:  # a NOTICE line in the terminal and in summary.json, beside the manifest's list
+            self.notices.append(skipped_notice(self.skipped))
         self.count_check = self._check_counts()
 
     def params(self) -> dict:
         return {**super().params(), "dev_fraction": self.dev_fraction, "protocol": "LOSO, exc->hap"}
 
     def _skip(self, path: Path, reason: str) -> None:
-        """Report a file left out (manifest and log), never a silent drop."""
+        """Report a file left out (manifest, log and a notice), never a silent drop."""
         self.skipped.append({"file": str(path.relative_to(self.root)), "reason": reason})
         log.warning("iemocap: skipped %s (%s)", self.skipped[-1]["file"], reason)
 

@@ -3,8 +3,18 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-EMODB_DIR = SHARED / "data" / "emodb"
+# Local corpora for the tests: BENCHBENCH_TEST_DATA names a folder holding emodb/ (Emo-DB's wav/
+# folder) and meld/ (MELD's CSVs); default ../shared/data beside the repository. Tests that need a
+# missing corpus are skipped, and their reason names the variable.
+DATA_ENV = "BENCHBENCH_TEST_DATA"
+DATA = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+EMODB_DIR = DATA / "emodb"
+MELD_DIR = DATA / "meld"
+
+
+def missing(what: str, path: Path) -> str:
+    """A skip reason naming the corpus, where it was looked for and how to point the tests at it."""
+    return f"{what} not found at {path} (set {DATA_ENV} to a folder holding emodb/ and meld/; see the README)"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -164,3 +164,65 @@ def test_help_usage_errors_and_list_tasks_do_not_import_torch_or_mlflow(argv):
             "assert not heavy, heavy\n") % (argv,)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_variants_model_selection_and_leaderboard_sections_are_what_ran(tmp_path, capsys):
+    """A departure from the papers' form is labelled (mal[speaker]) wherever results appear; which
+    phase dev selected is a column, a tag and a leaderboard note; a cell whose memory ended unused says
+    so; the leaderboard has sections only for what ran, the papers' other rows in one compact table."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    rc = main(["run", "--methods", "lora,mal,mag", "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0",
+               "--set", "mal.speaker_memory=true", "--set", "mag.epochs=0", "--tracking-uri", uri,
+               "--output", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    res = pd.read_csv(out / "results.csv").set_index("method")
+    assert list(res.index) == ["lora", "mal[speaker]", "mag"]  # mag's smoke preset is the paper's form
+    assert list(res["method_name"]) == ["lora", "mal", "mag"]
+    assert res.loc["lora", "phases"] == 1 and res.loc["mal[speaker]", "phases"] == 2
+    assert res.loc["mal[speaker]", "selected_phase"] in (1, 2) and res.loc["lora", "selected_phase"] == 1
+    # no Phase-2 epoch: dev keeps Phase 1, the memory is unused and the terminal says so
+    assert res.loc["mag", "selected_phase"] == 1
+    assert "[mag s0 f0] NOTICE: dev selected Phase 1" in printed and "the memory is unused" in printed
+    preds = pd.read_csv(out / "predictions.csv")
+    p = {m: preds[preds.method == m].filter(like="p_").to_numpy() for m in ("lora", "mag")}
+    assert (p["lora"] == p["mag"]).all()  # Phase 1 is lora under the same seed
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("benchbench").experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert "mal[speaker]-synthetic-s0-f0" in names
+    cell = next(r for r in runs if r.info.run_name == "mal[speaker]-synthetic-s0-f0")
+    assert cell.data.params["method"] == "mal[speaker]" and cell.data.tags["selected_phase"] in ("1", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    mag = next(c for c in summary["cells"] if c["method"] == "mag")
+    assert mag["selection"] == {"phase_2": 0, "n": 1}
+    board = (out / "leaderboard.md").read_text()
+    assert "mal[speaker]" in board and "mag (Phase 2 selected in 0/1 cells)" in board
+    assert "mal[speaker] - lora WA" in printed
+    # the bench leaderboard from the store: one section (what ran), the papers' rows in a compact table
+    assert main(["leaderboard", "--tracking-uri", uri, "--output", str(tmp_path / "lb"), "--resamples", "100"]) == 0
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert md.count("### ") == 2 and "### synthetic · tiny-qwen2-audio" in md
+    assert "### Reported by the papers (tasks and backbones not run here)" in md
+    assert "| iemocap | qwen2-audio-7b | mal (+ Titans+LoRA) | 83.66 |" in md
+    assert "mag (Phase 2 selected in 0/1 cells)" in md
+
+
+def test_data_dir_per_task(tmp_path, capsys):
+    from benchbench.task import data_dir_for, parse_data_dirs
+
+    assert parse_data_dirs(["/d"]) == "/d" and parse_data_dirs(None) is None
+    # TASK=PATH for a registered task; any other "=" is part of a path
+    assert parse_data_dirs(["emodb=/e", "iemocap=/i", "odd=name"]) == {"emodb": "/e", "iemocap": "/i", "*": "odd=name"}
+    assert data_dir_for({"emodb": "/e", "*": "/rest"}, "meld") == "/rest" and data_dir_for("/d", "emodb") == "/d"
+    for twice in (["emodb=/a", "emodb=/b"], ["/a", "/b"]):
+        with pytest.raises(ValueError, match="a second folder for"):
+            parse_data_dirs(twice)
+    # a task's own folder is checked (and named) before anything is written
+    rc = main(["run", "--methods", "lora", "--tasks", "synthetic,emodb", "--data-dir", f"emodb={tmp_path / 'nowhere'}",
+               "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--data-dir {tmp_path / 'nowhere'}: no such folder" in err and not (tmp_path / "o").exists()
+    rc = main(["run", "--methods", "lora", "--tasks", "emodb", "--data-dir", f"iemocap={tmp_path}",
+               "--output", str(tmp_path / "o")])
+    assert rc == 2 and "--data-dir is required (a folder, or emodb=FOLDER)" in capsys.readouterr().err

@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import EMODB_DIR, same_emotion_rate
+from tests.conftest import EMODB_DIR, missing, same_emotion_rate
 
 pytestmark = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
-                                reason=f"Emo-DB not found at {EMODB_DIR} (see tasks/emodb.py for where to get it)")
+                                reason=missing("Emo-DB", EMODB_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,10 @@ def test_bad_files_are_reported_not_dropped(tmp_path):
     t = EmoDBDialogueTask(data_dir=tmp_path)
     skipped = {s["file"]: s["reason"] for s in t.manifest()["skipped"]}
     assert "unreadable" in skipped["03a01Wz.wav"] and "notes.wav" in skipped
+    # ... and a notice (a NOTICE line in the terminal and in summary.json) says so
+    (notice,) = t.notices
+    assert notice.startswith("2 file(s) skipped") and "03a01Wz.wav (unreadable" in notice
+    assert t.manifest()["notices"] == [notice]  # summary.json's tasks.emodb.notices come from here
     with pytest.raises(FileNotFoundError, match="emodb"):
         EmoDBDialogueTask(data_dir=tmp_path / "nowhere")
 
@@ -85,7 +89,7 @@ def test_bench_run_emodb_all_folds(tmp_path):
 
     from benchbench.cli import main
 
-    rc = main(["run", "--methods", "lora,mal", "--tasks", "emodb", "--data-dir", str(EMODB_DIR), "--preset",
+    rc = main(["run", "--methods", "lora,mal", "--tasks", "emodb", "--data-dir", f"emodb={EMODB_DIR}", "--preset",
                "smoke", "--seeds", "0", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
                "--output", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import EMODB_DIR
+from tests.conftest import EMODB_DIR, missing
 
 pytestmark = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
-                                reason=f"Emo-DB not found at {EMODB_DIR} (the IEMOCAP fixture is built from it)")
+                                reason=missing("Emo-DB (the IEMOCAP fixture is built from it)", EMODB_DIR))
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import EMODB_DIR, SHARED
-
-MELD_DIR = SHARED / "data" / "meld"
+from tests.conftest import EMODB_DIR, MELD_DIR, missing
 needs_csv = pytest.mark.skipif(not (MELD_DIR / "train_sent_emo.csv").is_file(),
-                               reason=f"MELD CSVs not found at {MELD_DIR} (https://affective-meld.github.io/)")
+                               reason=missing("MELD's CSVs (https://affective-meld.github.io/)", MELD_DIR))
 needs_emodb = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
-                                 reason=f"Emo-DB not found at {EMODB_DIR} (the MELD clips are made from it)")
+                                 reason=missing("Emo-DB (the MELD clips are made from it)", EMODB_DIR))
 
 
 @pytest.fixture(scope="module")
 def meld_raw(tmp_path_factory):
     if not (EMODB_DIR / "wav").is_dir() or not (MELD_DIR / "train_sent_emo.csv").is_file():
-        pytest.skip("needs ../shared/data/emodb and ../shared/data/meld")
+        pytest.skip(missing("Emo-DB and MELD's CSVs", EMODB_DIR.parent))
     from benchbench.tools.fixtures import make_meld
 
     return make_meld(EMODB_DIR, MELD_DIR, tmp_path_factory.mktemp("meld"))

@@ -6,10 +6,10 @@ import shutil
 import pandas as pd
 import pytest
 
-from tests.conftest import EMODB_DIR
+from tests.conftest import EMODB_DIR, missing
 
 pytestmark = pytest.mark.skipif(not (EMODB_DIR / "wav").is_dir(),
-                                reason=f"Emo-DB not found at {EMODB_DIR} (the MultiDialog sample is made from it)")
+                                reason=missing("Emo-DB (the MultiDialog sample is made from it)", EMODB_DIR))
 
 
 @pytest.fixture(scope="module")

@@ -85,3 +85,41 @@ def test_lora_settings_defaults_are_the_papers():
     s = LoRASettings()
     assert (s.r, s.alpha, s.lr, s.epochs, s.batch_size) == (32, 64, 2e-5, 3, 8)
     assert np.isclose(LORA_PRESETS["default"]["lr"], 1e-3)
+
+
+@pytest.mark.parametrize("name", ["mal", "mag"])
+def test_phase1_replays_the_lora_cell_bit_for_bit(name, tiny_task):
+    """Phase 1 of a two-stage method is the lora cell's training of the same fold and seed: on a
+    backbone that already ran it, it is replayed (parameters, curves, dev selection, RNG end states)
+    and the method's predictions equal those of a fresh training, bit for bit."""
+    from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
+    from benchbench.method import METHODS
+    from benchbench.training import seed_everything
+
+    fold = tiny_task.folds()[0]
+
+    def run(bb, method):
+        messages = []
+        with bb.lend_lm():
+            seed_everything(0)
+            cls = METHODS.get(method)
+            m = cls(bb, tiny_task.labels, cls.make_config("smoke"), seed=0)
+            m.fit(fold.train, fold.dev, progress=lambda msg, d: messages.append(msg))
+            return m.predict_dialogues([d.inputs() for d in fold.test]), m.curves, m.selected, messages
+
+    fresh = run(tiny_qwen2_audio(seed=0), name)
+    bb = tiny_qwen2_audio(seed=0)
+    run(bb, "lora")
+    assert len(bb.fit_cache) == 1
+    replayed = run(bb, name)
+    assert any("reused the identical training" in m for m in replayed[3])
+    assert not any("reused" in m for m in fresh[3])
+    assert all(np.array_equal(a, b) for a, b in zip(fresh[0], replayed[0]))
+    assert fresh[1] == replayed[1] and fresh[2] == replayed[2]
+    # another seed is another training: no replay
+    with bb.lend_lm():
+        seed_everything(1)
+        m = METHODS.get(name)(bb, tiny_task.labels, METHODS.get(name).make_config("smoke"), seed=1)
+        msgs = []
+        m.fit(fold.train, fold.dev, progress=lambda msg, d: msgs.append(msg))
+    assert not any("reused" in x for x in msgs) and len(bb.fit_cache) == 2
