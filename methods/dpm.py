@@ -170,7 +170,10 @@ class StreamLoRA:
             if self.streams is None:
                 return None
             x = nn.functional.dropout(args[0], self.dropout, module.training).float()   # [B, L, in]
-            A, B = self.params[f"{name}.A"][self.streams], self.params[f"{name}.B"][self.streams]
+            # index_select: its backward sums the duplicate reads (prompt and window of a dialogue) in
+            # a fixed order (advanced indexing's accumulation is not deterministic on CPU)
+            A = torch.index_select(self.params[f"{name}.A"], 0, self.streams)
+            B = torch.index_select(self.params[f"{name}.B"], 0, self.streams)
             return out + (self.scale * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))).to(out.dtype)
         return hook
 

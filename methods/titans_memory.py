@@ -316,7 +316,9 @@ class MemoryBranch(nn.Module):
         x_dtype, x = x.dtype, x.to(self.W_in.weight.dtype)  # the branch runs in float32 over a bf16 host
         S, Ls = layout.n_streams, layout.length
         table = torch.cat([self.P, self.W_in(x), self.P.new_zeros(1, self.P.shape[1])])
-        z = table[layout.src].view(S, Ls, -1)                                   # Eq. 6: [P; W_in h] per slot
+        # index_select, not table[src]: its backward (index_add) sums the many reads of P and of the
+        # copied chunks in a fixed order; advanced indexing's does not on CPU (results varied across runs)
+        z = torch.index_select(table, 0, layout.src).view(S, Ls, -1)           # Eq. 6: [P; W_in h] per slot
         mem = self.memory
         mem.chunk_size = mem.store_chunk_size = mem.retrieve_chunk_size = layout.chunk
         mem.reduce_to_chunk_rep.counts = layout.counts

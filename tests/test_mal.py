@@ -211,3 +211,34 @@ def test_speaker_memory_keeps_one_state_per_speaker(backbone, tiny_task):
     assert np.isfinite(mal.curves["mal_train_loss"]).all()
     streams = sorted(n for d in fold.train for n in np.unique([u.speaker for u in d.inputs()], return_counts=True)[1])
     assert sorted(n for batch in seen for n in batch) == sorted(streams * mal.config.epochs)
+
+
+DETERMINISM_SCRIPT = """
+import hashlib, numpy as np
+from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
+from benchbench.tasks.synthetic import SyntheticProsodyTask
+from benchbench.method import METHODS
+from benchbench.training import seed_everything
+bb = tiny_qwen2_audio(seed=0)
+task = SyntheticProsodyTask(preset="smoke", n_train=24, n_dev=4, n_test=3, n_turns=10, duration_s=1.2)
+f = task.folds()[0]
+for name, overrides in (("mal", {"lora": {"epochs": 1}}), ("dpm", {"lora": {"epochs": 1}})):
+    seed_everything(0)
+    cls = METHODS.get(name)
+    m = cls(bb, task.labels, cls.make_config("default", overrides), seed=0)
+    m.fit(f.train, f.dev)
+    p = m.predict_dialogues([d.inputs() for d in f.test])
+    print(name, hashlib.sha256(np.concatenate(p).tobytes()).hexdigest())
+"""
+
+
+def test_training_is_bit_identical_across_processes():
+    """Two fresh processes train mal (memory streams of unequal lengths) and dpm (dialogues side by
+    side) to the same bits: the gathers whose backward sums duplicate reads are index_select, whose
+    accumulation order is fixed (advanced indexing's is not on CPU; it varied across runs)."""
+    import subprocess
+    import sys
+
+    outs = [subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert outs[0] == outs[1] and outs[0].count("\n") == 2
