@@ -41,10 +41,10 @@ given in the paper: the defaults are ours (2 s and 4 s of 25 Hz tokens; the CPU-
 preset reads n_r = 25 tokens, 1 s, before the utterance: an update costs about 2 x (n_r + T + 1)
 token-forwards against the prediction's prompt + T, so n_r sets DPM's cost; ``bench speed``).
 
-**Cost.** Every test utterance costs one LM forward holding both the prediction and the first
-update's window (both read the parameters after utterance i-1), its backward, and one forward and
-backward per further update; ``test_time_cost`` reports the updates and their milliseconds per
-utterance (the fused prediction included), and the harness logs them beside the other costs. A non-finite test-time loss (or
+**Cost.** Every test utterance costs one LM forward for the prediction plus one forward and
+backward through the LM per update, ``stream_batch`` dialogues side by side (:class:`StreamLoRA`);
+``test_time_cost`` reports the updates and their milliseconds per utterance (the prediction
+included), and the harness logs them beside the other costs. A non-finite test-time loss (or
 gradient) skips that update, is recorded in ``test_time_issues`` with its dialogue and utterance, and
 the run goes on.
 """
@@ -385,9 +385,7 @@ class DynamicParameterMemory(ContextMethod):
     def _turn(self, active: Sequence[int], utterances: Sequence[UtteranceInput]) -> np.ndarray:
         """Algorithm 1 for one turn of the dialogues ``active`` (indices of the streamed dialogues;
         ``utterances[k]`` is dialogue ``active[k]``'s): y_i from each temporary LoRA as it stands, then
-        each updated on its own utterance's units (Eq. 8-9). The predictions and the first update's
-        losses come from one LM forward (they read the same parameters, those after utterance i-1).
-        Returns the probabilities ``[len(active), C]``."""
+        each updated on its own utterance's units (Eq. 8-9). Returns the probabilities ``[len(active), C]``."""
         t0 = time.perf_counter()
         active = list(active)
         toks = [self._utterance_tokens(u) for u in utterances]
@@ -397,19 +395,22 @@ class DynamicParameterMemory(ContextMethod):
             windows.append((self._streams[k].emb, self._streams[k].units, units.shape[0]))
         params = list(self.temp.params.values())
         device = self.lm.lm_head.weight.device
+        # 1. y_i with each temporary LoRA as it stands (after utterances < i); no graph: the update's
+        # backward then covers the windows alone (a prediction in the same forward would double it)
+        self.temp.streams = torch.tensor(active, device=device)
+        try:
+            with torch.no_grad():
+                logits = self.lm(self.lm.batch([[Segment(e)] for e, _, _ in toks]))
+        finally:
+            self.temp.streams = None
+        probs = torch.softmax(logits.float(), -1).cpu().numpy()
         cur = list(active)  # dialogues still updating at this turn (a non-finite update stops one)
-        probs = None
         for step in range(self.config.test_time_steps):
-            first = step == 0
-            streams = torch.tensor(cur, device=device)
-            self.temp.streams = torch.cat([streams, streams]) if first else streams
+            self.temp.streams = torch.tensor(cur, device=device)
             try:
-                losses, logits = self._unit_windows([windows[active.index(k)] for k in cur],
-                                                    prompts=[e for e, _, _ in toks] if first else ())
+                losses, _ = self._unit_windows([windows[active.index(k)] for k in cur])
             finally:
                 self.temp.streams = None
-            if first:
-                probs = torch.softmax(logits.detach().float(), -1).cpu().numpy()
             grads = torch.autograd.grad(losses.sum(), params)  # each dialogue's LoRA gets its own loss's gradient
             bad = [k for k, loss in zip(cur, losses)
                    if not (torch.isfinite(loss) and all(bool(torch.isfinite(g[k]).all()) for g in grads))]

@@ -41,6 +41,7 @@ class FullContext(ContextMethod):
     """Concatenated dialogue history in the input, LoRA-tuned."""
 
     name = "full_context"
+    BATCH_TOKENS = 4096  # audio tokens, padding included, per LM forward in predict_dialogues
     config_cls = FullContextConfig
     uses_context = True
     # the task LoRA at each preset is `lora`'s (LORA_PRESETS)
@@ -109,14 +110,20 @@ class FullContext(ContextMethod):
     @torch.no_grad()
     def predict_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> list[np.ndarray]:
         """Every turn of every dialogue (each input holding its own dialogue's turns up to it), sorted
-        by length into LM batches of at most ``batch_utterances`` (little padding)."""
+        by length into LM batches of at most ``batch_utterances`` inputs and ``BATCH_TOKENS`` audio
+        tokens with padding (the contexts' lengths vary tenfold)."""
         self.lm.eval()
         seqs = [self._segments(d[:i], u) for d in dialogues for i, u in enumerate(d)]
         lengths = np.array([sum(seg.audio.shape[0] for seg in segs) for segs in seqs])
         order = np.argsort(lengths, kind="stable")
         probs = np.zeros((len(seqs), len(self.labels)), dtype=np.float32)
-        for i in range(0, len(order), self.batch_utterances):
-            idx = order[i:i + self.batch_utterances]
+        batches, cur = [], []
+        for j in order:  # ascending length: a batch is full at batch_utterances or BATCH_TOKENS padded tokens
+            if cur and (len(cur) == self.batch_utterances or (len(cur) + 1) * lengths[j] > self.BATCH_TOKENS):
+                batches.append(cur)
+                cur = []
+            cur.append(j)
+        for idx in batches + [cur] if cur else batches:
             probs[idx] = torch.softmax(self.lm(self.lm.batch([seqs[j] for j in idx])).float(), -1).cpu().numpy()
         return np.split(probs, np.cumsum([len(d) for d in dialogues])[:-1]) if dialogues else []
 
