@@ -224,7 +224,7 @@ def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, refe
         out.append("| task | backbone | method | WA | UA | WF1 | source |")
         out.append("|---|---|---|---|---|---|---|")
         for r in rest.itertuples():
-            vals = [("–" if pd.isna(getattr(r, m)) else f"{float(getattr(r, m)):.2f}") for m in ("wa", "ua", "wf1")]
+            vals = [("–" if pd.isna(getattr(r, m)) else _pct(float(getattr(r, m)))) for m in ("wa", "ua", "wf1")]
             out.append(f"| {r.task} | {r.backbone} | {r.method} ({r.note}) | " + " | ".join(vals)
                        + f" | {PAPERS[r.source]['short']} {r.table} |")
         out.append("")
@@ -453,7 +453,7 @@ def render_html(summary: Summary, reported: pd.DataFrame | None = None, referenc
         trs = "".join(
             "<tr class=\"reported\">" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 r.task, r.backbone, f"{r.method} ({r.note})",
-                *("–" if pd.isna(getattr(r, m)) else f"{float(getattr(r, m)):.2f}" for m in ("wa", "ua", "wf1")),
+                *("–" if pd.isna(getattr(r, m)) else _pct(float(getattr(r, m))) for m in ("wa", "ua", "wf1")),
                 f"{PAPERS[r.source]['short']} {r.table}")) + "</tr>" for r in rest.itertuples())
         body += ('\n<h2 id="reported">Reported by the papers (tasks and backbones not run here)</h2>'
                  '<table><thead><tr><th>task</th><th>backbone</th><th>method</th><th>WA</th><th>UA</th><th>WF1</th>'

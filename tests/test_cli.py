@@ -58,7 +58,8 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
 
     board = (out / "leaderboard.md").read_text()
-    assert "### synthetic · tiny-qwen2-audio" in board and "| mal | 2 |" in board and "context_free" in board
+    assert "### synthetic · tiny-qwen2-audio" in board and "context_free" in board
+    assert "| mal (Phase 2 selected in " in board and " cells) | 2 |" in board
 
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == res["n_test"].sum()

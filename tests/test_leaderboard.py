@@ -77,7 +77,7 @@ def test_marks_need_both_the_bootstrap_interval_and_the_holm_corrected_test():
 def test_bench_leaderboard_reads_mlflow_and_writes_every_format(logged):
     board, tmp = logged["board"], logged["tmp"]
     for name in ("leaderboard.html", "leaderboard.md", "leaderboard.tex", "leaderboard.json"):
-        assert (board / name).stat().st_size > 500, name
+        assert (board / name).stat().st_size > 300, name
     data = json.loads((board / "leaderboard.json").read_text())
     cells = {c["method"]: c for c in data["summary"]["cells"]}
     assert set(cells) == {"lora", "mal"} and cells["mal"]["n"] == 2
@@ -95,10 +95,12 @@ def test_bench_leaderboard_reads_mlflow_and_writes_every_format(logged):
     assert got.task_info["synthetic"].reference.context_free > 0.25
 
     md = (board / "leaderboard.md").read_text()
-    assert "### synthetic · tiny-qwen2-audio (smoke preset)" in md and "### iemocap · qwen2-audio-7b" in md
-    assert "*mal (reported: + Titans+LoRA; Titans-as-a-Layer Table 1)*" in md and "context_free" in md
+    # a section for what ran; the papers' rows for pairs nothing ran on in one compact table
+    assert "### synthetic · tiny-qwen2-audio (smoke preset)" in md and "### iemocap · qwen2-audio-7b" not in md
+    assert "| iemocap | qwen2-audio-7b | mal (+ Titans+LoRA) | 83.66 | 84.20 | 83.67 | Titans-as-a-Layer Table 1 |" in md
+    assert "mal (Phase 2 selected in " in md and "context_free" in md
     tex = (board / "leaderboard.tex").read_text()
-    assert tex.count(r"\begin{tabular}") == md.count("### ") and "83.66" in tex
+    assert tex.count(r"\begin{tabular}") == md.count("### ") - 1  # the compact table is not a section
     page = (board / "leaderboard.html").read_text()
     assert page.count("<svg") >= 2 and "Titans-as-a-Layer" in page
     # self-contained: nothing is fetched (no external scripts, styles, images or fonts)

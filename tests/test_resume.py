@@ -118,7 +118,7 @@ def test_a_killed_run_resumes_with_every_cell_once(tmp_path, how):
     (["--methods", "lora", "--set", "lora.lr=abc"], "--set lora.lr='abc': expected a float"),
     (["--methods", "lora", "--set", "lora.lr=-1"], "--set lora.lr=-1.0: expected > 0"),
     (["--methods", "lora", "--set", "mal.lr=5"], "--set mal.*: method 'mal' is not in --methods"),
-    (["--methods", "lora", "--tasks", "emodb"], "--data-dir is required: task emodb reads Emo-DB"),
+    (["--methods", "lora", "--tasks", "emodb"], "--data-dir is required (a folder, or emodb=FOLDER): task emodb reads Emo-DB"),
     (["--methods", "lora", "--tasks", "iemocap", "--data-dir", "/nonexistent"],
      "--data-dir /nonexistent: no such folder (task iemocap reads IEMOCAP_full_release"),
     (["--task-set", "synthetic.preset_size=3"], "unknown option(s) ['preset_size']"),
