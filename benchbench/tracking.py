@@ -157,6 +157,8 @@ class Tracker:
     ``reaped``) before the parent run starts."""
 
     def __init__(self, tracking_uri: str | None, run_name: str, params: dict, tags: dict):
+        # reading reused cells' artifacts must not print MLflow's download bars through the terminal
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         self.tracking_uri = mlflow.get_tracking_uri()

@@ -413,7 +413,7 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
             delta = _td(html.escape(_delta_text(r)), round(100 * b["diff"], 4))
         else:
             delta = _td("")
-        cells = [_td(html.escape(r.method), r.method, "name"), _td(src, r.kind, "name"), _td(str(r.n or ""), r.n),
+        cells = [_td(html.escape(_method_text(r) if r.kind == "measured" else r.method), r.method, "name"), _td(src, r.kind, "name"), _td(str(r.n or ""), r.n),
                  *(_metric_td(r, m) for m in METRICS), delta,
                  *(_td(_pct(r.per_class[lab]), round(100 * r.per_class[lab], 4)) if lab in r.per_class else _td("")
                    for lab in labels),
