@@ -100,14 +100,6 @@ class LMBatch:
     answer_index: torch.Tensor
     audio_spans: list[list[tuple[int, int]]]
 
-    @property
-    def uniform_current_span(self) -> tuple[int, int]:
-        """The current utterance's span when it is the same for every item, else ``ValueError``."""
-        spans = {s[-1] for s in self.audio_spans}
-        if len(spans) != 1:
-            raise ValueError(f"batch items have different current-utterance spans: {sorted(spans)}")
-        return spans.pop()
-
 
 class EmotionLM(nn.Module):
     """A copy of the backbone's language model with the label-restricted scoring head.

@@ -389,10 +389,10 @@ class DynamicParameterMemory(ContextMethod):
         t0 = time.perf_counter()
         active = list(active)
         toks = [self._utterance_tokens(u) for u in utterances]
-        windows = []
+        windows, utterance_of = {}, dict(zip(active, utterances))  # by dialogue index
         for k, (emb, stream_emb, units) in zip(active, toks):
             self._streams[k].append(stream_emb, units)  # keeps at most n_r tokens before this utterance
-            windows.append((self._streams[k].emb, self._streams[k].units, units.shape[0]))
+            windows[k] = (self._streams[k].emb, self._streams[k].units, units.shape[0])
         params = list(self.temp.params.values())
         device = self.lm.lm_head.weight.device
         # 1. y_i with each temporary LoRA as it stands (after utterances < i); no graph: the update's
@@ -408,11 +408,12 @@ class DynamicParameterMemory(ContextMethod):
         for step in range(self.config.test_time_steps):
             self.temp.streams = torch.tensor(cur, device=device)
             try:
-                losses, _ = self._unit_windows([windows[active.index(k)] for k in cur])
+                losses, _ = self._unit_windows([windows[k] for k in cur])
             finally:
                 self.temp.streams = None
             grads = torch.autograd.grad(losses.sum(), params)  # each dialogue's LoRA gets its own loss's gradient
-            bad = [k for k, loss in zip(cur, losses)
+            loss_of = dict(zip(cur, losses))
+            bad = [k for k, loss in loss_of.items()
                    if not (torch.isfinite(loss) and all(bool(torch.isfinite(g[k]).all()) for g in grads))]
             # skip this update of those dialogues: their parameters and moments are put back after the step
             # (and of those stopped at an earlier step of this turn, which AdamW's moments would still move)
@@ -420,9 +421,9 @@ class DynamicParameterMemory(ContextMethod):
                          [{n: v[k].clone() for n, v in self._opt.state[p].items() if v.dim()} for p in params])
                      for k in bad + [k for k in active if k not in cur]}
             for k in bad:
-                u = utterances[active.index(k)]
+                u = utterance_of[k]
                 issue = {"dialogue_id": u.dialogue_id, "utterance_id": u.utterance_id, "turn": u.turn,
-                         "loss": float(losses[cur.index(k)].detach()),
+                         "loss": float(loss_of[k].detach()),
                          "problem": "non-finite test-time loss or gradient; update skipped"}
                 self.test_time_issues.append(issue)
                 log.warning("dpm: %s (dialogue %s, utterance %s)", issue["problem"], u.dialogue_id, u.utterance_id)
@@ -443,7 +444,6 @@ class DynamicParameterMemory(ContextMethod):
             cost["test_time_updates"] = cost.get("test_time_updates", 0) + len(cur)
             if not cur:
                 break
-        cost = self.test_time_cost
         cost["test_time_update_seconds"] = cost.get("test_time_update_seconds", 0.0) + time.perf_counter() - t0
         return probs
 
