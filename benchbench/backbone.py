@@ -244,6 +244,7 @@ class AudioLLMBackbone:
         # outcomes of deterministic trainings on this backbone, reused within the process
         # (benchbench.training.fit_task_lora: a two-stage method's Phase 1 is the lora cell's training)
         self.fit_cache: dict[str, dict] = {}
+        self._lm_key: str | None = None  # lm_key, hashed on the first new_lm() (the LM is clean then)
         self._lending: bool = False  # inside lend_lm(): the next new_lm() gets the backbone's own LM
         self._lent: bool = False     # ... and has got it
         self.encoder_calls = 0  # audio-encoder forward passes actually run (cache misses)
@@ -261,6 +262,22 @@ class AudioLLMBackbone:
                 h.update(k.encode())
                 h.update(v.detach().to(torch.float32).cpu().numpy().tobytes())
         return h.hexdigest()
+
+    @property
+    def lm_key(self) -> str:
+        """sha256 over the language model's and LM head's own weights, raw bytes in their dtype (so
+        ``--dtype`` counts): with :attr:`key`, the identity a training on this backbone depends on
+        (the on-disk Phase-1 cache, :func:`benchbench.training.fit_task_lora`). Hashed once, before the
+        first method gets the LM (:meth:`new_lm`), so no adapter is ever part of it; a 7B LM in bf16
+        takes seconds."""
+        if self._lm_key is None:
+            h = hashlib.sha256()
+            for module in (self.model.model.language_model, self.model.lm_head):
+                for k, v in sorted(module.state_dict().items()):
+                    h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+                    h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._lm_key = h.hexdigest()
+        return self._lm_key
 
     @property
     def hidden_size(self) -> int:
@@ -403,6 +420,7 @@ class AudioLLMBackbone:
             RuntimeError: a second method asks for the LM while it is lent (one method per lease).
         """
         language_model, lm_head = self.model.model.language_model, self.model.lm_head
+        _ = self.lm_key  # hashed while no method has touched the LM
         if self._lending:
             if self._lent:
                 raise RuntimeError(f"backbone {self.name}: its language model is already lent to a method "

@@ -79,7 +79,8 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("backbone options (--weights ... --allow-download: the real backbones only)")
+    g = p.add_argument_group("backbone options (--weights, --device-map, --allow-download: the real backbones "
+                                 "only; --dtype and --device: every backbone)")
     g.add_argument("--backbone", default="tiny-qwen2-audio", help="see `bench list backbones`")
     g.add_argument("--backbone-set", dest="backbone_set", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
@@ -88,7 +89,7 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None, metavar="DIR|HUB_ID",
                    help="checkpoint folder or hub id (default: the backbone's hub id, from the HF cache)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="weight dtype (default: the checkpoint's own)")
+                   help="weight dtype (default: the checkpoint's own; a tiny backbone's float32 init is cast)")
     g.add_argument("--device", default=None, help="e.g. cuda")
     g.add_argument("--device-map", default=None, help="from_pretrained's device_map, e.g. auto")
     g.add_argument("--allow-download", action="store_true",

@@ -163,11 +163,14 @@ def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone
 _WORKER_STATE: dict[tuple[str, str], tuple[Task, dict, AudioLLMBackbone]] = {}
 
 
-def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: int, store) -> tuple[dict, object]:
+def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: int, store,
+                 *after) -> tuple[dict, object]:
     """One cell in a Ray worker: the task and backbone built as the driver built them (once per
     worker process and run), the cell computed and logged to ``store`` (a
     :class:`~benchbench.tracking.CellStore`). A retried attempt first looks for its own earlier
-    attempt's FINISHED run, so a worker lost after logging does not log the cell twice."""
+    attempt's FINISHED run, so a worker lost after logging does not log the cell twice. ``after``:
+    the results of the cells this one was scheduled behind (Ray passes them once they are done;
+    unused: the order is the point, :attr:`ContextMethod.phase1_of`)."""
     spec = RunSpec(**json.loads(spec_json))
     state = _WORKER_STATE.get((spec_json, task_name))
     if state is None:
@@ -202,8 +205,21 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
     remote = ray.remote(_worker_cell).options(num_cpus=spec.cpus_per_cell, num_gpus=spec.gpus_per_cell,
                                               max_retries=spec.max_retries)
     store = tracker.cells
-    refs = {remote.remote(spec_json, cells[i].task.name, cells[i].method, cells[i].seed, cells[i].fold.index,
-                          store): i for i in pending}
+
+    def submit(i: int, after=()):
+        c = cells[i]
+        return remote.remote(spec_json, c.task.name, c.method, c.seed, c.fold.index, store, *after)
+
+    # a cell whose Phase 1 is another method's training (mal after lora) waits for that cell of its
+    # task, fold and seed, then replays the training from the on-disk Phase-1 cache
+    refs, by_cell, waits = {}, {}, {}
+    for i in sorted(pending, key=lambda i: METHODS.get(cells[i].method).phase1_of is not None):
+        c = cells[i]
+        dep = by_cell.get((c.task.name, c.fold.index, c.seed, METHODS.get(c.method).phase1_of))
+        ref = submit(i, [dep] if dep is not None else [])
+        refs[ref], by_cell[(c.task.name, c.fold.index, c.seed, c.method)] = i, ref
+        if dep is not None:
+            waits[i] = dep
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=30)
@@ -213,6 +229,9 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
                 try:
                     row, preds = ray.get(ref)
                 except ray.exceptions.RayError as e:
+                    if waits.pop(i, None) is not None:  # the cell it waited for was lost: run it alone
+                        refs[submit(i)] = i
+                        continue
                     row, preds = {**cells[i].base, "status": "failed",
                                   "error": f"{type(e).__name__}: {str(e)[:500]}"}, None
                 finished(i, row, preds)
@@ -545,7 +564,9 @@ def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None =
     })
     # model selection on dev is a result: which phase (2: the memory trained after the task LoRA) and epoch
     selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
-                 "selected_epoch": None if selected.get("epoch") is None else selected["epoch"] + 1}
+                 "selected_epoch": None if selected.get("epoch") is None else selected["epoch"] + 1,
+                 # the task LoRA's training replayed from the Phase-1 cache (another cell's), not repeated
+                 "phase1_replayed": method.phase1_replayed}
     row = {**base, "status": "ok", **metrics, **cost, **selection, "n_test": n_test, "n_test_stream": n_stream,
            "uses_context": cls.uses_context}
     tags.update({k: str(v) for k, v in selection.items() if v is not None})

@@ -220,7 +220,12 @@ class ContextMethod(ABC):
         presets: preset name -> config overrides;
         phases: 2 for two-stage methods, whose dev selection may keep Phase 1 (the memory unused);
         batch_utterances: the most utterances one LM forward holds where :meth:`predict_dialogues`
-            batches across dialogues.
+            batches across dialogues;
+        phase1_of: the registry name of the method whose whole training is this method's Phase 1
+            (``"lora"`` for the two-stage methods, whose Phase 1 is
+            :func:`~benchbench.training.fit_task_lora`): ``--executor ray`` starts this cell after
+            that method's cell of the same task, fold and seed, so that the training is replayed from
+            the Phase-1 cache instead of repeated in parallel.
     """
 
     name: ClassVar[str]
@@ -229,6 +234,7 @@ class ContextMethod(ABC):
     presets: ClassVar[dict[str, dict]] = {}
     phases: ClassVar[int] = 1  # training phases; 2 for a memory trained after its task LoRA (Phase 2)
     batch_utterances: ClassVar[int] = 256  # utterances per LM forward where predict_dialogues batches
+    phase1_of: ClassVar[str | None] = None  # "lora": Phase 1 is lora's training (replayed, not repeated)
 
     def __init__(self, backbone: AudioLLMBackbone, labels: Sequence[str], config: MethodConfig | None = None,
                  seed: int = 0):
@@ -249,6 +255,9 @@ class ContextMethod(ABC):
         # model selection on dev, set by fit: {"phase": 1 or 2, "epoch": 0-based epoch of that phase}
         # (logged per cell as selected_phase / selected_epoch); None for a method with nothing to select
         self.selected: dict | None = None
+        # whether fit_task_lora replayed an identical earlier training (the lora cell's) instead of
+        # repeating it (logged per cell as phase1_replayed); None for a method that does not call it
+        self.phase1_replayed: bool | None = None
 
     @classmethod
     def make_config(cls, preset: str = "default", overrides: dict | None = None) -> MethodConfig:

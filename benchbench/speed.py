@@ -67,7 +67,9 @@ def latency_table(backbone, methods: Sequence[str] = DEFAULT_METHODS, n_dialogue
                   duration_s: float = 1.2, repeats: int = 3, preset: str = "default") -> pd.DataFrame:
     """Per-utterance inference milliseconds of each method and its ratio to ``lora`` (rows in
     ``methods`` order; ``lora`` is added when missing). ``n_dialogues`` synthetic test dialogues of
-    ``n_turns`` utterances of ``duration_s`` seconds."""
+    ``n_turns`` utterances of ``duration_s`` seconds. On a CUDA backbone (``--device cuda``) also
+    ``peak_cuda_mb``: the most GPU memory allocated while that method predicted the split (the
+    backbone, every built method's own parameters and its activations)."""
     methods = list(dict.fromkeys(["lora", *methods]))
     task = _task(n_dialogues, n_turns, duration_s)
     dialogues = task.folds()[0].test
@@ -79,12 +81,21 @@ def latency_table(backbone, methods: Sequence[str] = DEFAULT_METHODS, n_dialogue
     for m in built.values():  # one untimed pass: lazy initialisation, allocator warm-up
         _time_dialogues(m, dialogues[:1])
     best = {name: np.inf for name in methods}
+    peak = {name: 0.0 for name in methods}
+    cuda = torch.cuda.is_available() and next(backbone.model.parameters()).is_cuda
     for _ in range(repeats):
         for name in methods:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             best[name] = min(best[name], _time_dialogues(built[name], dialogues))
+            if cuda:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2**20)
     ms = {name: 1000 * best[name] / n_utt for name in methods}
-    return pd.DataFrame({"method": methods, "ms_per_utterance": [ms[n] for n in methods],
-                         "x_lora": [ms[n] / ms["lora"] for n in methods]})
+    table = pd.DataFrame({"method": methods, "ms_per_utterance": [ms[n] for n in methods],
+                          "x_lora": [ms[n] / ms["lora"] for n in methods]})
+    if cuda:  # every method built and alive at once: the backbone and all methods are in every figure
+        table["peak_cuda_mb"] = [peak[n] for n in methods]
+    return table
 
 
 def length_curve(backbone, methods: Sequence[str] = DEFAULT_METHODS, turns: Sequence[int] = (4, 8, 16, 32, 64),
@@ -155,8 +166,11 @@ def main(backbone: str = "tiny-qwen2-audio", backbone_options: dict | None = Non
         torch.set_num_threads(threads)
     bb = make_backbone(backbone, backbone_options)
     label = backbone_label(backbone, backbone_options or {})
-    out = [f"backbone {label} (LM width {bb.hidden_size}); torch {torch.__version__}, {torch.get_num_threads()} "
-           f"thread(s), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    w = next(bb.model.parameters())
+    where = torch.cuda.get_device_name(w.device) if w.is_cuda else "CPU"
+    out = [f"backbone {label} (LM width {bb.hidden_size}, {str(w.dtype).replace('torch.', '')} on {where}); torch "
+           f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, "
+           f"{os.cpu_count()} CPUs",
            "", f"Per-utterance inference (untrained, default preset, {n_dialogues} synthetic dialogues x 10 turns "
            f"of 1.2 s, best of {repeats}):", "",
            format_table(latency_table(bb, methods, n_dialogues=n_dialogues, repeats=repeats))]

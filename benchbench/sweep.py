@@ -104,20 +104,20 @@ def _pruner(name: str):
     return pruners[name]()
 
 
-def _tracking(client_cls, attempts: int = 8):
-    """(client, experiment id). Workers that start together on a new SQL store race to create its
-    schema and the experiment: the losers retry once the winner is done."""
+def _tracking(attempts: int = 8):
+    """(client, experiment id). Workers that start together on a new store race to create its schema
+    and the experiment: on sqlite a file lock orders them (:func:`benchbench.tracking.open_store`);
+    on a server or another database the losers retry once the winner is done."""
     import random
     import time
 
     import mlflow
 
-    from .tracking import EXPERIMENT, ensure_experiment
+    from .tracking import EXPERIMENT, open_store
 
     for attempt in range(attempts):
         try:
-            client = client_cls()
-            return client, ensure_experiment(client, mlflow.get_tracking_uri(), EXPERIMENT)
+            return open_store(mlflow.get_tracking_uri(), EXPERIMENT)
         except Exception:  # noqa: BLE001 - schema migration / creation race: try again
             if attempt == attempts - 1:
                 raise
@@ -151,7 +151,6 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     """
     import mlflow
     import optuna
-    from mlflow.tracking import MlflowClient
 
     from .backbone import backbone_factory, make_backbone
     from .metrics import evaluate
@@ -177,7 +176,7 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
 
     if spec.tracking_uri:
         mlflow.set_tracking_uri(spec.tracking_uri)
-    client, experiment_id = _tracking(MlflowClient)
+    client, experiment_id = _tracking()
     study_name = spec.study_name
     parent_id = _parent_run(client, experiment_id, study_name, spec)
 

@@ -17,12 +17,14 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -77,6 +79,19 @@ def sqlite_store_dir(tracking_uri: str) -> Path | None:
     if not tracking_uri.startswith("sqlite:///"):
         return None
     return Path(tracking_uri[len("sqlite:///"):]).resolve().parent
+
+
+def open_store(tracking_uri: str, name: str = EXPERIMENT) -> tuple[MlflowClient, str]:
+    """``(client, experiment id)`` for the store at ``tracking_uri``, the experiment created when
+    missing (:func:`ensure_experiment`). A sqlite store is opened under a file lock
+    (``<database>.lock``): two processes starting on a new database at once (two ``bench sweep``
+    workers) would otherwise both run MLflow's schema migrations on it (the client runs them when
+    created), and one fails with ``table _alembic_tmp_experiments already exists``, leaving the
+    database half-migrated; or both would create the experiment."""
+    store = sqlite_store_dir(tracking_uri)
+    with FileLock(str(Path(tracking_uri[len("sqlite:///"):]).resolve()) + ".lock") if store else nullcontext():
+        client = MlflowClient(tracking_uri=tracking_uri)
+        return client, ensure_experiment(client, tracking_uri, name)
 
 
 def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str = EXPERIMENT) -> str:
@@ -162,8 +177,7 @@ class Tracker:
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         self.tracking_uri = mlflow.get_tracking_uri()
-        self.client = MlflowClient()
-        self.experiment_id = ensure_experiment(self.client, self.tracking_uri)
+        self.client, self.experiment_id = open_store(self.tracking_uri)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.reaped = reap_stale_runs(self.client, self.experiment_id)
         # constant for the run: read once, tagged on the parent and on every cell

@@ -20,10 +20,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import logging
+import os
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -35,6 +40,8 @@ from .backbone import EmotionLM, Segment
 from .data import Dialogue, hash_json
 from .method import ContextMethod, MethodConfig, ProgressFn, check_ranges
 from .metrics import METRICS, evaluate
+
+log = logging.getLogger(__name__)
 
 LM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -240,14 +247,22 @@ def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoR
     then predicts like ``lora``), so its Phase 1 equals ``lora`` under the same seed and preset
     (``tests/test_training.py`` pins it at the smoke, default and paper presets).
 
-    An identical training already done in this process (same settings, data, initial values and RNG
-    states on the same backbone: the ``lora`` cell of the fold and seed, in a ``bench run`` of
-    ``lora,mal``) is replayed from ``backbone.fit_cache`` instead of repeated: its parameters, curves,
-    dev selection and RNG end states, so the result is bit-identical (tested).
+    An identical training done before (same settings, data, initial values and RNG states on the same
+    backbone, LM weights included: the ``lora`` cell of the fold and seed) is replayed instead of
+    repeated: its parameters, curves, dev selection and RNG end states, so the result is bit-identical
+    (tested). It is looked up in ``backbone.fit_cache`` (this process), then on disk under
+    ``<cache_dir>/phase1/`` (another process: a Ray worker, or an earlier ``bench run`` whose lora
+    cell a later ``--methods mac`` reuses); ``BENCHBENCH_PHASE1_CACHE=0`` keeps it in memory only.
+    An unreadable file (a killed writer) is ignored and the training repeated.
     """
     key = _phase1_key(method, params, s, train, dev)
     cache = method.backbone.fit_cache
-    if key in cache:  # this exact training already ran in this process (the lora cell of this fold and seed)
+    if key not in cache:
+        stored = _load_phase1(method.backbone, key)
+        if stored is not None:
+            cache[key] = stored
+    method.phase1_replayed = key in cache  # logged with the cell (results.csv, MLflow tag)
+    if key in cache:  # this exact training already ran (the lora cell of this fold and seed)
         return _replay_phase1(method, params, s, cache[key], progress)
     start_curves = {k: len(v) for k, v in method.curves.items()}
     best = train_supervised(method, params, s, utterance_examples(method.backbone, train), dev, progress)
@@ -256,6 +271,7 @@ def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoR
                   "score": best.score, "epoch": best.epoch, "torch_rng": torch.get_rng_state(),
                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                   "rng": method.rng.bit_generator.state}
+    _save_phase1(method.backbone, key, cache[key])
     while len(cache) > PHASE1_CACHE_SIZE:  # the oldest go (a sweep's trials rarely repeat a training)
         cache.pop(next(iter(cache)))
     return best
@@ -263,6 +279,45 @@ def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoR
 
 PHASE1_CACHE_SIZE = 16
 """Task-LoRA trainings kept per backbone for replay (:func:`fit_task_lora`)."""
+
+
+def _phase1_path(backbone, key: str):
+    """Where the on-disk Phase-1 cache keeps training ``key`` (``None``: switched off by
+    ``BENCHBENCH_PHASE1_CACHE=0``)."""
+    if os.environ.get("BENCHBENCH_PHASE1_CACHE", "1") == "0":
+        return None
+    return Path(backbone.cache_dir) / "phase1" / key[:2] / f"{key}.pt"
+
+
+def _load_phase1(backbone, key: str) -> dict | None:
+    """A training stored by :func:`_save_phase1`, or ``None`` (absent, switched off or unreadable)."""
+    path = _phase1_path(backbone, key)
+    if path is None or not path.exists():
+        return None
+    try:
+        done = torch.load(path, map_location="cpu", weights_only=True)
+        done["rng"] = json.loads(done["rng"])
+        return done
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: train again
+        log.warning("phase-1 cache file %s unreadable (%s: %s); training again", path, type(e).__name__, e)
+        return None
+
+
+def _save_phase1(backbone, key: str, done: dict) -> None:
+    """Write a training's outcome (parameters on the CPU, curves, selection, RNG end states) atomically."""
+    path = _phase1_path(backbone, key)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({**done, "params": {k: v.cpu() for k, v in done["params"].items()},
+                    "curves": {k: [float(x) for x in v] for k, v in done["curves"].items()},
+                    "score": float(done["score"]), "epoch": None if done["epoch"] is None else int(done["epoch"]),
+                    "rng": json.dumps(done["rng"])}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk costs the reuse, never the cell
+        log.warning("phase-1 cache: could not write %s (%s)", path, e)
 
 
 def _phase1_key(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
@@ -277,10 +332,29 @@ def _phase1_key(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRAS
     if torch.cuda.is_available():
         for state in torch.cuda.get_rng_state_all():
             h.update(state.numpy().tobytes())
+    device = next(iter(params.values())).device if params else "cpu"
     return hash_json({"settings": asdict(s), "labels": method.labels, "backbone": method.backbone.key,
+                      "lm": method.backbone.lm_key, "device": str(device), "host": _host_identity(),
                       "train": [[(u.input.audio_sha256, u.label, u.scored) for u in d.utterances] for d in train],
                       "dev": [[(u.input.audio_sha256, u.label, u.scored) for u in d.utterances] for d in dev],
                       "rng": str(method.rng.bit_generator.state), "params": h.hexdigest()})
+
+
+@functools.lru_cache(maxsize=1)
+def _host_identity() -> dict:
+    """The software a training's numbers depend on, so that a stored training is replayed only under
+    the same: library versions and the source of the suite's modules that Phase 1 runs through."""
+    import peft
+    import transformers
+
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in PHASE1_SOURCES)).hexdigest()
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "code": code}
+
+
+PHASE1_SOURCES = ("training.py", "backbone.py", "metrics.py", "method.py", "data.py")
+"""The modules of ``benchbench`` whose source is part of a stored Phase-1 training's key."""
 
 
 def _replay_phase1(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings, done: dict,

@@ -42,7 +42,8 @@ class MAGBranch(MemoryBranch):
         return [self.W_g.weight, self.W_g.bias]
 
     def inject(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return h * torch.sigmoid(self.W_g(m))                                       # Eq. 5
+        # the gate in the branch's float32 over a bf16/fp16 host; the product in the host's dtype
+        return h * torch.sigmoid(self.W_g(m.to(self.W_g.weight.dtype))).to(h.dtype)  # Eq. 5
 
 
 class MemoryAsGating(TitansMemoryMethod):

@@ -44,7 +44,11 @@ class MALBranch(MemoryBranch):
         return [self.alpha]
 
     def inject(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return h + torch.tanh(self.alpha) * delta                                   # Eq. 9
+        # tanh(alpha) as a [n_tok, 1] column: alpha's gradient is then summed per token, then over the
+        # tokens, in an order that does not depend on torch's thread count (a scalar broadcast over
+        # [n_tok, D] is one parallel reduction, split by thread: Ray's 1-thread workers and a 2-thread
+        # local run trained apart)
+        return h + torch.tanh(self.alpha).to(delta.dtype).expand(*delta.shape[:-1], 1) * delta  # Eq. 9
 
 
 class MemoryAsALayer(TitansMemoryMethod):

@@ -137,7 +137,7 @@ def test_backbone_registry_entries_are_typed_specs(backbone):
 
     real, tiny = backbone_spec("qwen2-audio-7b"), backbone_spec("tiny-qwen2-audio")
     assert real.pretrained and real.hub_id == "Qwen/Qwen2-Audio-7B-Instruct" and "weights" in real.options
-    assert not tiny.pretrained and tiny.options == ("hidden_size", "num_hidden_layers") and "random init" in tiny.needs
+    assert not tiny.pretrained and tiny.options == ("hidden_size", "num_hidden_layers", "dtype", "device") and "random init" in tiny.needs
     with pytest.raises(ValueError, match="built from a config"):
         backbone_factory("tiny-qwen2-audio", {"weights": "/x"})
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['revision'\]"):

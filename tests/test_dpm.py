@@ -129,4 +129,8 @@ def test_task_lora_only_is_dpm_without_memory(dpm, tiny_task):
     assert not dpm.test_time_cost  # no test-time update ran
     np.testing.assert_allclose(p, np.stack(_task_lora_only(dpm, d.inputs())), atol=1e-6)  # batched vs one by one
     assert all(q.requires_grad for q in dpm.temp_params.values())
-    assert np.array_equal(dpm.predict_dialogue(d.inputs())[0], p[0])
+    # a fresh temporary LoRA (B = 0) adds exactly nothing: turn 0 with the memory on is the task LoRA's
+    # prediction bit for bit (compared in the same batch shape: one utterance, no padding)
+    with dpm.task_lora_only():
+        first = dpm.predict_dialogue(d.inputs()[:1])
+    assert np.array_equal(dpm.predict_dialogue(d.inputs())[0], first[0])

@@ -214,7 +214,8 @@ def test_speaker_memory_keeps_one_state_per_speaker(backbone, tiny_task):
 
 
 DETERMINISM_SCRIPT = """
-import hashlib, numpy as np
+import hashlib, sys, numpy as np, torch
+torch.set_num_threads(int(sys.argv[1]))
 from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
 from benchbench.tasks.synthetic import SyntheticProsodyTask
 from benchbench.method import METHODS
@@ -222,7 +223,8 @@ from benchbench.training import seed_everything
 bb = tiny_qwen2_audio(seed=0)
 task = SyntheticProsodyTask(preset="smoke", n_train=24, n_dev=4, n_test=3, n_turns=10, duration_s=1.2)
 f = task.folds()[0]
-for name, overrides in (("mal", {"lora": {"epochs": 1}}), ("dpm", {"lora": {"epochs": 1}})):
+for name, overrides in (("mal", {"lora": {"epochs": 1}}), ("mag", {"lora": {"epochs": 1}}),
+                        ("dpm", {"lora": {"epochs": 1}})):
     seed_everything(0)
     cls = METHODS.get(name)
     m = cls(bb, task.labels, cls.make_config("default", overrides), seed=0)
@@ -232,13 +234,15 @@ for name, overrides in (("mal", {"lora": {"epochs": 1}}), ("dpm", {"lora": {"epo
 """
 
 
-def test_training_is_bit_identical_across_processes():
-    """Two fresh processes train mal (memory streams of unequal lengths) and dpm (dialogues side by
-    side) to the same bits: the gathers whose backward sums duplicate reads are index_select, whose
-    accumulation order is fixed (advanced indexing's is not on CPU; it varied across runs)."""
+def test_training_is_bit_identical_across_processes_and_thread_counts():
+    """Two fresh processes, one on 1 torch thread (a Ray worker's) and one on 2 (a local run here),
+    train mal (memory streams of unequal lengths), mag and dpm (dialogues side by side) to the same
+    bits: the gathers whose backward sums duplicate reads are index_select, whose accumulation order
+    is fixed (advanced indexing's is not on CPU; it varied across runs), and MAL's scalar gate is
+    summed per token first (one parallel reduction over [n_tok, D] split by thread count)."""
     import subprocess
     import sys
 
-    outs = [subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)]
-    assert outs[0] == outs[1] and outs[0].count("\n") == 2
+    outs = [subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(threads)], capture_output=True, text=True,
+                           check=True).stdout for threads in (1, 2)]
+    assert outs[0] == outs[1] and outs[0].count("\n") == 3

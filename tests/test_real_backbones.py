@@ -145,7 +145,7 @@ def test_cli_reports_missing_weights_and_misplaced_options(tmp_path, capsys):
     assert main(common + ["--backbone", "qwen2-audio-7b", "--weights", str(tmp_path / "nope"),
                           "--output", str(tmp_path / "a")]) == 2
     assert "huggingface-cli download Qwen/Qwen2-Audio-7B-Instruct" in capsys.readouterr().err
-    assert main(common + ["--backbone", "tiny-qwen2-audio", "--dtype", "bf16", "--output", str(tmp_path / "b")]) == 2
+    assert main(common + ["--backbone", "tiny-qwen2-audio", "--weights", "Qwen/x", "--output", str(tmp_path / "b")]) == 2
     assert "apply to the real backbones only" in capsys.readouterr().err
 
 

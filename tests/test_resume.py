@@ -155,9 +155,9 @@ def test_stale_run_detection(tmp_path):
     assert not is_stale({})  # an older suite's run: never taken for dead
 
 
-def _run_to_end(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run_to_end(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     done = subprocess.run(_bench(*args), cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "BENCHBENCH_CACHE": str(cwd / "cache")})
+                          env={**os.environ, "BENCHBENCH_CACHE": str(cwd / "cache"), **env})
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -188,6 +188,25 @@ def test_ray_executor_gives_the_local_executors_predictions_and_survives_a_lost_
     _assert_each_cell_finished_once(uri, 4)
     assert (ray_out / "predictions.csv").read_bytes() == (local / "predictions.csv").read_bytes()
     assert (pd.read_csv(ray_out / "results.csv")["status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_ray_workers_replay_phase1_from_disk(tmp_path):
+    """`--executor ray` with a two-stage method: each mal cell is started after its seed's lora cell
+    and, in another worker process, replays that training from the on-disk Phase-1 cache
+    (``phase1_replayed``); the predictions are byte-identical to the local executor's."""
+    pytest.importorskip("ray")
+    args = ["--methods", "mal,lora", *TINY]  # mal listed first: the order is the executor's business
+    _run_to_end([*args, "--tracking-uri", f"sqlite:///{tmp_path / 'a.db'}", "--output", str(tmp_path / "local")],
+                tmp_path, BENCHBENCH_PHASE1_CACHE="0")
+    done = _run_to_end([*args, "--tracking-uri", f"sqlite:///{tmp_path / 'b.db'}", "--output", str(tmp_path / "ray"),
+                        "--executor", "ray"], tmp_path, BENCHBENCH_PHASE1_CACHE="1")
+    assert "4 computed, 0 reused" in done.stdout
+    rows = pd.read_csv(tmp_path / "ray" / "results.csv")
+    assert (rows["status"] == "ok").all()
+    assert rows.groupby("method_name")["phase1_replayed"].apply(set).to_dict() == {"lora": {False}, "mal": {True}}
+    assert len(list((tmp_path / "cache" / "phase1").rglob("*.pt"))) == 2  # one training per seed
+    assert (tmp_path / "ray" / "predictions.csv").read_bytes() == (tmp_path / "local" / "predictions.csv").read_bytes()
 
 
 @pytest.mark.slow

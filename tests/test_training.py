@@ -123,3 +123,45 @@ def test_phase1_replays_the_lora_cell_bit_for_bit(name, tiny_task):
         msgs = []
         m.fit(fold.train, fold.dev, progress=lambda msg, d: msgs.append(msg))
     assert not any("reused" in x for x in msgs) and len(bb.fit_cache) == 2
+
+
+def test_phase1_is_replayed_from_disk_in_another_process(tiny_task, tmp_path, monkeypatch, caplog):
+    """The on-disk Phase-1 cache: a fresh backbone (another process, a Ray worker, a later run) on the
+    same cache folder replays the lora cell's training bit for bit; an LM with other weights, or an
+    unreadable file, trains again."""
+    from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
+    from benchbench.training import seed_everything
+
+    monkeypatch.setenv("BENCHBENCH_PHASE1_CACHE", "1")
+    fold = tiny_task.folds()[0]
+
+    def run(bb, method):
+        with bb.lend_lm():
+            seed_everything(0)
+            cls = METHODS.get(method)
+            m = cls(bb, tiny_task.labels, cls.make_config("smoke"), seed=0)
+            m.fit(fold.train, fold.dev)
+            return m.predict_dialogues([d.inputs() for d in fold.test]), m.curves, m.selected, m.phase1_replayed
+
+    monkeypatch.setenv("BENCHBENCH_PHASE1_CACHE", "0")
+    fresh = run(tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "off"), "mal")
+    assert fresh[3] is False and not (tmp_path / "off" / "phase1").exists()
+    monkeypatch.setenv("BENCHBENCH_PHASE1_CACHE", "1")
+    assert run(tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "c"), "lora")[3] is False
+    (stored,) = (tmp_path / "c" / "phase1").rglob("*.pt")
+    replayed = run(tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "c"), "mal")  # a new backbone: nothing in memory
+    assert replayed[3] is True
+    assert all(np.array_equal(a, b) for a, b in zip(fresh[0], replayed[0]))
+    assert fresh[1] == replayed[1] and fresh[2] == replayed[2]
+    # the LM's weights are part of the key: one changed weight, another training
+    other = tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "c")
+    with torch.no_grad():
+        other.model.model.language_model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert other.key == tiny_qwen2_audio(seed=0).key and run(other, "mal")[3] is False
+    # a truncated file (a killed writer) is not fatal: the training is repeated and the file rewritten
+    stored.write_bytes(stored.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        again = run(tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "c"), "mal")
+    assert again[3] is False and "unreadable" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(fresh[0], again[0]))
+    assert run(tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "c"), "mal")[3] is True

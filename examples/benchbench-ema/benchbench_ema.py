@@ -55,6 +55,7 @@ class SpeakerEMA(ContextMethod):
     name = "ema"
     config_cls = EMAConfig
     uses_context = True
+    phase1_of = "lora"  # its Phase 1 is fit_task_lora: with --executor ray it runs after lora's cell, and replays it
     # Phase 1 at each preset is `lora`'s (benchbench.training.LORA_PRESETS), by construction
     presets = phase1_presets({
         "smoke": dict(epochs=1, lr=3e-3, gate_lr=1e-2),
