@@ -413,8 +413,12 @@ class DynamicParameterMemory(ContextMethod):
                 self.temp.streams = None
             grads = torch.autograd.grad(losses.sum(), params)  # each dialogue's LoRA gets its own loss's gradient
             loss_of = dict(zip(cur, losses))
-            bad = [k for k, loss in loss_of.items()
-                   if not (torch.isfinite(loss) and all(bool(torch.isfinite(g[k]).all()) for g in grads))]
+            # one check (one host sync) for every dialogue: its loss and all its gradients finite
+            rows = torch.tensor(cur, device=losses.device)
+            finite = torch.isfinite(losses.detach())
+            for g in grads:
+                finite &= torch.isfinite(g.index_select(0, rows)).flatten(1).all(1)
+            bad = [k for k, ok in zip(cur, finite.tolist()) if not ok]
             # skip this update of those dialogues: their parameters and moments are put back after the step
             # (and of those stopped at an earlier step of this turn, which AdamW's moments would still move)
             saved = {k: ([p.detach()[k].clone() for p in params],
