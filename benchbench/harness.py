@@ -229,7 +229,8 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
                 try:
                     row, preds = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    if waits.pop(i, None) is not None:  # the cell it waited for was lost: run it alone
+                    # a cell scheduled behind another: when either's workers were lost, one more try, alone
+                    if waits.pop(i, None) is not None:
                         refs[submit(i)] = i
                         continue
                     row, preds = {**cells[i].base, "status": "failed",
