@@ -74,11 +74,17 @@ def is_stale(tags: dict, now: float | None = None) -> bool:
     return now - float(tags["heartbeat"]) > STALE_AFTER_S
 
 
-def sqlite_store_dir(tracking_uri: str) -> Path | None:
-    """The folder of a ``sqlite:///PATH`` store's database file (``None`` for other stores)."""
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` store, resolved (``None`` for other stores)."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    return Path(tracking_uri[len("sqlite:///"):]).resolve().parent
+    return Path(tracking_uri[len("sqlite:///"):]).resolve()
+
+
+def sqlite_store_dir(tracking_uri: str) -> Path | None:
+    """The folder of a ``sqlite:///PATH`` store's database file (``None`` for other stores)."""
+    db = sqlite_database(tracking_uri)
+    return None if db is None else db.parent
 
 
 def open_store(tracking_uri: str, name: str = EXPERIMENT) -> tuple[MlflowClient, str]:
@@ -88,8 +94,8 @@ def open_store(tracking_uri: str, name: str = EXPERIMENT) -> tuple[MlflowClient,
     workers) would otherwise both run MLflow's schema migrations on it (the client runs them when
     created), and one fails with ``table _alembic_tmp_experiments already exists``, leaving the
     database half-migrated; or both would create the experiment."""
-    store = sqlite_store_dir(tracking_uri)
-    with FileLock(str(Path(tracking_uri[len("sqlite:///"):]).resolve()) + ".lock") if store else nullcontext():
+    db = sqlite_database(tracking_uri)
+    with FileLock(f"{db}.lock") if db is not None else nullcontext():
         client = MlflowClient(tracking_uri=tracking_uri)
         return client, ensure_experiment(client, tracking_uri, name)
 

@@ -409,7 +409,8 @@ class DynamicParameterMemory(ContextMethod):
         probs = torch.softmax(logits.float(), -1).cpu().numpy()
         cur = list(active)  # dialogues still updating at this turn (a non-finite update stops one)
         for step in range(self.config.test_time_steps):
-            self.temp.streams = torch.tensor(cur, device=device)
+            rows = torch.tensor(cur, device=device)  # the updating dialogues' streams, also their gradient rows
+            self.temp.streams = rows
             try:
                 losses, _ = self._unit_windows([windows[k] for k in cur])
             finally:
@@ -417,7 +418,6 @@ class DynamicParameterMemory(ContextMethod):
             grads = torch.autograd.grad(losses.sum(), params)  # each dialogue's LoRA gets its own loss's gradient
             loss_of = dict(zip(cur, losses))
             # one check (one host sync) for every dialogue: its loss and all its gradients finite
-            rows = torch.tensor(cur, device=losses.device)
             finite = torch.isfinite(losses.detach())
             for g in grads:
                 finite &= torch.isfinite(g.index_select(0, rows)).flatten(1).all(1)
