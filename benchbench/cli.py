@@ -148,13 +148,17 @@ def cmd_run(args) -> int:
                    output=args.output, folds=args.folds, method_overrides=overrides,
                    task_options=_task_options(args), backbone_options=_backbone_options(args),
                    rerun=args.rerun, executor=args.executor, ray_address=args.ray_address,
-                   cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, max_retries=args.max_retries)
+                   cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, max_retries=args.max_retries,
+                   threads=args.threads)
     summary = run(spec, show_progress=not args.no_progress)
     print(format_summary(summary))
     print(f"\ncells: {summary.run['cells_computed']} computed, {summary.run['cells_reused']} reused from earlier runs"
           + ("" if args.rerun else " (--rerun recomputes them)"))
     print(f"results: {summary.run['output']}  (MLflow: {summary.run['mlflow_tracking_uri']}, "
           f"parent run {summary.run['mlflow_parent_run_id']})")
+    if summary.run["cells_not_logged"]:
+        print(f"tracking store unreachable ({summary.run['tracking_problem']}): {summary.run['cells_not_logged']} "
+              f"cell(s) are in {summary.run['output']}/cells/ only; the same command logs them once it is back")
     return 1 if summary.failed_cells else 0
 
 
@@ -265,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray CPUs per cell")
     x.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray GPUs per cell")
     x.add_argument("--max-retries", type=int, default=2, help="Ray: attempts after a worker dies mid-cell")
+    x.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads every cell computes on, under either executor (recorded as torch_threads "
+                        "and part of the cell key: on some CPUs another count gives other bits)")
     r.add_argument("--rerun", action="store_true",
                    help="recompute cells that already have a finished run in the tracking store or the output "
                         "folder (default: reuse them)")

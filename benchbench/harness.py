@@ -1,27 +1,35 @@
-"""The benchmark runner: methods x tasks x backbone x seeds x folds, one cell at a time.
+"""The benchmark runner: methods x tasks x backbone x seeds x folds.
 
-Each cell (:class:`Cell`: method, task, backbone, seed, fold) builds the method from its preset
-config, fits it on the fold's train dialogues with dev-only model selection, streams the fold's test
-dialogues through it (label-free inputs), scores WA / UA / WF1 / Macro-F1 / per-class F1, keeps every
-per-utterance prediction, and logs everything to MLflow. ``results.csv`` and ``predictions.csv`` are
-rewritten after every cell, so a crash or Ctrl-C loses nothing already computed; a failing cell is
-recorded (status ``failed``, with its error) and the run goes on. The statistics are
-:mod:`benchbench.analysis`'s; the run's ``summary.json`` and ``leaderboard.md`` are written from its
-:class:`~benchbench.analysis.Summary` at the end, however the run ends.
+A run is planned once (:func:`plan_cells`: every cell of every task, with the data manifests), the
+cells already finished are reused (from the output folder or the tracking store), and the rest are
+computed by an executor: :func:`execute_local` (this process, one cell at a time) or
+:func:`execute_ray` (Ray tasks, on this machine or a cluster). Both compute cells with
+:func:`benchbench.cells.compute_cell`, take them in turn from one :class:`Scheduler` (which claims a
+cell in the tracking store before it is computed, so that two drivers on one store never compute a
+cell twice) and hand each :class:`~benchbench.cells.CellRecord` to one :class:`ResultsWriter`, the
+only place results are kept: ``results.csv`` and ``predictions.csv`` rewritten after every cell (a
+crash or Ctrl-C loses nothing already computed), the cell's own folder ``cells/<cell_key>/`` (its
+MLflow run's params, metrics, curves, tags and files) and its MLflow child run. The run ends in one
+place (:func:`finalise`): ``summary.json`` and ``leaderboard.md`` from its
+:class:`~benchbench.analysis.Summary`, however the run ends.
+
+A failing cell is recorded (status ``failed``, with its error) and the run goes on. A tracking store
+that cannot be reached does not stop the run either: the cells go on into the output folder (complete
+on its own), one line says so, and the store is tried again between cells; whatever was computed
+meanwhile is logged when it is back, by this run or by the same command later (``cells: 0 computed``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
-import tempfile
 import threading
 import time
-import traceback
 import warnings
+from collections import deque
 from contextlib import contextmanager
-from functools import cached_property
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,18 +40,14 @@ from tqdm.auto import tqdm
 
 from .analysis import Summary, TaskSummary, summarize
 from .backbone import AudioLLMBackbone, backbone_factory, backbone_label, make_backbone
-from .data import Fold, hash_json, speaker_history_counts
-from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
+from .cells import RESULTS_VERSION, Cell, CellRecord, compute_cell  # noqa: F401 - RESULTS_VERSION: public here too
 from .method import METHODS, ConfigValueError
-from .metrics import compute_metrics, confusion, scored_only, stream_predict
 from .task import TASKS, Task, check_task_options, data_dir_for, preset_label
-from .training import seed_everything
 
 log = logging.getLogger(__name__)
 
-RESULTS_VERSION = 2
-"""Part of every cell key: raise it when a change to the suite changes what a cell computes, so
-that cells of the older code are recomputed rather than reused."""
+POLL_S = float(os.environ.get("BENCHBENCH_CLAIM_POLL_S", 10))
+"""Seconds between looks at cells that another process is computing (:class:`Scheduler`)."""
 
 
 @dataclass
@@ -69,17 +73,18 @@ class RunSpec:
     cpus_per_cell: float = 1.0               # Ray resources of each cell
     gpus_per_cell: float = 0.0
     max_retries: int = 2                     # Ray: attempts after a worker dies mid-cell
+    threads: int = 1                         # torch CPU threads of every cell, under either executor
 
 
 def validate(spec: RunSpec) -> None:
     """Check every name and option without loading data: methods (every config built, every ``--set``
     value type- and range-checked, ``--set`` only for methods being run), tasks (options, data
-    folder), backbone options, seeds.
+    folder), backbone options, seeds, threads.
 
     Raises:
         KeyError: an unknown method, task or backbone (with the known names).
         ValueError: a bad option; the message names the command-line option (``--set mal.lora.lr='abc':
-            expected a float``, ``--task-set``, ``--data-dir``, ``--backbone-set``, ``--folds``).
+            expected a float``, ``--task-set``, ``--data-dir``, ``--backbone-set``, ``--folds``, ``--threads``).
     """
     for m in spec.method_overrides:
         if m not in spec.methods:
@@ -106,6 +111,8 @@ def validate(spec: RunSpec) -> None:
     backbone_factory(spec.backbone, spec.backbone_options)
     if not spec.seeds:
         raise ValueError("no seeds given")
+    if spec.threads < 1:
+        raise ValueError(f"--threads {spec.threads}: expected >= 1")
     if spec.executor not in ("local", "ray"):
         raise ValueError(f"--executor {spec.executor}: expected local or ray")
     if spec.executor == "ray":
@@ -152,23 +159,246 @@ def _build_task(spec: RunSpec, name: str) -> Task:
 
 
 def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone, folds, methods,
-           seeds) -> list["Cell"]:
+           seeds) -> list[Cell]:
     """The run's cells of ``task``: fold x method x seed, in that order (the order of results.csv)."""
     label = preset_label(spec.preset, spec.task_options.get(task.name))
     return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label, spec.preset,
-                 spec.method_overrides.get(m) or {}, manifest) for f in folds for m in methods for s in seeds]
+                 spec.method_overrides.get(m) or {}, manifest, spec.threads)
+            for f in folds for m in methods for s in seeds]
 
 
-# ---------------------------------------------------------------------------- Ray executor
+def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbone: AudioLLMBackbone, out: Path,
+               notify: Callable[[str], None]) -> tuple[list[Cell], dict[str, TaskSummary]]:
+    """Every cell of the run, in results order (task, fold, method, seed), and each task's summary
+    facts; each task's data manifest written to ``out/manifest-<task>.json`` and its notices
+    (skipped files, ...) given to ``notify``."""
+    cells, task_info = [], {}
+    for task_name, task in tasks.items():
+        folds = [f for f in task.folds() if spec.folds is None or f.index in spec.folds]
+        manifest = task.manifest()
+        (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
+        for notice in task.notices:
+            notify(f"NOTICE {task_name}: {notice}")
+        task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"], list(task.notices))
+        cells += _cells(spec, task, manifest, backbone, folds, spec.methods, spec.seeds)
+    return cells, task_info
+
+
+# ---------------------------------------------------------------------------- the results writer
+class ResultsWriter:
+    """The one place a run keeps its cells, whichever executor computed them.
+
+    Each cell (reused or computed) becomes its row of ``results.csv`` and its rows of
+    ``predictions.csv`` (both rewritten after every cell, rows in plan order after the kept rows of an
+    earlier run into the folder). A computed cell is first written whole to ``cells/<cell_key>/``
+    (``record.json``: its MLflow run's name, params, metrics, curves and tags; ``artifacts/``: its
+    files), then logged to the tracking store (``logged.json`` records the store and run id). A cell
+    computed while the store was unreachable keeps its folder unlogged; :meth:`log_unlogged` logs it
+    later (this run, once the store is back, or a later run into the same folder)."""
+
+    def __init__(self, out: Path, tracker, earlier_rows: pd.DataFrame, earlier: dict,
+                 notify: Callable[[str], None] = tqdm.write):
+        self.out, self.tracker, self.notify = out, tracker, notify
+        self.earlier_rows, self.earlier = earlier_rows, earlier
+        self.done: dict[int, tuple[dict, pd.DataFrame | None]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.counts = {"reused": 0, "computed": 0, "logged_later": 0}
+
+    def reuse(self, i: int, found: tuple[dict, pd.DataFrame]) -> None:
+        """Cell ``i`` as an earlier run left it (its row and predictions, read back exactly)."""
+        self.counts["reused"] += 1
+        self._record(i, {**found[0], "reused": True}, found[1])
+
+    def computed(self, i: int, cell: Cell, record: CellRecord) -> None:
+        """Cell ``i`` as this run computed it: its folder, its MLflow run (a failed cell: its claim
+        ended FAILED), its rows."""
+        self.counts["computed"] += 1
+        row = {**record.row, "reused": False}
+        if record.ok:
+            folder = self._write_cell_folder(cell.key, cell.name, record)
+            row["mlflow_run_id"] = self._log(folder)
+        else:
+            self.tracker.release(cell.key, "FAILED", record.row.get("error", ""))
+        self._record(i, row, record.predictions)
+
+    def _write_cell_folder(self, key: str, name: str, record: CellRecord) -> Path:
+        folder = self.out / "cells" / key
+        tmp = folder.with_name(f".{key}.{os.getpid()}.tmp")
+        (tmp / "artifacts").mkdir(parents=True, exist_ok=True)
+        for fname, text in record.files.items():
+            (tmp / "artifacts" / fname).write_text(text)
+        (tmp / "record.json").write_text(json.dumps(
+            {"name": name, "params": record.params, "metrics": record.metrics, "curves": record.curves,
+             "tags": record.tags}, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+        if folder.exists():  # a --rerun, or an unlogged earlier computation of the same key
+            import shutil
+
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        return folder
+
+    def _log(self, folder: Path) -> str | None:
+        """Log a cell folder to the store; its run id (``None``: the store is unreachable)."""
+        doc = json.loads((folder / "record.json").read_text())
+        rid = self.tracker.log_cell(folder.name, doc["name"], doc["params"], doc["metrics"], doc["curves"],
+                                    doc["tags"], folder / "artifacts")
+        if rid is not None:
+            (folder / "logged.json").write_text(json.dumps({"tracking_uri": self.tracker.tracking_uri, "run_id": rid}))
+        return rid
+
+    def unlogged(self) -> list[Path]:
+        """The cell folders under ``out/cells/`` not logged to this run's store."""
+        out = []
+        for folder in sorted((self.out / "cells").glob("*/record.json")):
+            marker = folder.parent / "logged.json"
+            if not marker.exists() or json.loads(marker.read_text()).get("tracking_uri") != self.tracker.tracking_uri:
+                out.append(folder.parent)
+        return out
+
+    def log_unlogged(self) -> int:
+        """Log the cells computed while the store was unreachable (now reachable); how many were. A
+        cell the store has FINISHED already is not logged again (its run id is taken)."""
+        n = 0
+        for folder in self.unlogged():
+            if not self.tracker.online:
+                break
+            rid = self._log(folder)
+            if rid is None:
+                break
+            n += 1
+            for j, (row, preds) in self.done.items():
+                if row.get("cell_key") == folder.name:
+                    self.done[j] = ({**row, "mlflow_run_id": rid}, preds)
+            if folder.name in self.earlier:
+                row, preds = self.earlier[folder.name]
+                self.earlier[folder.name] = ({**row, "mlflow_run_id": rid}, preds)
+            if "cell_key" in self.earlier_rows:
+                if self.earlier_rows.get("mlflow_run_id") is not None:
+                    self.earlier_rows["mlflow_run_id"] = self.earlier_rows["mlflow_run_id"].astype(object)
+                self.earlier_rows.loc[self.earlier_rows["cell_key"] == folder.name, "mlflow_run_id"] = rid
+        if n:
+            self.counts["logged_later"] += n
+            self.notify(f"NOTICE: logged {n} cell(s) computed while the tracking store was unreachable")
+            self._save()
+        return n
+
+    def _record(self, i: int, row: dict, preds: pd.DataFrame | None) -> None:
+        self.done[i] = (row, preds)
+        if preds is not None:
+            self.dtypes.update({c: str(t) for c, t in preds.dtypes.items()})
+        self._save()
+
+    @property
+    def rows(self) -> list[dict]:
+        return [self.done[j][0] for j in sorted(self.done)]
+
+    @property
+    def predictions(self) -> list[pd.DataFrame]:
+        return [self.done[j][1] for j in sorted(self.done) if self.done[j][1] is not None]
+
+    def _save(self) -> None:
+        keys = {row["cell_key"] for row, _ in self.done.values()}
+        kept = self.earlier_rows
+        if "cell_key" in kept:
+            kept = kept[~kept["cell_key"].isin(keys)]
+        pd.concat([kept, pd.DataFrame(self.rows)], ignore_index=True).to_csv(self.out / "results.csv", index=False)
+        kept_keys = set(kept["cell_key"]) if "cell_key" in kept else set()
+        old = [p for k, (_, p) in self.earlier.items() if k in kept_keys]
+        if self.predictions or old:
+            pd.concat(old + self.predictions, ignore_index=True).to_csv(self.out / "predictions.csv", index=False)
+            (self.out / "predictions-dtypes.json").write_text(json.dumps(self.dtypes))
+
+
+# ---------------------------------------------------------------------------- which cell next
+class Scheduler:
+    """The order in which a driver computes its pending cells, shared by both executors.
+
+    :meth:`next` hands out the next cell to compute, claimed in the tracking store
+    (:meth:`benchbench.tracking.CellStore.claim`): a cell that another process finished meanwhile is
+    reused instead; one that another live process is computing waits (one line says so) and is
+    looked at again every :data:`POLL_S` seconds (:meth:`wait`) until it is finished there (reused)
+    or its process is found dead (claimed and computed here). While the store is unreachable cells
+    are computed unclaimed, and it is tried again before each cell (the cells computed meanwhile are
+    logged as soon as it is back)."""
+
+    def __init__(self, cells: list[Cell], pending: list[int], tracker, writer: ResultsWriter,
+                 on_reused: Callable[[], None] = lambda: None):
+        self.cells, self.tracker, self.writer, self.on_reused = cells, tracker, writer, on_reused
+        self.queue = deque(pending)
+        self.waiting: dict[int, str] = {}  # cell index -> who computes it
+
+    @property
+    def finished(self) -> bool:
+        return not self.queue and not self.waiting
+
+    def next(self) -> int | None:
+        """The next cell to compute (claimed), or ``None`` when every remaining cell waits on another process."""
+        while self.queue:
+            if not self.tracker.online and self.tracker.reconnect():
+                self.writer.log_unlogged()
+            i = self.queue.popleft()
+            if i in self.writer.done:
+                continue
+            cell = self.cells[i]
+            state, who = self.tracker.claim(cell.key, cell.name, cell.tags)
+            if state == "done":
+                found = self.tracker.find_cell(cell.key)
+                if found is not None:
+                    self.waiting.pop(i, None)
+                    self.writer.reuse(i, found)
+                    self.on_reused()
+                    continue
+            elif state == "held":
+                if i not in self.waiting:
+                    self.writer.notify(f"NOTICE: cell {cell.name} is being computed by another process ({who}): "
+                                       "going on with other cells, it is reused when it finishes")
+                self.waiting[i] = who
+                continue
+            self.waiting.pop(i, None)
+            return i
+        return None
+
+    def recheck(self) -> None:
+        """Put the waiting cells back in the queue (once each), for :meth:`next` to look at again."""
+        self.queue.extend(i for i in sorted(self.waiting) if i not in self.queue)
+
+    def wait(self, seconds: float = POLL_S) -> None:
+        """Sleep, keeping this driver's claims alive, then :meth:`recheck`."""
+        time.sleep(seconds)
+        self.tracker.heartbeat()
+        self.recheck()
+
+
+# ---------------------------------------------------------------------------- executors
+def execute_local(spec: RunSpec, cells: list[Cell], pending: list[int], tracker, writer: ResultsWriter,
+                  bar) -> None:
+    """Compute the pending cells in this process, one at a time, in plan order."""
+    sched = Scheduler(cells, pending, tracker, writer, bar.update)
+    while not sched.finished:
+        i = sched.next()
+        if i is None:
+            sched.wait()
+            continue
+        cell = cells[i]
+        bar.set_postfix_str(f"{cell.task.name} {cell.label} seed={cell.seed} fold={cell.fold.index}")
+        tag = f"  [{cell.label} s{cell.seed} f{cell.fold.index}] "
+
+        def progress(msg, d, tag=tag):
+            tracker.heartbeat()
+            bar.write(tag + msg + " " + " ".join(f"{k}={v:.3f}" for k, v in d.items()))
+
+        record = compute_cell(cell, progress)
+        tracker.heartbeat()
+        writer.computed(i, cell, record)
+        bar.update()
+
+
 _WORKER_STATE: dict[tuple[str, str], tuple[Task, dict, AudioLLMBackbone]] = {}
 
 
-def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: int, store,
-                 *after) -> tuple[dict, object]:
-    """One cell in a Ray worker: the task and backbone built as the driver built them (once per
-    worker process and run), the cell computed and logged to ``store`` (a
-    :class:`~benchbench.tracking.CellStore`). A retried attempt first looks for its own earlier
-    attempt's FINISHED run, so a worker lost after logging does not log the cell twice. ``after``:
+def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: int, *after) -> CellRecord:
+    """One cell in a Ray worker, computed (not logged: the driver's :class:`ResultsWriter` does that):
+    the task and backbone built as the driver built them, once per worker process and run. ``after``:
     the results of the cells this one was scheduled behind (Ray passes them once they are done;
     unused: the order is the point, :attr:`ContextMethod.phase1_of`)."""
     spec = RunSpec(**json.loads(spec_json))
@@ -180,22 +410,22 @@ def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: i
         _WORKER_STATE[(spec_json, task_name)] = state
     task, manifest, backbone = state
     (cell,) = _cells(spec, task, manifest, backbone, [f for f in task.folds() if f.index == fold], [method], [seed])
-    found = store.find_cell(cell.key)
-    return found if found is not None else run_cell(cell, store)
+    return compute_cell(cell)
 
 
-def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
-               finished: Callable[[int, dict, pd.DataFrame | None], None]) -> None:
-    """Compute ``cells[i]`` for ``i`` in ``pending`` as Ray tasks (``spec.cpus_per_cell`` CPUs and
-    ``spec.gpus_per_cell`` GPUs each, retried up to ``spec.max_retries`` times when a worker dies);
-    ``finished(i, row, predictions)`` in the driver as each returns. Without ``spec.ray_address`` Ray
-    starts on this machine and is shut down at the end; with one it joins that cluster (every node
-    needs benchbench installed, the data at ``--data-dir`` and the tracking store reachable: an MLflow
-    tracking server or a shared database, not a local sqlite file). A cell whose attempts are all
-    lost is a ``failed`` row naming the Ray error. Ctrl-C / SIGTERM cancel what is still running."""
+def execute_ray(spec: RunSpec, cells: list[Cell], pending: list[int], tracker, writer: ResultsWriter,
+                bar) -> None:
+    """Compute the pending cells as Ray tasks (``spec.cpus_per_cell`` CPUs and ``spec.gpus_per_cell``
+    GPUs each, retried up to ``spec.max_retries`` times when a worker dies), as many at once as the
+    cluster's CPUs (and GPUs) hold, so that a second driver on the same store shares the grid.
+    Without ``spec.ray_address`` Ray starts on this machine and is shut down at the end; with one it
+    joins that cluster (every node needs benchbench installed and the data at ``--data-dir``; only
+    the driver talks to the tracking store). A cell whose Phase 1 is another method's training
+    (:attr:`ContextMethod.phase1_of`) starts after that cell of its task, fold and seed and replays
+    it from the on-disk Phase-1 cache; when either's worker is lost it is tried once more alone. A
+    cell whose attempts are all lost is a ``failed`` row naming the Ray error. Ctrl-C / SIGTERM
+    cancel what is still running."""
     import ray
-
-    from .tracking import reap_stale_runs
 
     started = not ray.is_initialized()
     if started:
@@ -204,46 +434,61 @@ def run_on_ray(spec: RunSpec, cells: list["Cell"], pending: list[int], tracker,
     spec_json = json.dumps(spec.__dict__)
     remote = ray.remote(_worker_cell).options(num_cpus=spec.cpus_per_cell, num_gpus=spec.gpus_per_cell,
                                               max_retries=spec.max_retries)
-    store = tracker.cells
-
-    def submit(i: int, after=()):
-        c = cells[i]
-        return remote.remote(spec_json, c.task.name, c.method, c.seed, c.fold.index, store, *after)
-
-    # a cell whose Phase 1 is another method's training (mal after lora) waits for that cell of its
-    # task, fold and seed, then replays the training from the on-disk Phase-1 cache
-    refs, by_cell, waits = {}, {}, {}
-    for i in sorted(pending, key=lambda i: METHODS.get(cells[i].method).phase1_of is not None):
-        c = cells[i]
-        dep = by_cell.get((c.task.name, c.fold.index, c.seed, METHODS.get(c.method).phase1_of))
-        ref = submit(i, [dep] if dep is not None else [])
-        refs[ref], by_cell[(c.task.name, c.fold.index, c.seed, c.method)] = i, ref
-        if dep is not None:
-            waits[i] = dep
+    # Phase-1 consumers (mal after lora) last, so their lora cell is usually submitted before them
+    order = sorted(pending, key=lambda i: METHODS.get(cells[i].method).phase1_of is not None)
+    sched = Scheduler(cells, order, tracker, writer, bar.update)
+    refs: dict = {}
     try:
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=30)
-            tracker.heartbeat()
-            for ref in ready:
-                i = refs.pop(ref)
-                try:
-                    row, preds = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    # a cell scheduled behind another: when either's workers were lost, one more try, alone
-                    if waits.pop(i, None) is not None:
-                        refs[submit(i)] = i
-                        continue
-                    row, preds = {**cells[i].base, "status": "failed",
-                                  "error": f"{type(e).__name__}: {str(e)[:500]}"}, None
-                finished(i, row, preds)
+        _ray_loop(ray, remote, spec_json, cells, sched, refs, _ray_slots(ray, spec), tracker, writer, bar)
     finally:
         for ref in refs:
             ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
-        # a worker lost while logging left its attempt's child run RUNNING: mark it KILLED now
-        for run_id in reap_stale_runs(tracker.client, tracker.experiment_id):
-            tqdm.write(f"NOTICE: run {run_id} of a lost Ray worker: marked KILLED")
+
+
+def _ray_slots(ray, spec: RunSpec) -> int:
+    """How many cells the cluster runs at once (its CPUs and GPUs over each cell's share), at least 1."""
+    res = ray.cluster_resources()
+    slots = res.get("CPU", 1) / spec.cpus_per_cell
+    if spec.gpus_per_cell:
+        slots = min(slots, res.get("GPU", 0) / spec.gpus_per_cell)
+    return max(1, int(slots))
+
+
+def _ray_loop(ray, remote, spec_json, cells, sched: Scheduler, refs: dict, slots: int, tracker, writer, bar):
+    """Submit claimed cells while there are free slots; keep each as it returns."""
+    by_cell, after = {}, {}  # (task, fold, seed, method) -> ref in flight; cell -> the ref it waits for
+
+    def submit(i: int, alone: bool = False) -> None:
+        c = cells[i]
+        dep = None if alone else by_cell.get((c.task.name, c.fold.index, c.seed, METHODS.get(c.method).phase1_of))
+        ref = remote.remote(spec_json, c.task.name, c.method, c.seed, c.fold.index, *([dep] if dep else []))
+        refs[ref], by_cell[(c.task.name, c.fold.index, c.seed, c.method)] = i, ref
+        if dep is not None:
+            after[i] = dep
+
+    while refs or not sched.finished:
+        while len(refs) < slots and (i := sched.next()) is not None:
+            submit(i)
+        if not refs:
+            sched.wait()
+            continue
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=min(POLL_S, 30) if sched.waiting else 30)
+        tracker.heartbeat()
+        if not ready:
+            sched.recheck()
+        for ref in ready:
+            i = refs.pop(ref)
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                if after.pop(i, None) is not None:  # scheduled behind a lost cell, or lost itself: once more, alone
+                    submit(i, alone=True)
+                    continue
+                record = CellRecord({**cells[i].base, "status": "failed", "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            writer.computed(i, cells[i], record)
+            bar.update()
 
 
 @contextmanager
@@ -319,9 +564,11 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
 
     A cell whose key (:attr:`Cell.key`) already has a FINISHED run in the tracking store, or a row
     in ``<output>/results.csv`` of an earlier run into the same folder, is reused (its row and
-    predictions read back), unless ``spec.rerun``. An existing output folder is resumed into: its
-    other rows are kept. SIGTERM and Ctrl-C end the parent run KILLED, with summary.json holding
-    what finished (:class:`Terminated` / ``KeyboardInterrupt`` propagate).
+    predictions read back), unless ``spec.rerun``; one that another live process is computing is
+    reused when it finishes there (:class:`Scheduler`). An existing output folder is resumed into: its
+    other rows are kept, and its cells computed while the store was unreachable are logged. SIGTERM
+    and Ctrl-C end the parent run KILLED, with summary.json holding what finished
+    (:class:`Terminated` / ``KeyboardInterrupt`` propagate).
 
     Raises (before any output folder or MLflow run exists): ``KeyError`` for an unknown method,
     task or backbone; ``ValueError`` for a bad option or missing data (:func:`prepare`).
@@ -335,253 +582,75 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
     (out / "spec.json").write_text(json.dumps(spec.__dict__, indent=2))
     tracker = Tracker(spec.tracking_uri, f"bench-{out.name}",
                       params={k: v for k, v in spec.__dict__.items() if k != "method_overrides"},
-                      tags={"output_dir": str(out.resolve())})
+                      tags={"output_dir": str(out.resolve())}, notify=tqdm.write,
+                      offline_note=f"the cells go on into {out} (complete on its own); it is tried again between "
+                                   "cells, and the same command logs what is missing once it is back")
     for run_id in tracker.reaped:
         tqdm.write(f"NOTICE: run {run_id} was left RUNNING by a process that is gone: marked KILLED")
-    rows: list[dict] = []
-    predictions: list[pd.DataFrame] = []
-    dtypes: dict[str, str] = {}
+    writer = ResultsWriter(out, tracker, earlier_rows, earlier)
     task_info: dict[str, TaskSummary] = {}
     status = "FINISHED"
-    counts = {"reused": 0, "computed": 0}
-    keys: set[str] = set()
-
-    def save() -> None:
-        kept = earlier_rows[~earlier_rows["cell_key"].isin(keys)] if "cell_key" in earlier_rows else earlier_rows
-        kept_keys = set(kept["cell_key"]) if "cell_key" in kept else set()
-        pd.concat([kept, pd.DataFrame(rows)], ignore_index=True).to_csv(out / "results.csv", index=False)
-        old = [p for k, (_, p) in earlier.items() if k in kept_keys]
-        if predictions or old:
-            pd.concat(old + predictions, ignore_index=True).to_csv(out / "predictions.csv", index=False)
-            (out / "predictions-dtypes.json").write_text(json.dumps(dtypes))
-
-    done: dict[int, tuple[dict, pd.DataFrame | None]] = {}
-
-    def record(i: int, row: dict, preds: pd.DataFrame | None) -> None:
-        done[i] = (row, preds)
-        keys.add(row["cell_key"])
-        rows[:] = [done[j][0] for j in sorted(done)]
-        predictions[:] = [done[j][1] for j in sorted(done) if done[j][1] is not None]
-        if preds is not None:
-            dtypes.update({c: str(t) for c, t in preds.dtypes.items()})
-        save()
-
     with _StopOnSigterm() as stop:
         try:
             with _warnings_to(out / "warnings.log"):
-                cells: list[Cell] = []
-                for task_name, task in tasks.items():
-                    folds = task.folds()
-                    if spec.folds is not None:
-                        folds = [f for f in folds if f.index in spec.folds]
-                    manifest = task.manifest()
-                    (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
-                    tracker.log_artifact(out / f"manifest-{task_name}.json")
-                    for notice in task.notices:
-                        tqdm.write(f"NOTICE {task_name}: {notice}")
-                    task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"],
-                                                       list(task.notices))
-                    cells += _cells(spec, task, manifest, backbone, folds, spec.methods, spec.seeds)
-                pending = []
-                for i, cell in enumerate(cells):
-                    found = None if spec.rerun else (earlier.get(cell.key) or tracker.find_cell(cell.key))
-                    if found is None:
-                        pending.append(i)
-                    else:
-                        counts["reused"] += 1
-                        record(i, {**found[0], "reused": True}, found[1])
+                cells, info = plan_cells(spec, tasks, backbone, out, tqdm.write)
+                task_info.update(info)
+                for name in tasks:
+                    tracker.log_artifact(out / f"manifest-{name}.json")
+                writer.log_unlogged()  # an earlier run's cells, computed while the store was unreachable
+                pending = _reuse_finished(spec, cells, tracker, writer)
                 bar = tqdm(total=len(pending), desc="cells", disable=not show_progress, unit="cell")
-                if spec.executor == "ray":
-                    def finished(i: int, row: dict, preds: pd.DataFrame | None) -> None:
-                        counts["computed"] += 1
-                        record(i, {**row, "reused": False}, preds)
-                        bar.update()
-
-                    run_on_ray(spec, cells, pending, tracker, finished)
-                else:
-                    for i in pending:
-                        cell = cells[i]
-                        bar.set_postfix_str(f"{cell.task.name} {cell.label} seed={cell.seed} fold={cell.fold.index}")
-                        tag = f"  [{cell.label} s{cell.seed} f{cell.fold.index}] "
-
-                        def progress(msg, d, tag=tag):
-                            tracker.heartbeat()
-                            bar.write(tag + msg + " " + " ".join(f"{k}={v:.3f}" for k, v in d.items()))
-
-                        row, preds = run_cell(cell, tracker, progress)
-                        counts["computed"] += 1
-                        tracker.heartbeat()
-                        record(i, {**row, "reused": False}, preds)
-                        bar.update()
+                (execute_ray if spec.executor == "ray" else execute_local)(spec, cells, pending, tracker, writer, bar)
                 bar.close()
+                if not tracker.online and tracker.reconnect():
+                    writer.log_unlogged()
         except BaseException as e:  # the parent run records how it ended; results so far are kept below
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             raise
         finally:
             stop.raising = False  # from here a SIGTERM waits until the outputs are written
-            results = pd.DataFrame(rows)
-            preds_df = pd.concat(predictions) if predictions else pd.DataFrame()
-            summary = summarize(results, preds_df, task_info, spec.baseline)
-            summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
-                           "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
-                           "backbone_key": backbone.key, "cells_reused": counts["reused"],
-                           "cells_computed": counts["computed"], "status": "KILLED" if stop.seen else status}
-            summary.write(out / "summary.json")
-            from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
-
-            (out / "leaderboard.md").write_text(render_markdown(summary, reference=spec.baseline))
-            if rows and any(r["status"] == "failed" for r in rows):
-                status = "FAILED"
-            if stop.seen and summary.run["status"] != "KILLED":  # the signal came while the summary was written
-                summary.run["status"] = "KILLED"
-                summary.write(out / "summary.json")
-            tracker.finish(out / "summary.json", "KILLED" if stop.seen else status)
+            summary = finalise(spec, out, tracker, writer, task_info, backbone, status, stop)
     if stop.seen:  # SIGTERM while the outputs were written: they are complete, now stop
         raise Terminated("SIGTERM")
     return summary
 
 
-@dataclass
-class Cell:
-    """One unit of the benchmark: a method on a task's fold, on a backbone, under a seed.
-
-    ``preset``: the cell's preset label (:func:`benchbench.task.preset_label`); ``overrides``: the method's config
-    overrides on top of that preset; ``manifest``: the task's data manifest (its hash tags the cell).
-    """
-
-    method: str
-    task: Task
-    fold: Fold
-    seed: int
-    backbone: AudioLLMBackbone
-    backbone_name: str
-    preset: str
-    config_preset: str
-    overrides: dict
-    manifest: dict
-
-    @property
-    def name(self) -> str:
-        return f"{self.label}-{self.task.name}-s{self.seed}-f{self.fold.index}"
-
-    @cached_property
-    def config(self):
-        """The method's fully resolved config (preset + overrides)."""
-        return METHODS.get(self.method).make_config(self.config_preset, self.overrides)
-
-    @cached_property
-    def label(self) -> str:
-        """The method as results name it: ``mal`` for the papers' form, ``mal[speaker]`` for a variant
-        (:meth:`ContextMethod.label`)."""
-        return METHODS.get(self.method).label(self.config)
-
-    @property
-    def base(self) -> dict:
-        """The identifying columns of the cell's results.csv and predictions.csv rows (``method``: the
-        label with the variant, ``method_name``: the registry name)."""
-        return {"method": self.label, "method_name": self.method, "task": self.task.name,
-                "backbone": self.backbone_name, "seed": self.seed, "fold": self.fold.index, "cell_key": self.key}
-
-    @cached_property
-    def key(self) -> str:
-        """The cell's identity (sha256): method and its fully resolved config, task, its options and
-        preset, the data manifest's and the fold's hashes, backbone label and key, seed, fold and
-        :data:`RESULTS_VERSION`. Equal keys give equal results, so a finished cell is reused, never redone."""
-        config = self.config
-        task_params = {k: v for k, v in self.task.params().items() if k != "data_dir"}  # content is in the manifest
-        return hash_json({"method": self.method, "config": config.to_dict(), "task": self.task.name,
-                          "task_params": task_params, "preset": self.preset, "data": self.manifest["sha256"],
-                          "fold_data": self.manifest["folds"][str(self.fold.index)], "backbone": self.backbone_name,
-                          "backbone_key": self.backbone.key, "seed": self.seed, "fold": self.fold.index,
-                          "results_version": RESULTS_VERSION})
+def _reuse_finished(spec: RunSpec, cells: list[Cell], tracker, writer: ResultsWriter) -> list[int]:
+    """Record the cells finished before (this output folder first, then the store) as reused; the
+    indices of the others, to compute. ``spec.rerun``: all of them are computed."""
+    pending = []
+    for i, cell in enumerate(cells):
+        found = None if spec.rerun else (writer.earlier.get(cell.key) or tracker.find_cell(cell.key))
+        if found is None:
+            pending.append(i)
+        else:
+            writer.reuse(i, found)
+    return pending
 
 
-def run_cell(cell: Cell, tracker, progress: Callable[[str, dict], None] | None = None
-             ) -> tuple[dict, pd.DataFrame | None]:
-    """Fit, stream the test split, score and log one cell.
+def finalise(spec: RunSpec, out: Path, tracker, writer: ResultsWriter, task_info: dict[str, TaskSummary],
+             backbone: AudioLLMBackbone, status: str, stop: "_StopOnSigterm") -> Summary:
+    """End a run, however it ended: ``summary.json`` (with the run's facts: output, store, parent,
+    counts, cells not logged to the store, status) and ``leaderboard.md`` from the cells kept so far,
+    then the parent run ended with the status (``KILLED`` after SIGTERM or Ctrl-C, ``FAILED`` when a
+    cell failed or the run raised)."""
+    rows, predictions = writer.rows, writer.predictions
+    summary = summarize(pd.DataFrame(rows), pd.concat(predictions) if predictions else pd.DataFrame(), task_info,
+                        spec.baseline)
+    if rows and any(r["status"] == "failed" for r in rows) and status == "FINISHED":
+        status = "FAILED"
+    summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
+                   "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
+                   "backbone_key": backbone.key, "cells_reused": writer.counts["reused"],
+                   "cells_computed": writer.counts["computed"], "cells_logged_later": writer.counts["logged_later"],
+                   "cells_not_logged": len(writer.unlogged()), "tracking_problem": tracker.store.problem,
+                   "status": "KILLED" if stop.seen else status}
+    summary.write(out / "summary.json")
+    from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
 
-    Returns ``(row, predictions)``: the ``results.csv`` row (``status`` ``ok`` with metrics and
-    costs, or ``failed`` with the error and traceback, in which case predictions are ``None``) and
-    the scored test utterances' ``predictions.csv`` rows. Never raises for a failure inside the
-    method: other cells are independent.
-    """
-    cls = METHODS.get(cell.method)
-    config = cell.config
-    task, fold, seed, backbone = cell.task, cell.fold, cell.seed, cell.backbone
-    base = cell.base
-    params = {**base, "preset": cell.preset, "backbone_key": backbone.key,
-              **{f"method.{k}": v for k, v in config.flat().items()},
-              **{f"task.{k}": v for k, v in task.params().items()}}
-    tags = {"data_manifest_sha256": cell.manifest["sha256"],
-            "fold_manifest_sha256": hash_json(cell.manifest["folds"][str(fold.index)]),
-            "config_sha256": hash_json(params), "uses_context": str(cls.uses_context), "cell_key": cell.key}
-    try:
-        # the method works on the backbone's own LM (no copy); its adapters and hooks go at the block's end
-        with backbone.lend_lm():
-            seed_everything(seed)
-            reset_peak_memory()
-            t0 = time.perf_counter()
-            method = cls(backbone, task.labels, config, seed=seed)
-            method.fit(fold.train, fold.dev, progress=progress)
-            t1 = time.perf_counter()
-            selected = method.selected or {}
-            if cls.phases == 2 and selected.get("phase") == 1 and progress:
-                progress("NOTICE: dev selected Phase 1 over every Phase-2 epoch: the memory is unused in this cell "
-                         "(its predictions are Phase 1's, i.e. lora's)", {})
-            method.test_time_cost.clear()  # count what the test set costs, not dev scoring during fit
-            method.test_time_issues.clear()
-            probs = stream_predict(method, fold.test)
-            t2 = time.perf_counter()
-    except Exception as e:  # record and go on: other cells are independent
-        log.error("cell %s failed: %s", base, e)
-        return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc()[-2000:]}, None
-    # every utterance of the stream was predicted; only the scored ones count (IEMOCAP's fru, xxx,
-    # ... are context only) and only they go into predictions.csv and the paired statistics
-    y_true, p, keep = scored_only(fold.test, probs)
-    y_pred = p.argmax(-1)
-    metrics = compute_metrics(y_true, y_pred, task.labels)
-    n_test = len(y_true)
-    n_stream = len(keep)
-    cost = {"fit_seconds": t1 - t0, "eval_seconds": t2 - t1, "eval_ms_per_utterance": 1000 * (t2 - t1) / n_stream,
-            "trained_parameters": method.num_trained_parameters(), **peak_memory_mb(),
-            **test_time_costs(method.test_time_cost, n_stream), "test_time_issues": len(method.test_time_issues)}
-    for issue in method.test_time_issues:
-        log.warning("cell %s: %s", base, issue)
-    # speaker history counts every earlier utterance of the stream, context-only ones included
-    scored = [(u, k) for d in fold.test for u, k, s in zip(d.inputs(), speaker_history_counts(d.inputs()), d.scored)
-              if s]
-    inputs, history = [u for u, _ in scored], [k for _, k in scored]
-    preds = pd.DataFrame({
-        **base,
-        "dialogue_id": [u.dialogue_id for u in inputs],
-        "utterance_id": [u.utterance_id for u in inputs],
-        "turn": [u.turn for u in inputs],
-        "speaker": [u.speaker for u in inputs],
-        "speaker_history": history,
-        "label": [task.labels[i] for i in y_true], "prediction": [task.labels[i] for i in y_pred],
-        "correct": (y_true == y_pred).astype(int),
-        **{f"p_{lab}": p[:, i] for i, lab in enumerate(task.labels)},
-    })
-    # model selection on dev is a result: which phase (2: the memory trained after the task LoRA) and epoch
-    selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
-                 "selected_epoch": None if selected.get("epoch") is None else selected["epoch"] + 1,
-                 # the task LoRA's training replayed from the Phase-1 cache (another cell's), not repeated
-                 "phase1_replayed": method.phase1_replayed}
-    row = {**base, "status": "ok", **metrics, **cost, **selection, "n_test": n_test, "n_test_stream": n_stream,
-           "uses_context": cls.uses_context}
-    tags.update({k: str(v) for k, v in selection.items() if v is not None})
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        preds.to_csv(tmp / "predictions.csv", index=False)
-        # what a later run needs to reuse this cell exactly (benchbench.tracking.Tracker.find_cell)
-        (tmp / "row.json").write_text(json.dumps(
-            {**row, "prediction_dtypes": {c: str(t) for c, t in preds.dtypes.items()}},
-            default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-        pd.DataFrame(confusion(y_true, y_pred, len(task.labels)), index=task.labels,
-                     columns=task.labels).to_csv(tmp / "confusion_matrix.csv")
-        if method.test_time_issues:
-            (tmp / "test_time_issues.json").write_text(json.dumps(method.test_time_issues, indent=2))
-        (tmp / "config.json").write_text(json.dumps({"params": params, "tags": tags}, indent=2, default=str))
-        run_id = tracker.log_cell(cell.name, params, {**metrics, **cost}, method.curves, tags, tmp)
-    return {**row, "mlflow_run_id": run_id}, preds
+    (out / "leaderboard.md").write_text(render_markdown(summary, reference=spec.baseline))
+    if stop.seen and summary.run["status"] != "KILLED":  # the signal came while the summary was written
+        summary.run["status"] = "KILLED"
+        summary.write(out / "summary.json")
+    tracker.finish(out / "summary.json", summary.run["status"])
+    return summary

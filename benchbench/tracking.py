@@ -12,13 +12,14 @@ read back relative to it (:func:`cell_artifact`), so the store is one folder tha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from typing import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -171,119 +172,350 @@ def _param_value(v) -> str:
     return s[:6000]
 
 
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+"""MLflow's HTTP client settings while benchbench talks to a tracking server, unless the environment sets
+them: one retry after 1 s and a 20 s timeout, instead of MLflow's 7 retries with backoff factor 2 and 120 s
+(minutes of stall per call when the server is down)."""
+RECONNECT_EVERY_S = float(os.environ.get("BENCHBENCH_RECONNECT_EVERY_S", 30))
+"""How often (seconds) an offline :class:`CellStore` tries the tracking store again."""
+CLAIM_SETTLE_S = float(os.environ.get("BENCHBENCH_CLAIM_SETTLE_S", 0.2))
+"""Seconds between creating a claim and reading back the competing ones (:meth:`CellStore.claim`)."""
+
+
+class CellStore:
+    """One process's connection to the tracking store, which an outage does not stop.
+
+    Every call to the store goes through :meth:`call`: an error there (a server that does not answer,
+    a refused connection, a locked or unwritable database) makes the store *offline*: one line says so
+    through ``notify`` (no traceback), and later calls return their default at once, until
+    :meth:`reconnect` (tried at most every :data:`RECONNECT_EVERY_S`) finds the store back. Opening it
+    marks the store's dead RUNNING runs KILLED (:func:`reap_stale_runs`; their ids in ``reaped``).
+
+    Args:
+        tracking_uri: the store (``sqlite:///PATH``, ``http://HOST:PORT``, a folder, ...).
+        notify: where the one-line notices go (e.g. ``tqdm.write``).
+        offline_note: what the caller does meanwhile, appended to the offline notice.
+    """
+
+    def __init__(self, tracking_uri: str, notify: Callable[[str], None] = print, offline_note: str = ""):
+        if tracking_uri.startswith(("http://", "https://")):
+            for k, v in HTTP_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+            # urllib3 logs every retry of a refused connection: the outage is said once, below
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        self.tracking_uri, self.notify, self.offline_note = tracking_uri, notify, offline_note
+        self.client: MlflowClient | None = None
+        self.experiment_id: str | None = None
+        self.problem: str | None = None  # why the store is offline; None while online
+        self.reaped: list[str] = []
+        self._last_try = 0.0
+        self._open()
+
+    @property
+    def online(self) -> bool:
+        return self.problem is None
+
+    def _open(self) -> bool:
+        self._last_try = time.time()
+        try:
+            self.client, self.experiment_id = open_store(self.tracking_uri)
+            self.reaped += reap_stale_runs(self.client, self.experiment_id)
+        except Exception as e:  # noqa: BLE001 - any failure of the store is an outage
+            self._down(e)
+            return False
+        self.problem = None
+        return True
+
+    def _down(self, e: BaseException) -> None:
+        first = self.problem is None
+        text = str(e).strip().splitlines()
+        self.problem = f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+        if first:
+            self.notify(f"NOTICE: tracking store {self.tracking_uri} unreachable ({self.problem}); "
+                        + (self.offline_note or "going on without it"))
+
+    def call(self, fn: Callable, *args, default=None, **kwargs):
+        """``fn(*args, **kwargs)`` against the store; ``default`` when it is offline or the call fails
+        (which makes it offline)."""
+        if not self.online:
+            return default
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - an outage, whatever MLflow raised for it
+            self._down(e)
+            return default
+
+    def reconnect(self) -> bool:
+        """Whether the store is online, trying it again if it is offline and the last try is older than
+        :data:`RECONNECT_EVERY_S`."""
+        if self.online:
+            return True
+        if time.time() - self._last_try < RECONNECT_EVERY_S or not self._open():
+            return False
+        self.notify(f"NOTICE: tracking store {self.tracking_uri} is reachable again")
+        return True
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, name: str, parent_run_id: str | None, tags: dict) -> str | None:
+        """A RUNNING run carrying ``tags`` and where this process runs (:func:`process_tags`, so that
+        :func:`reap_stale_runs` finds it if the process dies); ``None`` offline."""
+        def start():
+            parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            return self.client.create_run(self.experiment_id, run_name=name,
+                                          tags={**parent, **tags, **process_tags()}).info.run_id
+        return self.call(start)
+
+    def log_run(self, run_id: str, params: dict | None = None, metrics: dict | None = None,
+                curves: dict[str, list[float]] | None = None, artifacts_dir: Path | None = None,
+                status: str | None = "FINISHED") -> bool:
+        """Params, final metrics (step 0), curves (one step per entry) and the files of
+        ``artifacts_dir`` on run ``run_id``, then ``status`` (FINISHED only once everything is
+        logged); whether it all reached the store."""
+        def log():
+            now = int(time.time() * 1000)
+            values = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+            for i in range(0, len(values), 100):  # MLflow's limit per request
+                self.client.log_batch(run_id, params=values[i:i + 100])
+            series = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+            series += [Metric(k, float(v), now, i) for k, vals in (curves or {}).items() for i, v in enumerate(vals)]
+            for i in range(0, len(series), 900):
+                self.client.log_batch(run_id, metrics=series[i:i + 900])
+            if artifacts_dir is not None:
+                self.client.log_artifacts(run_id, str(artifacts_dir))
+            if status:
+                self.client.set_terminated(run_id, status=status)
+            return True
+        return bool(self.call(log, default=False))
+
+    def end_run(self, run_id: str, status: str, tags: dict | None = None) -> None:
+        """End run ``run_id`` with ``status`` (FAILED, KILLED, ...) and ``tags`` (e.g. the reason)."""
+        def end():
+            for k, v in (tags or {}).items():
+                self.client.set_tag(run_id, k, _param_value(v))
+            self.client.set_terminated(run_id, status=status)
+        self.call(end)
+
+    def beat(self, run_ids) -> None:
+        """Refresh the ``heartbeat`` tag of these RUNNING runs (cross-host staleness: :func:`is_stale`)."""
+        def beat():
+            now = f"{time.time():.0f}"
+            for rid in run_ids:
+                self.client.set_tag(rid, "heartbeat", now)
+        self.call(beat)
+
+    # ------------------------------------------------------------------ cells
+    def find_cell(self, key: str) -> tuple[dict, pd.DataFrame] | None:
+        """The results row and predictions of the latest FINISHED cell run tagged ``cell_key`` = ``key``
+        (read back from its ``row.json`` and ``predictions.csv`` artifacts, values exactly as first
+        written), or ``None`` (also offline)."""
+        return self.call(self._find_cell, key)
+
+    def _find_cell(self, key: str) -> tuple[dict, pd.DataFrame] | None:
+        runs = self.client.search_runs([self.experiment_id], f"tags.cell_key = '{key}' and attributes.status = "
+                                       "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                row = json.loads(cell_artifact(self.client, self.tracking_uri, runs[0], "row.json", tmp).read_text())
+                preds = read_predictions(cell_artifact(self.client, self.tracking_uri, runs[0], "predictions.csv",
+                                                       tmp), row.pop("prediction_dtypes"))
+            except (OSError, KeyError, ValueError, MlflowException):  # an older suite's cell or a lost artifact
+                return None
+        return {**row, "mlflow_run_id": runs[0].info.run_id}, preds
+
+    def claim(self, key: str, name: str, parent_run_id: str | None, tags: dict) -> tuple[str, str | None]:
+        """Claim cell ``key`` for this process before computing it, so that a second driver on the same
+        store (another ``bench run``, another host) does not compute it too.
+
+        Returns ``("mine", run_id)``: a RUNNING child run of ``parent_run_id`` tagged ``cell_key`` (and
+        ``tags``) that this process now owns, to log the cell into (:meth:`log_run`);
+        ``("done", None)``: the cell has a FINISHED run (:meth:`find_cell` reads it);
+        ``("held", who)``: another live process has it RUNNING (``who``: its host and pid; go on with
+        other cells and ask again later); ``("offline", None)``: no store to claim in (compute anyway).
+        A holder found dead (:func:`is_stale`) is marked KILLED and the cell claimed. Two processes that
+        claim at the same moment both read back the competing claims after :data:`CLAIM_SETTLE_S`; the
+        earliest (start time, then run id) wins and the other withdraws (its claim KILLED and deleted).
+        """
+        return self.call(self._claim, key, name, parent_run_id, tags, default=("offline", None))
+
+    def _claim(self, key: str, name: str, parent_run_id: str | None, tags: dict) -> tuple[str, str | None]:
+        held = self._holders(key)
+        if held == "done":
+            return "done", None
+        if held:
+            return "held", _who(held[0])
+        parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **parent, **tags, "cell_key": key, "benchbench.claim": "1", **process_tags()})
+        mine = run.info.run_id
+        time.sleep(CLAIM_SETTLE_S)
+        held = self._holders(key, keep=mine)
+        if held == "done" or (held and (held[0].info.start_time, held[0].info.run_id)
+                              < (run.info.start_time, mine)):
+            self.client.set_tag(mine, "benchbench.withdrawn", "another process claimed the cell first")
+            self.client.set_terminated(mine, status="KILLED")
+            self.client.delete_run(mine)
+            return ("done", None) if held == "done" else ("held", _who(held[0]))
+        return "mine", mine
+
+    def _holders(self, key: str, keep: str | None = None):
+        """``"done"`` if cell ``key`` has a FINISHED run; else its live RUNNING runs other than ``keep``,
+        earliest first. Dead holders and this process's own leftovers (a claim abandoned during an
+        outage) are marked KILLED on the way."""
+        from mlflow.entities import ViewType
+
+        runs = self.client.search_runs([self.experiment_id], f"tags.cell_key = '{key}'",
+                                       run_view_type=ViewType.ACTIVE_ONLY, max_results=200,
+                                       order_by=["attributes.start_time ASC"])
+        if any(r.info.status == "FINISHED" for r in runs):
+            return "done"
+        live = []
+        for r in runs:
+            if r.info.status != "RUNNING" or r.info.run_id == keep:
+                continue
+            if is_stale(r.data.tags) or _is_mine(r.data.tags):
+                self.client.set_tag(r.info.run_id, "killed_by", f"claim of pid {os.getpid()} on {socket.gethostname()}")
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+            else:
+                live.append(r)
+        return live
+
+
+def _is_mine(tags: dict) -> bool:
+    """Whether a run's process tags are this process's."""
+    return (tags.get("host") == socket.gethostname() and tags.get("pid") == str(os.getpid())
+            and tags.get("pid_start", "") == _pid_start(os.getpid()))
+
+
+def _who(run) -> str:
+    tags = run.data.tags
+    return f"run {run.info.run_id}, pid {tags.get('pid', '?')} on {tags.get('host', '?')}"
+
+
 class Tracker:
-    """Thin wrapper over MLflow for the harness (``tracking_uri=None``: MLflow's default store).
+    """A ``bench run``'s tracking: its parent run, its cells' claims and child runs, on a
+    :class:`CellStore` that an outage does not stop (``tracking_uri=None``: MLflow's default store).
 
-    Opening one marks the store's dead RUNNING runs KILLED (:func:`reap_stale_runs`; their ids in
-    ``reaped``) before the parent run starts."""
+    Offline, it does nothing and says so once; the run's output folder holds every cell meanwhile
+    (the harness logs them when the store is back: :meth:`reconnect`). The parent run is created when
+    the store is first reachable; files for it given while offline (:meth:`log_artifact`) are logged
+    then."""
 
-    def __init__(self, tracking_uri: str | None, run_name: str, params: dict, tags: dict):
+    def __init__(self, tracking_uri: str | None, run_name: str, params: dict, tags: dict,
+                 notify: Callable[[str], None] = print, offline_note: str = ""):
         # reading reused cells' artifacts must not print MLflow's download bars through the terminal
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         self.tracking_uri = mlflow.get_tracking_uri()
-        self.client, self.experiment_id = open_store(self.tracking_uri)
-        mlflow.set_experiment(experiment_id=self.experiment_id)
-        self.reaped = reap_stale_runs(self.client, self.experiment_id)
+        self.store = CellStore(self.tracking_uri, notify, offline_note)
         # constant for the run: read once, tagged on the parent and on every cell
         self.run_tags = {**{f"version.{k}": v for k, v in package_versions().items()}, "git_commit": git_commit()}
-        self.parent = mlflow.start_run(run_name=run_name)
-        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        mlflow.set_tags({**tags, **self.run_tags, **process_tags()})
+        self._parent = (run_name, params, tags)
+        self.parent_run_id: str | None = None
+        self._pending_artifacts: list[Path] = []
+        self.claims: dict[str, str] = {}  # cell key -> the RUNNING run this process claimed it with
         self._beat = time.time()
+        self._open_parent()
 
     @property
-    def parent_run_id(self) -> str:
-        return self.parent.info.run_id
+    def reaped(self) -> list[str]:
+        return self.store.reaped
+
+    @property
+    def online(self) -> bool:
+        return self.store.online and self.parent_run_id is not None
+
+    def _open_parent(self) -> None:
+        name, params, tags = self._parent
+        rid = self.store.start_run(name, None, {**tags, **self.run_tags})
+        if rid is None or not self.store.log_run(rid, params=params, status=None):
+            return
+        self.parent_run_id = rid
+        for path in self._pending_artifacts:
+            self.store.call(self.store.client.log_artifact, rid, str(path))
+        self._pending_artifacts.clear()
+
+    def reconnect(self) -> bool:
+        """Whether the store is usable now (tried again when offline, see :meth:`CellStore.reconnect`);
+        on return from an outage the parent is created if it was never, and this process's claims made
+        before the outage are given up (their cells are logged anew)."""
+        if self.online:
+            return True
+        if not self.store.reconnect():
+            return False
+        if self.parent_run_id is None:
+            self._open_parent()
+        for rid in self.claims.values():
+            self.store.end_run(rid, "KILLED", {"killed_by": "claim abandoned during a tracking-store outage"})
+        self.claims.clear()
+        return self.online
 
     def heartbeat(self, force: bool = False) -> None:
-        """Refresh the parent's ``heartbeat`` tag (at most every :data:`HEARTBEAT_EVERY_S` unless ``force``)."""
+        """Refresh the ``heartbeat`` of the parent and of this process's claimed cells (at most every
+        :data:`HEARTBEAT_EVERY_S` unless ``force``)."""
         now = time.time()
-        if force or now - self._beat >= HEARTBEAT_EVERY_S:
-            self.client.set_tag(self.parent_run_id, "heartbeat", f"{now:.0f}")
+        if self.online and (force or now - self._beat >= HEARTBEAT_EVERY_S):
+            self.store.beat([self.parent_run_id, *self.claims.values()])
             self._beat = now
 
-    @property
-    def cells(self) -> "CellStore":
-        """What a cell needs to log to (and be found in) this store, picklable for another process."""
-        return CellStore(self.tracking_uri, self.experiment_id, self.parent_run_id, self.run_tags)
-
     def find_cell(self, key: str) -> tuple[dict, pd.DataFrame] | None:
-        """:meth:`CellStore.find_cell` on this store."""
-        return self.cells.find_cell(key)
+        """:meth:`CellStore.find_cell` (``None`` offline)."""
+        return self.store.find_cell(key) if self.online else None
 
-    def log_cell(self, *args, **kwargs) -> str:
-        """:meth:`CellStore.log_cell` on this store."""
-        return self.cells.log_cell(*args, **kwargs)
+    def claim(self, key: str, name: str, tags: dict) -> tuple[str, str | None]:
+        """:meth:`CellStore.claim` under this run's parent; ``("offline", None)`` offline."""
+        if not self.online:
+            return "offline", None
+        state, rid = self.store.claim(key, name, self.parent_run_id, {**tags, **self.run_tags})
+        if state == "mine":
+            self.claims[key] = rid
+        return state, rid
+
+    def log_cell(self, key: str, name: str, params: dict, metrics: dict, curves: dict[str, list[float]],
+                 tags: dict, artifacts_dir: Path) -> str | None:
+        """Log a computed cell: into its claim, or (computed while offline, or by an earlier run into
+        the same folder) a new child run, unless the store has a FINISHED run of ``key`` already (whose
+        id is returned: a cell is logged FINISHED once). ``None`` when the store is unreachable."""
+        if not self.online:
+            return None
+        rid = self.claims.pop(key, None)
+        if rid is None:
+            found = self.store.call(self.store._find_cell, key)
+            if found is not None:
+                return found[0]["mlflow_run_id"]
+            rid = self.store.start_run(name, self.parent_run_id, {**tags, **self.run_tags, "cell_key": key})
+        ok = rid is not None and self.store.log_run(rid, params, metrics, curves, artifacts_dir)
+        if not ok and rid is not None:
+            self.claims[key] = rid  # given up at reconnect
+        return rid if ok else None
+
+    def release(self, key: str, status: str, reason: str) -> None:
+        """End this process's claim of ``key`` without a result (``FAILED``: the cell failed;
+        ``KILLED``: the run stopped before it)."""
+        rid = self.claims.pop(key, None)
+        if rid is not None and self.online:
+            self.store.end_run(rid, status, {"error": reason})
 
     def log_artifact(self, path: Path) -> None:
-        """A file on the parent run (e.g. a task's data manifest)."""
-        self.client.log_artifact(self.parent_run_id, str(path))
+        """A file on the parent run (e.g. a task's data manifest), logged when the store is back if offline."""
+        if not self.online or self.store.call(self.store.client.log_artifact, self.parent_run_id, str(path),
+                                              default=False) is False:
+            self._pending_artifacts.append(path)
 
     def finish(self, summary_path: Path | None, status: str = "FINISHED") -> None:
-        """Log ``summary_path`` on the parent and end it with ``status`` (FINISHED, FAILED, KILLED)."""
+        """End the claims still open KILLED, log ``summary_path`` on the parent and end it with
+        ``status`` (FINISHED, FAILED, KILLED). Offline: nothing (the next run's start marks the parent,
+        its process gone, KILLED)."""
+        for key in list(self.claims):
+            self.release(key, "KILLED", "the run stopped before the cell finished")
+        if not self.online:
+            return
         if summary_path is not None and summary_path.exists():
-            mlflow.log_artifact(str(summary_path))
-        mlflow.end_run(status=status)
-
-
-@dataclass(frozen=True)
-class CellStore:
-    """Where cells are logged: the tracking store, the experiment, the parent ``bench run`` and the
-    tags every cell carries. Picklable: a Ray worker logs its cells with it, as the driver does."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    run_tags: dict
-
-    @property
-    def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.tracking_uri)
-
-    def find_cell(self, key: str) -> tuple[dict, pd.DataFrame] | None:
-        """The results row and predictions of the latest FINISHED cell run tagged ``cell_key`` = ``key``
-        (read back from its ``row.json`` and ``predictions.csv`` artifacts, values exactly as first
-        written), or ``None``."""
-        client = self.client
-        runs = client.search_runs([self.experiment_id], f"tags.cell_key = '{key}' and attributes.status = "
-                                  "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                row = json.loads(cell_artifact(client, self.tracking_uri, runs[0], "row.json", tmp).read_text())
-                preds = read_predictions(cell_artifact(client, self.tracking_uri, runs[0], "predictions.csv", tmp),
-                                         row.pop("prediction_dtypes"))
-            except (OSError, KeyError, ValueError, MlflowException):  # an older suite's cell or a lost artifact
-                return None
-        return {**row, "mlflow_run_id": runs[0].info.run_id}, preds
-
-    def log_cell(self, name: str, params: dict, metrics: dict, curves: dict[str, list[float]],
-                 tags: dict, artifacts_dir: Path) -> str:
-        """A child run of the parent with params, final metrics, curves (one step per entry), tags
-        (and where it ran: :func:`process_tags`) and the files of ``artifacts_dir``; FINISHED only
-        once everything is logged (an error on the way ends it FAILED and propagates)."""
-        client = self.client
-        run = client.create_run(self.experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": self.parent_run_id, **tags, **self.run_tags, **process_tags()})
-        rid = run.info.run_id
-        try:
-            now = int(time.time() * 1000)
-            values = [Param(k, _param_value(v)) for k, v in params.items()]
-            for i in range(0, len(values), 100):  # MLflow's limit per request
-                client.log_batch(rid, params=values[i:i + 100])
-            series = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-            series += [Metric(k, float(v), now, i) for k, vals in curves.items() for i, v in enumerate(vals)]
-            for i in range(0, len(series), 900):
-                client.log_batch(rid, metrics=series[i:i + 900])
-            client.log_artifacts(rid, str(artifacts_dir))
-        except BaseException:
-            client.set_terminated(rid, status="FAILED")
-            raise
-        client.set_terminated(rid, status="FINISHED")
-        return rid
+            self.store.call(self.store.client.log_artifact, self.parent_run_id, str(summary_path))
+        self.store.end_run(self.parent_run_id, status)
 
 
 def read_predictions(path: Path, dtypes: dict[str, str]) -> pd.DataFrame:

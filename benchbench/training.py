@@ -323,7 +323,8 @@ def _save_phase1(backbone, key: str, done: dict) -> None:
 def _phase1_key(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                 train: Sequence[Dialogue], dev: Sequence[Dialogue]) -> str:
     """Everything the task LoRA's training depends on: the settings, the labels, the training and dev
-    utterances (audio hash, label, scored), the initial LoRA values, both RNG states and the backbone."""
+    utterances (audio hash, label, scored), the initial LoRA values, both RNG states, the backbone and
+    torch's thread count (on some CPUs another count trains other bits)."""
     h = hashlib.sha256()
     for k, p in sorted(params.items()):
         h.update(k.encode())
@@ -335,6 +336,7 @@ def _phase1_key(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRAS
     device = next(iter(params.values())).device if params else "cpu"
     return hash_json({"settings": asdict(s), "labels": method.labels, "backbone": method.backbone.key,
                       "lm": method.backbone.lm_key, "device": str(device), "host": _host_identity(),
+                      "torch_threads": torch.get_num_threads(),
                       "train": [[(u.input.audio_sha256, u.label, u.scored) for u in d.utterances] for d in train],
                       "dev": [[(u.input.audio_sha256, u.label, u.scored) for u in d.utterances] for d in dev],
                       "rng": str(method.rng.bit_generator.state), "params": h.hexdigest()})

@@ -217,32 +217,36 @@ DETERMINISM_SCRIPT = """
 import hashlib, sys, numpy as np, torch
 torch.set_num_threads(int(sys.argv[1]))
 from benchbench.backbones.qwen2_audio import tiny_qwen2_audio
+from benchbench.cells import Cell, compute_cell
 from benchbench.tasks.synthetic import SyntheticProsodyTask
-from benchbench.method import METHODS
-from benchbench.training import seed_everything
 bb = tiny_qwen2_audio(seed=0)
 task = SyntheticProsodyTask(preset="smoke", n_train=24, n_dev=4, n_test=3, n_turns=10, duration_s=1.2)
-f = task.folds()[0]
-for name, overrides in (("mal", {"lora": {"epochs": 1}}), ("mag", {"lora": {"epochs": 1}}),
-                        ("dpm", {"lora": {"epochs": 1}})):
-    seed_everything(0)
-    cls = METHODS.get(name)
-    m = cls(bb, task.labels, cls.make_config("default", overrides), seed=0)
-    m.fit(f.train, f.dev)
-    p = m.predict_dialogues([d.inputs() for d in f.test])
-    print(name, hashlib.sha256(np.concatenate(p).tobytes()).hexdigest())
+f, manifest = task.folds()[0], task.manifest()
+print("process threads", torch.get_num_threads())
+for name in ("mal", "mag", "dpm"):
+    cell = Cell(name, task, f, 0, bb, "tiny-qwen2-audio", "default", "default", {"lora": {"epochs": 1}}, manifest,
+                threads=1)
+    record = compute_cell(cell)
+    assert record.ok, record.row
+    assert torch.get_num_threads() == int(sys.argv[1])  # the cell's count is the cell's only
+    p = record.predictions[[c for c in record.predictions if c.startswith("p_")]].to_numpy()
+    print(name, record.row["torch_threads"], hashlib.sha256(p.tobytes()).hexdigest())
 """
 
 
-def test_training_is_bit_identical_across_processes_and_thread_counts():
+def test_cells_are_bit_identical_whatever_their_processs_thread_count():
     """Two fresh processes, one on 1 torch thread (a Ray worker's) and one on 2 (a local run here),
-    train mal (memory streams of unequal lengths), mag and dpm (dialogues side by side) to the same
-    bits: the gathers whose backward sums duplicate reads are index_select, whose accumulation order
-    is fixed (advanced indexing's is not on CPU; it varied across runs), and MAL's scalar gate is
-    summed per token first (one parallel reduction over [n_tok, D] split by thread count)."""
+    compute mal (memory streams of unequal lengths), mag and dpm (dialogues side by side) cells to the
+    same bits. A cell trains and predicts on its own fixed thread count (``Cell.threads``, ``bench run
+    --threads``), because on an Intel Xeon with AVX512 under MKL these paths give other bits on 1 and
+    on 2 threads (on the AMD EPYC of an earlier release they did not); inside, the gathers whose
+    backward sums duplicate reads are index_select (advanced indexing's accumulation order varied
+    across runs on CPU) and MAL's scalar gate is summed per token first."""
     import subprocess
     import sys
 
     outs = [subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(threads)], capture_output=True, text=True,
-                           check=True).stdout for threads in (1, 2)]
-    assert outs[0] == outs[1] and outs[0].count("\n") == 3
+                           check=True).stdout.splitlines() for threads in (1, 2)]
+    assert [outs[0][0], outs[1][0]] == ["process threads 1", "process threads 2"]  # what is compared differs
+    assert outs[0][1:] == outs[1][1:] and len(outs[0]) == 4
+    assert all(line.split()[1] == "1" for line in outs[0][1:])  # recorded: torch_threads = 1

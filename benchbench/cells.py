@@ -1,0 +1,253 @@
+"""One cell of the benchmark, computed: what both executors (this process, Ray workers) run.
+
+A :class:`Cell` (method, task, fold, seed, backbone) is computed by :func:`compute_cell`: the method
+built from its preset config, fitted on the fold's train dialogues with dev-only model selection, the
+fold's test dialogues streamed through it (label-free inputs), WA / UA / WF1 / Macro-F1 / per-class F1
+scored and every per-utterance prediction kept. It returns a :class:`CellRecord`, a value with
+everything the results writer needs (``results.csv`` row, predictions, the MLflow run's params,
+metrics, curves, tags and files); it writes nothing and talks to no tracking store, so a Ray worker
+and the local loop compute the same record and one writer (:class:`benchbench.harness.ResultsWriter`)
+keeps it.
+
+Thread count. Every cell trains and predicts on ``threads`` torch CPU threads (``bench run
+--threads``, default 1), whatever its process has (a Ray worker gets one thread per CPU it holds, a
+local process all cores): on some CPUs (an Intel Xeon with AVX512 under MKL) the memory and DPM paths
+give other bits on another thread count, so the count is fixed, recorded (``torch_threads``) and part
+of the cell key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Iterator
+
+import pandas as pd
+import torch
+
+from .backbone import AudioLLMBackbone
+from .data import Fold, hash_json, speaker_history_counts
+from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
+from .method import METHODS
+from .metrics import compute_metrics, confusion, scored_only, stream_predict
+from .task import Task
+from .training import seed_everything
+
+log = logging.getLogger(__name__)
+
+RESULTS_VERSION = 2
+"""Part of every cell key: raise it when a change to the suite changes what a cell computes, so
+that cells of the older code are recomputed rather than reused."""
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Inside: torch (and its BLAS) on ``n`` CPU threads; outside, the count is as before.
+    ``ValueError`` for ``n < 1``."""
+    if n < 1:
+        raise ValueError(f"torch threads: expected >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class Cell:
+    """One unit of the benchmark: a method on a task's fold, on a backbone, under a seed.
+
+    ``preset``: the cell's preset label (:func:`benchbench.task.preset_label`); ``config_preset``: the
+    method preset its config starts from; ``overrides``: the method's config overrides on top of that
+    preset; ``manifest``: the task's data manifest (its hash tags the cell); ``threads``: torch CPU
+    threads the cell computes on (:func:`torch_threads`).
+    """
+
+    method: str
+    task: Task
+    fold: Fold
+    seed: int
+    backbone: AudioLLMBackbone
+    backbone_name: str
+    preset: str
+    config_preset: str
+    overrides: dict
+    manifest: dict
+    threads: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-{self.task.name}-s{self.seed}-f{self.fold.index}"
+
+    @cached_property
+    def config(self):
+        """The method's fully resolved config (preset + overrides)."""
+        return METHODS.get(self.method).make_config(self.config_preset, self.overrides)
+
+    @cached_property
+    def label(self) -> str:
+        """The method as results name it: ``mal`` for the papers' form, ``mal[speaker]`` for a variant
+        (:meth:`ContextMethod.label`)."""
+        return METHODS.get(self.method).label(self.config)
+
+    @property
+    def base(self) -> dict:
+        """The identifying columns of the cell's results.csv and predictions.csv rows (``method``: the
+        label with the variant, ``method_name``: the registry name)."""
+        return {"method": self.label, "method_name": self.method, "task": self.task.name,
+                "backbone": self.backbone_name, "seed": self.seed, "fold": self.fold.index, "cell_key": self.key}
+
+    @cached_property
+    def key(self) -> str:
+        """The cell's identity (sha256): method and its fully resolved config, task, its options and
+        preset, the data manifest's and the fold's hashes, backbone label and key, seed, fold, torch
+        threads and :data:`RESULTS_VERSION`. Equal keys give equal results, so a finished cell is
+        reused, never redone."""
+        task_params = {k: v for k, v in self.task.params().items() if k != "data_dir"}  # content is in the manifest
+        return hash_json({"method": self.method, "config": self.config.to_dict(), "task": self.task.name,
+                          "task_params": task_params, "preset": self.preset, "data": self.manifest["sha256"],
+                          "fold_data": self.manifest["folds"][str(self.fold.index)], "backbone": self.backbone_name,
+                          "backbone_key": self.backbone.key, "seed": self.seed, "fold": self.fold.index,
+                          "torch_threads": self.threads, "results_version": RESULTS_VERSION})
+
+    @property
+    def params(self) -> dict:
+        """The cell's MLflow params: its identifying columns, preset, backbone key, torch threads, the
+        method's resolved config (``method.*``) and the task's options (``task.*``)."""
+        return {**self.base, "preset": self.preset, "backbone_key": self.backbone.key, "torch_threads": self.threads,
+                **{f"method.{k}": v for k, v in self.config.flat().items()},
+                **{f"task.{k}": v for k, v in self.task.params().items()}}
+
+    @property
+    def tags(self) -> dict:
+        """The cell's MLflow tags: the data manifest's and the fold's hashes, the config's, whether the
+        method uses context, the cell key."""
+        return {"data_manifest_sha256": self.manifest["sha256"],
+                "fold_manifest_sha256": hash_json(self.manifest["folds"][str(self.fold.index)]),
+                "config_sha256": hash_json(self.params), "uses_context": str(METHODS.get(self.method).uses_context),
+                "cell_key": self.key}
+
+
+@dataclass
+class CellRecord:
+    """What computing a cell produced (:func:`compute_cell`), picklable (a Ray task's return value).
+
+    ``row``: the ``results.csv`` row (``status`` ``ok``, or ``failed`` with ``error`` and
+    ``traceback``); ``predictions``: the scored test utterances' ``predictions.csv`` rows (``None``
+    when failed); ``params``, ``metrics``, ``curves``, ``tags``: the cell's MLflow run; ``files``:
+    its artifacts by file name (text), ``row.json`` and ``predictions.csv`` among them."""
+
+    row: dict
+    predictions: pd.DataFrame | None = None
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.row.get("status") == "ok"
+
+
+def compute_cell(cell: Cell, progress: Callable[[str, dict], None] | None = None) -> CellRecord:
+    """Fit, stream the test split and score one cell, on ``cell.threads`` torch threads.
+
+    Never raises for a failure inside the method (other cells are independent): the record's row is
+    then ``status`` ``failed`` with the error and its traceback, and it has no predictions."""
+    try:
+        with torch_threads(cell.threads):
+            method, probs, seconds = _fit_and_stream(cell, progress)
+    except Exception as e:  # record and go on: other cells are independent
+        log.error("cell %s failed: %s", cell.base, e)
+        return CellRecord({**cell.base, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                           "traceback": traceback.format_exc()[-2000:]})
+    return _score(cell, method, probs, seconds)
+
+
+def _fit_and_stream(cell: Cell, progress):
+    """``(method, probabilities per test dialogue, (fit seconds, eval seconds))``, the method fitted on
+    the fold's train split (dev-selected) and streamed over its test split (label-free)."""
+    cls = METHODS.get(cell.method)
+    # the method works on the backbone's own LM (no copy); its adapters and hooks go at the block's end
+    with cell.backbone.lend_lm():
+        seed_everything(cell.seed)
+        reset_peak_memory()
+        t0 = time.perf_counter()
+        method = cls(cell.backbone, cell.task.labels, cell.config, seed=cell.seed)
+        method.fit(cell.fold.train, cell.fold.dev, progress=progress)
+        t1 = time.perf_counter()
+        selected = method.selected or {}
+        if cls.phases == 2 and selected.get("phase") == 1 and progress:
+            progress("NOTICE: dev selected Phase 1 over every Phase-2 epoch: the memory is unused in this cell "
+                     "(its predictions are Phase 1's, i.e. lora's)", {})
+        method.test_time_cost.clear()  # count what the test set costs, not dev scoring during fit
+        method.test_time_issues.clear()
+        probs = stream_predict(method, cell.fold.test)
+        t2 = time.perf_counter()
+    return method, probs, (t1 - t0, t2 - t1)
+
+
+def _score(cell: Cell, method, probs, seconds: tuple[float, float]) -> CellRecord:
+    """The record of a fitted and streamed cell: metrics over the scored utterances, costs, model
+    selection, the predictions table and the artifacts."""
+    cls, task, fold = METHODS.get(cell.method), cell.task, cell.fold
+    # every utterance of the stream was predicted; only the scored ones count (IEMOCAP's fru, xxx,
+    # ... are context only) and only they go into predictions.csv and the paired statistics
+    y_true, p, keep = scored_only(fold.test, probs)
+    y_pred = p.argmax(-1)
+    metrics = compute_metrics(y_true, y_pred, task.labels)
+    n_stream = len(keep)
+    fit_s, eval_s = seconds
+    cost = {"fit_seconds": fit_s, "eval_seconds": eval_s, "eval_ms_per_utterance": 1000 * eval_s / n_stream,
+            "trained_parameters": method.num_trained_parameters(), **peak_memory_mb(),
+            **test_time_costs(method.test_time_cost, n_stream), "test_time_issues": len(method.test_time_issues)}
+    for issue in method.test_time_issues:
+        log.warning("cell %s: %s", cell.base, issue)
+    preds = _predictions(cell, y_true, y_pred, p)
+    selected = method.selected or {}
+    # model selection on dev is a result: which phase (2: the memory trained after the task LoRA) and epoch
+    selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
+                 "selected_epoch": None if selected.get("epoch") is None else selected["epoch"] + 1,
+                 # the task LoRA's training replayed from the Phase-1 cache (another cell's), not repeated
+                 "phase1_replayed": method.phase1_replayed}
+    row = {**cell.base, "status": "ok", **metrics, **cost, **selection, "n_test": len(y_true),
+           "n_test_stream": n_stream, "uses_context": cls.uses_context, "torch_threads": cell.threads}
+    tags = {**cell.tags, **{k: str(v) for k, v in selection.items() if v is not None}}
+    files = {"predictions.csv": preds.to_csv(index=False),
+             # what a later run needs to reuse this cell exactly (CellStore.find_cell)
+             "row.json": json.dumps({**row, "prediction_dtypes": {c: str(t) for c, t in preds.dtypes.items()}},
+                                    default=lambda v: v.item() if hasattr(v, "item") else str(v)),
+             "confusion_matrix.csv": pd.DataFrame(confusion(y_true, y_pred, len(task.labels)), index=task.labels,
+                                                  columns=task.labels).to_csv(),
+             "config.json": json.dumps({"params": cell.params, "tags": tags}, indent=2, default=str)}
+    if method.test_time_issues:
+        files["test_time_issues.json"] = json.dumps(method.test_time_issues, indent=2)
+    return CellRecord(row, preds, cell.params, {**metrics, **cost}, dict(method.curves), tags, files)
+
+
+def _predictions(cell: Cell, y_true, y_pred, p) -> pd.DataFrame:
+    """The scored test utterances' predictions.csv rows: ids, turn, speaker and its history, label,
+    prediction, correctness, the class probabilities."""
+    labels = cell.task.labels
+    # speaker history counts every earlier utterance of the stream, context-only ones included
+    scored = [(u, k) for d in cell.fold.test
+              for u, k, s in zip(d.inputs(), speaker_history_counts(d.inputs()), d.scored) if s]
+    inputs, history = [u for u, _ in scored], [k for _, k in scored]
+    return pd.DataFrame({
+        **cell.base,
+        "dialogue_id": [u.dialogue_id for u in inputs],
+        "utterance_id": [u.utterance_id for u in inputs],
+        "turn": [u.turn for u in inputs],
+        "speaker": [u.speaker for u in inputs],
+        "speaker_history": history,
+        "label": [labels[i] for i in y_true], "prediction": [labels[i] for i in y_pred],
+        "correct": (y_true == y_pred).astype(int),
+        **{f"p_{lab}": p[:, i] for i, lab in enumerate(labels)},
+    })
