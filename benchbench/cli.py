@@ -176,7 +176,8 @@ def cmd_sweep(args) -> int:
                      storage=args.storage or DEFAULT_STORAGE, study=args.study, preset=args.preset,
                      backbone=args.backbone, data_dir=parse_data_dirs(args.data_dir), fold=args.fold, seed=args.seed,
                      metric=args.metric, pruner=args.pruner, tracking_uri=args.tracking_uri, export=args.export,
-                     task_options=task_options.get(args.task, {}), backbone_options=_backbone_options(args))
+                     task_options=task_options.get(args.task, {}), backbone_options=_backbone_options(args),
+                     threads=args.threads)
     res = run_sweep(spec)
     print(f"study {res['study']} ({res['storage']}): {res['n_finished']} finished trials, "
           f"{len(res['ran'])} run by this worker")
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(sw)
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's local default)")
     sw.add_argument("--export", default=None, help="best-config file (default: runs/sweeps/STUDY.best.json)")
+    sw.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads every trial trains on (as bench run's --threads)")
     sw.set_defaults(func=cmd_sweep)
 
     lb = sub.add_parser("leaderboard", help="leaderboard.html / .md / .tex from the runs logged to MLflow",

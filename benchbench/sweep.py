@@ -16,7 +16,14 @@ arguments continues the same study and runs only what is missing.
 
 Tracking. One MLflow parent run per study (shared by all workers, found by its ``optuna_study``
 tag) and one child run per trial (params: the resolved config; metrics: each dev evaluation as a
-curve and the objective; tags: trial number and final state).
+curve and the objective; tags: trial number and final state), logged through
+:class:`~benchbench.tracking.CellStore` as ``bench run`` logs its cells: a trial's run carries its
+worker's host, pid and heartbeat, so a killed worker's runs are marked KILLED by the next start on
+the store, and an unreachable store stops no trial.
+
+Inputs. The task, fold and backbone are built and checked by :func:`benchbench.harness.prepare`, as
+for ``bench run`` (the same data-folder, option and fold checks); trials train on ``--threads``
+torch threads, as cells do.
 
 Export. :func:`export_best` writes the best trial's fully resolved config as JSON, which
 ``bench run --config FILE`` accepts.
@@ -27,11 +34,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .method import METHODS
-from .task import data_dir_for, preset_label
+from .task import preset_label
 
 log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "journal:runs/sweeps/optuna.journal"
@@ -56,6 +64,7 @@ class SweepSpec:
     export: str | None = None           # best config file (default: runs/sweeps/<study>.best.json)
     task_options: dict = field(default_factory=dict)      # the task's constructor options (e.g. n_train)
     backbone_options: dict = field(default_factory=dict)  # weights, dtype, device, device_map, allow_download
+    threads: int = 1                    # torch CPU threads of every trial (as a bench run cell's)
 
     @property
     def preset_label(self) -> str:
@@ -104,59 +113,81 @@ def _pruner(name: str):
     return pruners[name]()
 
 
-def _tracking(attempts: int = 8):
-    """(client, experiment id). Workers that start together on a new store race to create its schema
-    and the experiment: on sqlite a file lock orders them (:func:`benchbench.tracking.open_store`);
-    on a server or another database the losers retry once the winner is done."""
-    import random
-    import time
+def _run_spec(spec: SweepSpec):
+    """The :class:`~benchbench.harness.RunSpec` of ``bench run`` for the swept method, task, fold and
+    seed: the sweep builds and checks its task and backbone through it (:func:`benchbench.harness.prepare`)."""
+    from .harness import RunSpec
 
-    import mlflow
-
-    from .tracking import EXPERIMENT, open_store
-
-    for attempt in range(attempts):
-        try:
-            return open_store(mlflow.get_tracking_uri(), EXPERIMENT)
-        except Exception:  # noqa: BLE001 - schema migration / creation race: try again
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 + random.random())
+    return RunSpec(methods=[spec.method], tasks=[spec.task], backbone=spec.backbone, seeds=[spec.seed],
+                   preset=spec.preset, data_dir=spec.data_dir, tracking_uri=spec.tracking_uri,
+                   folds=None if spec.fold is None else [spec.fold], task_options={spec.task: dict(spec.task_options)}
+                   if spec.task_options else {}, backbone_options=spec.backbone_options, threads=spec.threads)
 
 
-def _parent_run(client, experiment_id: str, study_name: str, spec: SweepSpec) -> str:
-    """The study's MLflow parent run, shared by every worker (the oldest one tagged with the study)."""
-    query = f"tags.optuna_study = '{study_name}' and tags.sweep_parent = '1'"
-    found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"sweep-{study_name}",
-                            tags={"optuna_study": study_name, "sweep_parent": "1"})
-    for k, v in {**spec.__dict__, "study": study_name}.items():
-        client.log_param(run.info.run_id, k, str(v))
-    # two workers starting at once may both create one: keep the oldest, drop ours if it is not
-    oldest = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
-    if oldest and oldest[0].info.run_id != run.info.run_id:
-        client.delete_run(run.info.run_id)
-        return oldest[0].info.run_id
-    return run.info.run_id
+def _parent_run(store, study_name: str, spec: SweepSpec) -> str | None:
+    """The study's MLflow parent run, shared by every worker (the oldest one tagged with the study);
+    ``None`` while the store is unreachable."""
+    def find_or_create():
+        client, experiment_id = store.client, store.experiment_id
+        query = f"tags.optuna_study = '{study_name}' and tags.sweep_parent = '1'"
+        found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(experiment_id, run_name=f"sweep-{study_name}",
+                                tags={"optuna_study": study_name, "sweep_parent": "1"})
+        for k, v in {**spec.__dict__, "study": study_name}.items():
+            client.log_param(run.info.run_id, k, str(v))
+        # two workers starting at once may both create one: keep the oldest, drop ours if it is not
+        oldest = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+        if oldest and oldest[0].info.run_id != run.info.run_id:
+            client.delete_run(run.info.run_id)
+            return oldest[0].info.run_id
+        return run.info.run_id
+    return store.call(find_or_create)
+
+
+class _TrialLog:
+    """One trial's MLflow child run on the shared :class:`~benchbench.tracking.CellStore`: RUNNING with
+    this worker's process tags and a heartbeat while the trial trains (a killed worker's run is marked
+    KILLED by the next start on the store), its dev evaluations as curves, its final state."""
+
+    def __init__(self, store, parent_id: str | None, name: str, tags: dict, params: dict):
+        from .tracking import HEARTBEAT_EVERY_S
+
+        self.store, self.every, self._beat = store, HEARTBEAT_EVERY_S, time.time()
+        self.rid = store.start_run(name, parent_id, tags) if parent_id else None
+        if self.rid:
+            store.log_run(self.rid, params=params, status=None)
+
+    def metric(self, key: str, value: float, step: int = 0) -> None:
+        if self.rid:
+            self.store.call(self.store.client.log_metric, self.rid, key, float(value), step=step)
+            if time.time() - self._beat >= self.every:
+                self.store.beat([self.rid])
+                self._beat = time.time()
+
+    def end(self, state: str, tags: dict | None = None) -> None:
+        if self.rid:
+            self.store.end_run(self.rid, state, tags)
 
 
 def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     """Run (or continue) the study until it holds ``spec.trials`` finished trials; export the best.
 
+    The task, its fold and the backbone are built and checked exactly as ``bench run`` builds them
+    (:func:`benchbench.harness.prepare`: the same ``--data-dir``, ``--task-set``, ``--folds`` and
+    backbone checks and messages); every trial trains on ``spec.threads`` torch threads, as a cell
+    does; trials are logged through :class:`~benchbench.tracking.CellStore` (an unreachable store
+    stops no trial: the Optuna storage is the study's record).
+
     Returns ``{"study", "best_value", "best_params", "config_file", "n_finished", "ran"}``. Raises
     ``KeyError`` for an unknown method/task, ``ValueError`` for a method without a search space,
-    an unknown fold, pruner or storage.
+    an unknown fold, pruner or storage, or any input ``bench run`` refuses.
     """
-    import mlflow
     import optuna
 
-    from .backbone import backbone_factory, make_backbone
-    from .metrics import evaluate
-    from .task import TASKS, check_task_options
-    from .tracking import package_versions
-    from .training import seed_everything
+    from .harness import prepare
+    from .tracking import CellStore, resolve_tracking_uri
 
     cls = METHODS.get(spec.method)
     try:  # fail before anything runs when the method has no search space
@@ -165,47 +196,73 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
         raise ValueError(str(e)) from None
     except Exception:  # noqa: BLE001 - FixedTrial lacks the values: the space exists
         pass
-    check_task_options(spec.task, spec.task_options)
-    backbone_factory(spec.backbone, spec.backbone_options)
-    task = TASKS.get(spec.task)(data_dir=data_dir_for(spec.data_dir, spec.task), preset=spec.preset, **spec.task_options)
+    pruner = _pruner(spec.pruner)
+    tasks, backbone = prepare(_run_spec(spec))
+    task = tasks[spec.task]
     folds = {f.index: f for f in task.folds()}
-    fold = folds[min(folds)] if spec.fold is None else folds.get(spec.fold)
-    if fold is None:
-        raise ValueError(f"task {spec.task} has no fold {spec.fold} (folds: {sorted(folds)})")
-    backbone = make_backbone(spec.backbone, spec.backbone_options)
+    fold = folds[min(folds) if spec.fold is None else spec.fold]
 
-    if spec.tracking_uri:
-        mlflow.set_tracking_uri(spec.tracking_uri)
-    client, experiment_id = _tracking()
+    store = CellStore(resolve_tracking_uri(spec.tracking_uri), notify=lambda line: print(line, flush=True),
+                      offline_note="the trials go on (the Optuna storage records them) without MLflow runs")
     study_name = spec.study_name
-    parent_id = _parent_run(client, experiment_id, study_name, spec)
+    parent = [_parent_run(store, study_name, spec)]
+
+    def parent_id() -> str | None:  # found again when the store comes back from an outage
+        if parent[0] is None and store.reconnect():
+            parent[0] = _parent_run(store, study_name, spec)
+        return parent[0]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(spec.storage)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                pruner=_pruner(spec.pruner), load_if_exists=True)
+                                pruner=pruner, load_if_exists=True)
     study.set_user_attr("method", spec.method)
     study.set_user_attr("task", spec.task)
     ran = []
+    objective = _objective(spec, cls, task, fold, backbone, store, parent_id, ran, show_progress)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what counts toward --trials
+    if _count(study, finished) < spec.trials:
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=finished)], catch=())
+    best = study.best_trial if _count(study, (optuna.trial.TrialState.COMPLETE,)) else None
+    out = {"study": study_name, "storage": spec.storage, "n_finished": _count(study, finished), "ran": ran,
+           "best_value": best.value if best else None, "best_params": best.params if best else None,
+           "best_trial": best.number if best else None, "config_file": None, "mlflow_parent_run_id": parent[0]}
+    if best:
+        path = Path(spec.export) if spec.export else Path("runs/sweeps") / f"{study_name}.best.json"
+        export_best(study, spec, path)
+        out["config_file"] = str(path)
+        if parent[0]:
+            store.call(store.client.log_metric, parent[0], f"best_dev_{spec.metric}", best.value)
+    return out
+
+
+def _objective(spec: SweepSpec, cls, task, fold, backbone, store, parent_id, ran: list, show_progress: bool):
+    """Optuna's objective: a config sampled from the method's search space, the method fitted on the
+    fold's train split on ``spec.threads`` threads, its dev ``spec.metric`` (never test); every dev
+    evaluation during fitting is one Optuna step (pruned when the pruner says so)."""
+    import optuna
+
+    from .cells import torch_threads
+    from .metrics import evaluate
+    from .tracking import package_versions
+    from .training import seed_everything
+
+    study_name = spec.study_name
 
     def objective(trial: optuna.Trial) -> float:
-        overrides = cls.search_space(trial)
-        config = cls.make_config(spec.preset, overrides)
+        config = cls.make_config(spec.preset, cls.search_space(trial))
         trial.set_user_attr("config", config.to_dict())
-        run = client.create_run(experiment_id, run_name=f"{study_name}-t{trial.number}", tags={
-            "mlflow.parentRunId": parent_id, "optuna_study": study_name, "optuna_trial": str(trial.number),
-            "method": spec.method, "task": spec.task, **{f"version.{k}": v for k, v in package_versions().items()}})
-        rid = run.info.run_id
-        params = {"method": spec.method, "task": spec.task, "backbone": spec.backbone_label, "preset": spec.preset_label,
-                  "fold": fold.index, "seed": spec.seed, "metric": spec.metric,
-                  **{f"method.{k}": v for k, v in config.flat().items()}}
-        for k, v in params.items():
-            client.log_param(rid, k, str(v)[:6000])
+        log = _TrialLog(store, parent_id(), f"{study_name}-t{trial.number}", {
+            "optuna_study": study_name, "optuna_trial": str(trial.number), "method": spec.method, "task": spec.task,
+            **{f"version.{k}": v for k, v in package_versions().items()}},
+            {"method": spec.method, "task": spec.task, "backbone": spec.backbone_label, "preset": spec.preset_label,
+             "fold": fold.index, "seed": spec.seed, "metric": spec.metric, "torch_threads": spec.threads,
+             **{f"method.{k}": v for k, v in config.flat().items()}})
         step = [0]
 
         def progress(msg: str, values: dict) -> None:
             for k, v in values.items():
-                client.log_metric(rid, k, float(v), step=step[0])
+                log.metric(k, v, step[0])
             key = f"dev_{spec.metric}"
             if key in values:  # one Optuna step per dev evaluation, across training phases
                 trial.report(float(values[key]), step[0])
@@ -215,37 +272,23 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after {msg}")
 
-        seed_everything(spec.seed)
-        state = "FAILED"
+        state, tags = "FAILED", None
         try:
-            with backbone.lend_lm():  # the backbone's own LM, adapters removed after the trial
+            with torch_threads(spec.threads), backbone.lend_lm():  # the backbone's own LM, restored after
+                seed_everything(spec.seed)
                 method = cls(backbone, task.labels, config, seed=spec.seed)
                 method.fit(fold.train, fold.dev, progress=progress)
                 value = float(evaluate(method, fold.dev, task.labels)[spec.metric])  # dev only, never test
-            client.log_metric(rid, f"objective_dev_{spec.metric}", value)
+            log.metric(f"objective_dev_{spec.metric}", value)
             state = "FINISHED"
             return value
         except optuna.TrialPruned:
-            state = "KILLED"
-            client.set_tag(rid, "optuna_state", "PRUNED")
+            state, tags = "KILLED", {"optuna_state": "PRUNED"}
             raise
         finally:
             ran.append(trial.number)
-            client.set_terminated(rid, status=state)
-
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what counts toward --trials
-    if _count(study, finished) < spec.trials:
-        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=finished)], catch=())
-    best = study.best_trial if _count(study, (optuna.trial.TrialState.COMPLETE,)) else None
-    out = {"study": study_name, "storage": spec.storage, "n_finished": _count(study, finished), "ran": ran,
-           "best_value": best.value if best else None, "best_params": best.params if best else None,
-           "best_trial": best.number if best else None, "config_file": None, "mlflow_parent_run_id": parent_id}
-    if best:
-        path = Path(spec.export) if spec.export else Path("runs/sweeps") / f"{study_name}.best.json"
-        export_best(study, spec, path)
-        out["config_file"] = str(path)
-        client.log_metric(parent_id, f"best_dev_{spec.metric}", best.value)
-    return out
+            log.end(state, tags)
+    return objective
 
 
 def _count(study, states) -> int:

@@ -394,6 +394,14 @@ def _who(run) -> str:
     return f"run {run.info.run_id}, pid {tags.get('pid', '?')} on {tags.get('host', '?')}"
 
 
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """The store a command uses: ``tracking_uri`` (made MLflow's current one), else MLflow's default
+    (``MLFLOW_TRACKING_URI``, else its local default)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.get_tracking_uri()
+
+
 class Tracker:
     """A ``bench run``'s tracking: its parent run, its cells' claims and child runs, on a
     :class:`CellStore` that an outage does not stop (``tracking_uri=None``: MLflow's default store).
@@ -407,9 +415,7 @@ class Tracker:
                  notify: Callable[[str], None] = print, offline_note: str = ""):
         # reading reused cells' artifacts must not print MLflow's download bars through the terminal
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        self.tracking_uri = mlflow.get_tracking_uri()
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.store = CellStore(self.tracking_uri, notify, offline_note)
         # constant for the run: read once, tagged on the parent and on every cell
         self.run_tags = {**{f"version.{k}": v for k, v in package_versions().items()}, "git_commit": git_commit()}

@@ -136,3 +136,47 @@ def test_sweep_takes_the_task_and_backbone_options_of_bench_run(tmp_path, capsys
     assert "not the swept task" in capsys.readouterr().err
     assert main(_sweep_cmd(tmp_path, "bad", 1) + ["--weights", str(tmp_path)]) == 2
     assert "built from a config" in capsys.readouterr().err
+
+
+def test_a_killed_sweep_workers_run_is_marked_killed_by_the_next_start(tmp_path):
+    """A trial's MLflow run carries its worker's process tags (CellStore): a worker killed mid-trial
+    leaves it RUNNING, and the next `bench sweep` on the store marks it KILLED before its own trials."""
+    import os
+    import signal
+    import time
+
+    from benchbench.tracking import open_store
+
+    cmd = [sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "killed", 3, method="mal")]
+    worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    running, t0 = None, time.time()
+    while running is None and time.time() - t0 < 300:
+        assert worker.poll() is None, worker.communicate()[1][-3000:]
+        if (tmp_path / "mlflow.db").exists():
+            client, exp_id = open_store(uri)  # under the store's lock: the worker may be migrating it
+            found = client.search_runs([exp_id], "tags.optuna_study = 'killed' and attributes.status = 'RUNNING'")
+            running = next((r for r in found or [] if "optuna_trial" in r.data.tags), None)
+        time.sleep(0.1)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert running is not None and running.data.tags["pid"] == str(worker.pid) and "heartbeat" in running.data.tags
+    assert MlflowClient(uri).get_run(running.info.run_id).info.status == "RUNNING"
+    res = subprocess.run([sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "killed", 1)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    dead = MlflowClient(uri).get_run(running.info.run_id)
+    assert dead.info.status == "KILLED" and "stale process" in dead.data.tags["killed_by"]
+
+
+def test_sweep_checks_its_inputs_as_bench_run_does(tmp_path, capsys):
+    """The same builder and checks as `bench run` (harness.prepare): the same messages."""
+    assert main(_sweep_cmd(tmp_path, "x", 1) + ["--fold", "7"]) == 2
+    assert "--folds 7: task synthetic has folds 0" in capsys.readouterr().err
+    cmd = ["sweep", "--method", "lora", "--task", "emodb", "--trials", "1", "--storage",
+           f"journal:{tmp_path / 'j.journal'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(cmd) == 2
+    assert "--data-dir is required (a folder, or emodb=FOLDER): task emodb reads Emo-DB" in capsys.readouterr().err
+    assert main(cmd + ["--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert f"--data-dir {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any store is opened
