@@ -322,8 +322,9 @@ class Scheduler:
     logged as soon as it is back)."""
 
     def __init__(self, cells: list[Cell], pending: list[int], tracker, writer: ResultsWriter,
-                 on_reused: Callable[[], None] = lambda: None):
+                 on_reused: Callable[[], None] = lambda: None, rerun: bool = False):
         self.cells, self.tracker, self.writer, self.on_reused = cells, tracker, writer, on_reused
+        self.rerun = rerun  # --rerun: a FINISHED run elsewhere does not make a cell done
         self.queue = deque(pending)
         self.waiting: dict[int, str] = {}  # cell index -> who computes it
 
@@ -340,7 +341,7 @@ class Scheduler:
             if i in self.writer.done:
                 continue
             cell = self.cells[i]
-            state, who = self.tracker.claim(cell.key, cell.name, cell.tags)
+            state, who = self.tracker.claim(cell.key, cell.name, cell.tags, self.rerun)
             if state == "done":
                 found = self.tracker.find_cell(cell.key)
                 if found is not None:
@@ -373,7 +374,7 @@ class Scheduler:
 def execute_local(spec: RunSpec, cells: list[Cell], pending: list[int], tracker, writer: ResultsWriter,
                   bar) -> None:
     """Compute the pending cells in this process, one at a time, in plan order."""
-    sched = Scheduler(cells, pending, tracker, writer, bar.update)
+    sched = Scheduler(cells, pending, tracker, writer, bar.update, spec.rerun)
     while not sched.finished:
         i = sched.next()
         if i is None:
@@ -436,7 +437,7 @@ def execute_ray(spec: RunSpec, cells: list[Cell], pending: list[int], tracker, w
                                               max_retries=spec.max_retries)
     # Phase-1 consumers (mal after lora) last, so their lora cell is usually submitted before them
     order = sorted(pending, key=lambda i: METHODS.get(cells[i].method).phase1_of is not None)
-    sched = Scheduler(cells, order, tracker, writer, bar.update)
+    sched = Scheduler(cells, order, tracker, writer, bar.update, spec.rerun)
     refs: dict = {}
     try:
         _ray_loop(ray, remote, spec_json, cells, sched, refs, _ray_slots(ray, spec), tracker, writer, bar)

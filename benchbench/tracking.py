@@ -26,7 +26,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from filelock import FileLock
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -268,12 +268,14 @@ class CellStore:
 
     def log_run(self, run_id: str, params: dict | None = None, metrics: dict | None = None,
                 curves: dict[str, list[float]] | None = None, artifacts_dir: Path | None = None,
-                status: str | None = "FINISHED") -> bool:
-        """Params, final metrics (step 0), curves (one step per entry) and the files of
+                status: str | None = "FINISHED", tags: dict | None = None) -> bool:
+        """Tags, params, final metrics (step 0), curves (one step per entry) and the files of
         ``artifacts_dir`` on run ``run_id``, then ``status`` (FINISHED only once everything is
         logged); whether it all reached the store."""
         def log():
             now = int(time.time() * 1000)
+            if tags:
+                self.client.log_batch(run_id, tags=[RunTag(k, _param_value(v)) for k, v in tags.items()])
             values = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
             for i in range(0, len(values), 100):  # MLflow's limit per request
                 self.client.log_batch(run_id, params=values[i:i + 100])
@@ -325,7 +327,8 @@ class CellStore:
                 return None
         return {**row, "mlflow_run_id": runs[0].info.run_id}, preds
 
-    def claim(self, key: str, name: str, parent_run_id: str | None, tags: dict) -> tuple[str, str | None]:
+    def claim(self, key: str, name: str, parent_run_id: str | None, tags: dict, rerun: bool = False
+              ) -> tuple[str, str | None]:
         """Claim cell ``key`` for this process before computing it, so that a second driver on the same
         store (another ``bench run``, another host) does not compute it too.
 
@@ -337,11 +340,13 @@ class CellStore:
         A holder found dead (:func:`is_stale`) is marked KILLED and the cell claimed. Two processes that
         claim at the same moment both read back the competing claims after :data:`CLAIM_SETTLE_S`; the
         earliest (start time, then run id) wins and the other withdraws (its claim KILLED and deleted).
+        ``rerun``: a FINISHED run does not count (``bench run --rerun`` computes the cell again).
         """
-        return self.call(self._claim, key, name, parent_run_id, tags, default=("offline", None))
+        return self.call(self._claim, key, name, parent_run_id, tags, rerun, default=("offline", None))
 
-    def _claim(self, key: str, name: str, parent_run_id: str | None, tags: dict) -> tuple[str, str | None]:
-        held = self._holders(key)
+    def _claim(self, key: str, name: str, parent_run_id: str | None, tags: dict, rerun: bool
+               ) -> tuple[str, str | None]:
+        held = self._holders(key, rerun=rerun)
         if held == "done":
             return "done", None
         if held:
@@ -351,7 +356,7 @@ class CellStore:
             **parent, **tags, "cell_key": key, "benchbench.claim": "1", **process_tags()})
         mine = run.info.run_id
         time.sleep(CLAIM_SETTLE_S)
-        held = self._holders(key, keep=mine)
+        held = self._holders(key, keep=mine, rerun=rerun)
         if held == "done" or (held and (held[0].info.start_time, held[0].info.run_id)
                               < (run.info.start_time, mine)):
             self.client.set_tag(mine, "benchbench.withdrawn", "another process claimed the cell first")
@@ -360,7 +365,7 @@ class CellStore:
             return ("done", None) if held == "done" else ("held", _who(held[0]))
         return "mine", mine
 
-    def _holders(self, key: str, keep: str | None = None):
+    def _holders(self, key: str, keep: str | None = None, rerun: bool = False):
         """``"done"`` if cell ``key`` has a FINISHED run; else its live RUNNING runs other than ``keep``,
         earliest first. Dead holders and this process's own leftovers (a claim abandoned during an
         outage) are marked KILLED on the way."""
@@ -369,7 +374,7 @@ class CellStore:
         runs = self.client.search_runs([self.experiment_id], f"tags.cell_key = '{key}'",
                                        run_view_type=ViewType.ACTIVE_ONLY, max_results=200,
                                        order_by=["attributes.start_time ASC"])
-        if any(r.info.status == "FINISHED" for r in runs):
+        if not rerun and any(r.info.status == "FINISHED" for r in runs):
             return "done"
         live = []
         for r in runs:
@@ -471,11 +476,11 @@ class Tracker:
         """:meth:`CellStore.find_cell` (``None`` offline)."""
         return self.store.find_cell(key) if self.online else None
 
-    def claim(self, key: str, name: str, tags: dict) -> tuple[str, str | None]:
+    def claim(self, key: str, name: str, tags: dict, rerun: bool = False) -> tuple[str, str | None]:
         """:meth:`CellStore.claim` under this run's parent; ``("offline", None)`` offline."""
         if not self.online:
             return "offline", None
-        state, rid = self.store.claim(key, name, self.parent_run_id, {**tags, **self.run_tags})
+        state, rid = self.store.claim(key, name, self.parent_run_id, {**tags, **self.run_tags}, rerun)
         if state == "mine":
             self.claims[key] = rid
         return state, rid
@@ -493,7 +498,7 @@ class Tracker:
             if found is not None:
                 return found[0]["mlflow_run_id"]
             rid = self.store.start_run(name, self.parent_run_id, {**tags, **self.run_tags, "cell_key": key})
-        ok = rid is not None and self.store.log_run(rid, params, metrics, curves, artifacts_dir)
+        ok = rid is not None and self.store.log_run(rid, params, metrics, curves, artifacts_dir, tags=tags)
         if not ok and rid is not None:
             self.claims[key] = rid  # given up at reconnect
         return rid if ok else None
