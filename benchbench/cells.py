@@ -33,7 +33,7 @@ import torch
 from .backbone import AudioLLMBackbone
 from .data import Fold, hash_json, speaker_history_counts
 from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
-from .method import METHODS
+from .method import METHODS, FitReport
 from .metrics import compute_metrics, confusion, scored_only, stream_predict
 from .task import Task
 from .training import seed_everything
@@ -163,17 +163,17 @@ def compute_cell(cell: Cell, progress: Callable[[str, dict], None] | None = None
     then ``status`` ``failed`` with the error and its traceback, and it has no predictions."""
     try:
         with torch_threads(cell.threads):
-            method, probs, seconds = _fit_and_stream(cell, progress)
+            method, report, probs, seconds = _fit_and_stream(cell, progress)
     except Exception as e:  # record and go on: other cells are independent
         log.error("cell %s failed: %s", cell.base, e)
         return CellRecord({**cell.base, "status": "failed", "error": f"{type(e).__name__}: {e}",
                            "traceback": traceback.format_exc()[-2000:]})
-    return _score(cell, method, probs, seconds)
+    return _score(cell, method, report, probs, seconds)
 
 
 def _fit_and_stream(cell: Cell, progress):
-    """``(method, probabilities per test dialogue, (fit seconds, eval seconds))``, the method fitted on
-    the fold's train split (dev-selected) and streamed over its test split (label-free)."""
+    """``(method, its FitReport, probabilities per test dialogue, (fit seconds, eval seconds))``, the
+    method fitted on the fold's train split (dev-selected) and streamed over its test split (label-free)."""
     cls = METHODS.get(cell.method)
     # the method works on the backbone's own LM (no copy); its adapters and hooks go at the block's end
     with cell.backbone.lend_lm():
@@ -181,9 +181,9 @@ def _fit_and_stream(cell: Cell, progress):
         reset_peak_memory()
         t0 = time.perf_counter()
         method = cls(cell.backbone, cell.task.labels, cell.config, seed=cell.seed)
-        method.fit(cell.fold.train, cell.fold.dev, progress=progress)
+        report = FitReport.of(method, method.fit(cell.fold.train, cell.fold.dev, progress=progress))
         t1 = time.perf_counter()
-        selected = method.selected or {}
+        selected = report.selected or {}
         if cls.phases == 2 and selected.get("phase") == 1 and progress:
             progress("NOTICE: dev selected Phase 1 over every Phase-2 epoch: the memory is unused in this cell "
                      "(its predictions are Phase 1's, i.e. lora's)", {})
@@ -191,10 +191,10 @@ def _fit_and_stream(cell: Cell, progress):
         method.test_time_issues.clear()
         probs = stream_predict(method, cell.fold.test)
         t2 = time.perf_counter()
-    return method, probs, (t1 - t0, t2 - t1)
+    return method, report, probs, (t1 - t0, t2 - t1)
 
 
-def _score(cell: Cell, method, probs, seconds: tuple[float, float]) -> CellRecord:
+def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, float]) -> CellRecord:
     """The record of a fitted and streamed cell: metrics over the scored utterances, costs, model
     selection, the predictions table and the artifacts."""
     cls, task, fold = METHODS.get(cell.method), cell.task, cell.fold
@@ -211,12 +211,12 @@ def _score(cell: Cell, method, probs, seconds: tuple[float, float]) -> CellRecor
     for issue in method.test_time_issues:
         log.warning("cell %s: %s", cell.base, issue)
     preds = _predictions(cell, y_true, y_pred, p)
-    selected = method.selected or {}
+    selected = report.selected or {}
     # model selection on dev is a result: which phase (2: the memory trained after the task LoRA) and epoch
     selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
                  "selected_epoch": None if selected.get("epoch") is None else selected["epoch"] + 1,
                  # the task LoRA's training replayed from the Phase-1 cache (another cell's), not repeated
-                 "phase1_replayed": method.phase1_replayed}
+                 "phase1_replayed": report.phase1_replayed}
     row = {**cell.base, "status": "ok", **metrics, **cost, **selection, "n_test": len(y_true),
            "n_test_stream": n_stream, "uses_context": cls.uses_context, "torch_threads": cell.threads}
     tags = {**cell.tags, **{k: str(v) for k, v in selection.items() if v is not None}}
@@ -229,7 +229,7 @@ def _score(cell: Cell, method, probs, seconds: tuple[float, float]) -> CellRecor
              "config.json": json.dumps({"params": cell.params, "tags": tags}, indent=2, default=str)}
     if method.test_time_issues:
         files["test_time_issues.json"] = json.dumps(method.test_time_issues, indent=2)
-    return CellRecord(row, preds, cell.params, {**metrics, **cost}, dict(method.curves), tags, files)
+    return CellRecord(row, preds, cell.params, {**metrics, **cost}, dict(report.curves), tags, files)
 
 
 def _predictions(cell: Cell, y_true, y_pred, p) -> pd.DataFrame:

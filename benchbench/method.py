@@ -126,6 +126,42 @@ def check_ranges(config: MethodConfig, at_least: dict[str, float] = {}, positive
             raise ConfigValueError(name, getattr(config, name), f"expected one of {', '.join(map(str, allowed))}")
 
 
+@dataclasses.dataclass
+class FitReport:
+    """What :meth:`ContextMethod.fit` produced, returned to its caller (the harness logs it per cell).
+
+    Attributes:
+        curves: training curves by name (``<method>_train_loss`` per step, ``<method>_dev_<metric>``
+            per epoch, ...), logged as MLflow metric series (one step per entry).
+        selected: the model dev selected, ``{"phase": 1 or 2, "epoch": 0-based epoch of that phase or
+            None}`` (results: ``selected_phase``, 1-based ``selected_epoch``); ``None`` for a method
+            with nothing to select (``zero_shot``).
+        dev_score: the selected model's dev score on its selection metric (a fraction; ``None``
+            without selection). ``lora``'s is what a two-stage method's Phase 2 must beat.
+        phase1_replayed: whether :func:`benchbench.training.fit_task_lora` replayed an identical
+            earlier training (the ``lora`` cell's) instead of repeating it; ``None`` when not called.
+    """
+
+    curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    selected: dict | None = None
+    dev_score: float | None = None
+    phase1_replayed: bool | None = None
+
+    def curve(self, name: str) -> list[float]:
+        """The curve ``name``, created empty if absent (append to it)."""
+        return self.curves.setdefault(name, [])
+
+    @classmethod
+    def of(cls, method: "ContextMethod", returned) -> "FitReport":
+        """``returned`` when ``fit`` returned a report; for a plugin written against the older
+        contract (``fit`` returned ``None`` and set ``curves`` / ``selected`` / ``phase1_replayed``
+        attributes) a report read from those attributes."""
+        if isinstance(returned, FitReport):
+            return returned
+        return cls(dict(getattr(method, "curves", {}) or {}), getattr(method, "selected", None), None,
+                   getattr(method, "phase1_replayed", None))
+
+
 class ConfigValueError(ValueError):
     """A method-config value that does not fit its field: ``path`` (``lora.lr``), the ``value`` given,
     the ``problem`` in words (``expected a float``)."""
@@ -246,18 +282,11 @@ class ContextMethod(ABC):
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.lm = backbone.new_lm(self.labels)
-        self.curves: dict[str, list[float]] = {}  # training curves, logged by the harness
         # counters a method accumulates while evaluating (e.g. test-time updates and their seconds),
         # and problems it met and survived there (each a dict naming dialogue_id and utterance_id);
-        # the harness clears both before the test set and logs them with the cell
+        # the method's own: the harness clears both before the test set and logs them with the cell
         self.test_time_cost: dict[str, float] = {}
         self.test_time_issues: list[dict] = []
-        # model selection on dev, set by fit: {"phase": 1 or 2, "epoch": 0-based epoch of that phase}
-        # (logged per cell as selected_phase / selected_epoch); None for a method with nothing to select
-        self.selected: dict | None = None
-        # whether fit_task_lora replayed an identical earlier training (the lora cell's) instead of
-        # repeating it (logged per cell as phase1_replayed); None for a method that does not call it
-        self.phase1_replayed: bool | None = None
 
     @classmethod
     def make_config(cls, preset: str = "default", overrides: dict | None = None) -> MethodConfig:
@@ -288,8 +317,10 @@ class ContextMethod(ABC):
 
     # ------------------------------------------------------------------ training
     @abstractmethod
-    def fit(self, train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None = None) -> None:
-        """Train on ``train``; select checkpoints on ``dev`` only. Records curves in ``self.curves``."""
+    def fit(self, train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None = None
+            ) -> "FitReport":
+        """Train on ``train``; select checkpoints on ``dev`` only. Returns what fitting produced
+        (:class:`FitReport`: curves, dev selection, Phase-1 replay), which the harness logs."""
 
     # ------------------------------------------------------------------ streaming evaluation
     @abstractmethod

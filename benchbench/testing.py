@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchbench.data import Dialogue, Utterance, UtteranceInput
-from benchbench.method import METHODS, ContextMethod
+from benchbench.method import METHODS, ContextMethod, FitReport
 
 PREFIX_ATOL = 1e-5  # batched vs streamed evaluation may differ by float rounding only
 
@@ -36,7 +36,9 @@ def fitted(name: str, backbone, task, seed: int = 0, overrides: dict | None = No
     cls = METHODS.get(name)
     fold = task.folds()[0]
     m = cls(backbone, task.labels, cls.make_config("smoke", overrides), seed=seed)
-    m.fit(fold.train, fold.dev)
+    report = m.fit(fold.train, fold.dev)
+    assert isinstance(report, FitReport), (f"{name}: fit returned {type(report).__name__}, not a FitReport (its "
+                                           "curves, dev selection and Phase-1 replay: CONTRIBUTING.md)")
     return m
 
 

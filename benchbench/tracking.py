@@ -529,9 +529,12 @@ class Tracker:
         self.store.end_run(self.parent_run_id, status)
 
 
-def read_predictions(path: Path, dtypes: dict[str, str]) -> pd.DataFrame:
-    """A cell's ``predictions.csv`` read back as it was written: every column as text first (ids like
-    ``03`` stay text), then the ``dtypes`` recorded with it (floats parsed exactly: the same
-    values, and ``to_csv`` writes the same bytes)."""
+def read_predictions(path: Path, dtypes: dict[str, str] | None) -> pd.DataFrame:
+    """A cell's (or a run's) ``predictions.csv`` read back as it was written: every column as text first
+    (ids like ``03`` stay text), then the ``dtypes`` recorded with it (floats parsed exactly: the same
+    values, and ``to_csv`` writes the same bytes). ``dtypes=None`` (a file of an older suite, with no
+    record): pandas' own inference, ids of the usual columns kept as text."""
+    if dtypes is None:
+        return pd.read_csv(path, dtype={c: str for c in ("dialogue_id", "utterance_id", "speaker", "cell_key")})
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     return df.astype({c: t for c, t in dtypes.items() if t != "object"})

@@ -24,12 +24,13 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from torch import nn
 
 from .backbone import EmotionLM, Segment
 from .data import Dialogue, hash_json
-from .method import ContextMethod, MethodConfig, ProgressFn, check_ranges
+from .method import ContextMethod, FitReport, MethodConfig, ProgressFn, check_ranges
 from .metrics import METRICS, evaluate
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,52 @@ def dev_epoch_score(method: ContextMethod, dev: Sequence[Dialogue], metric: str,
     return score
 
 
+def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int, dev: Sequence[Dialogue],
+               metric: str, best: BestCheckpoint, batches: Callable[[], Iterable], loss: Callable,
+               step: Callable[[torch.Tensor], None], modules: Sequence[nn.Module],
+               progress: ProgressFn | None, after_epoch: Callable[[], dict[str, float]] | None = None
+               ) -> BestCheckpoint:
+    """The epoch loop with dev selection every trainable method runs (``lora`` and every two-stage
+    method's Phase 1, the memories' Phase 2, ``dpm``'s Phase 1, plugins).
+
+    Per epoch: ``modules`` in train mode; for each batch of ``batches()`` (drawn anew each epoch, in
+    the method's own order), ``loss(batch)`` gives the training loss (a scalar tensor, or
+    ``(loss, {name: tensor})`` with further curves, e.g. DPM's L_a and L_e), then ``step(loss)``
+    updates (backward, clipping, optimizers); ``modules`` in eval mode; ``after_epoch()`` may add
+    per-epoch curves (a gate's mean); the method is scored on dev (:func:`dev_epoch_score`, never
+    test) and ``best`` offered the score. At the end ``best`` is restored (the dev-selected epoch).
+
+    Curves in ``report``: ``<name>_train_loss`` (per step), ``<name>_train_<k>`` for the extra losses,
+    ``<name>_<k>`` for ``after_epoch``'s values, ``<name>_dev_<metric>`` (per epoch).
+
+    Raises:
+        FloatingPointError: a non-finite training loss (the same rule for every method: the cell
+            fails, naming the method, epoch and step, instead of training on NaN).
+    """
+    losses, dev_scores = report.curve(f"{name}_train_loss"), report.curve(f"{name}_dev_{metric}")
+    for epoch in range(epochs):
+        for m in modules:
+            m.train()
+        for k, batch in enumerate(batches()):
+            out = loss(batch)
+            value, extra = out if isinstance(out, tuple) else (out, {})
+            v = value.item()  # one host sync per step, for the curve and the check
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{name}: non-finite training loss ({v}) at epoch {epoch + 1}, step {k + 1}")
+            step(value)
+            losses.append(v)
+            for key, t in extra.items():
+                report.curve(f"{name}_train_{key}").append(t.item())
+        for m in modules:
+            m.eval()
+        for key, v in (after_epoch() if after_epoch else {}).items():
+            report.curve(f"{name}_{key}").append(v)
+        score = dev_epoch_score(method, dev, metric, dev_scores, f"{name} epoch {epoch + 1}/{epochs}", progress)
+        best.offer(score, epoch)
+    best.restore()
+    return best
+
+
 Example = tuple[list[Segment], int]
 
 
@@ -201,51 +248,53 @@ def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]
 
 def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                      examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
-                     curve_prefix: str = "lora") -> BestCheckpoint:
-    """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``.
+                     curve_prefix: str = "lora", report: FitReport | None = None) -> FitReport:
+    """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``
+    (:func:`run_epochs`).
 
-    Records ``<prefix>_train_loss`` (per step) and ``<prefix>_dev_<metric>`` (per epoch) in
-    ``method.curves``; the parameters end at the best dev epoch (dev only, never test), which the
-    returned checkpoint names (and ``method.selected``).
+    Returns the report (``report``, or a new one) with ``<prefix>_train_loss`` (per step) and
+    ``<prefix>_dev_<metric>`` (per epoch), the selected epoch (``selected``: Phase 1) and its dev
+    score; the parameters end at the best dev epoch (dev only, never test).
     """
+    report = report if report is not None else FitReport()
     lm = method.lm
     opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=s.weight_decay)
-    losses, dev_scores = method.curves.setdefault(f"{curve_prefix}_train_loss", []), \
-        method.curves.setdefault(f"{curve_prefix}_dev_{s.selection_metric}", [])
-    best = BestCheckpoint.of_parameters(params)
     # length-grouped batches (like transformers' group_by_length): little padding when example
     # lengths differ (full_context), in a random order of batches
     lengths = np.array([sum(seg.audio.shape[0] for seg in segs) for segs, _ in examples])
-    for epoch in range(s.epochs):
-        lm.train()
+
+    def batches():
         perm = method.rng.permutation(len(examples))
         perm = perm[np.argsort(lengths[perm], kind="stable")]
-        batches = [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
-        for b in method.rng.permutation(len(batches)):
-            chunk = [examples[j] for j in batches[b]]
-            logits = lm(lm.batch([segs for segs, _ in chunk]))
-            loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        lm.eval()
-        score = dev_epoch_score(method, dev, s.selection_metric, dev_scores,
-                                f"{curve_prefix} epoch {epoch + 1}/{s.epochs}", progress)
-        best.offer(score, epoch)
-    best.restore()
+        groups = [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
+        for b in method.rng.permutation(len(groups)):
+            yield [examples[j] for j in groups[b]]
+
+    def loss(chunk):
+        logits = lm(lm.batch([segs for segs, _ in chunk]))
+        return nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
+
+    def step(value):
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+
+    best = run_epochs(method, report, curve_prefix, s.epochs, dev, s.selection_metric,
+                      BestCheckpoint.of_parameters(params), batches, loss, step, [lm], progress)
     lm.eval()
-    method.selected = {"phase": 1, "epoch": best.epoch}
-    return best
+    report.selected, report.dev_score = {"phase": 1, "epoch": best.epoch}, best.score
+    return report
 
 
 def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
-                  train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None) -> BestCheckpoint:
+                  train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None) -> FitReport:
     """Phase 1 (Titans-as-a-Layer Sec. 3.4): the task LoRA on one scored utterance at a time, dev-selected.
 
     This *is* ``lora``'s ``fit``; a two-stage method calls it with its memory off (its dev scoring
     then predicts like ``lora``), so its Phase 1 equals ``lora`` under the same seed and preset
-    (``tests/test_training.py`` pins it at the smoke, default and paper presets).
+    (``tests/test_training.py`` pins it at the smoke, default and paper presets). Returns the
+    :class:`FitReport` of Phase 1 (its curves, selected epoch, dev score, ``phase1_replayed``), to
+    which a two-stage method adds its Phase 2.
 
     An identical training done before (same settings, data, initial values and RNG states on the same
     backbone, LM weights included: the ``lora`` cell of the fold and seed) is replayed instead of
@@ -261,20 +310,19 @@ def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoR
         stored = _load_phase1(method.backbone, key)
         if stored is not None:
             cache[key] = stored
-    method.phase1_replayed = key in cache  # logged with the cell (results.csv, MLflow tag)
     if key in cache:  # this exact training already ran (the lora cell of this fold and seed)
         return _replay_phase1(method, params, s, cache[key], progress)
-    start_curves = {k: len(v) for k, v in method.curves.items()}
-    best = train_supervised(method, params, s, utterance_examples(method.backbone, train), dev, progress)
+    report = train_supervised(method, params, s, utterance_examples(method.backbone, train), dev, progress)
+    report.phase1_replayed = False
     cache[key] = {"params": {k: p.detach().clone() for k, p in params.items()},
-                  "curves": {k: list(v[start_curves.get(k, 0):]) for k, v in method.curves.items()},
-                  "score": best.score, "epoch": best.epoch, "torch_rng": torch.get_rng_state(),
+                  "curves": {k: list(v) for k, v in report.curves.items()},
+                  "score": report.dev_score, "epoch": report.selected["epoch"], "torch_rng": torch.get_rng_state(),
                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                   "rng": method.rng.bit_generator.state}
     _save_phase1(method.backbone, key, cache[key])
     while len(cache) > PHASE1_CACHE_SIZE:  # the oldest go (a sweep's trials rarely repeat a training)
         cache.pop(next(iter(cache)))
-    return best
+    return report
 
 
 PHASE1_CACHE_SIZE = 16
@@ -360,23 +408,19 @@ PHASE1_SOURCES = ("training.py", "backbone.py", "metrics.py", "method.py", "data
 
 
 def _replay_phase1(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings, done: dict,
-                   progress: ProgressFn | None) -> BestCheckpoint:
+                   progress: ProgressFn | None) -> FitReport:
     """The outcome of an identical earlier training: parameters, curves, dev selection and both RNGs'
     end states, so that everything after it is what retraining would give, bit for bit."""
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(done["params"][k])
-    for k, v in done["curves"].items():
-        method.curves.setdefault(k, []).extend(v)
     torch.set_rng_state(done["torch_rng"])
     if done["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(done["cuda_rng"])
     method.rng.bit_generator.state = done["rng"]
     method.lm.eval()
-    method.selected = {"phase": 1, "epoch": done["epoch"]}
     if progress:
         progress("task LoRA: reused the identical training of this fold and seed (the lora cell's)",
                  {"dev_" + s.selection_metric: done["score"]})
-    best = BestCheckpoint.of_parameters(params, score=done["score"])
-    best.epoch = done["epoch"]
-    return best
+    return FitReport({k: list(v) for k, v in done["curves"].items()}, {"phase": 1, "epoch": done["epoch"]},
+                     done["score"], phase1_replayed=True)

@@ -56,7 +56,7 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from benchbench.tracking import cell_artifact
+    from benchbench.tracking import cell_artifact, read_predictions
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if tracking_uri:
@@ -104,13 +104,13 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
     with tempfile.TemporaryDirectory() as tmp:
         for r in results.itertuples():
             try:
-                path = cell_artifact(client, uri, client.get_run(r.mlflow_run_id), "predictions.csv",
-                                     str(Path(tmp) / r.mlflow_run_id))
+                run = client.get_run(r.mlflow_run_id)
+                path = cell_artifact(client, uri, run, "predictions.csv", str(Path(tmp) / r.mlflow_run_id))
+                p = read_predictions(path, _recorded_dtypes(client, uri, run, str(Path(tmp) / r.mlflow_run_id)))
             except Exception as e:  # noqa: BLE001 - an artifact store error must not lose the other cells
                 skipped.append(f"run {r.mlflow_run_id} ({r.method} {r.task} s{r.seed} f{r.fold}): "
                                f"predictions.csv not readable: {e}")
                 continue
-            p = pd.read_csv(path)
             p["method"], p["preset"] = r.method, r.preset
             preds.append(p)
             n_test[r.mlflow_run_id] = len(p)
@@ -139,3 +139,15 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
             labels = sorted(predictions.loc[predictions["task"] == t, "label"].unique()) if len(predictions) else []
             task_info[t] = TaskSummary(list(labels))
     return Collected(results, predictions, task_info, sources, skipped)
+
+
+def _recorded_dtypes(client, uri: str, run, dst: str) -> dict | None:
+    """The dtypes a cell's predictions.csv was written with (its ``row.json``), or ``None`` (an older run)."""
+    import json
+
+    from benchbench.tracking import cell_artifact
+
+    try:
+        return json.loads(cell_artifact(client, uri, run, "row.json", dst).read_text()).get("prediction_dtypes")
+    except Exception:  # noqa: BLE001 - no row.json: read with pandas' own inference
+        return None

@@ -67,9 +67,9 @@ from torch import nn
 
 from benchbench.backbone import AUDIO_BOS, AUDIO_EOS, Segment
 from benchbench.data import Dialogue, UtteranceInput
-from benchbench.method import ContextMethod, MethodConfig, ProgressFn, UtteranceLevelMethod, check_ranges
+from benchbench.method import ContextMethod, FitReport, MethodConfig, ProgressFn, UtteranceLevelMethod, check_ranges
 from benchbench.training import (LM_LINEAR_LAYERS, BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng,
-                                 dev_epoch_score, lora_search_space)
+                                 lora_search_space, run_epochs)
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class DynamicParameterMemory(ContextMethod):
         return emb[start:end], units[start:end], n_o
 
     # ------------------------------------------------------------------ Phase 1 (Sec. 3.1)
-    def fit(self, train, dev, progress: ProgressFn | None = None):
+    def fit(self, train, dev, progress: ProgressFn | None = None) -> FitReport:
         c, s = self.config, self.config.lora
         self.fit_codebook(train)
         examples = []  # (current utterance's audio [T, D], label, L_a window)
@@ -311,41 +311,37 @@ class DynamicParameterMemory(ContextMethod):
                                  {"params": list(self.unit_head.parameters()),
                                   "lr": c.unit_head_lr if c.unit_head_lr is not None else s.lr}],
                                 lr=s.lr, weight_decay=s.weight_decay)
-        curves = {k: self.curves.setdefault(f"dpm_{k}", []) for k in ("train_loss", "train_loss_a", "train_loss_e",
-                                                                      f"dev_{s.selection_metric}")}
-        best = BestCheckpoint.of_parameters(trained)
-        for epoch in range(s.epochs):
-            self.lm.train()
-            self.unit_head.train()
+
+        def batches():
             perm = self.rng.permutation(len(examples))
             for i in range(0, len(perm), s.batch_size):
-                chunk = [examples[j] for j in perm[i:i + s.batch_size]]
-                # L_e's prompts and L_a's windows in one LM forward
-                losses_a, logits = self._unit_windows([w for _, _, w in chunk], prompts=[e for e, _, _ in chunk])
-                loss_a = losses_a.mean()                                                            # Eq. 3
-                loss_e = nn.functional.cross_entropy(logits, torch.tensor([y for _, y, _ in chunk],
-                                                                          device=logits.device))  # Eq. 5
-                loss = 0.5 * (loss_a + loss_e)                                                       # Eq. 7
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"dpm phase 1: non-finite training loss at epoch {epoch}")
-                grads = torch.autograd.grad(loss, list(trained.values()))  # the temporary LoRA is not trained here
-                for p, g in zip(trained.values(), grads):
-                    p.grad = g
-                opt.step()
-                opt.zero_grad()
-                for k, v in (("train_loss", loss), ("train_loss_a", loss_a), ("train_loss_e", loss_e)):
-                    curves[k].append(v.item())
-            self.lm.eval()
-            self.unit_head.eval()
-            score = dev_epoch_score(self, dev, s.selection_metric, curves[f"dev_{s.selection_metric}"],
-                                    f"dpm epoch {epoch + 1}/{s.epochs}", progress)  # DPM inference on dev
-            best.offer(score, epoch)
-        best.restore()
-        self.selected = {"phase": 1, "epoch": best.epoch}
+                yield [examples[j] for j in perm[i:i + s.batch_size]]
+
+        def loss(chunk):
+            # L_e's prompts and L_a's windows in one LM forward
+            losses_a, logits = self._unit_windows([w for _, _, w in chunk], prompts=[e for e, _, _ in chunk])
+            loss_a = losses_a.mean()                                                            # Eq. 3
+            loss_e = nn.functional.cross_entropy(logits, torch.tensor([y for _, y, _ in chunk],
+                                                                      device=logits.device))  # Eq. 5
+            return 0.5 * (loss_a + loss_e), {"loss_a": loss_a, "loss_e": loss_e}              # Eq. 7
+
+        def step(value):
+            grads = torch.autograd.grad(value, list(trained.values()))  # the temporary LoRA is not trained here
+            for p, g in zip(trained.values(), grads):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+
+        report = FitReport()
+        best = run_epochs(self, report, "dpm", s.epochs, dev, s.selection_metric,  # dev scored by DPM inference
+                          BestCheckpoint.of_parameters(trained), batches, loss, step, [self.lm, self.unit_head],
+                          progress)
+        report.selected, report.dev_score = {"phase": 1, "epoch": best.epoch}, best.score
         self._frozen = True  # Algorithm 1, line 1: freeze the SLLM and its LoRA
         self._set_requires_grad()
         self.lm.eval()
         self.reset()
+        return report
 
     # ------------------------------------------------------------------ inference (Sec. 3.2, Algorithm 1)
     @property

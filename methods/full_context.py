@@ -94,7 +94,7 @@ class FullContext(ContextMethod):
             # every utterance is context; only the scored ones are targets
             examples += [(self._segments(inputs[:i], inputs[i]), d.utterances[i].label)
                          for i in range(len(d)) if d.utterances[i].scored]
-        train_supervised(self, self.lora_params, self.config.lora, examples, dev, progress)
+        return train_supervised(self, self.lora_params, self.config.lora, examples, dev, progress)
 
     def reset(self) -> None:
         self.history: list[UtteranceInput] = []

@@ -29,7 +29,7 @@ class LoRAMethod(UtteranceLevelMethod):
         return lora_search_space(trial, prefix="")
 
     def fit(self, train, dev, progress=None):
-        fit_task_lora(self, self.lora_params, self.config, train, dev, progress)
+        return fit_task_lora(self, self.lora_params, self.config, train, dev, progress)
 
     def trained_parameters(self):
         return self.lora_params

@@ -56,11 +56,11 @@ from torch import nn
 
 from benchbench.backbone import LMBatch, Segment
 from benchbench.data import UNSCORED, UtteranceInput
-from benchbench.method import (ConfigValueError, ContextMethod, MethodConfig, UtteranceLevelMethod, check_ranges,
-                               utterance_groups)
+from benchbench.method import (ConfigValueError, ContextMethod, FitReport, MethodConfig, UtteranceLevelMethod,
+                               check_ranges, utterance_groups)
 from benchbench.metrics import METRICS
-from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, dev_epoch_score,
-                                 fit_task_lora, phase1_presets, two_stage_search_space)
+from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, fit_task_lora,
+                                 phase1_presets, run_epochs, two_stage_search_space)
 
 
 @dataclass
@@ -464,11 +464,12 @@ class TitansMemoryMethod(ContextMethod):
         rest = [p for b in self.branches.values() for p in b.parameters() if id(p) not in gate_ids]
         return rest, gates
 
-    def fit(self, train, dev, progress=None):
+    def fit(self, train, dev, progress=None) -> FitReport:
         c = self.config
         # Phase 1: task adaptation with the memory removed, exactly as `lora` (dev scored the same way)
         self._memory_removed = True
-        phase1 = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
+        report = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
+        phase1_epoch = report.selected["epoch"]
         for p in self.lora_params.values():
             p.requires_grad_(False)
         # Phase 2: memory training, LoRA and backbone frozen. Each step is one LM forward over every
@@ -482,43 +483,39 @@ class TitansMemoryMethod(ContextMethod):
         device = self.lm.lm_head.weight.device
         train = [d for d in train if any(d.scored)]  # a dialogue with no target changes nothing
         labels = [torch.tensor(d.labels, device=device) for d in train]
-        losses = self.curves.setdefault(f"{self.name}_train_loss", [])
-        gate_curve = self.curves.setdefault(f"{self.name}_mean_gate", []) if gates else None
-        dev_scores = self.curves.setdefault(f"{self.name}_dev_{c.selection_metric}", [])
-        # Phase 2 replaces Phase 1 only if it beats Phase 1's dev score (memory removed, as `lora`)
-        best = BestCheckpoint(self._memory_state, self._load_memory_state, score=phase1.score)
-        for epoch in range(c.epochs):
-            self.branches.train()
+
+        def batches():
             order = self.rng.permutation(len(train))
             for i in range(0, len(order), c.batch_dialogues):
-                group = order[i:i + c.batch_dialogues]
-                logits = self._forward_dialogues([train[j].inputs() for j in group])
-                # context-only utterances update the memory but are no target
-                loss = nn.functional.cross_entropy(logits, torch.cat([labels[j] for j in group]),
-                                                   ignore_index=UNSCORED)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.name} phase 2: non-finite training loss at epoch {epoch}")
-                opt_rest.zero_grad()
-                if opt_gate is not None:
-                    opt_gate.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(rest, c.grad_clip)
-                opt_rest.step()
-                if opt_gate is not None:
-                    nn.utils.clip_grad_norm_(gates, c.gate_grad_clip)
-                    opt_gate.step()
-                losses.append(loss.item())
-            self.branches.eval()
-            if gate_curve is not None:
-                gate_curve.append(self.mean_gate())
-            score = dev_epoch_score(self, dev, c.selection_metric, dev_scores,
-                                    f"{self.name} epoch {epoch + 1}/{c.epochs}", progress)
-            best.offer(score, epoch)
-        best.restore()
+                yield order[i:i + c.batch_dialogues]
+
+        def loss(group):
+            logits = self._forward_dialogues([train[j].inputs() for j in group])
+            # context-only utterances update the memory but are no target
+            return nn.functional.cross_entropy(logits, torch.cat([labels[j] for j in group]), ignore_index=UNSCORED)
+
+        def step(value):
+            opt_rest.zero_grad()
+            if opt_gate is not None:
+                opt_gate.zero_grad()
+            value.backward()
+            nn.utils.clip_grad_norm_(rest, c.grad_clip)
+            opt_rest.step()
+            if opt_gate is not None:
+                nn.utils.clip_grad_norm_(gates, c.gate_grad_clip)
+                opt_gate.step()
+
+        # Phase 2 replaces Phase 1 only if it beats Phase 1's dev score (memory removed, as `lora`)
+        best = run_epochs(self, report, self.name, c.epochs, dev, c.selection_metric,
+                          BestCheckpoint(self._memory_state, self._load_memory_state, score=report.dev_score),
+                          batches, loss, step, [self.branches], progress,
+                          (lambda: {"mean_gate": self.mean_gate()}) if gates else None)
         # which model dev selected: Phase 1 (the memory is then removed: predictions are Phase 1's,
         # i.e. `lora`'s) or a Phase-2 epoch
-        self.selected = {"phase": 1, "epoch": phase1.epoch} if best.epoch is None else {"phase": 2, "epoch": best.epoch}
+        report.selected = {"phase": 1, "epoch": phase1_epoch} if best.epoch is None else {"phase": 2, "epoch": best.epoch}
+        report.dev_score = best.score
         self._memory_removed = best.epoch is None
+        return report
 
     def mean_gate(self) -> float:
         """A scalar summary of how open the gates are (logged per Phase-2 epoch)."""

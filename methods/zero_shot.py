@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchbench.method import MethodConfig, UtteranceLevelMethod
+from benchbench.method import FitReport, MethodConfig, UtteranceLevelMethod
 
 
 @dataclass
@@ -19,5 +19,6 @@ class ZeroShot(UtteranceLevelMethod):
     config_cls = ZeroShotConfig
     presets = {"smoke": {}, "default": {}}
 
-    def fit(self, train, dev, progress=None):
-        """Nothing to train."""
+    def fit(self, train, dev, progress=None) -> FitReport:
+        """Nothing to train: an empty report (no curves, nothing selected)."""
+        return FitReport()

@@ -129,10 +129,11 @@ def test_state_resets_at_dialogue_boundaries(backbone, tiny_task):
 def test_phase_two_freezes_lora_and_trains_memory(backbone, tiny_task):
     mal = make_mal(backbone, tiny_task.labels)
     fold = tiny_task.folds()[0]
-    mal.fit(fold.train, fold.dev)
+    report = mal.fit(fold.train, fold.dev)
     assert all(not p.requires_grad for p in mal.lora_params.values())
     assert all(p.requires_grad for p in mal.branches.parameters())
-    assert len(mal.curves["mal_train_loss"]) > 0 and np.isfinite(mal.curves["mal_train_loss"]).all()
+    assert len(report.curves["mal_train_loss"]) > 0 and np.isfinite(report.curves["mal_train_loss"]).all()
+    assert report.selected["phase"] in (1, 2) and isinstance(report.phase1_replayed, bool)
     names = set(mal.trained_parameters())
     for l in mal.layer_ids:  # Eq. 10: {W_in, W_out, M, alpha, P} per branch
         for part in ("W_in.weight", "W_out.weight", "alpha", "P", "memory."):
@@ -207,8 +208,8 @@ def test_speaker_memory_keeps_one_state_per_speaker(backbone, tiny_task):
         return forward(ctx, embeddings, streams)
 
     mal._forward = recording
-    mal.fit(fold.train, fold.dev)
-    assert np.isfinite(mal.curves["mal_train_loss"]).all()
+    report = mal.fit(fold.train, fold.dev)
+    assert np.isfinite(report.curves["mal_train_loss"]).all()
     streams = sorted(n for d in fold.train for n in np.unique([u.speaker for u in d.inputs()], return_counts=True)[1])
     assert sorted(n for batch in seen for n in batch) == sorted(streams * mal.config.epochs)
 

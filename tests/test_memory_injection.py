@@ -158,7 +158,7 @@ def test_phase_two_trains_each_injection(backbone, tiny_task):
         expect = ["0.P", "0.W_in.weight", "0.W_out.weight"] if name == "mac" else ["0.W_g.weight", "0.W_g.bias"]
         assert not set(expect) & set(no_grad), no_grad
         m.branches.zero_grad()
-        m.fit(fold.train, fold.dev)
-        assert len(m.curves[f"{name}_train_loss"]) > 0 and np.isfinite(m.curves[f"{name}_train_loss"]).all()
+        report = m.fit(fold.train, fold.dev)
+        assert len(report.curves[f"{name}_train_loss"]) > 0 and np.isfinite(report.curves[f"{name}_train_loss"]).all()
         assert all(not p.requires_grad for p in m.lora_params.values())
         assert any(n.startswith(f"{name}.0.memory.") for n in m.trained_parameters())

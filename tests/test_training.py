@@ -29,11 +29,12 @@ def test_phase_one_trains_exactly_the_lora_method(backbone, tiny_task, preset, n
     fold = tiny_task.folds()[0]
     lora_cls, cls = METHODS.get("lora"), METHODS.get(name)
     lora = lora_cls(backbone, tiny_task.labels, lora_cls.make_config(preset), seed=5)
-    lora.fit(fold.train, fold.dev)
+    lora_report = lora.fit(fold.train, fold.dev)
     two = cls(backbone, tiny_task.labels, cls.make_config(preset, {"epochs": 0}), seed=5)
-    two.fit(fold.train, fold.dev)
-    assert two.curves["lora_dev_ua"] == lora.curves["lora_dev_ua"]
-    assert len(lora.curves["lora_dev_ua"]) == lora.config.epochs
+    two_report = two.fit(fold.train, fold.dev)
+    assert two_report.curves["lora_dev_ua"] == lora_report.curves["lora_dev_ua"]
+    assert len(lora_report.curves["lora_dev_ua"]) == lora.config.epochs
+    assert two_report.selected == lora_report.selected and two_report.dev_score == lora_report.dev_score
     for k, p in lora.trained_parameters().items():
         assert torch.equal(p, two.lora_params[k]), k
 
@@ -104,8 +105,8 @@ def test_phase1_replays_the_lora_cell_bit_for_bit(name, tiny_task):
             seed_everything(0)
             cls = METHODS.get(method)
             m = cls(bb, tiny_task.labels, cls.make_config("smoke"), seed=0)
-            m.fit(fold.train, fold.dev, progress=lambda msg, d: messages.append(msg))
-            return m.predict_dialogues([d.inputs() for d in fold.test]), m.curves, m.selected, messages
+            r = m.fit(fold.train, fold.dev, progress=lambda msg, d: messages.append(msg))
+            return m.predict_dialogues([d.inputs() for d in fold.test]), r.curves, r.selected, messages
 
     fresh = run(tiny_qwen2_audio(seed=0), name)
     bb = tiny_qwen2_audio(seed=0)
@@ -140,8 +141,8 @@ def test_phase1_is_replayed_from_disk_in_another_process(tiny_task, tmp_path, mo
             seed_everything(0)
             cls = METHODS.get(method)
             m = cls(bb, tiny_task.labels, cls.make_config("smoke"), seed=0)
-            m.fit(fold.train, fold.dev)
-            return m.predict_dialogues([d.inputs() for d in fold.test]), m.curves, m.selected, m.phase1_replayed
+            r = m.fit(fold.train, fold.dev)
+            return m.predict_dialogues([d.inputs() for d in fold.test]), r.curves, r.selected, r.phase1_replayed
 
     monkeypatch.setenv("BENCHBENCH_PHASE1_CACHE", "0")
     fresh = run(tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "off"), "mal")
@@ -165,3 +166,27 @@ def test_phase1_is_replayed_from_disk_in_another_process(tiny_task, tmp_path, mo
     assert again[3] is False and "unreadable" in caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(fresh[0], again[0]))
     assert run(tiny_qwen2_audio(seed=0, cache_dir=tmp_path / "c"), "mal")[3] is True
+
+
+@pytest.mark.parametrize("name, poisoned", [("lora", "lora"), ("full_context", "lora"), ("dpm", "lora"),
+                                            ("mal", "memory"), ("mac", "memory"), ("mag", "memory")])
+def test_a_non_finite_loss_fails_every_methods_epoch_loop_the_same_way(backbone, tiny_task, name, poisoned):
+    """One epoch loop (training.run_epochs) for every trainable method: a NaN in a trained parameter
+    (the task LoRA: lora's, full_context's, DPM's Phase 1; a memory branch: the memories' Phase 2) stops
+    training at its first step with the same FloatingPointError, instead of training on NaN."""
+    from benchbench.method import FitReport
+
+    cls = METHODS.get(name)
+    m = cls(backbone, tiny_task.labels, cls.make_config("smoke"), seed=0)
+    fold = tiny_task.folds()[0]
+    if poisoned == "lora":
+        params = [p for k, p in m.trained_parameters().items() if "lora_A" in k and "temp" not in k]
+    else:
+        params = [p for b in m.branches.values() for p in b.parameters()]
+    with torch.no_grad():
+        params[0].fill_(float("nan"))
+    phase = {"lora": name if name == "dpm" else "lora", "memory": name}[poisoned]
+    with pytest.raises(FloatingPointError, match=rf"^{phase}: non-finite training loss \(nan\) at epoch 1, step 1$"):
+        m.fit(fold.train, fold.dev)
+    fresh = cls(backbone, tiny_task.labels, cls.make_config("smoke"), seed=0)
+    assert isinstance(fresh.fit(fold.train, fold.dev), FitReport)  # and unpoisoned, it trains

@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 from benchbench.backbone import Segment
-from benchbench.method import ContextMethod, MethodConfig
-from benchbench.metrics import evaluate
-from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, dev_epoch_score,
-                                 fit_task_lora, phase1_presets, two_stage_search_space)
+from benchbench.method import ContextMethod, FitReport, MethodConfig
+from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, fit_task_lora,
+                                 phase1_presets, run_epochs, two_stage_search_space)
 
 
 @dataclass
@@ -55,6 +54,7 @@ class SpeakerEMA(ContextMethod):
     name = "ema"
     config_cls = EMAConfig
     uses_context = True
+    phases = 2  # Phase 1 = lora, Phase 2 = the memory: results report which one dev selected
     phase1_of = "lora"  # its Phase 1 is fit_task_lora: with --executor ray it runs after lora's cell, and replays it
     # Phase 1 at each preset is `lora`'s (benchbench.training.LORA_PRESETS), by construction
     presets = phase1_presets({
@@ -81,7 +81,9 @@ class SpeakerEMA(ContextMethod):
         """h~ = h + tanh(alpha) W (h - e_s) for audio tokens ``h [T, D]``; ``h`` itself when e is None."""
         if e is None:
             return h
-        return h + torch.tanh(self.alpha) * self.proj(h - e)
+        # tanh(alpha) as a [T, 1] column, not a scalar broadcast over [T, D]: alpha's gradient is then
+        # summed per token first, in an order that does not depend on torch's thread count
+        return h + torch.tanh(self.alpha).expand(h.shape[0], 1) * self.proj(h - e)
 
     def _write(self, state: dict, speaker: str, h: torch.Tensor) -> None:
         pooled = h.mean(0)
@@ -98,10 +100,11 @@ class SpeakerEMA(ContextMethod):
         return out
 
     # ------------------------------------------------------------------ training
-    def fit(self, train, dev, progress=None):
+    def fit(self, train, dev, progress=None) -> FitReport:
         c = self.config
-        self._gate_open = False  # Phase 1: the host + LoRA alone
-        fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
+        self._gate_open = False  # Phase 1: the host + LoRA alone, exactly lora's training (replayed)
+        report = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
+        phase1_epoch = report.selected["epoch"]
         self._gate_open = True
         for p in self.lora_params.values():
             p.requires_grad_(False)
@@ -113,28 +116,33 @@ class SpeakerEMA(ContextMethod):
                     examples.append((h, e, u.label))
         opt_w = torch.optim.AdamW(self.proj.parameters(), lr=c.lr)
         opt_g = torch.optim.AdamW([self.alpha], lr=c.gate_lr, weight_decay=0.0)
-        losses = self.curves.setdefault("ema_train_loss", [])
-        dev_scores = self.curves.setdefault(f"ema_dev_{c.selection_metric}", [])
-        best = BestCheckpoint(self._state, self._load_state, score=evaluate(self, dev, self.labels)[c.selection_metric])
-        for epoch in range(c.epochs):
+
+        def batches():
             perm = self.rng.permutation(len(examples))
             for i in range(0, len(perm), c.batch_size):
-                chunk = [examples[j] for j in perm[i:i + c.batch_size]]
-                logits = self.lm(self.lm.batch([[Segment(self._read(h, e))] for h, e, _ in chunk]))
-                loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, _, y in chunk]))
-                opt_w.zero_grad()
-                opt_g.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.proj.parameters(), 1.0)
-                nn.utils.clip_grad_norm_([self.alpha], 2.0)
-                opt_w.step()
-                opt_g.step()
-                losses.append(loss.item())
-            self.curves.setdefault("ema_abs_tanh_alpha", []).append(abs(math.tanh(self.alpha.item())))
-            score = dev_epoch_score(self, dev, c.selection_metric, dev_scores, f"ema epoch {epoch + 1}/{c.epochs}",
-                                    progress)
-            best.offer(score, epoch)
-        best.restore()
+                yield [examples[j] for j in perm[i:i + c.batch_size]]
+
+        def loss(chunk):
+            logits = self.lm(self.lm.batch([[Segment(self._read(h, e))] for h, e, _ in chunk]))
+            return nn.functional.cross_entropy(logits, torch.tensor([y for _, _, y in chunk]))
+
+        def step(value):
+            opt_w.zero_grad()
+            opt_g.zero_grad()
+            value.backward()
+            nn.utils.clip_grad_norm_(self.proj.parameters(), 1.0)
+            nn.utils.clip_grad_norm_([self.alpha], 2.0)
+            opt_w.step()
+            opt_g.step()
+
+        # Phase 2 must beat Phase 1 on dev to replace it (the gate opened, before any Phase-2 step)
+        best = run_epochs(self, report, "ema", c.epochs, dev, c.selection_metric,
+                          BestCheckpoint(self._state, self._load_state, score=report.dev_score),
+                          batches, loss, step, [self.proj], progress,
+                          lambda: {"abs_tanh_alpha": abs(math.tanh(self.alpha.item()))})
+        report.selected = {"phase": 1, "epoch": phase1_epoch} if best.epoch is None else {"phase": 2, "epoch": best.epoch}
+        report.dev_score = best.score  # Phase 1 selected: alpha is back at 0, i.e. exactly the task LoRA
+        return report
 
     def _params(self) -> dict[str, nn.Parameter]:
         return {"ema.proj.weight": self.proj.weight, "ema.alpha": self.alpha}
