@@ -259,6 +259,8 @@ class ResultsWriter:
         """Log the cells computed while the store was unreachable (now reachable); how many were. A
         cell the store has FINISHED already is not logged again (its run id is taken)."""
         n = 0
+        if "mlflow_run_id" in self.earlier_rows:  # NaN (float) where unlogged: run ids are text
+            self.earlier_rows["mlflow_run_id"] = self.earlier_rows["mlflow_run_id"].astype(object)
         for folder in self.unlogged():
             if not self.tracker.online:
                 break
@@ -273,8 +275,6 @@ class ResultsWriter:
                 row, preds = self.earlier[folder.name]
                 self.earlier[folder.name] = ({**row, "mlflow_run_id": rid}, preds)
             if "cell_key" in self.earlier_rows:
-                if self.earlier_rows.get("mlflow_run_id") is not None:
-                    self.earlier_rows["mlflow_run_id"] = self.earlier_rows["mlflow_run_id"].astype(object)
                 self.earlier_rows.loc[self.earlier_rows["cell_key"] == folder.name, "mlflow_run_id"] = rid
         if n:
             self.counts["logged_later"] += n

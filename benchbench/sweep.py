@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,9 +151,7 @@ class _TrialLog:
     KILLED by the next start on the store), its dev evaluations as curves, its final state."""
 
     def __init__(self, store, parent_id: str | None, name: str, tags: dict, params: dict):
-        from .tracking import HEARTBEAT_EVERY_S
-
-        self.store, self.every, self._beat = store, HEARTBEAT_EVERY_S, time.time()
+        self.store = store
         self.rid = store.start_run(name, parent_id, tags) if parent_id else None
         if self.rid:
             store.log_run(self.rid, params=params, status=None)
@@ -162,9 +159,7 @@ class _TrialLog:
     def metric(self, key: str, value: float, step: int = 0) -> None:
         if self.rid:
             self.store.call(self.store.client.log_metric, self.rid, key, float(value), step=step)
-            if time.time() - self._beat >= self.every:
-                self.store.beat([self.rid])
-                self._beat = time.time()
+            self.store.beat([self.rid])  # at most every HEARTBEAT_EVERY_S
 
     def end(self, state: str, tags: dict | None = None) -> None:
         if self.rid:

@@ -137,11 +137,15 @@ def reap_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", run_view_type=ViewType.ACTIVE_ONLY,
                                   max_results=5000):
         if is_stale(run.data.tags):
-            client.set_terminated(run.info.run_id, status="KILLED")
-            client.set_tag(run.info.run_id, "killed_by", f"stale process, found by pid {os.getpid()} on "
-                                                         f"{socket.gethostname()}")
+            _mark_killed(client, run.info.run_id, "stale process")
             killed.append(run.info.run_id)
     return killed
+
+
+def _mark_killed(client: MlflowClient, run_id: str, why: str) -> None:
+    """End a RUNNING run KILLED, tagged ``killed_by`` with ``why`` and who found it (pid and host)."""
+    client.set_terminated(run_id, status="KILLED")
+    client.set_tag(run_id, "killed_by", f"{why}, found by pid {os.getpid()} on {socket.gethostname()}")
 
 
 def package_versions() -> dict[str, str]:
@@ -210,6 +214,7 @@ class CellStore:
         self.problem: str | None = None  # why the store is offline; None while online
         self.reaped: list[str] = []
         self._last_try = 0.0
+        self._last_beat = time.time()  # the runs it starts carry a fresh heartbeat (process_tags)
         self._open()
 
     @property
@@ -298,12 +303,17 @@ class CellStore:
             self.client.set_terminated(run_id, status=status)
         self.call(end)
 
-    def beat(self, run_ids) -> None:
-        """Refresh the ``heartbeat`` tag of these RUNNING runs (cross-host staleness: :func:`is_stale`)."""
+    def beat(self, run_ids, force: bool = False) -> None:
+        """Refresh the ``heartbeat`` tag of these RUNNING runs (cross-host staleness: :func:`is_stale`),
+        at most every :data:`HEARTBEAT_EVERY_S` unless ``force``."""
+        now = time.time()
+        if not force and now - self._last_beat < HEARTBEAT_EVERY_S:
+            return
+        self._last_beat = now
+
         def beat():
-            now = f"{time.time():.0f}"
             for rid in run_ids:
-                self.client.set_tag(rid, "heartbeat", now)
+                self.client.set_tag(rid, "heartbeat", f"{now:.0f}")
         self.call(beat)
 
     # ------------------------------------------------------------------ cells
@@ -314,18 +324,28 @@ class CellStore:
         return self.call(self._find_cell, key)
 
     def _find_cell(self, key: str) -> tuple[dict, pd.DataFrame] | None:
-        runs = self.client.search_runs([self.experiment_id], f"tags.cell_key = '{key}' and attributes.status = "
-                                       "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
+        run = self._finished_run(key)
+        if run is None:
             return None
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                row = json.loads(cell_artifact(self.client, self.tracking_uri, runs[0], "row.json", tmp).read_text())
-                preds = read_predictions(cell_artifact(self.client, self.tracking_uri, runs[0], "predictions.csv",
-                                                       tmp), row.pop("prediction_dtypes"))
+                row = json.loads(cell_artifact(self.client, self.tracking_uri, run, "row.json", tmp).read_text())
+                preds = read_predictions(cell_artifact(self.client, self.tracking_uri, run, "predictions.csv", tmp),
+                                         row.pop("prediction_dtypes"))
             except (OSError, KeyError, ValueError, MlflowException):  # an older suite's cell or a lost artifact
                 return None
-        return {**row, "mlflow_run_id": runs[0].info.run_id}, preds
+        return {**row, "mlflow_run_id": run.info.run_id}, preds
+
+    def _finished_run(self, key: str):
+        """The latest FINISHED run tagged ``cell_key`` = ``key`` (its artifacts not read), or ``None``."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.cell_key = '{key}' and attributes.status = "
+                                       "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def finished_run_id(self, key: str) -> str | None:
+        """The id of :meth:`_finished_run` (``None`` also offline)."""
+        run = self.call(self._finished_run, key)
+        return None if run is None else run.info.run_id
 
     def claim(self, key: str, name: str, parent_run_id: str | None, tags: dict, rerun: bool = False
               ) -> tuple[str, str | None]:
@@ -381,8 +401,7 @@ class CellStore:
             if r.info.status != "RUNNING" or r.info.run_id == keep:
                 continue
             if is_stale(r.data.tags) or _is_mine(r.data.tags):
-                self.client.set_tag(r.info.run_id, "killed_by", f"claim of pid {os.getpid()} on {socket.gethostname()}")
-                self.client.set_terminated(r.info.run_id, status="KILLED")
+                _mark_killed(self.client, r.info.run_id, "a claim of the cell")
             else:
                 live.append(r)
         return live
@@ -428,7 +447,6 @@ class Tracker:
         self.parent_run_id: str | None = None
         self._pending_artifacts: list[Path] = []
         self.claims: dict[str, str] = {}  # cell key -> the RUNNING run this process claimed it with
-        self._beat = time.time()
         self._open_parent()
 
     @property
@@ -467,10 +485,8 @@ class Tracker:
     def heartbeat(self, force: bool = False) -> None:
         """Refresh the ``heartbeat`` of the parent and of this process's claimed cells (at most every
         :data:`HEARTBEAT_EVERY_S` unless ``force``)."""
-        now = time.time()
-        if self.online and (force or now - self._beat >= HEARTBEAT_EVERY_S):
-            self.store.beat([self.parent_run_id, *self.claims.values()])
-            self._beat = now
+        if self.online:
+            self.store.beat([self.parent_run_id, *self.claims.values()], force)
 
     def find_cell(self, key: str) -> tuple[dict, pd.DataFrame] | None:
         """:meth:`CellStore.find_cell` (``None`` offline)."""
@@ -494,9 +510,9 @@ class Tracker:
             return None
         rid = self.claims.pop(key, None)
         if rid is None:
-            found = self.store.call(self.store._find_cell, key)
-            if found is not None:
-                return found[0]["mlflow_run_id"]
+            done = self.store.finished_run_id(key)
+            if done is not None:
+                return done
             rid = self.store.start_run(name, self.parent_run_id, {**tags, **self.run_tags, "cell_key": key})
         ok = rid is not None and self.store.log_run(rid, params, metrics, curves, artifacts_dir, tags=tags)
         if not ok and rid is not None:

@@ -194,8 +194,8 @@ def dev_epoch_score(method: ContextMethod, dev: Sequence[Dialogue], metric: str,
 def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int, dev: Sequence[Dialogue],
                metric: str, best: BestCheckpoint, batches: Callable[[], Iterable], loss: Callable,
                step: Callable[[torch.Tensor], None], modules: Sequence[nn.Module],
-               progress: ProgressFn | None, after_epoch: Callable[[], dict[str, float]] | None = None
-               ) -> BestCheckpoint:
+               progress: ProgressFn | None, after_epoch: Callable[[], dict[str, float]] | None = None,
+               phase: int = 1) -> BestCheckpoint:
     """The epoch loop with dev selection every trainable method runs (``lora`` and every two-stage
     method's Phase 1, the memories' Phase 2, ``dpm``'s Phase 1, plugins).
 
@@ -204,7 +204,10 @@ def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int,
     ``(loss, {name: tensor})`` with further curves, e.g. DPM's L_a and L_e), then ``step(loss)``
     updates (backward, clipping, optimizers); ``modules`` in eval mode; ``after_epoch()`` may add
     per-epoch curves (a gate's mean); the method is scored on dev (:func:`dev_epoch_score`, never
-    test) and ``best`` offered the score. At the end ``best`` is restored (the dev-selected epoch).
+    test) and ``best`` offered the score. At the end ``best`` is restored (the dev-selected epoch)
+    and the report records the selection: ``dev_score`` is the best score; ``selected`` is ``{"phase":
+    phase, "epoch": best.epoch}``, except in Phase 2 (``phase=2``, ``best`` starting from Phase 1's
+    score) when no epoch beat Phase 1, where Phase 1's selection stays.
 
     Curves in ``report``: ``<name>_train_loss`` (per step), ``<name>_train_<k>`` for the extra losses,
     ``<name>_<k>`` for ``after_epoch``'s values, ``<name>_dev_<metric>`` (per epoch).
@@ -234,6 +237,9 @@ def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int,
         score = dev_epoch_score(method, dev, metric, dev_scores, f"{name} epoch {epoch + 1}/{epochs}", progress)
         best.offer(score, epoch)
     best.restore()
+    if phase == 1 or best.epoch is not None:
+        report.selected = {"phase": phase, "epoch": best.epoch}
+    report.dev_score = best.score
     return best
 
 
@@ -248,15 +254,15 @@ def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]
 
 def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                      examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
-                     curve_prefix: str = "lora", report: FitReport | None = None) -> FitReport:
+                     curve_prefix: str = "lora") -> FitReport:
     """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``
     (:func:`run_epochs`).
 
-    Returns the report (``report``, or a new one) with ``<prefix>_train_loss`` (per step) and
+    Returns its report, with ``<prefix>_train_loss`` (per step) and
     ``<prefix>_dev_<metric>`` (per epoch), the selected epoch (``selected``: Phase 1) and its dev
     score; the parameters end at the best dev epoch (dev only, never test).
     """
-    report = report if report is not None else FitReport()
+    report = FitReport()
     lm = method.lm
     opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=s.weight_decay)
     # length-grouped batches (like transformers' group_by_length): little padding when example
@@ -279,10 +285,9 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
         value.backward()
         opt.step()
 
-    best = run_epochs(method, report, curve_prefix, s.epochs, dev, s.selection_metric,
-                      BestCheckpoint.of_parameters(params), batches, loss, step, [lm], progress)
+    run_epochs(method, report, curve_prefix, s.epochs, dev, s.selection_metric, BestCheckpoint.of_parameters(params),
+               batches, loss, step, [lm], progress)
     lm.eval()
-    report.selected, report.dev_score = {"phase": 1, "epoch": best.epoch}, best.score
     return report
 
 

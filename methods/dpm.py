@@ -333,10 +333,8 @@ class DynamicParameterMemory(ContextMethod):
             opt.zero_grad()
 
         report = FitReport()
-        best = run_epochs(self, report, "dpm", s.epochs, dev, s.selection_metric,  # dev scored by DPM inference
-                          BestCheckpoint.of_parameters(trained), batches, loss, step, [self.lm, self.unit_head],
-                          progress)
-        report.selected, report.dev_score = {"phase": 1, "epoch": best.epoch}, best.score
+        run_epochs(self, report, "dpm", s.epochs, dev, s.selection_metric,  # dev scored by DPM inference
+                   BestCheckpoint.of_parameters(trained), batches, loss, step, [self.lm, self.unit_head], progress)
         self._frozen = True  # Algorithm 1, line 1: freeze the SLLM and its LoRA
         self._set_requires_grad()
         self.lm.eval()

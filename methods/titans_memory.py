@@ -469,7 +469,6 @@ class TitansMemoryMethod(ContextMethod):
         # Phase 1: task adaptation with the memory removed, exactly as `lora` (dev scored the same way)
         self._memory_removed = True
         report = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
-        phase1_epoch = report.selected["epoch"]
         for p in self.lora_params.values():
             p.requires_grad_(False)
         # Phase 2: memory training, LoRA and backbone frozen. Each step is one LM forward over every
@@ -509,11 +508,9 @@ class TitansMemoryMethod(ContextMethod):
         best = run_epochs(self, report, self.name, c.epochs, dev, c.selection_metric,
                           BestCheckpoint(self._memory_state, self._load_memory_state, score=report.dev_score),
                           batches, loss, step, [self.branches], progress,
-                          (lambda: {"mean_gate": self.mean_gate()}) if gates else None)
-        # which model dev selected: Phase 1 (the memory is then removed: predictions are Phase 1's,
-        # i.e. `lora`'s) or a Phase-2 epoch
-        report.selected = {"phase": 1, "epoch": phase1_epoch} if best.epoch is None else {"phase": 2, "epoch": best.epoch}
-        report.dev_score = best.score
+                          (lambda: {"mean_gate": self.mean_gate()}) if gates else None, phase=2)
+        # which model dev selected (report.selected): Phase 1 (the memory is then removed: predictions
+        # are Phase 1's, i.e. `lora`'s) or a Phase-2 epoch
         self._memory_removed = best.epoch is None
         return report
 

@@ -104,7 +104,6 @@ class SpeakerEMA(ContextMethod):
         c = self.config
         self._gate_open = False  # Phase 1: the host + LoRA alone, exactly lora's training (replayed)
         report = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
-        phase1_epoch = report.selected["epoch"]
         self._gate_open = True
         for p in self.lora_params.values():
             p.requires_grad_(False)
@@ -136,12 +135,11 @@ class SpeakerEMA(ContextMethod):
             opt_g.step()
 
         # Phase 2 must beat Phase 1 on dev to replace it (the gate opened, before any Phase-2 step)
-        best = run_epochs(self, report, "ema", c.epochs, dev, c.selection_metric,
-                          BestCheckpoint(self._state, self._load_state, score=report.dev_score),
-                          batches, loss, step, [self.proj], progress,
-                          lambda: {"abs_tanh_alpha": abs(math.tanh(self.alpha.item()))})
-        report.selected = {"phase": 1, "epoch": phase1_epoch} if best.epoch is None else {"phase": 2, "epoch": best.epoch}
-        report.dev_score = best.score  # Phase 1 selected: alpha is back at 0, i.e. exactly the task LoRA
+        # Phase 1 selected (report.selected): alpha is back at 0, i.e. exactly the task LoRA
+        run_epochs(self, report, "ema", c.epochs, dev, c.selection_metric,
+                   BestCheckpoint(self._state, self._load_state, score=report.dev_score),
+                   batches, loss, step, [self.proj], progress,
+                   lambda: {"abs_tanh_alpha": abs(math.tanh(self.alpha.item()))}, phase=2)
         return report
 
     def _params(self) -> dict[str, nn.Parameter]:
