@@ -315,6 +315,34 @@ class ContextMethod(ABC):
         nested configs, as for ``make_config``). ``NotImplementedError`` when nothing is tunable."""
         raise NotImplementedError(f"method {cls.name} declares no search space (override search_space)")
 
+    def activate_context(self, seed: int = 0) -> None:
+        """For the conformance kit (:mod:`benchbench.testing`) only, never in a benchmark run: put the
+        fitted method in a state where its memory reaches its predictions, so that the kit's context
+        checks (state reset, isolation across dialogues and within a batch, causality) test a memory
+        that does something, even when dev selection kept Phase 1 and a gate stayed at 0.
+
+        The default: nothing for ``uses_context = False``; otherwise every trained parameter that is
+        exactly zero everywhere (a zero-initialised gate or read-out that never moved) is filled
+        with seeded values: ``0.5 + U[0, 1)`` for a scalar or a vector (a gate opened, e.g.
+        tanh(alpha) in [0.46, 0.91]), ``N(0, 1 / fan_in)`` for a matrix. A method whose memory is
+        switched off by something else (a flag set when dev keeps Phase 1, a learning rate) overrides
+        this, calls ``super().activate_context(seed)`` and switches it on. Must be deterministic in
+        ``seed`` and idempotent, and change only what :meth:`save` writes (the kit copies an
+        activated method through save / load).
+        """
+        if not self.uses_context:
+            return
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, p in sorted(self.trained_parameters().items()):
+                if p.numel() == 0 or bool(p.detach().any()):
+                    continue
+                if p.dim() < 2:
+                    value = 0.5 + torch.rand(p.shape, generator=g)
+                else:
+                    value = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
+                p.copy_(value.to(p))
+
     # ------------------------------------------------------------------ training
     @abstractmethod
     def fit(self, train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None = None

@@ -514,6 +514,12 @@ class TitansMemoryMethod(ContextMethod):
         self._memory_removed = best.epoch is None
         return report
 
+    def activate_context(self, seed: int = 0) -> None:
+        """The conformance kit's hook: the memory back on when dev selected Phase 1 (``memory_removed``),
+        and zero gates opened (MAL's alpha, MAG's W_g: the default rule)."""
+        self._memory_removed = False
+        super().activate_context(seed)
+
     def mean_gate(self) -> float:
         """A scalar summary of how open the gates are (logged per Phase-2 epoch)."""
         return float("nan")

@@ -1,14 +1,58 @@
-"""The shared conformance suite, on every registered method."""
+"""The conformance kit: on every registered method and its variants, one pytest test per check; and
+on planted-bug memories whose gate starts at 0, which it must fail, naming the check."""
 
 import pytest
 
-from benchbench.method import METHODS
-from benchbench.testing import run_conformance
+from benchbench.method import METHODS, ContextMethod
+from benchbench.testing import CHECKS, conformance_checks, run_conformance
+from tests.planted import PLANTED, DialogueMean
+
+# every method at its smoke preset, and the variants the presets or the README use
+CONFIGS = [(name, None) for name in METHODS.names()] + [
+    ("mal", {"speaker_memory": True}), ("mag", {"speaker_memory": True}), ("full_context", {"context": "speaker"}),
+]
+ALL_CHECKS = [c for name, overrides in CONFIGS for c in conformance_checks(name, overrides)]
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_method_conforms(name, backbone, tiny_task):
-    run_conformance(name, backbone, tiny_task)
+@pytest.mark.parametrize("check", ALL_CHECKS, ids=str)
+def test_method_conforms(check, backbone, tiny_task):
+    check(backbone, tiny_task)
+
+
+def test_checks_apply_by_declaration():
+    names = lambda m: [c.name for c in conformance_checks(m)]
+    assert "check_context_free_independence" in names("lora") and "check_context_dependence" not in names("lora")
+    assert "check_context_dependence" in names("mal") and "check_phase1_is_lora" in names("mal")
+    assert "check_phase1_is_lora" not in names("dpm")  # its Phase 1 is its own (L_a + L_e), not lora's
+    assert set(names("mal")) | {"check_context_free_independence"} == set(CHECKS)
+    assert str(conformance_checks("mal", {"speaker_memory": True})[0]) == "mal{speaker_memory=True}-check_output_shape"
+
+
+def test_a_correct_memory_with_a_closed_gate_passes(backbone, tiny_task):
+    """The control: the planted methods' correct parent passes every check (its Phase 1 is lora's)."""
+    run_conformance(DialogueMean, backbone, tiny_task)
+
+
+@pytest.mark.parametrize("bug", list(PLANTED), ids=lambda c: c.name)
+def test_a_planted_bug_fails_the_kit_naming_the_check(bug, backbone, tiny_task):
+    (check,) = [c for c in conformance_checks(bug) if c.name == PLANTED[bug]]
+    with pytest.raises(AssertionError, match=f"^{bug.name}: {PLANTED[bug]}: "):
+        check(backbone, tiny_task)
+    with pytest.raises(AssertionError, match=f"^{bug.name}: check_"):  # and the one call fails too
+        run_conformance(bug, backbone, tiny_task)
+
+
+def test_without_activation_the_gate_hides_the_bugs(backbone, tiny_task, monkeypatch):
+    """Why the kit activates: with the gate left at 0 the memory does nothing, so every planted bug
+    but the missing context would pass the isolation and causality checks."""
+    monkeypatch.setattr(ContextMethod, "activate_context", lambda self, seed=0: None)
+    for bug, name in PLANTED.items():
+        (check,) = [c for c in conformance_checks(bug) if c.name == name]
+        if name == "check_context_dependence":
+            with pytest.raises(AssertionError):
+                check(backbone, tiny_task)
+        else:
+            check(backbone, tiny_task)
 
 
 def test_every_registry_entry_resolves():
