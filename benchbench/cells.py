@@ -92,9 +92,19 @@ class Cell:
 
     @cached_property
     def label(self) -> str:
-        """The method as results name it: ``mal`` for the papers' form, ``mal[speaker]`` for a variant
-        (:meth:`ContextMethod.label`)."""
-        return METHODS.get(self.method).label(self.config)
+        """The method as results name it (:meth:`ContextMethod.label`): ``mal`` for the papers' form,
+        ``mal[speaker]`` for a variant, and what ``overrides`` change from the preset's config
+        (``mal{layers=0}``), so that an ablation is never pooled with its preset's cells."""
+        return METHODS.get(self.method).label(self.config, self.config_preset)
+
+    @cached_property
+    def config_id(self) -> str:
+        """12 hex digits identifying what the cell's label and preset stand for: the method's resolved
+        config, the task's options and the backbone's key. The leaderboard never pools, compares or
+        replaces cells of one label whose ``config_id`` differs (a preset changed between versions)."""
+        task_params = {k: v for k, v in self.task.params().items() if k != "data_dir"}
+        return hash_json({"method": self.method, "config": self.config.to_dict(), "task_params": task_params,
+                          "backbone_key": self.backbone.key})[:12]
 
     @property
     def base(self) -> dict:
@@ -118,9 +128,11 @@ class Cell:
 
     @property
     def params(self) -> dict:
-        """The cell's MLflow params: its identifying columns, preset, backbone key, torch threads, the
+        """The cell's MLflow params: its identifying columns, preset (and the method preset its config
+        starts from), ``config_id``, backbone key, torch threads, the
         method's resolved config (``method.*``) and the task's options (``task.*``)."""
-        return {**self.base, "preset": self.preset, "backbone_key": self.backbone.key, "torch_threads": self.threads,
+        return {**self.base, "preset": self.preset, "config_preset": self.config_preset, "config_id": self.config_id,
+                "backbone_key": self.backbone.key, "torch_threads": self.threads,
                 **{f"method.{k}": v for k, v in self.config.flat().items()},
                 **{f"task.{k}": v for k, v in self.task.params().items()}}
 
@@ -214,11 +226,12 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
     selected = report.selected or {}
     # model selection on dev is a result: which phase (2: the memory trained after the task LoRA) and epoch
     selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
-                 "selected_epoch": None if selected.get("epoch") is None else selected["epoch"] + 1,
+                 "selected_epoch": selected.get("epoch"),  # 1-based, as FitReport.selected
                  # the task LoRA's training replayed from the Phase-1 cache (another cell's), not repeated
                  "phase1_replayed": report.phase1_replayed}
     row = {**cell.base, "status": "ok", **metrics, **cost, **selection, "n_test": len(y_true),
-           "n_test_stream": n_stream, "uses_context": cls.uses_context, "torch_threads": cell.threads}
+           "n_test_stream": n_stream, "uses_context": cls.uses_context, "torch_threads": cell.threads,
+           "config_id": cell.config_id}
     tags = {**cell.tags, **{k: str(v) for k, v in selection.items() if v is not None}}
     files = {"predictions.csv": preds.to_csv(index=False),
              # what a later run needs to reuse this cell exactly (CellStore.find_cell)

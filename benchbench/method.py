@@ -133,9 +133,9 @@ class FitReport:
     Attributes:
         curves: training curves by name (``<method>_train_loss`` per step, ``<method>_dev_<metric>``
             per epoch, ...), logged as MLflow metric series (one step per entry).
-        selected: the model dev selected, ``{"phase": 1 or 2, "epoch": 0-based epoch of that phase or
-            None}`` (results: ``selected_phase``, 1-based ``selected_epoch``); ``None`` for a method
-            with nothing to select (``zero_shot``).
+        selected: the model dev selected, ``{"phase": 1 or 2, "epoch": the 1-based epoch of that
+            phase, or None}`` (results: ``selected_phase``, ``selected_epoch``, the same numbers);
+            ``None`` for a method with nothing to select (``zero_shot``).
         dev_score: the selected model's dev score on its selection metric (a fraction; ``None``
             without selection). ``lora``'s is what a two-stage method's Phase 2 must beat.
         phase1_replayed: whether :func:`benchbench.training.fit_task_lora` replayed an identical
@@ -261,7 +261,9 @@ class ContextMethod(ABC):
             (``"lora"`` for the two-stage methods, whose Phase 1 is
             :func:`~benchbench.training.fit_task_lora`): ``--executor ray`` starts this cell after
             that method's cell of the same task, fold and seed, so that the training is replayed from
-            the Phase-1 cache instead of repeated in parallel.
+            the Phase-1 cache instead of repeated in parallel;
+        variant_options: the config options whose departure :meth:`variant` already names
+            (``("speaker_memory",)`` for ``mal[speaker]``), left out of the label's ``{...}``.
     """
 
     name: ClassVar[str]
@@ -271,6 +273,7 @@ class ContextMethod(ABC):
     phases: ClassVar[int] = 1  # training phases; 2 for a memory trained after its task LoRA (Phase 2)
     batch_utterances: ClassVar[int] = 256  # utterances per LM forward where predict_dialogues batches
     phase1_of: ClassVar[str | None] = None  # "lora": Phase 1 is lora's training (replayed, not repeated)
+    variant_options: ClassVar[tuple[str, ...]] = ()  # options whose departure variant() names (label())
 
     def __init__(self, backbone: AudioLLMBackbone, labels: Sequence[str], config: MethodConfig | None = None,
                  seed: int = 0):
@@ -303,11 +306,19 @@ class ContextMethod(ABC):
         return ""
 
     @classmethod
-    def label(cls, config: MethodConfig) -> str:
-        """What results call the method under ``config``: its name for the papers' form, ``name[variant]``
-        for a departure (``mal[speaker]``), in results.csv, MLflow, the summary and the leaderboard."""
+    def label(cls, config: MethodConfig, preset: str | None = None) -> str:
+        """What results call the method under ``config``, in results.csv, MLflow run names and params,
+        the summary, the terminal and the leaderboard: its name for the papers' form,
+        ``name[variant]`` for a departure (``mal[speaker]``), then, when ``preset`` is given, every
+        option of ``config`` that differs from that preset's config, sorted (``mal{d_m=32,layers=0}``,
+        ``lora{lr=0.01}``, nested options dotted: ``mal{lora.r=4}``), except those the variant names
+        (:attr:`variant_options`). So an ablation never shares a label with its preset's cells.
+        ``ValueError`` for an unknown preset (:meth:`make_config`)."""
         v = cls.variant(config)
-        return f"{cls.name}[{v}]" if v else cls.name
+        out = f"{cls.name}[{v}]" if v else cls.name
+        if preset is None:
+            return out
+        return out + config_departure(config, cls.make_config(preset), skip=cls.variant_options)
 
     @classmethod
     def search_space(cls, trial) -> dict:
@@ -454,6 +465,23 @@ def utterance_groups(dialogues: Sequence[Sequence[UtteranceInput]], budget: int)
         groups[-1].append(d)
         n += len(d)
     return groups if groups[0] else []
+
+
+def config_departure(config: MethodConfig, base: MethodConfig, skip: Sequence[str] = ()) -> str:
+    """``"{k=v,...}"``: the options of ``config`` whose values differ from ``base``'s (flattened,
+    nested ones dotted, sorted; ``skip``: option names left out), ``""`` when none do. Values as on
+    the command line: ``true`` / ``false``, numbers as Python prints them, lists comma-joined."""
+    ours, theirs = config.flat(), base.flat()
+    diff = [k for k in sorted(ours) if k.split(".")[0] not in skip and ours[k] != theirs.get(k)]
+    return "{" + ",".join(f"{k}={_option_text(ours[k])}" for k in diff) + "}" if diff else ""
+
+
+def _option_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(_option_text, v))
+    return "null" if v is None else str(v)
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

@@ -153,7 +153,7 @@ class BestCheckpoint:
         self._snapshot, self._load = snapshot, load
         self.score = score
         self.state = snapshot() if np.isfinite(score) else None
-        self.epoch: int | None = None  # the selected epoch (0-based); None: the initial state
+        self.epoch: int | None = None  # the selected epoch (1-based, as results show it); None: the initial state
 
     @classmethod
     def of_parameters(cls, params: dict[str, nn.Parameter], score: float = -np.inf) -> "BestCheckpoint":
@@ -235,7 +235,7 @@ def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int,
         for key, v in (after_epoch() if after_epoch else {}).items():
             report.curve(f"{name}_{key}").append(v)
         score = dev_epoch_score(method, dev, metric, dev_scores, f"{name} epoch {epoch + 1}/{epochs}", progress)
-        best.offer(score, epoch)
+        best.offer(score, epoch + 1)  # epochs are 1-based wherever a user sees them
     best.restore()
     if phase == 1 or best.epoch is not None:
         report.selected = {"phase": phase, "epoch": best.epoch}

@@ -65,8 +65,10 @@ def build(spec: LeaderboardSpec) -> dict[str, Path]:
     commits = sorted({s["git_commit"] for s in c.sources if s.get("git_commit")})
     provenance = (f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow <code>{uri}</code>, "
                   f"experiment <code>{experiment}</code>: {len(c.results)} cells from {len(c.sources)} "
-                  f"<code>bench run</code> invocation(s) (latest run of each method x task x backbone x seed x "
-                  f"fold); suite commit(s) {', '.join(f'<code>{x[:12]}</code>' for x in commits) or 'unknown'}.")
+                  f"<code>bench run</code> invocation(s) (latest run of each configuration x task x backbone x seed x "
+                  f"fold; an ablation has its own label); suite commit(s) {', '.join(f'<code>{x[:12]}</code>' for x in commits) or 'unknown'}.")
+    if c.notes:
+        provenance += " Told apart: " + "; ".join(c.notes) + "."
     if c.skipped:
         provenance += " Skipped: " + "; ".join(c.skipped)
     paths = {"html": out / "leaderboard.html", "md": out / "leaderboard.md", "tex": out / "leaderboard.tex",
@@ -74,6 +76,6 @@ def build(spec: LeaderboardSpec) -> dict[str, Path]:
     paths["html"].write_text(render_html(summary, reported, reference, provenance=provenance))
     paths["md"].write_text(render_markdown(summary, reported, reference))
     paths["tex"].write_text(render_latex(summary, reported, reference))
-    paths["json"].write_text(json.dumps({"summary": summary.to_dict(), "sources": c.sources, "skipped": c.skipped,
+    paths["json"].write_text(json.dumps({"summary": summary.to_dict(), "sources": c.sources, "skipped": c.skipped, "notes": c.notes,
                                          "tracking_uri": uri, "experiment": experiment}, indent=2, default=str))
     return paths

@@ -29,7 +29,8 @@ class Collected:
     ``parent_run_id``, ``git_commit``, ``start_time``); ``predictions``: every test utterance of those
     cells (``predictions.csv`` rows); ``task_info``: per task a :class:`~benchbench.analysis.TaskSummary`
     (read from the runs' ``summary.json``) as :func:`~benchbench.analysis.summarize` expects;
-    ``sources``: the parent runs used (id, name, git commit, start time).
+    ``sources``: the parent runs used (id, name, git commit, start time); ``skipped``: what could not
+    be read; ``notes``: labels told apart because they stood for more than one configuration.
     """
 
     results: pd.DataFrame
@@ -37,6 +38,7 @@ class Collected:
     task_info: dict[str, TaskSummary] = field(default_factory=dict)
     sources: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _num(col: pd.Series) -> pd.Series:
@@ -47,7 +49,10 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
             parent_run_ids: list[str] | None = None, preset: str | None = None,
             tasks: list[str] | None = None) -> Collected:
     """Finished cells of ``experiment``, the latest run of each (task, backbone, method, preset, seed,
-    fold) key, with their predictions and the tasks' reference figures.
+    fold) key and configuration, with their predictions and the tasks' reference figures. ``method``
+    is the cell's label (``mal``, ``mal[speaker]``, an ablation ``mal{layers=0}``); one label never
+    stands for two configurations: where older runs of it logged another config, those rows are
+    relabelled ``<label>@<config hash>`` (:attr:`Collected.notes` says so).
 
     ``parent_run_ids`` restricts to those ``bench run`` invocations; ``preset`` and ``tasks`` filter.
     Raises ``ValueError`` when the experiment does not exist or holds no finished cell (the message
@@ -90,6 +95,8 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
         "uses_context": cells.get("tags.uses_context", pd.Series("", index=cells.index)) == "True",
         "status": "ok", "mlflow_run_id": cells["run_id"], "parent_run_id": cells["tags.mlflow.parentRunId"],
         "git_commit": cells.get("tags.git_commit"), "start_time": cells["start_time"],
+        # what the label stands for: a hash of the logged method config, task options and backbone key
+        "config_id": _logged_configuration(cells),
     })
     for c in ("phases", "selected_phase", "selected_epoch"):  # model selection (tags; absent in older runs)
         if f"tags.{c}" in cells:
@@ -97,8 +104,10 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
     for c in sorted(cells.columns):  # MLflow's column order varies: sorted, the outputs are reproducible
         if c.startswith("metrics."):
             results[c.removeprefix("metrics.")] = _num(cells[c])
-    # the latest run of each cell key wins (a re-run replaces an earlier one)
-    results = results.sort_values("start_time").drop_duplicates(CELL_KEY, keep="last").reset_index(drop=True)
+    # the latest run of each cell key and configuration wins (a re-run replaces an earlier one); a
+    # label that stood for another configuration in other runs is told apart, never replaced or pooled
+    results = results.sort_values("start_time").drop_duplicates(CELL_KEY + ["config_id"], keep="last")
+    results, notes = _split_configurations(results.reset_index(drop=True))
 
     preds, skipped, n_test = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +147,44 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
         if t not in task_info:
             labels = sorted(predictions.loc[predictions["task"] == t, "label"].unique()) if len(predictions) else []
             task_info[t] = TaskSummary(list(labels))
-    return Collected(results, predictions, task_info, sources, skipped)
+    return Collected(results, predictions, task_info, sources, skipped, notes)
+
+
+def _logged_configuration(cells: pd.DataFrame) -> pd.Series:
+    """Per cell run, 12 hex digits of the sha256 of its logged ``method.*`` and ``task.*`` params (the
+    data folder left out: its content is the manifest) and ``backbone_key``: equal for two runs of one
+    configuration, in every version of the suite that logged those params."""
+    import hashlib
+
+    cols = sorted(c for c in cells.columns if c.startswith(("params.method.", "params.task.")) or
+                  c == "params.backbone_key")
+    cols = [c for c in cols if c != "params.task.data_dir"]
+
+    def one(row) -> str:
+        items = [(c, row[c]) for c in cols if pd.notna(row[c])]
+        return hashlib.sha256(repr(items).encode()).hexdigest()[:12]
+
+    return cells.apply(one, axis=1) if len(cells) else pd.Series([], dtype=str)
+
+
+def _split_configurations(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Rows whose (task, backbone, method, preset) held more than one ``config_id``: the newest
+    configuration keeps the label, each older one becomes ``<label>@<config_id[:6]>`` (a method's
+    preset that changed between suite versions), with a note per relabelled configuration."""
+    notes = []
+    group = ["task", "backbone", "method", "preset"]
+    for key, g in results.groupby(group, sort=False):
+        if g["config_id"].nunique() < 2:
+            continue
+        newest = g.loc[g["start_time"].idxmax(), "config_id"]
+        for cid in g["config_id"].unique():
+            if cid == newest:
+                continue
+            label = f"{key[2]}@{cid[:6]}"
+            results.loc[g.index[g["config_id"] == cid], "method"] = label
+            notes.append(f"{key[0]} · {key[1]} · preset {key[3]}: earlier runs of {key[2]} had another configuration "
+                         f"(logged config {cid}); shown apart as {label}")
+    return results, notes
 
 
 def _recorded_dtypes(client, uri: str, run, dst: str) -> dict | None:

@@ -240,7 +240,7 @@ def render_latex(summary: Summary, reported: pd.DataFrame | None = None, referen
     """One ``tabular`` per task x backbone (pandas Styler), metrics as mean [95% interval] in %."""
     parts = []
     for sec in sections(summary, reported, reference):
-        df = pd.DataFrame([{"method": _method_text(r), "n": r.n or "",
+        df = pd.DataFrame([{"method": _method_text(r).replace("{", r"\{").replace("}", r"\}"), "n": r.n or "",
                             **{METRIC_NAMES[m]: _metric_text(r, m) for m in METRICS}} for r in sec.rows])
         body = df.style.hide(axis="index").to_latex(hrules=True)
         parts.append(f"% {sec.task} / {sec.backbone}\n" + body.replace("%", r"\%").replace("▲", r"$\uparrow$")

@@ -44,6 +44,7 @@ class FullContext(ContextMethod):
     BATCH_TOKENS = 4096  # audio tokens, padding included, per LM forward in predict_dialogues
     config_cls = FullContextConfig
     uses_context = True
+    variant_options = ("context",)  # full_context[speaker]
     # the task LoRA at each preset is `lora`'s (LORA_PRESETS)
     presets = phase1_presets({
         "smoke": dict(max_context_tokens=256),

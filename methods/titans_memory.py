@@ -353,6 +353,7 @@ class TitansMemoryMethod(ContextMethod):
     uses_context = True
     phases = 2
     phase1_of = "lora"  # fit_task_lora: the lora cell's training, replayed from the Phase-1 cache
+    variant_options = ("speaker_memory",)  # mal[speaker]
     branch_cls: ClassVar[type[MemoryBranch]]
     # Phase 1 at each preset is `lora`'s (LORA_PRESETS), by construction
     presets = phase1_presets({

@@ -179,26 +179,27 @@ def test_variants_model_selection_and_leaderboard_sections_are_what_ran(tmp_path
     assert rc == 0
     printed = capsys.readouterr().out
     res = pd.read_csv(out / "results.csv").set_index("method")
-    assert list(res.index) == ["lora", "mal[speaker]", "mag"]  # mag's smoke preset is the paper's form
+    # mag's smoke preset is the paper's form; epochs=0 departs from it, so the label says so
+    assert list(res.index) == ["lora", "mal[speaker]", "mag{epochs=0}"]
     assert list(res["method_name"]) == ["lora", "mal", "mag"]
     assert res.loc["lora", "phases"] == 1 and res.loc["mal[speaker]", "phases"] == 2
     assert res.loc["mal[speaker]", "selected_phase"] in (1, 2) and res.loc["lora", "selected_phase"] == 1
     # no Phase-2 epoch: dev keeps Phase 1, the memory is unused and the terminal says so
-    assert res.loc["mag", "selected_phase"] == 1
-    assert "[mag s0 f0] NOTICE: dev selected Phase 1" in printed and "the memory is unused" in printed
+    assert res.loc["mag{epochs=0}", "selected_phase"] == 1
+    assert "[mag{epochs=0} s0 f0] NOTICE: dev selected Phase 1" in printed and "the memory is unused" in printed
     preds = pd.read_csv(out / "predictions.csv")
-    p = {m: preds[preds.method == m].filter(like="p_").to_numpy() for m in ("lora", "mag")}
-    assert (p["lora"] == p["mag"]).all()  # Phase 1 is lora under the same seed
+    p = {m: preds[preds.method == m].filter(like="p_").to_numpy() for m in ("lora", "mag{epochs=0}")}
+    assert (p["lora"] == p["mag{epochs=0}"]).all()  # Phase 1 is lora under the same seed
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("benchbench").experiment_id])
     names = {r.info.run_name for r in runs}
     assert "mal[speaker]-synthetic-s0-f0" in names
     cell = next(r for r in runs if r.info.run_name == "mal[speaker]-synthetic-s0-f0")
     assert cell.data.params["method"] == "mal[speaker]" and cell.data.tags["selected_phase"] in ("1", "2")
     summary = json.loads((out / "summary.json").read_text())
-    mag = next(c for c in summary["cells"] if c["method"] == "mag")
+    mag = next(c for c in summary["cells"] if c["method"] == "mag{epochs=0}")
     assert mag["selection"] == {"phase_2": 0, "n": 1}
     board = (out / "leaderboard.md").read_text()
-    assert "mal[speaker]" in board and "mag (Phase 2 selected in 0/1 cells)" in board
+    assert "mal[speaker]" in board and "mag{epochs=0} (Phase 2 selected in 0/1 cells)" in board
     assert "mal[speaker] - lora WA" in printed
     # the bench leaderboard from the store: one section (what ran), the papers' rows in a compact table
     assert main(["leaderboard", "--tracking-uri", uri, "--output", str(tmp_path / "lb"), "--resamples", "100"]) == 0
@@ -206,7 +207,7 @@ def test_variants_model_selection_and_leaderboard_sections_are_what_ran(tmp_path
     assert md.count("### ") == 2 and "### synthetic · tiny-qwen2-audio" in md
     assert "### Reported by the papers (tasks and backbones not run here)" in md
     assert "| iemocap | qwen2-audio-7b | mal (+ Titans+LoRA) | 83.66 |" in md
-    assert "mag (Phase 2 selected in 0/1 cells)" in md
+    assert "mag{epochs=0} (Phase 2 selected in 0/1 cells)" in md
 
 
 def test_data_dir_per_task(tmp_path, capsys):

@@ -153,3 +153,41 @@ def test_leaderboard_page_in_headless_chromium(logged):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert width == 1400 and height > 1000  # the full page: tables, plots and reported sections
+
+
+def test_an_ablation_gets_its_own_row_labelled_with_what_differs(tmp_path):
+    """The README's ablation after a default run on one store: two mal rows, labelled apart, each with
+    its own numbers (the ablation's trained parameters are not the preset's), in results.csv, MLflow,
+    the summary and the leaderboard."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--tasks", "synthetic", "--preset", "smoke", "--seeds", "0", "--tracking-uri", uri, "--no-progress"]
+    assert main(["run", "--methods", "lora,mal", "--output", str(tmp_path / "a"), *common]) == 0
+    assert main(["run", "--methods", "mal", "--set", "mal.layers=0", "--set", "mal.d_m=16",
+                 "--output", str(tmp_path / "b"), *common]) == 0
+    a, b = pd.read_csv(tmp_path / "a" / "results.csv"), pd.read_csv(tmp_path / "b" / "results.csv")
+    assert list(b["method"]) == ["mal{layers=0}"]  # d_m=16 is the smoke preset's own value: not a departure
+    assert b["config_id"][0] != a.set_index("method").loc["mal", "config_id"]
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert [c["method"] for c in summary["cells"]] == ["mal{layers=0}"]
+    got = collect(uri)
+    rows = got.results.set_index("method")
+    assert sorted(rows.index) == ["lora", "mal", "mal{layers=0}"] and not got.notes
+    assert rows.loc["mal", "trained_parameters"] > rows.loc["mal{layers=0}", "trained_parameters"]
+    assert rows.loc["mal", "wa"] == pytest.approx(a.set_index("method").loc["mal", "wa"])
+    assert main(["leaderboard", "--tracking-uri", uri, "--output", str(tmp_path / "lb"), "--resamples", "100"]) == 0
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert re.search(r"^\| mal[ (].*\| 79,848 \|", md, re.M) and re.search(r"^\| mal\{layers=0\}[ (].*\| 72,692 \|", md, re.M)
+    data = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())
+    assert {c["method"] for c in data["summary"]["comparisons"]} == {"mal", "mal{layers=0}"}
+    assert r"mal\{layers=0\}" in (tmp_path / "lb" / "leaderboard.tex").read_text()
+
+
+def test_a_label_that_stood_for_another_configuration_is_told_apart():
+    from benchbench.leaderboard.collect import _split_configurations
+
+    rows = pd.DataFrame({"task": "synthetic", "backbone": "tiny", "preset": "default", "method": ["mal"] * 3 + ["lora"],
+                         "config_id": ["aaaaaa111111", "bbbbbb222222", "bbbbbb222222", "cccccc"],
+                         "start_time": pd.to_datetime(["2026-01-01", "2026-02-01", "2026-02-02", "2026-01-01"])})
+    out, notes = _split_configurations(rows.copy())
+    assert list(out["method"]) == ["mal@aaaaaa", "mal", "mal", "lora"]  # the newest configuration keeps the label
+    assert len(notes) == 1 and "mal@aaaaaa" in notes[0] and "aaaaaa111111" in notes[0]
