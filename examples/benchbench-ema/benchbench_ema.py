@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from benchbench.backbone import Segment
-from benchbench.method import ContextMethod, FitReport, MethodConfig
+from benchbench.metrics import METRICS
+from benchbench.method import ContextMethod, FitReport, MethodConfig, check_ranges
 from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, fit_task_lora,
                                  phase1_presets, run_epochs, two_stage_search_space)
 
@@ -46,6 +47,11 @@ class EMAConfig(MethodConfig):
     gate_lr: float = 2e-4        # alpha: lr, clipping 2.0 (as MAL's gates)
     batch_size: int = 32
     selection_metric: str = "ua"
+
+    def check(self) -> None:
+        """Ranges, checked before any cell runs (``bench run --set ema.beta=1.5`` is refused)."""
+        check_ranges(self, at_least=dict(epochs=0, batch_size=1), positive=("lr", "gate_lr"), fraction=("beta",),
+                     choices=dict(selection_metric=METRICS))
 
 
 class SpeakerEMA(ContextMethod):
