@@ -470,7 +470,8 @@ def utterance_groups(dialogues: Sequence[Sequence[UtteranceInput]], budget: int)
 def config_departure(config: MethodConfig, base: MethodConfig, skip: Sequence[str] = ()) -> str:
     """``"{k=v,...}"``: the options of ``config`` whose values differ from ``base``'s (flattened,
     nested ones dotted, sorted; ``skip``: option names left out), ``""`` when none do. Values as on
-    the command line: ``true`` / ``false``, numbers as Python prints them, lists comma-joined."""
+    the command line: ``true`` / ``false``, integers as they are, floats to 4 significant digits,
+    lists comma-joined."""
     ours, theirs = config.flat(), base.flat()
     diff = [k for k in sorted(ours) if k.split(".")[0] not in skip and ours[k] != theirs.get(k)]
     return "{" + ",".join(f"{k}={_option_text(ours[k])}" for k in diff) + "}" if diff else ""
@@ -479,6 +480,8 @@ def config_departure(config: MethodConfig, base: MethodConfig, skip: Sequence[st
 def _option_text(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.4g}"  # a tuned lr stays readable; config_id tells apart what rounding merges
     if isinstance(v, (list, tuple)):
         return ",".join(map(_option_text, v))
     return "null" if v is None else str(v)

@@ -99,7 +99,12 @@ def test_best_config_runs_with_bench_run_config(tmp_path):
                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--output", str(out), "--no-progress"])
     assert rc == 0
     res = pd.read_csv(out / "results.csv")
-    assert res["method"].tolist() == ["lora"]
+    # the sweep's values depart from the smoke preset: the label says which (floats to 4 digits)
+    lora = METHODS.get("lora")
+    tuned = lora.make_config("smoke", load_config_file(path)["lora"])
+    assert res["method"].tolist() == [lora.label(tuned, "smoke")] and res["method"][0].startswith("lora{")
+    assert f"lr={study.best_trial.params['lr']:.4g}" in res["method"][0]
+    assert res["method_name"].tolist() == ["lora"]
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(res["mlflow_run_id"][0])
     assert float(run.data.params["method.lr"]) == pytest.approx(study.best_trial.params["lr"])
     assert int(run.data.params["method.epochs"]) == study.best_trial.params["epochs"]
