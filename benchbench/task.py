@@ -65,8 +65,9 @@ class Task(ABC):
     """A conversational SER task.
 
     Subclasses set ``name`` and ``labels`` and build their folds in ``__init__``. The constructor
-    takes ``data_dir`` (``None`` for tasks without files), ``preset`` (``"smoke"`` or ``"default"``)
-    and ``seed`` (the data-composition seed, fixed across method seeds so that every method and seed
+    takes ``data_dir`` (``None`` for tasks without files), ``preset`` (the run's ``--preset``:
+    ``"smoke"``, ``"default"`` or ``"paper"``; a task without a paper protocol of its own treats
+    ``"paper"`` as ``"default"``) and ``seed`` (the data-composition seed, fixed across method seeds so that every method and seed
     sees the same items).
     """
 

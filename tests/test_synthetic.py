@@ -90,6 +90,12 @@ def test_unknown_preset_raises():
         SyntheticProsodyTask(preset="huge")
 
 
+def test_paper_preset_is_the_default_task():
+    """`bench run --preset paper` (the methods' paper configs) runs on the default task's sizes
+    (it raised "unknown preset 'paper'" before)."""
+    assert SyntheticProsodyTask(preset="paper").sizes == SyntheticProsodyTask(preset="default").sizes
+
+
 def test_speaker_history_posterior():
     rng = np.random.default_rng(0)
     nearest = lambda v: int(np.argmin(((v - EMOTION_OFFSETS) ** 2).sum(-1)))
