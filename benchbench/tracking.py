@@ -274,7 +274,8 @@ class CellStore:
     def log_run(self, run_id: str, params: dict | None = None, metrics: dict | None = None,
                 curves: dict[str, list[float]] | None = None, artifacts_dir: Path | None = None,
                 status: str | None = "FINISHED", tags: dict | None = None) -> bool:
-        """Tags, params, final metrics (step 0), curves (one step per entry) and the files of
+        """Tags, params, final metrics (step 0), curves (one step per entry, counted from 1 like every
+        epoch the suite shows: a per-epoch curve's step k is epoch k) and the files of
         ``artifacts_dir`` on run ``run_id``, then ``status`` (FINISHED only once everything is
         logged); whether it all reached the store."""
         def log():
@@ -285,7 +286,8 @@ class CellStore:
             for i in range(0, len(values), 100):  # MLflow's limit per request
                 self.client.log_batch(run_id, params=values[i:i + 100])
             series = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
-            series += [Metric(k, float(v), now, i) for k, vals in (curves or {}).items() for i, v in enumerate(vals)]
+            series += [Metric(k, float(v), now, i) for k, vals in (curves or {}).items()
+                       for i, v in enumerate(vals, start=1)]
             for i in range(0, len(series), 900):
                 self.client.log_batch(run_id, metrics=series[i:i + 900])
             if artifacts_dir is not None:

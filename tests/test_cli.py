@@ -76,6 +76,8 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
     for tag in ("data_manifest_sha256", "git_commit", "version.torch", "version.titans-pytorch"):
         assert tag in mal.data.tags
     assert len(client.get_metric_history(mal.info.run_id, "mal_train_loss")) > 1
+    dev = client.get_metric_history(mal.info.run_id, "lora_dev_ua")  # per-epoch: step k is epoch k (1-based)
+    assert [m.step for m in dev] == list(range(1, len(dev) + 1))
     arts = {a.path for a in client.list_artifacts(mal.info.run_id)}
     assert {"predictions.csv", "confusion_matrix.csv", "config.json"} <= arts
 

@@ -9,7 +9,8 @@ from tests.planted import PLANTED, DialogueMean
 
 # every method at its smoke preset, and the variants the presets or the README use
 CONFIGS = [(name, None) for name in METHODS.names()] + [
-    ("mal", {"speaker_memory": True}), ("mag", {"speaker_memory": True}), ("full_context", {"context": "speaker"}),
+    ("mal", {"speaker_memory": True}), ("mac", {"speaker_memory": True}), ("mag", {"speaker_memory": True}),
+    ("full_context", {"context": "speaker"}),
 ]
 ALL_CHECKS = [c for name, overrides in CONFIGS for c in conformance_checks(name, overrides)]
 
