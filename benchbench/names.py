@@ -18,6 +18,7 @@ METHODS.register("mal", "benchbench.methods.mal:MemoryAsALayer")
 METHODS.register("mac", "benchbench.methods.mac:MemoryAsContext")
 METHODS.register("mag", "benchbench.methods.mag:MemoryAsGating")
 METHODS.register("dpm", "benchbench.methods.dpm:DynamicParameterMemory")
+METHODS.register("hmm", "benchbench.methods.hmm:HMMFilter")
 
 BACKBONES: Registry = Registry("backbone")
 """BackboneSpec objects by name."""
