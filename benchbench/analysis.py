@@ -36,22 +36,26 @@ COST_COLUMNS = ("fit_seconds", "eval_ms_per_utterance", "trained_parameters", "p
 @dataclass
 class TaskSummary:
     """What the analysis needs to know of a task: its labels (class-index order), reference figures,
-    data-manifest hash and notices (count mismatches, skipped files)."""
+    data-manifest hash, notices (count mismatches, skipped files) and, per fold (``"0"``, ...), the
+    speaker-transition statistics of its training dialogues (``{"A": [C][C], "prior": [C]}``,
+    :func:`benchbench.inertia.speaker_transitions`) from which the ``label_history`` ceiling is
+    computed."""
 
     labels: list[str]
     reference: TaskReference = field(default_factory=TaskReference)
     manifest_sha256: str | None = None
     notices: list[str] = field(default_factory=list)
+    transitions: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**self.reference.to_dict(), "manifest_sha256": self.manifest_sha256, "labels": list(self.labels),
-                "notices": list(self.notices)}
+                "notices": list(self.notices), **({"transitions": self.transitions} if self.transitions else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskSummary":
-        ref = {k: v for k, v in d.items() if k not in ("labels", "manifest_sha256", "notices")}
+        ref = {k: v for k, v in d.items() if k not in ("labels", "manifest_sha256", "notices", "transitions")}
         return cls(list(d.get("labels") or []), TaskReference.from_dict(ref), d.get("manifest_sha256"),
-                   list(d.get("notices") or []))
+                   list(d.get("notices") or []), dict(d.get("transitions") or {}))
 
 
 @dataclass
@@ -106,8 +110,10 @@ class Summary:
 
     ``comparisons``, ``by_speaker_history`` and ``by_turn`` hold the records of
     :func:`benchbench.stats.compare`, :func:`accuracy_by_speaker_history` and
-    :func:`accuracy_by_turn` (their docstrings give the keys); ``failed_cells`` the failed rows of
-    ``results.csv``; ``run`` where the run's files and MLflow records are (a fresh run only).
+    :func:`accuracy_by_turn` (their docstrings give the keys); ``context_ceilings`` and
+    ``gap_closed`` those of :func:`label_history_ceilings` and :func:`gaps_closed`; ``failed_cells``
+    the failed rows of ``results.csv``; ``run`` where the run's files and MLflow records are (a
+    fresh run only).
     """
 
     cells: list[CellSummary] = field(default_factory=list)
@@ -118,12 +124,15 @@ class Summary:
     by_turn: list[dict] = field(default_factory=list)
     failed_cells: list[dict] = field(default_factory=list)
     run: dict | None = None
+    context_ceilings: list[dict] = field(default_factory=list)
+    gap_closed: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = {"cells": [c.to_dict() for c in self.cells], "tasks": {t: s.to_dict() for t, s in self.tasks.items()},
                "checks": {"leakage": [asdict(c) for c in self.leakage]}, "comparisons": self.comparisons,
                "by_speaker_history": self.by_speaker_history, "by_turn": self.by_turn,
-               "failed_cells": self.failed_cells}
+               "failed_cells": self.failed_cells, "context_ceilings": self.context_ceilings,
+               "gap_closed": self.gap_closed}
         if self.run is not None:
             out["run"] = self.run
         return out
@@ -138,7 +147,7 @@ class Summary:
                    {t: TaskSummary.from_dict(s) for t, s in d["tasks"].items()},
                    [LeakageCheck(**c) for c in d.get("checks", {}).get("leakage", [])],
                    d.get("comparisons", []), d.get("by_speaker_history", []), d.get("by_turn", []),
-                   d.get("failed_cells", []), d.get("run"))
+                   d.get("failed_cells", []), d.get("run"), d.get("context_ceilings", []), d.get("gap_closed", []))
 
     @classmethod
     def read(cls, path: str | Path) -> "Summary":
@@ -268,7 +277,153 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, tasks: dict[str, TaskS
                                           n_resamples=n_resamples)
         summary.by_speaker_history = accuracy_by_speaker_history(preds)
         summary.by_turn = accuracy_by_turn(preds)
+        summary.context_ceilings, ceiling_rows = label_history_ceilings(preds, tasks, baseline)
+        summary.tasks = _with_ceilings(summary.tasks, summary.context_ceilings)
+        summary.gap_closed = gaps_closed(preds, summary.tasks, ceiling_rows, baseline, n_resamples)
     return summary
+
+
+# ---------------------------------------------------------------------------- context ceilings
+CEILING_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""Strengths of the gold-label prior tried for the ``label_history`` ceiling (the best is kept, so the
+ceiling is never below the utterance model: strength 0 is the model itself)."""
+LABEL_HISTORY_ASSUMES = ("the reference method's posteriors combined with the same speaker's previous gold label "
+                         "through speaker-transition statistics of the cell's training dialogues; gold previous "
+                         "labels, which no method sees; strength chosen on the test predictions (an oracle bound)")
+
+
+def fold_transitions(folds, n_classes: int) -> dict[str, dict]:
+    """``{"<fold index>": {"A": [C][C], "prior": [C]}}``: the speaker-transition statistics of each
+    fold's training dialogues (:func:`benchbench.inertia.speaker_transitions`, add-1 smoothing), as
+    :class:`TaskSummary` keeps them for the ``label_history`` ceiling."""
+    from .inertia import speaker_transitions
+
+    out = {}
+    for f in folds:
+        A, prior = speaker_transitions(f.train, n_classes, smoothing=1.0)
+        out[str(f.index)] = {"A": A.tolist(), "prior": prior.tolist()}
+    return out
+
+
+def _probs(rows: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    return rows[[f"p_{lab}" for lab in labels]].to_numpy(dtype=np.float64)
+
+
+def label_history_ceilings(preds: pd.DataFrame, tasks: dict[str, TaskSummary], reference: str = "lora"
+                           ) -> tuple[list[dict], dict]:
+    """The ``label_history`` context ceiling per task x backbone whose ``reference`` cells have
+    predictions and whose task summary holds the folds' transition statistics.
+
+    Per test utterance of a ``reference`` cell: ``b ~ p(y | x) * (A[y_prev] / p(y)) ** lambda``
+    (:func:`benchbench.inertia.label_history_posteriors`; y_prev the same speaker's previous scored
+    gold label in the dialogue, A and p(y) from the cell's fold's training dialogues), pooled WA over
+    the cells for each lambda in :data:`CEILING_STRENGTHS`, the best kept. Returns ``(records,
+    rows)``: records ``{"task", "backbone", "ceiling": "label_history", "wa", "reference_wa",
+    "strength", "n_cells", "n", "assumes"}`` (fractions) and, per (task, backbone), the reference's
+    rows with a ``ceiling_correct`` column (for :func:`gaps_closed`)."""
+    from .inertia import label_history_posteriors, previous_labels
+
+    out, rows_of = [], {}
+    ref = preds[preds["method"] == reference]
+    for (t, b), g in ref.groupby(["task", "backbone"], sort=False):
+        info = tasks.get(t)
+        if info is None or not info.transitions or not info.labels:
+            continue
+        if not {str(f) for f in g["fold"].unique()} <= set(info.transitions):
+            continue
+        labels = list(info.labels)
+        index = {lab: i for i, lab in enumerate(labels)}
+        g = g.sort_values(["seed", "fold", "dialogue_id", "turn"]).copy()
+        y = g["label"].map(index).to_numpy()
+        correct = {s: np.zeros(len(g), dtype=bool) for s in CEILING_STRENGTHS}
+        pos = 0
+        for (seed, fold, _), d in g.groupby(["seed", "fold", "dialogue_id"], sort=False):
+            tr = info.transitions[str(fold)]
+            A, prior = np.asarray(tr["A"]), np.asarray(tr["prior"])
+            yd = y[pos:pos + len(d)]
+            prev = previous_labels(d["speaker"].astype(str).tolist(), yd)
+            for s in CEILING_STRENGTHS:
+                post = label_history_posteriors(_probs(d, labels), prev, A, prior, s)
+                correct[s][pos:pos + len(d)] = post.argmax(-1) == yd
+            pos += len(d)
+        wa = {s: float(c.mean()) for s, c in correct.items()}
+        best = max(CEILING_STRENGTHS, key=lambda s: (wa[s], -s))
+        g["ceiling_correct"] = correct[best]
+        rows_of[(t, b)] = g
+        out.append({"task": t, "backbone": b, "ceiling": "label_history", "wa": wa[best], "reference": reference,
+                    "reference_wa": wa[0.0], "strength": best, "n_cells": int(g.groupby(["seed", "fold"]).ngroups),
+                    "n": int(len(g)), "assumes": LABEL_HISTORY_ASSUMES})
+    return out, rows_of
+
+
+def _with_ceilings(tasks: dict[str, TaskSummary], ceilings: list[dict]) -> dict[str, TaskSummary]:
+    """The task summaries with each ``label_history`` ceiling among their reference ceilings
+    (``label_history``; ``label_history@<backbone>`` where a task ran on several backbones)."""
+    import dataclasses
+
+    out = dict(tasks)
+    per_task: dict[str, list[dict]] = {}
+    for c in ceilings:
+        per_task.setdefault(c["task"], []).append(c)
+    for t, cs in per_task.items():
+        extra = {("label_history" if len(cs) == 1 else f"label_history@{c['backbone']}"): c["wa"] for c in cs}
+        ref = out[t].reference
+        out[t] = dataclasses.replace(out[t], reference=dataclasses.replace(ref, ceilings={**ref.ceilings, **extra}))
+    return out
+
+
+def gaps_closed(preds: pd.DataFrame, tasks: dict[str, TaskSummary], ceiling_rows: dict,
+                reference: str = "lora", n_resamples: int = 2000) -> list[dict]:
+    """For every method of a task x backbone with a context ceiling, the share of the
+    ``reference``-to-ceiling gap it closes, ``(WA_m - WA_ref) / (WA_ceiling - WA_ref)`` on the test
+    utterances both have, with a 95% percentile interval from a dialogue bootstrap (scipy's
+    ``bootstrap``, paired, resampling (seed, fold, dialogue) clusters). The ceiling: ``label_history``
+    (``ceiling_rows``: the second value of :func:`label_history_ceilings`), or, for a task with a Bayes ``speaker_history`` ceiling on its
+    own test split (``synthetic``), that one (a constant). Records ``{"method", "task", "backbone",
+    "reference", "ceiling", "ceiling_wa", "gap_closed", "ci_low", "ci_high", "n_dialogues"}``;
+    ``gap_closed`` is NaN when the ceiling does not exceed the reference."""
+    out = []
+    key = ["seed", "fold", "utterance_id"]
+    for (t, b), g in preds.groupby(["task", "backbone"], sort=False):
+        info = tasks.get(t)
+        bayes = info.reference.test_ceilings.get("speaker_history") if info else None
+        if (t, b) in ceiling_rows:
+            ref, name, const = ceiling_rows[(t, b)], "label_history", None
+        elif bayes is not None:
+            ref, name, const = g[g["method"] == reference].copy(), "speaker_history", float(bayes)
+        else:
+            continue
+        if ref.empty:
+            continue
+        ref = ref.assign(ref_correct=ref["prediction"] == ref["label"])
+        for m in [x for x in g["method"].unique() if x != reference]:
+            mine = g[g["method"] == m]
+            mine = mine[key].assign(m_correct=(mine["prediction"] == mine["label"]).to_numpy())
+            both = ref.merge(mine, on=key)
+            if both.empty:
+                continue
+            both["cluster"] = both["seed"].astype(str) + "|" + both["fold"].astype(str) + "|" + both["dialogue_id"].astype(str)
+            per = both.groupby("cluster").agg(m=("m_correct", "sum"), r=("ref_correct", "sum"), n=("m_correct", "size"),
+                                              c=("ceiling_correct", "sum") if const is None else ("m_correct", "size"))
+            arrays = (per["m"].to_numpy(float), per["r"].to_numpy(float), per["c"].to_numpy(float), per["n"].to_numpy(float))
+
+            def ratio(mm, rr, cc, nn, axis=-1):
+                cw = cc.sum(axis) / nn.sum(axis) if const is None else const
+                rw = rr.sum(axis) / nn.sum(axis)
+                gap = cw - rw
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    return np.where(gap > 0, (mm.sum(axis) / nn.sum(axis) - rw) / np.where(gap > 0, gap, 1), np.nan)
+
+            value = float(ratio(*arrays))
+            lo = hi = float("nan")
+            if len(per) > 1 and np.isfinite(value):
+                res = stats.bootstrap(arrays, ratio, paired=True, vectorized=True, n_resamples=n_resamples,
+                                      method="percentile", random_state=np.random.default_rng(0))
+                lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+            out.append({"method": m, "task": t, "backbone": b, "reference": reference, "ceiling": name,
+                        "ceiling_wa": float(per["c"].sum() / per["n"].sum()) if const is None else const,
+                        "gap_closed": value, "ci_low": lo, "ci_high": hi, "n_dialogues": int(len(per))})
+    return out
 
 
 PREDICTION_COLUMNS = {"method", "task", "backbone", "fold", "seed", "dialogue_id", "utterance_id", "label",
@@ -322,6 +477,17 @@ def format_summary(summary: Summary) -> str:
         if on_test:
             lines.append(f"{t} the same Bayes rules on this test split (WA %): " +
                          ", ".join(f"{k} {100 * v:.2f}" for k, v in on_test.items()))
+    for c in summary.context_ceilings:
+        lines.append(f"{c['task']} {c['backbone']}: context ceiling label_history {100 * c['wa']:.2f} WA % "
+                     f"({c['reference']} {100 * c['reference_wa']:.2f} + the speaker's previous gold label, strength "
+                     f"{c['strength']:g}; assumes gold previous labels, which no method sees)")
+    gaps = [g for g in summary.gap_closed if np.isfinite(g["gap_closed"])]
+    if gaps:
+        lines.append("share of the reference-to-ceiling WA gap closed (95% dialogue bootstrap):")
+        lines.append(pd.DataFrame([{"task": g["task"], "backbone": g["backbone"], "method": g["method"],
+                                    "ceiling": f"{g['ceiling']} {100 * g['ceiling_wa']:.2f}",
+                                    "gap closed %": f"{100 * g['gap_closed']:+.0f} [{100 * g['ci_low']:+.0f}, "
+                                                    f"{100 * g['ci_high']:+.0f}]"} for g in gaps]).to_string(index=False))
     hist = summary.by_speaker_history
     if hist:
         lines.append("WA (%) by the speaker's earlier utterances in the dialogue:")

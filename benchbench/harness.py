@@ -38,7 +38,7 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .analysis import Summary, TaskSummary, summarize
+from .analysis import Summary, TaskSummary, fold_transitions, summarize
 from .backbone import AudioLLMBackbone, backbone_factory, backbone_label, make_backbone
 from .cells import RESULTS_VERSION, Cell, CellRecord, compute_cell  # noqa: F401 - RESULTS_VERSION: public here too
 from .method import METHODS, ConfigValueError
@@ -179,7 +179,8 @@ def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbone: AudioLLMBackbone
         (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
         for notice in task.notices:
             notify(f"NOTICE {task_name}: {notice}")
-        task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"], list(task.notices))
+        task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"], list(task.notices),
+                                           fold_transitions(folds, len(task.labels)))
         cells += _cells(spec, task, manifest, backbone, folds, spec.methods, spec.seeds)
     return cells, task_info
 

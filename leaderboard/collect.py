@@ -140,7 +140,9 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
                 skipped.append(f"parent run {pid}: {e}; its tasks show no ceilings")
                 continue
             for t, info in tasks.items():
-                task_info[t] = TaskSummary(info.labels, info.reference, info.manifest_sha256)
+                task_info[t] = TaskSummary(info.labels, info.reference, info.manifest_sha256,
+                                           transitions={**(task_info[t].transitions if t in task_info else {}),
+                                                        **info.transitions})
     results["n_test"] = results["mlflow_run_id"].map(n_test)  # NaN where predictions were unreadable
     predictions = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     for t in results["task"].unique():  # tasks whose parent summary was unreadable

@@ -81,6 +81,7 @@ class Row:
     table: str | None = None
     note: str | None = None
     selection: dict = field(default_factory=dict)   # two-stage: {"phase_2": cells keeping Phase 2, "n"}
+    gap: dict | None = None                         # analysis.gaps_closed's record (share of the gap to the ceiling)
 
 
 @dataclass
@@ -124,6 +125,7 @@ def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: 
 
     comps = {(c["task"], c["backbone"], c["method"]): c for c in summary.comparisons
              if c["reference"] == reference}
+    gaps = {(g["task"], g["backbone"], g["method"]): g for g in summary.gap_closed if g["reference"] == reference}
     for c in summary.cells:
         s = section(c.task, c.backbone)
         comp = comps.get((c.task, c.backbone, c.method))
@@ -133,7 +135,8 @@ def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: 
             metrics={m: st[m] for m in METRICS if m in st},
             per_class={k.removeprefix("f1_"): v["mean"] for k, v in st.items() if k.startswith("f1_")},
             costs={k: st[k]["mean"] for k, _, _ in COSTS if k in st},
-            marks=_marks(comp) if comp else {}, comparison=comp, selection=dict(c.selection)))
+            marks=_marks(comp) if comp else {}, comparison=comp, selection=dict(c.selection),
+            gap=gaps.get((c.task, c.backbone, c.method))))
     for s in out.values():
         s.rows.sort(key=lambda r: -r.metrics["wa"]["mean"])
     if reported is not None:  # beside the runs of the same task and backbone; the rest: unmatched_reported()
@@ -180,6 +183,14 @@ def _delta_text(row: Row) -> str:
             + (f" p={p:.2g}" if p is not None else ""))
 
 
+def _gap_text(row: Row) -> str:
+    g = row.gap
+    if g is None or not math.isfinite(g["gap_closed"]):
+        return ""
+    ci = f" [{100 * g['ci_low']:+.0f}, {100 * g['ci_high']:+.0f}]" if math.isfinite(g["ci_low"]) else ""
+    return f"{100 * g['gap_closed']:+.0f}%{ci}"
+
+
 def _cost_text(row: Row, key: str, fmt: str) -> str:
     return fmt.format(row.costs[key]) if key in row.costs else ""
 
@@ -206,13 +217,13 @@ def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, refe
     for sec in sections(summary, reported, reference):
         out.append(f"### {sec.task} · {sec.backbone}\n")
         head = ["method", "n", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference}",
-                *(h for _, h, _ in COSTS)]
+                "gap to ceiling closed", *(h for _, h, _ in COSTS)]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in sec.rows:
             name = _method_text(r)
             cells = [f"*{name}*" if r.kind == "reported" else name, str(r.n or ""),
-                     *(_metric_text(r, m) for m in METRICS), _delta_text(r),
+                     *(_metric_text(r, m) for m in METRICS), _delta_text(r), _gap_text(r),
                      *(_cost_text(r, k, fmt) for k, _, fmt in COSTS)]
             out.append("| " + " | ".join(cells) + " |")
         if _ceilings_text(sec):
@@ -395,7 +406,7 @@ def _metric_td(r: Row, m: str) -> str:
 def _section_html(sec: Section, reference: str, index: int) -> str:
     labels = sec.labels or sorted({k for r in sec.rows for k in r.per_class})
     head = ["method", "source", "n", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference} [95% CI] (Holm p)",
-            *(f"F1 {lab}" for lab in labels), *(h for _, h, _ in COSTS)]
+            "gap to ceiling closed [95% CI]", *(f"F1 {lab}" for lab in labels), *(h for _, h, _ in COSTS)]
     ths = "".join(f'<th class="name" aria-sort="none">{html.escape(h)}</th>' if i < 2 else
                   f'<th aria-sort="none">{html.escape(h)}</th>' for i, h in enumerate(head))
     trs = []
@@ -415,6 +426,8 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
             delta = _td("")
         cells = [_td(html.escape(_method_text(r) if r.kind == "measured" else r.method), r.method, "name"), _td(src, r.kind, "name"), _td(str(r.n or ""), r.n),
                  *(_metric_td(r, m) for m in METRICS), delta,
+                 _td(html.escape(_gap_text(r)), round(100 * r.gap["gap_closed"], 4)
+                     if r.gap is not None and math.isfinite(r.gap["gap_closed"]) else None),
                  *(_td(_pct(r.per_class[lab]), round(100 * r.per_class[lab], 4)) if lab in r.per_class else _td("")
                    for lab in labels),
                  *(_td(_cost_text(r, k, fmt), r.costs.get(k)) for k, _, fmt in COSTS)]
@@ -422,7 +435,10 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
     parts = [f'<section id="s{index}"><h2>{html.escape(sec.task)} · {html.escape(sec.backbone)}</h2>']
     if _ceilings_text(sec):
         parts.append(f'<p class="note">{html.escape(_ceilings_text(sec))} (Bayes accuracies from the task\'s '
-                     "latents: <em>context_free</em> is what no utterance-level method can beat)</p>")
+                     "latents: <em>context_free</em> is what no utterance-level method can beat; "
+                     "<em>label_history</em>: the reference's posteriors plus the speaker's previous gold label, "
+                     "which no method sees; the gap column is each method's share of the distance from the "
+                     "reference to that ceiling)</p>")
     parts.append('<div class="scroll"><table class="sortable"><thead><tr>' + ths + "</tr></thead><tbody>"
                  + "".join(trs) + "</tbody></table></div>")
     parts.append(f"<figure>{plot_metrics(sec)}<figcaption class=\"note\">Mean over seeds x folds with 95% "

@@ -82,3 +82,68 @@ def test_hmm_chooses_its_strength_on_dev_and_reports_it(backbone, tiny_task):
         assert report.selected["phase"] == 1
     else:
         assert report.selected == {"phase": 2, "epoch": None} and report.dev_score == max(curve)
+
+
+def _ceiling_fixture():
+    """Two dialogues A, B, A, B with gold b, a, b, a; lora wrong everywhere, the method right on turn 0
+    of the first dialogue only."""
+    import pandas as pd
+
+    p = [[0.6, 0.4], [0.45, 0.55], [0.55, 0.45], [0.45, 0.55]]
+    gold = ["b", "a", "b", "a"]
+    rows = []
+    for d in ("d1", "d2"):
+        for i, (s, y, q) in enumerate(zip("ABAB", gold, p)):
+            base = dict(task="toy", backbone="bb", seed=0, fold=0, dialogue_id=d, utterance_id=f"{d}-{i}", turn=i,
+                        speaker=f"{d}{s}", label=y)
+            lora_pred = "a" if q[0] > q[1] else "b"
+            rows.append({**base, "method": "lora", "prediction": lora_pred, "correct": lora_pred == y,
+                         "p_a": q[0], "p_b": q[1]})
+            m_pred = y if (d, i) == ("d1", 0) else lora_pred
+            rows.append({**base, "method": "mal", "prediction": m_pred, "correct": m_pred == y,
+                         "p_a": 0.5, "p_b": 0.5})
+    from benchbench.analysis import TaskSummary
+
+    info = TaskSummary(["a", "b"], transitions={"0": {"A": [[0.8, 0.2], [0.3, 0.7]], "prior": [0.4, 0.6]}})
+    return pd.DataFrame(rows), {"toy": info}
+
+
+def test_label_history_ceiling_and_gap_closed_equal_a_hand_computation():
+    """Turn 2 (previous gold b): lambda = 1 gives [0.55 * 0.3 / 0.4, 0.45 * 0.7 / 0.6] -> b, right;
+    turn 3 (previous a) -> a, right; turns 0-1 have no past and stay wrong: the ceiling is 4/8 at
+    lambda = 0.5 (the smallest strength reaching it; 0.25 gets turn 3 only). The method is right on
+    1 of 8 where lora is on none: it closes (1/8 - 0) / (4/8 - 0) = 25% of the gap."""
+    from benchbench.analysis import gaps_closed, label_history_ceilings
+
+    preds, tasks = _ceiling_fixture()
+    (ceil,), rows = label_history_ceilings(preds, tasks)
+    assert ceil["wa"] == 0.5 and ceil["reference_wa"] == 0.0 and ceil["strength"] == 0.5 and ceil["n"] == 8
+    assert rows[("toy", "bb")]["ceiling_correct"].tolist() == [False, False, True, True] * 2
+    (gap,) = gaps_closed(preds, tasks, rows, n_resamples=200)
+    assert gap["method"] == "mal" and gap["gap_closed"] == pytest.approx(0.25) and gap["n_dialogues"] == 2
+    assert 0.0 <= gap["ci_low"] <= 0.25 <= gap["ci_high"] <= 0.5
+
+
+def test_a_run_writes_the_ceiling_and_the_gap_closed(tmp_path):
+    """`bench run` on a real corpus: tasks.emodb.ceilings.label_history in summary.json, never below
+    lora, and each method's gap closed; the terminal says what the ceiling assumes."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import EMODB_DIR, missing
+
+    if not EMODB_DIR.is_dir():
+        pytest.skip(missing("Emo-DB", EMODB_DIR))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "benchbench.cli", "run", "--methods", "lora,hmm", "--tasks", "emodb",
+                          "--data-dir", str(EMODB_DIR.parent / "emodb"), "--preset", "smoke", "--seeds", "0", "--folds", "0",
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--output", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    ceil = s["tasks"]["emodb"]["ceilings"]["label_history"]
+    lora_wa = next(c for c in s["cells"] if c["method"] == "lora")["wa"]["mean"]
+    assert ceil >= lora_wa and set(s["tasks"]["emodb"]["transitions"]) == {"0"}
+    assert [g["method"] for g in s["gap_closed"]] == ["hmm"]
+    assert "context ceiling label_history" in res.stdout and "which no method sees" in res.stdout
