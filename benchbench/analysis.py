@@ -378,8 +378,8 @@ def gaps_closed(preds: pd.DataFrame, tasks: dict[str, TaskSummary], ceiling_rows
     ``reference``-to-ceiling gap it closes, ``(WA_m - WA_ref) / (WA_ceiling - WA_ref)`` on the test
     utterances both have, with a 95% percentile interval from a dialogue bootstrap (scipy's
     ``bootstrap``, paired, resampling (seed, fold, dialogue) clusters). The ceiling: ``label_history``
-    (``ceiling_rows``: the second value of :func:`label_history_ceilings`), or, for a task with a Bayes ``speaker_history`` ceiling on its
-    own test split (``synthetic``), that one (a constant). Records ``{"method", "task", "backbone",
+    (``ceiling_rows``: the second value of :func:`label_history_ceilings`) or, preferred where the
+    task has one on its own test split (``synthetic``), its Bayes ``speaker_history`` ceiling (a constant). Records ``{"method", "task", "backbone",
     "reference", "ceiling", "ceiling_wa", "gap_closed", "ci_low", "ci_high", "n_dialogues"}``;
     ``gap_closed`` is NaN when the ceiling does not exceed the reference."""
     out = []
@@ -387,10 +387,10 @@ def gaps_closed(preds: pd.DataFrame, tasks: dict[str, TaskSummary], ceiling_rows
     for (t, b), g in preds.groupby(["task", "backbone"], sort=False):
         info = tasks.get(t)
         bayes = info.reference.test_ceilings.get("speaker_history") if info else None
-        if (t, b) in ceiling_rows:
-            ref, name, const = ceiling_rows[(t, b)], "label_history", None
-        elif bayes is not None:
+        if bayes is not None:  # an exact Bayes ceiling of the task's own (synthetic): the better scale
             ref, name, const = g[g["method"] == reference].copy(), "speaker_history", float(bayes)
+        elif (t, b) in ceiling_rows:
+            ref, name, const = ceiling_rows[(t, b)], "label_history", None
         else:
             continue
         if ref.empty:
@@ -420,6 +420,8 @@ def gaps_closed(preds: pd.DataFrame, tasks: dict[str, TaskSummary], ceiling_rows
                 res = stats.bootstrap(arrays, ratio, paired=True, vectorized=True, n_resamples=n_resamples,
                                       method="percentile", random_state=np.random.default_rng(0))
                 lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+                if not np.isfinite(lo):  # scipy returns NaN for a degenerate (constant) distribution
+                    lo, hi = (float(x) for x in np.nanpercentile(res.bootstrap_distribution, [2.5, 97.5]))
             out.append({"method": m, "task": t, "backbone": b, "reference": reference, "ceiling": name,
                         "ceiling_wa": float(per["c"].sum() / per["n"].sum()) if const is None else const,
                         "gap_closed": value, "ci_low": lo, "ci_high": hi, "n_dialogues": int(len(per))})
