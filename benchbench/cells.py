@@ -66,7 +66,8 @@ class Cell:
     ``preset``: the cell's preset label (:func:`benchbench.task.preset_label`); ``config_preset``: the
     method preset its config starts from; ``overrides``: the method's config overrides on top of that
     preset; ``manifest``: the task's data manifest (its hash tags the cell); ``threads``: torch CPU
-    threads the cell computes on (:func:`torch_threads`).
+    threads the cell computes on (:func:`torch_threads`); ``tune``: Optuna trials on the dev split
+    before training (:mod:`benchbench.tuning`; 0: the preset as it is), ``tuning_dir`` their journals.
     """
 
     method: str
@@ -80,6 +81,8 @@ class Cell:
     overrides: dict
     manifest: dict
     threads: int = 1
+    tune: int = 0                   # --tune N: trials on the fold's dev split before the cell trains (0: none)
+    tuning_dir: str | None = None   # where tuned cells keep their Optuna journals (<run output>/tuning)
 
     @property
     def name(self) -> str:
@@ -124,7 +127,8 @@ class Cell:
                           "task_params": task_params, "preset": self.preset, "data": self.manifest["sha256"],
                           "fold_data": self.manifest["folds"][str(self.fold.index)], "backbone": self.backbone_name,
                           "backbone_key": self.backbone.key, "seed": self.seed, "fold": self.fold.index,
-                          "torch_threads": self.threads, "results_version": RESULTS_VERSION})
+                          "torch_threads": self.threads, "results_version": RESULTS_VERSION,
+                          **({"tune": {"trials": self.tune, "space": _space_id(self.method)}} if self.tune else {})})
 
     @property
     def params(self) -> dict:
@@ -144,6 +148,12 @@ class Cell:
                 "fold_manifest_sha256": hash_json(self.manifest["folds"][str(self.fold.index)]),
                 "config_sha256": hash_json(self.params), "uses_context": str(METHODS.get(self.method).uses_context),
                 "cell_key": self.key}
+
+
+def _space_id(method: str) -> str:
+    from .tuning import space_id
+
+    return space_id(method)
 
 
 @dataclass
@@ -175,24 +185,37 @@ def compute_cell(cell: Cell, progress: Callable[[str, dict], None] | None = None
     then ``status`` ``failed`` with the error and its traceback, and it has no predictions."""
     try:
         with torch_threads(cell.threads):
-            method, report, probs, seconds = _fit_and_stream(cell, progress)
+            method, report, probs, seconds, tuning = _fit_and_stream(cell, progress)
     except Exception as e:  # record and go on: other cells are independent
         log.error("cell %s failed: %s", cell.base, e)
         return CellRecord({**cell.base, "status": "failed", "error": f"{type(e).__name__}: {e}",
                            "traceback": traceback.format_exc()[-2000:]})
-    return _score(cell, method, report, probs, seconds)
+    return _score(cell, method, report, probs, seconds, *tuning)
 
 
 def _fit_and_stream(cell: Cell, progress):
-    """``(method, its FitReport, probabilities per test dialogue, (fit seconds, eval seconds))``, the
-    method fitted on the fold's train split (dev-selected) and streamed over its test split (label-free)."""
+    """``(method, its FitReport, probabilities per test dialogue, (fit seconds, eval seconds), (its
+    :class:`~benchbench.tuning.Tuning` or None, tuning seconds))``: the method tuned on the fold's dev
+    split when ``cell.tune`` (:mod:`benchbench.tuning`), fitted on its train split (dev-selected)
+    and streamed over its test split (label-free)."""
     cls = METHODS.get(cell.method)
+    config, tuning, tune_s = cell.config, None, 0.0
+    if cell.tune:
+        from .tuning import tunable, tune
+
+        if tunable(cell.method):
+            t = time.perf_counter()
+            tuning = tune(cell, progress)
+            tune_s = time.perf_counter() - t
+            config = cls.make_config(cell.config_preset, tuning.overrides)
+        elif progress:
+            progress(f"NOTICE: {cell.method} has nothing to tune (no search space): it runs untuned", {})
     # the method works on the backbone's own LM (no copy); its adapters and hooks go at the block's end
     with cell.backbone.lend_lm():
         seed_everything(cell.seed)
         reset_peak_memory()
         t0 = time.perf_counter()
-        method = cls(cell.backbone, cell.task.labels, cell.config, seed=cell.seed)
+        method = cls(cell.backbone, cell.task.labels, config, seed=cell.seed)
         report = FitReport.of(method, method.fit(cell.fold.train, cell.fold.dev, progress=progress))
         t1 = time.perf_counter()
         selected = report.selected or {}
@@ -203,12 +226,13 @@ def _fit_and_stream(cell: Cell, progress):
         method.test_time_issues.clear()
         probs = stream_predict(method, cell.fold.test)
         t2 = time.perf_counter()
-    return method, report, probs, (t1 - t0, t2 - t1)
+    return method, report, probs, (t1 - t0, t2 - t1), (tuning, tune_s)
 
 
-def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, float]) -> CellRecord:
+def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, float], tuning=None,
+           tuning_seconds: float = 0.0) -> CellRecord:
     """The record of a fitted and streamed cell: metrics over the scored utterances, costs, model
-    selection, the predictions table and the artifacts."""
+    selection, tuning (``tuning_trials``, ``tuned_params``), the predictions table and the artifacts."""
     cls, task, fold = METHODS.get(cell.method), cell.task, cell.fold
     # every utterance of the stream was predicted; only the scored ones count (IEMOCAP's fru, xxx,
     # ... are context only) and only they go into predictions.csv and the paired statistics
@@ -231,7 +255,13 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
                  "phase1_replayed": report.phase1_replayed}
     row = {**cell.base, "status": "ok", **metrics, **cost, **selection, "n_test": len(y_true),
            "n_test_stream": n_stream, "uses_context": cls.uses_context, "torch_threads": cell.threads,
-           "config_id": cell.config_id}
+           "config_id": cell.config_id, "tuning_trials": tuning.trials if tuning else 0,
+           "tuned_params": json.dumps(tuning.params if tuning else {}, sort_keys=True)}
+    params = cell.params
+    if tuning is not None:  # the config the cell trained with, the tuned values in it
+        row["tuning_seconds"] = tuning_seconds
+        params = {**params, **{f"method.{k}": v for k, v in method.config.flat().items()},
+                  "tuning_trials": tuning.trials, "tuned_params": row["tuned_params"]}
     tags = {**cell.tags, **{k: str(v) for k, v in selection.items() if v is not None}}
     files = {"predictions.csv": preds.to_csv(index=False),
              # what a later run needs to reuse this cell exactly (CellStore.find_cell)
@@ -239,10 +269,14 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
                                     default=lambda v: v.item() if hasattr(v, "item") else str(v)),
              "confusion_matrix.csv": pd.DataFrame(confusion(y_true, y_pred, len(task.labels)), index=task.labels,
                                                   columns=task.labels).to_csv(),
-             "config.json": json.dumps({"params": cell.params, "tags": tags}, indent=2, default=str)}
+             "config.json": json.dumps({"params": params, "tags": tags}, indent=2, default=str)}
+    if tuning is not None and tuning.journal is not None and tuning.journal.is_file():
+        files["tuning.journal"] = tuning.journal.read_text()  # the Optuna study (JournalFileBackend lines)
+        files["tuning.json"] = json.dumps({"trials": tuning.trials, "pruned": tuning.pruned, "best_value": tuning.value,
+                                           "tuned_params": tuning.params, "fixed_from_lora": tuning.fixed}, indent=2)
     if method.test_time_issues:
         files["test_time_issues.json"] = json.dumps(method.test_time_issues, indent=2)
-    return CellRecord(row, preds, cell.params, {**metrics, **cost}, dict(report.curves), tags, files)
+    return CellRecord(row, preds, params, {**metrics, **cost}, dict(report.curves), tags, files)
 
 
 def _predictions(cell: Cell, y_true, y_pred, p) -> pd.DataFrame:

@@ -149,9 +149,12 @@ def cmd_run(args) -> int:
                    task_options=_task_options(args), backbone_options=_backbone_options(args),
                    rerun=args.rerun, executor=args.executor, ray_address=args.ray_address,
                    cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, max_retries=args.max_retries,
-                   threads=args.threads)
+                   threads=args.threads, tune=args.tune)
     summary = run(spec, show_progress=not args.no_progress)
     print(format_summary(summary))
+    if spec.tune:
+        print(f"tuned: every method with {spec.tune} Optuna trials per cell on its dev split (never test); the values "
+              "are results.csv's tuned_params, each study is stored with its cell (tuning.journal)")
     print(f"\ncells: {summary.run['cells_computed']} computed, {summary.run['cells_reused']} reused from earlier runs"
           + ("" if args.rerun else " (--rerun recomputes them)"))
     print(f"results: {summary.run['output']}  (MLflow: {summary.run['mlflow_tracking_uri']}, "
@@ -273,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads every cell computes on, under either executor (recorded as torch_threads "
                         "and part of the cell key: on some CPUs another count gives other bits)")
+    r.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="tune every method of the run with the same budget: N Optuna trials per cell over the "
+                        "method's search space, each trained on the cell's train split and scored on its dev split "
+                        "(never test), then the cell trains with the best values (default 0: the presets as they are)")
     r.add_argument("--rerun", action="store_true",
                    help="recompute cells that already have a finished run in the tracking store or the output "
                         "folder (default: reuse them)")

@@ -74,6 +74,7 @@ class RunSpec:
     gpus_per_cell: float = 0.0
     max_retries: int = 2                     # Ray: attempts after a worker dies mid-cell
     threads: int = 1                         # torch CPU threads of every cell, under either executor
+    tune: int = 0                            # --tune N: Optuna trials per cell on its dev split (benchbench.tuning)
 
 
 def validate(spec: RunSpec) -> None:
@@ -113,6 +114,8 @@ def validate(spec: RunSpec) -> None:
         raise ValueError("no seeds given")
     if spec.threads < 1:
         raise ValueError(f"--threads {spec.threads}: expected >= 1")
+    if spec.tune < 0:
+        raise ValueError(f"--tune {spec.tune}: expected >= 0 trials")
     if spec.executor not in ("local", "ray"):
         raise ValueError(f"--executor {spec.executor}: expected local or ray")
     if spec.executor == "ray":
@@ -160,10 +163,13 @@ def _build_task(spec: RunSpec, name: str) -> Task:
 
 def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone, folds, methods,
            seeds) -> list[Cell]:
-    """The run's cells of ``task``: fold x method x seed, in that order (the order of results.csv)."""
-    label = preset_label(spec.preset, spec.task_options.get(task.name))
+    """The run's cells of ``task``: fold x method x seed, in that order (the order of results.csv).
+    With ``--tune N`` the preset label says so (``default+tune=8``): tuned cells are never pooled with
+    untuned ones or with another N."""
+    label = preset_label(spec.preset, spec.task_options.get(task.name)) + (f"+tune={spec.tune}" if spec.tune else "")
+    tuning_dir = str(Path(spec.output) / "tuning") if spec.tune else None
     return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label, spec.preset,
-                 spec.method_overrides.get(m) or {}, manifest, spec.threads)
+                 spec.method_overrides.get(m) or {}, manifest, spec.threads, spec.tune, tuning_dir)
             for f in folds for m in methods for s in seeds]
 
 
@@ -579,6 +585,10 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
 
     tasks, backbone = prepare(spec)
     out = Path(spec.output) if spec.output else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if spec.tune and not spec.output:  # tuned cells keep their studies under it, workers included
+        import dataclasses
+
+        spec = dataclasses.replace(spec, output=str(out.resolve()))
     earlier_rows, earlier = _previous_results(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec.__dict__, indent=2))

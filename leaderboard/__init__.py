@@ -22,13 +22,24 @@ __all__ = ["LeaderboardSpec", "build", "collect", "Collected", "load_reported", 
            "sections"]
 
 
+def preset_section(preset: str) -> str:
+    """How a section names a preset label: ``smoke preset``, ``default+n_train=160 preset``, and for
+    ``--tune N`` cells ``default preset, tuned: N trials on dev``."""
+    import re
+
+    m = re.search(r"\+tune=(\d+)", preset)
+    base = re.sub(r"\+tune=\d+", "", preset)
+    return f"{base} preset" + (f", tuned: {m.group(1)} trials on dev" if m else "")
+
+
 def _relabel_presets(c: Collected) -> None:
     """Cells of a non-default preset get their own section (backbone ``tiny-qwen2-audio (smoke
-    preset)``): never pooled with, or compared against, cells of another preset."""
+    preset)``; tuned cells ``(default preset, tuned: 8 trials on dev)``): never pooled with, or
+    compared against, cells of another preset or another tuning budget."""
     for df in (c.results, c.predictions):
         if len(df) and "preset" in df:
             other = df["preset"] != "default"
-            df.loc[other, "backbone"] = df.loc[other, "backbone"] + " (" + df.loc[other, "preset"] + " preset)"
+            df.loc[other, "backbone"] = df.loc[other, "backbone"] + " (" + df.loc[other, "preset"].map(preset_section) + ")"
 
 
 @dataclass

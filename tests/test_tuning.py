@@ -1,0 +1,85 @@
+"""`bench run --tune N`: one tuning budget per cell on its dev split, never its test split; resumable."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchbench import tuning
+from benchbench.data import Dialogue, Utterance
+from benchbench.harness import RunSpec, _cells
+
+
+def _cell(tmp_path, task, backbone, method="lora", n=2, fold=None):
+    spec = RunSpec(methods=[method], tasks=["synthetic"], preset="smoke", seeds=[0], output=str(tmp_path), tune=n)
+    folds = [fold or task.folds()[0]]
+    (cell,) = _cells(spec, task, task.manifest(), backbone, folds, [method], [0])
+    return cell
+
+
+def test_no_trial_sees_the_test_split(tmp_path, backbone, tiny_task):
+    """Changing the test split's labels and audio changes no tuned value (the objective gets train and
+    dev only), while the cell key (and so the study) is the same."""
+    fold = tiny_task.folds()[0]
+    rng = np.random.default_rng(1)
+    changed = tuple(Dialogue(d.dialogue_id, tuple(
+        Utterance(dataclasses.replace(u.input, waveform=rng.standard_normal(len(u.input.waveform)).astype(np.float32)),
+                  int(rng.integers(len(tiny_task.labels)))) for u in d.utterances)) for d in fold.test)
+    a = tuning.tune(_cell(tmp_path / "a", tiny_task, backbone))
+    b = tuning.tune(_cell(tmp_path / "b", tiny_task, backbone, fold=dataclasses.replace(fold, test=changed)))
+    assert a.params and a.params == b.params and a.value == b.value and a.trials == b.trials == 2
+
+
+def test_a_killed_tuning_resumes_without_redoing_finished_trials(tmp_path, backbone, tiny_task, monkeypatch):
+    cell = _cell(tmp_path, tiny_task, backbone, n=3)
+    calls = []
+    real = tuning._objective
+
+    def dies_on_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is killed mid-trial
+        return real(*args)
+
+    monkeypatch.setattr(tuning, "_objective", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune(cell)
+    monkeypatch.setattr(tuning, "_objective", lambda *a: (calls.append(1), real(*a))[1])
+    calls.clear()
+    done = tuning.tune(cell)
+    assert len(calls) == 2 and done.trials == 3  # trial 0 was kept; the killed one and the last ran
+
+
+def test_phase1_is_the_tuned_lora_cells_training(tmp_path, backbone, tiny_task):
+    """A two-stage method takes lora's tuned values (fixed in its own study) and searches only its own."""
+    lora = tuning.tune(_cell(tmp_path, tiny_task, backbone, "lora"))
+    mal = tuning.tune(_cell(tmp_path, tiny_task, backbone, "mal"))
+    assert mal.fixed == {f"lora.{k}": v for k, v in lora.params.items()}
+    assert not any(k.startswith("lora.") for k in mal.params)
+    for k in ("lr", "r", "epochs"):
+        assert mal.overrides["lora"][k] == lora.params[k]
+
+
+def test_bench_run_tunes_every_method_with_one_budget(tmp_path, capsys):
+    from benchbench.cli import main
+
+    out = tmp_path / "out"
+    args = ["run", "--methods", "lora,mal,hmm,zero_shot", "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0",
+            "--tune", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--output", str(out), "--no-progress"]
+    assert main(args) == 0
+    res = pd.read_csv(out / "results.csv").set_index("method")
+    assert res.loc[["lora", "mal", "hmm"], "tuning_trials"].tolist() == [2, 2, 2]
+    assert res.loc["zero_shot", "tuning_trials"] == 0
+    assert json.loads(res.loc["lora", "tuned_params"]) and json.loads(res.loc["mal", "tuned_params"])
+    printed = capsys.readouterr().out
+    assert "nothing to tune" in printed and "tuned: every method with 2 Optuna trials per cell" in printed
+    assert main(["leaderboard", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--output", str(tmp_path / "lb"),
+                 "--resamples", "100"]) == 0
+    board = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "### synthetic · tiny-qwen2-audio (smoke preset, tuned: 2 trials on dev)" in board  # its own section
+    journal = next((out / "cells").glob("*/artifacts/tuning.journal"))
+    assert journal.read_text().count("\n") > 2  # the study is stored with the cell
+    assert main(args) == 0  # a second run reuses every cell: nothing tuned or trained again
+    assert "cells: 0 computed" in capsys.readouterr().out
