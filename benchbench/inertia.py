@@ -67,6 +67,8 @@ def forward_filter(probs: np.ndarray, speakers: Sequence[str], A: np.ndarray, pr
     """``hmm``'s causal filter over one dialogue: ``probs [N, C]`` (the utterance model's posteriors in
     turn order), ``speakers [N]``; returns ``b [N, C]``, b_i from turns <= i only (the speaker's own
     earlier beliefs). ``strength = 0``: ``probs`` unchanged."""
+    if len(speakers) != len(probs):
+        raise ValueError(f"forward filter: {len(speakers)} speakers for {len(probs)} turns (one speaker per turn)")
     if strength == 0:
         return probs
     out = np.empty_like(probs)

@@ -79,7 +79,7 @@ class HMMFilter(ContextMethod):
         curve = report.curve(f"hmm_dev_{c.selection_metric}")  # one entry per strength, in grid order
         best, best_score = 0.0, -np.inf
         for s in sorted(c.strengths):
-            probs = [self._filter(p, d.speakers, s) for p, d in zip(lora_dev, dev)]
+            probs = [self._filter(p, [u.speaker for u in d.inputs()], s) for p, d in zip(lora_dev, dev)]
             y, p, _ = scored_only(dev, probs)
             score = compute_metrics(y, p.argmax(-1), self.labels)[c.selection_metric]
             curve.append(score)

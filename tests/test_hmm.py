@@ -147,3 +147,23 @@ def test_a_run_writes_the_ceiling_and_the_gap_closed(tmp_path):
     assert ceil >= lora_wa and set(s["tasks"]["emodb"]["transitions"]) == {"0"}
     assert [g["method"] for g in s["gap_closed"]] == ["hmm"]
     assert "context ceiling label_history" in res.stdout and "which no method sees" in res.stdout
+
+
+def test_forward_filter_refuses_a_speaker_list_of_another_length():
+    """One speaker per turn: Dialogue.speakers (the distinct ids) is not that, and once filled half
+    of the turns with uninitialised memory (dev selection then chose strength 0 on Emo-DB)."""
+    p = np.full((3, 2), 0.5)
+    with pytest.raises(ValueError, match="2 speakers for 3 turns"):
+        forward_filter(p, ["A", "B"], np.eye(2), np.array([0.5, 0.5]), 1.0)
+
+
+def test_hmm_dev_selection_filters_each_turn_with_its_own_speaker(backbone, tiny_task, monkeypatch):
+    import benchbench.methods.hmm as hmm_module
+
+    seen = []
+    real = hmm_module.forward_filter
+    monkeypatch.setattr(hmm_module, "forward_filter", lambda p, s, *a: (seen.append((len(p), list(s))), real(p, s, *a))[1])
+    fitted("hmm", backbone, tiny_task)
+    dev = tiny_task.folds()[0].dev
+    assert seen and all(n == len(s) for n, s in seen)
+    assert seen[0][1] == [u.speaker for u in dev[0].utterances]
