@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .method import METHODS
+from .tuning import make_storage  # noqa: F401 - the sweep's storages (public here too)
 from .task import preset_label
 
 log = logging.getLogger(__name__)
@@ -81,24 +82,6 @@ class SweepSpec:
     @property
     def study_name(self) -> str:
         return self.study or f"{self.method}-{self.task}-{self.backbone_label}-{self.preset_label}"
-
-
-def make_storage(url: str):
-    """Optuna storage for ``journal:PATH`` (file journal) or an RDB URL; ``ValueError`` otherwise."""
-    import optuna
-
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if "://" in url:
-        from optuna.storages import RetryFailedTrialCallback
-
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
-    raise ValueError(f"storage {url!r}: expected journal:PATH or an RDB URL such as sqlite:///sweep.db")
 
 
 def _pruner(name: str):

@@ -40,6 +40,24 @@ TUNING_SEED_OFFSET = 7919
 """Added to the cell's seed for the TPE sampler (so the sampler's stream is not the training's)."""
 
 
+def make_storage(url: str):
+    """Optuna storage for ``journal:PATH`` (file journal) or an RDB URL; ``ValueError`` otherwise."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if "://" in url:
+        from optuna.storages import RetryFailedTrialCallback
+
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    raise ValueError(f"storage {url!r}: expected journal:PATH or an RDB URL such as sqlite:///sweep.db")
+
+
 def space_id(method: str) -> str:
     """12 hex digits identifying a method's search space (the source of its ``search_space``): part of
     a tuned cell's key, so a changed space is a new tuning."""
@@ -89,8 +107,6 @@ def tune(cell, progress: Callable[[str, dict], None] | None = None) -> Tuning:
     """Tune ``cell`` (``cell.tune`` trials on its dev split, see the module docstring); the returned
     overrides build the config it is then trained with."""
     import optuna
-
-    from .sweep import make_storage
 
     cls = METHODS.get(cell.method)
     fixed: dict = {}

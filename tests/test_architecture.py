@@ -28,7 +28,7 @@ LAYERS = {
     "benchbench.methods": 3, "benchbench.tasks": 3, "benchbench.backbones": 3,
     "benchbench.analysis": 4,
     "benchbench.leaderboard": 5,
-    "benchbench.cells": 6, "benchbench.harness": 6, "benchbench.sweep": 6, "benchbench.testing": 6, "benchbench.speed": 6,
+    "benchbench.cells": 6, "benchbench.harness": 6, "benchbench.sweep": 6, "benchbench.tuning": 6, "benchbench.testing": 6, "benchbench.speed": 6,
     "benchbench.cli": 7,
     "benchbench.tools": 8,          # research tools: may import anything, nothing imports them
     "benchbench": 0,
