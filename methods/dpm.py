@@ -92,6 +92,11 @@ class DPMConfig(MethodConfig):
     temp_dropout: float = 0.05     # inactive at test time (eval mode)
     temp_target_modules: tuple[str, ...] = LM_LINEAR_LAYERS  # all linear layers of the LM blocks
     temp_lr: float = 5e-5          # temporary LoRA learning rate (Sec. 4.2)
+    # the LM width D at which temp_lr holds; None: temp_lr as given. Set, the rate used is
+    # temp_lr * temp_lr_width / D (AdamW's first steps move every element by about the rate, so a
+    # rate set on one width overwrites a wider LM's state: the `default` preset's 3e-3 at D = 64 is
+    # 5e-4 at D = 384 and 4.7e-5 at D = 4096, the paper's 5e-5 on its 7B model)
+    temp_lr_width: int | None = None
     temp_eps: float = 1e-7         # AdamW eps (Temp-LoRA)
     test_time_steps: int = 1       # updates per utterance (the paper: one)
     stream_batch: int = 4          # dialogues streamed side by side, each with its own temporary LoRA (memory!)
@@ -100,7 +105,8 @@ class DPMConfig(MethodConfig):
     def check(self) -> None:
         check_ranges(self, at_least=dict(n_units=1, kmeans_max_frames=1, n_o=1, n_p=0, n_r=1, temp_r=1,
                                          test_time_steps=1, stream_batch=1),
-                     positive=("temp_alpha", "temp_lr", "temp_eps", "unit_head_lr"), fraction=("temp_dropout",))
+                     positive=("temp_alpha", "temp_lr", "temp_eps", "unit_head_lr", "temp_lr_width"),
+                     fraction=("temp_dropout",))
 
 
 class _UnitStream:
@@ -192,7 +198,8 @@ class DynamicParameterMemory(ContextMethod):
                       n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3, stream_batch=8),
         # CPU-sized: steps scaled to the tiny random-init backbone, like the other methods
         "default": dict(lora=dict(r=32, alpha=64, lr=1e-3, epochs=6, batch_size=32), n_units=64,
-                        n_o=25, n_p=50, n_r=10, temp_r=16, temp_alpha=16, temp_lr=3e-3, stream_batch=64),
+                        n_o=25, n_p=50, n_r=10, temp_r=16, temp_alpha=16, temp_lr=3e-3, temp_lr_width=64,
+                        stream_batch=64),
     }
 
     @classmethod
@@ -343,6 +350,13 @@ class DynamicParameterMemory(ContextMethod):
 
     # ------------------------------------------------------------------ inference (Sec. 3.2, Algorithm 1)
     @property
+    def temp_lr(self) -> float:
+        """The temporary LoRA's learning rate on this LM: ``temp_lr``, scaled by ``temp_lr_width / D``
+        when ``temp_lr_width`` is set (the ``default`` preset: 3e-3 at D = 64)."""
+        c = self.config
+        return c.temp_lr if c.temp_lr_width is None else c.temp_lr * (c.temp_lr_width / self.lm.hidden_size)
+
+    @property
     def temp_params(self) -> dict[str, nn.Parameter]:
         """The temporary LoRA's parameters, ``[S, ...]`` for the S dialogues being streamed."""
         return self.temp.params
@@ -356,7 +370,7 @@ class DynamicParameterMemory(ContextMethod):
         """Fresh temporary LoRAs (initial values) for ``n_streams`` dialogues, a fresh optimizer and
         empty token streams."""
         self.temp.start(n_streams)
-        self._opt = torch.optim.AdamW(list(self.temp.params.values()), lr=self.config.temp_lr,
+        self._opt = torch.optim.AdamW(list(self.temp.params.values()), lr=self.temp_lr,
                                       betas=(0.9, 0.999), eps=self.config.temp_eps, weight_decay=0.0)
         self._streams = [_UnitStream(keep=self.config.n_r) for _ in range(n_streams)]
 

@@ -134,3 +134,18 @@ def test_task_lora_only_is_dpm_without_memory(dpm, tiny_task):
     with dpm.task_lora_only():
         first = dpm.predict_dialogue(d.inputs()[:1])
     assert np.array_equal(dpm.predict_dialogue(d.inputs())[0], first[0])
+
+
+def test_default_temp_lr_scales_with_the_lm_width():
+    """The default preset's 3e-3 holds at D = 64 (bit for bit the tiny backbones' rate) and scales as
+    64 / D: 5e-4 at the Whisper backbone's 384, about the paper's 5e-5 at 4096; the paper preset
+    keeps 5e-5 as given."""
+    from types import SimpleNamespace
+
+    from benchbench.methods.dpm import DynamicParameterMemory as DPM
+
+    rate = lambda preset, d: DPM.temp_lr.fget(SimpleNamespace(config=DPM.make_config(preset),
+                                                              lm=SimpleNamespace(hidden_size=d)))
+    assert rate("default", 64) == 3e-3
+    assert rate("default", 384) == pytest.approx(5e-4) and rate("default", 4096) == pytest.approx(4.6875e-5)
+    assert rate("paper", 384) == rate("paper", 4096) == 5e-5
