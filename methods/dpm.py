@@ -44,6 +44,15 @@ token-forwards against the prediction's prompt + T, so n_r sets DPM's cost. Meas
 task the two reach the same WA (52.78 and 52.43 over seeds 0-2, per-dialogue Wilcoxon p = 0.66);
 untested on real speech, where ``--set dpm.n_r=...`` or ``bench sweep`` choose it).
 
+**The temporary LoRA's rate depends on the LM width** (``temp_lr_width``, set by the ``default``
+preset; a departure from the paper, whose 5e-5 is for its 4096-wide LM). AdamW's first steps move
+every element of the fresh adapter by about the learning rate, whatever the gradient's scale, so a
+rate tuned on one width overwrites a wider LM's state. The ``default`` preset's 3e-3 was set on the
+64-wide tiny LM; at the 384-wide ``qwen2-audio-whisper-tiny`` it cost Emo-DB fold 0 16 WA points
+against the same model without test-time updates (0.519 vs 0.679), while 3e-4 gained 2.5 (0.704)
+and 1e-4 changed nothing. Scaled as 64 / D it is 5e-4 there (and about the paper's 5e-5 at 4096):
+Emo-DB over 5 folds went from 42.7 to 74.0 WA, beside lora's 73.8 (README, "Pretrained audio encoders").
+
 **Cost.** Every test utterance costs one LM forward for the prediction plus one forward and
 backward through the LM per update, ``stream_batch`` dialogues side by side (:class:`StreamLoRA`);
 ``test_time_cost`` reports the updates and their milliseconds per utterance (the prediction
