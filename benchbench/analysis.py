@@ -342,8 +342,9 @@ def label_history_ceilings(preds: pd.DataFrame, tasks: dict[str, TaskSummary], r
             A, prior = np.asarray(tr["A"]), np.asarray(tr["prior"])
             yd = y[pos:pos + len(d)]
             prev = previous_labels(d["speaker"].astype(str).tolist(), yd)
+            probs = _probs(d, labels)
             for s in CEILING_STRENGTHS:
-                post = label_history_posteriors(_probs(d, labels), prev, A, prior, s)
+                post = label_history_posteriors(probs, prev, A, prior, s)
                 correct[s][pos:pos + len(d)] = post.argmax(-1) == yd
             pos += len(d)
         wa = {s: float(c.mean()) for s, c in correct.items()}

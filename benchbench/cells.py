@@ -105,9 +105,13 @@ class Cell:
         """12 hex digits identifying what the cell's label and preset stand for: the method's resolved
         config, the task's options and the backbone's key. The leaderboard never pools, compares or
         replaces cells of one label whose ``config_id`` differs (a preset changed between versions)."""
-        task_params = {k: v for k, v in self.task.params().items() if k != "data_dir"}
-        return hash_json({"method": self.method, "config": self.config.to_dict(), "task_params": task_params,
+        return hash_json({"method": self.method, "config": self.config.to_dict(), "task_params": self._task_params,
                           "backbone_key": self.backbone.key})[:12]
+
+    @cached_property
+    def _task_params(self) -> dict:
+        """The task's options without its data folder (the content is in the manifest)."""
+        return {k: v for k, v in self.task.params().items() if k != "data_dir"}
 
     @property
     def base(self) -> dict:
@@ -122,9 +126,8 @@ class Cell:
         preset, the data manifest's and the fold's hashes, backbone label and key, seed, fold, torch
         threads and :data:`RESULTS_VERSION`. Equal keys give equal results, so a finished cell is
         reused, never redone."""
-        task_params = {k: v for k, v in self.task.params().items() if k != "data_dir"}  # content is in the manifest
         return hash_json({"method": self.method, "config": self.config.to_dict(), "task": self.task.name,
-                          "task_params": task_params, "preset": self.preset, "data": self.manifest["sha256"],
+                          "task_params": self._task_params, "preset": self.preset, "data": self.manifest["sha256"],
                           "fold_data": self.manifest["folds"][str(self.fold.index)], "backbone": self.backbone_name,
                           "backbone_key": self.backbone.key, "seed": self.seed, "fold": self.fold.index,
                           "torch_threads": self.threads, "results_version": RESULTS_VERSION,
@@ -201,9 +204,9 @@ def _fit_and_stream(cell: Cell, progress):
     cls = METHODS.get(cell.method)
     config, tuning, tune_s = cell.config, None, 0.0
     if cell.tune:
-        from .tuning import tunable, tune
+        from .tuning import no_search_space, tune
 
-        if tunable(cell.method):
+        if no_search_space(cell.method) is None:
             t = time.perf_counter()
             tuning = tune(cell, progress)
             tune_s = time.perf_counter() - t

@@ -63,16 +63,18 @@ def combine(probs: np.ndarray, pi: np.ndarray, prior: np.ndarray, strength: floa
 
 
 def forward_filter(probs: np.ndarray, speakers: Sequence[str], A: np.ndarray, prior: np.ndarray,
-                   strength: float) -> np.ndarray:
+                   strength: float, belief: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """``hmm``'s causal filter over one dialogue: ``probs [N, C]`` (the utterance model's posteriors in
     turn order), ``speakers [N]``; returns ``b [N, C]``, b_i from turns <= i only (the speaker's own
-    earlier beliefs). ``strength = 0``: ``probs`` unchanged."""
+    earlier beliefs). ``belief``: each speaker's belief after their last turn so far (``None``: a fresh
+    dialogue), updated in place, so a dialogue streamed turn by turn gets what it gets whole.
+    ``strength = 0``: ``probs`` unchanged. ``ValueError`` unless there is one speaker per turn."""
     if len(speakers) != len(probs):
         raise ValueError(f"forward filter: {len(speakers)} speakers for {len(probs)} turns (one speaker per turn)")
     if strength == 0:
         return probs
     out = np.empty_like(probs)
-    belief: dict[str, np.ndarray] = {}
+    belief = {} if belief is None else belief
     for i, (p, s) in enumerate(zip(probs, speakers)):
         pi = belief[s] @ A if s in belief else prior
         out[i] = combine(p, pi, prior, strength)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .method import METHODS
-from .tuning import make_storage  # noqa: F401 - the sweep's storages (public here too)
+from .tuning import make_storage, no_search_space  # noqa: F401 - make_storage: the sweep's storages (public here too)
 from .task import preset_label
 
 log = logging.getLogger(__name__)
@@ -168,12 +168,9 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     from .tracking import CellStore, resolve_tracking_uri
 
     cls = METHODS.get(spec.method)
-    try:  # fail before anything runs when the method has no search space
-        cls.search_space(optuna.trial.FixedTrial({}))
-    except NotImplementedError as e:
-        raise ValueError(str(e)) from None
-    except Exception:  # noqa: BLE001 - FixedTrial lacks the values: the space exists
-        pass
+    why = no_search_space(spec.method)  # fail before anything runs when the method has no search space
+    if why:
+        raise ValueError(why)
     pruner = _pruner(spec.pruner)
     tasks, backbone = prepare(_run_spec(spec))
     task = tasks[spec.task]

@@ -69,17 +69,18 @@ def space_id(method: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def tunable(method: str) -> bool:
-    """Whether the method declares a search space (``zero_shot`` does not)."""
+def no_search_space(method: str) -> str | None:
+    """Why the method cannot be tuned (its ``search_space`` raises ``NotImplementedError``: ``zero_shot``),
+    or ``None`` when it declares a space; ``bench sweep`` and ``--tune`` both ask."""
     import optuna
 
     try:
         METHODS.get(method).search_space(optuna.trial.FixedTrial({}))
-    except NotImplementedError:
-        return False
+    except NotImplementedError as e:
+        return str(e)
     except Exception:  # noqa: BLE001 - FixedTrial without values raises: the space exists
-        return True
-    return True
+        return None
+    return None
 
 
 @dataclass

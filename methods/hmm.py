@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchbench.inertia import combine, forward_filter, speaker_transitions
+from benchbench.inertia import forward_filter, speaker_transitions
 from benchbench.method import (ConfigValueError, ContextMethod, FitReport, MethodConfig, UtteranceLevelMethod,
                                check_ranges)
 from benchbench.metrics import METRICS, compute_metrics, scored_only
@@ -117,10 +117,9 @@ class HMMFilter(ContextMethod):
         p = UtteranceLevelMethod.predict_dialogues(self, [[utterance]])[0][0]
         if self.strength == 0:
             return p
-        s, A, prior = utterance.speaker, self.transitions.numpy(), self.prior.numpy()
-        pi = self.belief[s] @ A if s in self.belief else prior
-        self.belief[s] = combine(p.astype(np.float64), pi, prior, self.strength)  # as forward_filter
-        return self.belief[s].astype(p.dtype)
+        b = forward_filter(p[None].astype(np.float64), [utterance.speaker], self.transitions.numpy(),
+                           self.prior.numpy(), self.strength, self.belief)
+        return b[0].astype(p.dtype)
 
     def activate_context(self, seed: int = 0) -> None:
         """The kit's hook: the filter at full strength, whatever dev chose."""
