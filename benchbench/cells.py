@@ -67,7 +67,8 @@ class Cell:
     method preset its config starts from; ``overrides``: the method's config overrides on top of that
     preset; ``manifest``: the task's data manifest (its hash tags the cell); ``threads``: torch CPU
     threads the cell computes on (:func:`torch_threads`); ``tune``: Optuna trials on the dev split
-    before training (:mod:`benchbench.tuning`; 0: the preset as it is), ``tuning_dir`` their journals.
+    before training (:mod:`benchbench.tuning`; 0: the preset as it is), ``tuning_dir`` their journals,
+    ``tune_seed`` the seed whose tuning every seed of the fold takes (``None``: each its own).
     """
 
     method: str
@@ -83,6 +84,7 @@ class Cell:
     threads: int = 1
     tune: int = 0                   # --tune N: trials on the fold's dev split before the cell trains (0: none)
     tuning_dir: str | None = None   # where tuned cells keep their Optuna journals (<run output>/tuning)
+    tune_seed: int | None = None    # --tune-seed S: take the values tuned at seed S on this fold (None: own seed)
 
     @property
     def name(self) -> str:
@@ -131,7 +133,14 @@ class Cell:
                           "fold_data": self.manifest["folds"][str(self.fold.index)], "backbone": self.backbone_name,
                           "backbone_key": self.backbone.key, "seed": self.seed, "fold": self.fold.index,
                           "torch_threads": self.threads, "results_version": RESULTS_VERSION,
-                          **({"tune": {"trials": self.tune, "space": _space_id(self.method)}} if self.tune else {})})
+                          **({"tune": self._tune_identity} if self.tune else {})})
+
+    @property
+    def _tune_identity(self) -> dict:
+        """What a tuned cell's key holds of its tuning: N, the search space and, when another seed's
+        tuning serves it (``tune_seed``), that seed (at its own seed the study is the same either way)."""
+        shared = self.tune_seed is not None and self.tune_seed != self.seed
+        return {"trials": self.tune, "space": _space_id(self.method), **({"seed": self.tune_seed} if shared else {})}
 
     @property
     def params(self) -> dict:

@@ -149,12 +149,14 @@ def cmd_run(args) -> int:
                    task_options=_task_options(args), backbone_options=_backbone_options(args),
                    rerun=args.rerun, executor=args.executor, ray_address=args.ray_address,
                    cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, max_retries=args.max_retries,
-                   threads=args.threads, tune=args.tune)
+                   threads=args.threads, tune=args.tune, tune_seed=args.tune_seed)
     summary = run(spec, show_progress=not args.no_progress)
     print(format_summary(summary))
     if spec.tune:
-        print(f"tuned: every method with {spec.tune} Optuna trials per cell on its dev split (never test); the values "
-              "are results.csv's tuned_params, each study is stored with its cell (tuning.journal)")
+        print(f"tuned: every method with {spec.tune} Optuna trials per cell on its dev split (never test), trial 0 "
+              "the preset; the values are results.csv's tuned_params, each study is stored with its cell "
+              "(tuning.journal)" + (f"; every seed of a fold takes the values tuned at seed {spec.tune_seed}"
+                                    if spec.tune_seed is not None else ""))
     print(f"\ncells: {summary.run['cells_computed']} computed, {summary.run['cells_reused']} reused from earlier runs"
           + ("" if args.rerun else " (--rerun recomputes them)"))
     print(f"results: {summary.run['output']}  (MLflow: {summary.run['mlflow_tracking_uri']}, "
@@ -280,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune every method of the run with the same budget: N Optuna trials per cell over the "
                         "method's search space, each trained on the cell's train split and scored on its dev split "
                         "(never test), then the cell trains with the best values (default 0: the presets as they are)")
+    r.add_argument("--tune-seed", type=int, default=None, metavar="S",
+                   help="with --tune: tune each fold once, at seed S, and let every seed of the run train with those "
+                        "values (default: each seed tunes on its own); values never serve another fold")
     r.add_argument("--rerun", action="store_true",
                    help="recompute cells that already have a finished run in the tracking store or the output "
                         "folder (default: reuse them)")

@@ -75,6 +75,7 @@ class RunSpec:
     max_retries: int = 2                     # Ray: attempts after a worker dies mid-cell
     threads: int = 1                         # torch CPU threads of every cell, under either executor
     tune: int = 0                            # --tune N: Optuna trials per cell on its dev split (benchbench.tuning)
+    tune_seed: int | None = None             # --tune-seed S: every seed takes the values tuned at seed S
 
 
 def validate(spec: RunSpec) -> None:
@@ -116,6 +117,8 @@ def validate(spec: RunSpec) -> None:
         raise ValueError(f"--threads {spec.threads}: expected >= 1")
     if spec.tune < 0:
         raise ValueError(f"--tune {spec.tune}: expected >= 0 trials")
+    if spec.tune_seed is not None and not spec.tune:
+        raise ValueError(f"--tune-seed {spec.tune_seed}: only with --tune N")
     if spec.executor not in ("local", "ray"):
         raise ValueError(f"--executor {spec.executor}: expected local or ray")
     if spec.executor == "ray":
@@ -165,11 +168,13 @@ def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone
            seeds) -> list[Cell]:
     """The run's cells of ``task``: fold x method x seed, in that order (the order of results.csv).
     With ``--tune N`` the preset label says so (``default+tune=8``): tuned cells are never pooled with
-    untuned ones or with another N."""
-    label = preset_label(spec.preset, spec.task_options.get(task.name)) + (f"+tune={spec.tune}" if spec.tune else "")
+    untuned ones or with another N; ``--tune-seed S`` adds ``@sS`` (``default+tune=8@s0``)."""
+    tuned = f"+tune={spec.tune}" + (f"@s{spec.tune_seed}" if spec.tune_seed is not None else "") if spec.tune else ""
+    label = preset_label(spec.preset, spec.task_options.get(task.name)) + tuned
     tuning_dir = str(Path(spec.output) / "tuning") if spec.tune else None
     return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label, spec.preset,
-                 spec.method_overrides.get(m) or {}, manifest, spec.threads, spec.tune, tuning_dir)
+                 spec.method_overrides.get(m) or {}, manifest, spec.threads, spec.tune, tuning_dir,
+                 spec.tune_seed if spec.tune else None)
             for f in folds for m in methods for s in seeds]
 
 

@@ -15,11 +15,18 @@ here if the ``lora`` cell has not run it yet: the same file, so it runs once), f
 study (Optuna's ``PartialFixedSampler`` on the ``lora.*`` parameters), and its N trials search its
 own Phase-2 values. A method with nothing to tune (``zero_shot``) runs untuned, ``tuning_trials`` 0.
 
+Trial 0 is the preset: the study's first trial takes the cell's own config (preset + overrides)
+wherever the search space holds its value (``preset_values``), so a tuned cell's dev score is never
+below the untuned one's and N = 1 is the preset itself; the other N - 1 trials are TPE's (its first
+ten draws are random).
+
 The study lives in ``<run output>/tuning/<cell key>.journal`` (Optuna's journal file): a killed run
 resumes without redoing finished trials (``MaxTrialsCallback`` stops at N finished ones, also when
 two processes share a study), and the finished journal is stored with the cell (an MLflow artifact).
-Every seed tunes on its own (values chosen on a fold's dev split never serve another fold, nor,
-here, another seed).
+Every seed tunes on its own by default. With ``bench run --tune-seed S`` (``Cell.tune_seed``) the
+cells of every seed take the values tuned at seed S (the study of the same cell at seed S: its trials
+train at seed S), so a fold is tuned once however many seeds run; values chosen on a fold's dev split
+never serve another fold.
 """
 
 from __future__ import annotations
@@ -98,6 +105,29 @@ class Tuning:
     fixed: dict = field(default_factory=dict)
 
 
+def preset_values(cls, config, skip=()) -> dict:
+    """The search space's parameters (Optuna names, ``lora.lr``) at their values in ``config`` (a
+    resolved method config), leaving out those in ``skip`` and those whose value the space does not
+    hold (a preset's value outside a range, or not among the choices): trial 0 of a tuning."""
+    import optuna
+
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    cls.search_space(probe)
+    out = {}
+    for name, dist in probe.distributions.items():
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part, None)
+        if name in skip or value is None:
+            continue
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            if value in dist.choices:
+                out[name] = value
+        elif dist.low <= value <= dist.high:
+            out[name] = type(dist.low)(value) if isinstance(dist, optuna.distributions.IntDistribution) else float(value)
+    return out
+
+
 def _journal(cell) -> Path:
     if cell.tuning_dir is None:
         raise ValueError(f"cell {cell.name}: --tune needs the run's output folder for its study")
@@ -109,6 +139,12 @@ def tune(cell, progress: Callable[[str, dict], None] | None = None) -> Tuning:
     overrides build the config it is then trained with."""
     import optuna
 
+    if cell.tune_seed is not None and cell.tune_seed != cell.seed:  # the values tuned at seed S serve this seed
+        shared = tune(replace(cell, seed=cell.tune_seed, tune_seed=None), progress)
+        if progress:
+            progress(f"tuning: the values tuned at seed {cell.tune_seed} on this fold's dev split serve seed {cell.seed}",
+                     {})
+        return shared
     cls = METHODS.get(cell.method)
     fixed: dict = {}
     overrides = dict(cell.overrides or {})
@@ -124,6 +160,10 @@ def tune(cell, progress: Callable[[str, dict], None] | None = None) -> Tuning:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=cell.key, storage=storage, direction="maximize", sampler=sampler,
                                 load_if_exists=True)
+    if not study.trials:  # trial 0: the cell's own config, where the space holds it
+        first = preset_values(cls, cls.make_config(cell.config_preset, overrides), skip=fixed)
+        if first:
+            study.enqueue_trial(first, skip_if_exists=True)  # two processes may open it at once
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(states=finished))
     if done < cell.tune:

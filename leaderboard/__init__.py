@@ -24,12 +24,14 @@ __all__ = ["LeaderboardSpec", "build", "collect", "Collected", "load_reported", 
 
 def preset_section(preset: str) -> str:
     """How a section names a preset label: ``smoke preset``, ``default+n_train=160 preset``, and for
-    ``--tune N`` cells ``default preset, tuned: N trials on dev``."""
+    ``--tune N`` cells ``default preset, tuned: N trials on dev`` (with ``--tune-seed S``: ``..., tuned:
+    N trials on dev at seed S``)."""
     import re
 
-    m = re.search(r"\+tune=(\d+)", preset)
-    base = re.sub(r"\+tune=\d+", "", preset)
-    return f"{base} preset" + (f", tuned: {m.group(1)} trials on dev" if m else "")
+    m = re.search(r"\+tune=(\d+)(?:@s(\d+))?", preset)
+    base = re.sub(r"\+tune=\d+(@s\d+)?", "", preset)
+    at = f" at seed {m.group(2)}" if m and m.group(2) is not None else ""
+    return f"{base} preset" + (f", tuned: {m.group(1)} trials on dev{at}" if m else "")
 
 
 def _relabel_presets(c: Collected) -> None:

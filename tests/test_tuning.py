@@ -12,11 +12,49 @@ from benchbench.data import Dialogue, Utterance
 from benchbench.harness import RunSpec, _cells
 
 
-def _cell(tmp_path, task, backbone, method="lora", n=2, fold=None):
-    spec = RunSpec(methods=[method], tasks=["synthetic"], preset="smoke", seeds=[0], output=str(tmp_path), tune=n)
+def _cell(tmp_path, task, backbone, method="lora", n=2, fold=None, seed=0, tune_seed=None):
+    spec = RunSpec(methods=[method], tasks=["synthetic"], preset="smoke", seeds=[seed], output=str(tmp_path), tune=n,
+                   tune_seed=tune_seed)
     folds = [fold or task.folds()[0]]
-    (cell,) = _cells(spec, task, task.manifest(), backbone, folds, [method], [0])
+    (cell,) = _cells(spec, task, task.manifest(), backbone, folds, [method], [seed])
     return cell
+
+
+def test_trial_0_is_the_preset(tmp_path, backbone, tiny_task):
+    """The study's first trial trains the cell's own config (so tuned dev >= untuned dev); later
+    ones are the sampler's. Phase-1 values fixed from lora are not part of a two-stage method's trial 0."""
+    import optuna
+
+    from benchbench.method import METHODS
+
+    lora = tuning.tune(_cell(tmp_path, tiny_task, backbone, "lora", n=2))
+    study = optuna.load_study(study_name=_cell(tmp_path, tiny_task, backbone, "lora").key,
+                              storage=tuning.make_storage(f"journal:{lora.journal}"))
+    cfg = METHODS.get("lora").make_config("smoke", {})
+    first, second = sorted(study.trials, key=lambda t: t.number)
+    assert first.params == {"lr": cfg.lr, "r": cfg.r, "epochs": cfg.epochs}
+    assert second.params != first.params
+    assert lora.value == max(first.value, second.value)
+    mal = METHODS.get("mal").make_config("smoke", {})
+    values = tuning.preset_values(METHODS.get("mal"), mal, skip={"lora.lr", "lora.r", "lora.epochs"})
+    assert values["epochs"] == mal.epochs and values["lr"] == mal.lr and not any(k.startswith("lora.") for k in values)
+    # a value the space does not hold is left to the sampler
+    assert "lr" not in tuning.preset_values(METHODS.get("lora"), dataclasses.replace(cfg, lr=1.0))
+
+
+def test_tune_seed_lets_every_seed_take_one_folds_tuning(tmp_path, backbone, tiny_task, monkeypatch):
+    """With --tune-seed 0 the seed-1 cell trains with the values tuned at seed 0 (no trial of its own);
+    its key and preset label differ from a seed-1 cell tuned on its own."""
+    at0 = tuning.tune(_cell(tmp_path, tiny_task, backbone, seed=0, tune_seed=0))
+    calls = []
+    real = tuning._objective
+    monkeypatch.setattr(tuning, "_objective", lambda *a: (calls.append(1), real(*a))[1])
+    shared = _cell(tmp_path, tiny_task, backbone, seed=1, tune_seed=0)
+    got = tuning.tune(shared)
+    assert not calls and got.params == at0.params and got.journal == at0.journal
+    own = _cell(tmp_path, tiny_task, backbone, seed=1)
+    assert shared.key != own.key
+    assert shared.preset.endswith("+tune=2@s0") and own.preset.endswith("+tune=2")
 
 
 def test_no_trial_sees_the_test_split(tmp_path, backbone, tiny_task):
