@@ -228,7 +228,17 @@ def _fit_and_stream(cell: Cell, progress):
         reset_peak_memory()
         t0 = time.perf_counter()
         method = cls(cell.backbone, cell.task.labels, config, seed=cell.seed)
-        report = FitReport.of(method, method.fit(cell.fold.train, cell.fold.dev, progress=progress))
+        kept = None
+        if tuning is not None and tuning.seed == cell.seed:  # the best trial's own fit (exact: same config, seed)
+            from .tuning import restore_kept
+
+            kept = restore_kept(tuning, method)
+        if kept is not None:
+            report, fit_s = kept
+            if progress:
+                progress(f"tuning: the cell keeps trial {tuning.kept_trial}'s fitted model (no second training)", {})
+        else:
+            report = FitReport.of(method, method.fit(cell.fold.train, cell.fold.dev, progress=progress))
         t1 = time.perf_counter()
         selected = report.selected or {}
         if cls.phases == 2 and selected.get("phase") == 1 and progress:
@@ -238,7 +248,10 @@ def _fit_and_stream(cell: Cell, progress):
         method.test_time_issues.clear()
         probs = stream_predict(method, cell.fold.test)
         t2 = time.perf_counter()
-    return method, report, probs, (t1 - t0, t2 - t1), (tuning, tune_s)
+    fit_seconds = fit_s if kept is not None else t1 - t0  # a kept model cost its trial's training
+    if tuning is not None:
+        tuning.kept_trial = tuning.kept_trial if kept is not None else None
+    return method, report, probs, (fit_seconds, t2 - t1), (tuning, tune_s)
 
 
 def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, float], tuning=None,
@@ -272,6 +285,8 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
     params = cell.params
     if tuning is not None:  # the config the cell trained with, the tuned values in it
         row["tuning_seconds"] = tuning_seconds
+        # the trial whose fitted model the cell kept (fit_seconds is that trial's); -1: trained anew
+        row["fit_from_trial"] = -1 if tuning.kept_trial is None else tuning.kept_trial
         params = {**params, **{f"method.{k}": v for k, v in method.config.flat().items()},
                   "tuning_trials": tuning.trials, "tuned_params": row["tuned_params"]}
     tags = {**cell.tags, **{k: str(v) for k, v in selection.items() if v is not None}}

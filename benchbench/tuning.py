@@ -6,8 +6,11 @@ the cell's seed. Each trial builds the method from the cell's preset + ``--set``
 trial's values, fits it on the fold's **train** split, and returns its dev score on its own selection
 metric (``FitReport.dev_score``: the dev-selected model). Nothing of the test split (audio, labels,
 speakers) reaches a trial: the objective is handed ``fold.train`` and ``fold.dev`` only. The cell is
-then trained with the best trial's values and evaluated once on test (for ``lora`` and every Phase
-1, that training is the best trial's own, replayed from the Phase-1 cache).
+then evaluated once on test with the best trial's fitted model: the trial trained at the cell's seed
+with exactly the cell's config, so keeping its parameters, fitted state, report and RNG end states
+(``<study>.trial<k>.pt``, the best so far only) is exact, and the cell does not train again
+(``fit_from_trial`` in results; ``fit_seconds`` is that trial's). Where the kept file is missing or
+another seed's tuning serves the cell, it is trained with the best values instead.
 
 Phase 1 = ``lora`` holds under tuning: a method with ``phase1_of = "lora"`` first takes the tuned
 values of the ``lora`` cell of the same task, fold, seed, backbone, preset and N (that study, run
@@ -31,12 +34,20 @@ never serve another fold.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
+import json
 import logging
+import os
+import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
+import torch
 
 from .method import METHODS, FitReport, _deep_merge
 from .training import seed_everything
@@ -103,6 +114,14 @@ class Tuning:
     pruned: int = 0
     journal: Path | None = None
     fixed: dict = field(default_factory=dict)
+    seed: int = 0                 # the seed the trials trained at
+    kept: Path | None = None      # the best trial's fitted model (None: not kept, or gone)
+    kept_trial: int | None = None
+
+
+KEEP_BEST_FIT = True
+"""Keep the best trial's fitted model for its cell (exact: see the module docstring); tests switch it
+off to compare with retraining."""
 
 
 def preset_values(cls, config, skip=()) -> dict:
@@ -179,8 +198,11 @@ def tune(cell, progress: Callable[[str, dict], None] | None = None) -> Tuning:
     params = {k: v for k, v in best.params.items() if k not in fixed}
     if progress:
         progress(f"tuning: best of {len(complete)} trials dev={best.value:.3f} with {params}", {})
+    kept = best.user_attrs.get("kept")
+    kept = path.parent / kept if kept and (path.parent / kept).is_file() else None
     return Tuning(_deep_merge(overrides, chosen), params, float(best.value), len(study.get_trials(states=finished)),
-                  len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,))), path, fixed)
+                  len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,))), path, fixed, cell.seed, kept,
+                  best.number if kept else None)
 
 
 def _objective(cell, cls, overrides: dict, trial, progress) -> float:
@@ -202,7 +224,74 @@ def _objective(cell, cls, overrides: dict, trial, progress) -> float:
             if progress:
                 progress(f"trial {trial.number}: {message}", {})
 
+        t0 = time.perf_counter()
         report = FitReport.of(method, method.fit(fold.train, fold.dev, progress=report_dev))
+        seconds = time.perf_counter() - t0
     if report.dev_score is None:
         raise optuna.TrialPruned(f"{cell.method} reported no dev score")
+    if KEEP_BEST_FIT:
+        _keep_if_best(cell, trial, method, report, seconds)
     return float(report.dev_score)
+
+
+def _keep_if_best(cell, trial, method, report: FitReport, seconds: float) -> None:
+    """Write the trial's fitted model (parameters, fitted state, report, fit seconds, RNG end states)
+    when its dev score beats every finished trial's (ties keep the earlier, as ``best_trial``), and
+    drop the study's previously kept one. A failed write costs the reuse, never the trial."""
+    try:
+        best = trial.study.best_value
+    except ValueError:  # no finished trial yet
+        best = None
+    if best is not None and report.dev_score <= best:
+        return
+    journal = _journal(cell)
+    path = journal.with_name(f"{journal.stem}.trial{trial.number}.pt")
+    try:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"params": {k: v.detach().cpu().clone() for k, v in method.trained_parameters().items()},
+                    "state": {k: v.detach().cpu().clone() for k, v in method.fitted_state().items()},
+                    "report": json.dumps(dataclasses.asdict(report)), "fit_seconds": float(seconds),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "rng": json.dumps(method.rng.bit_generator.state),
+                    "np_rng": json.dumps(_np_state()), "py_rng": json.dumps(random.getstate())}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("tuning: could not keep trial %d's model at %s (%s)", trial.number, path, e)
+        return
+    trial.set_user_attr("kept", path.name)
+    for old in journal.parent.glob(f"{journal.stem}.trial*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def _np_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def restore_kept(tuning: Tuning, method) -> tuple[FitReport, float] | None:
+    """Load the best trial's kept model into ``method`` (built from the same config and seed) and
+    restore the RNGs as the trial left them; its report and fit seconds. ``None`` (the cell then
+    trains) when nothing was kept or the file is unreadable."""
+    if tuning.kept is None:
+        return None
+    try:
+        done = torch.load(tuning.kept, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: train instead
+        log.warning("tuning: kept model %s unreadable (%s: %s); training the cell", tuning.kept, type(e).__name__, e)
+        return None
+    with torch.no_grad():
+        for k, p in method.trained_parameters().items():
+            p.copy_(done["params"][k])
+    method.load_fitted_state(done["state"])
+    torch.set_rng_state(done["torch_rng"])
+    if done["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(done["cuda_rng"])
+    method.rng.bit_generator.state = json.loads(done["rng"])
+    name, keys, pos, has_gauss, cached = json.loads(done["np_rng"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    state = json.loads(done["py_rng"])
+    random.setstate((state[0], tuple(state[1]), state[2]))
+    method.lm.eval()
+    return FitReport(**json.loads(done["report"])), float(done["fit_seconds"])

@@ -121,3 +121,21 @@ def test_bench_run_tunes_every_method_with_one_budget(tmp_path, capsys):
     assert journal.read_text().count("\n") > 2  # the study is stored with the cell
     assert main(args) == 0  # a second run reuses every cell: nothing tuned or trained again
     assert "cells: 0 computed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["lora", "mal", "mag", "mac", "dpm", "hmm", "full_context"])
+def test_keeping_the_best_trials_model_equals_training_again(tmp_path, backbone, tiny_task, monkeypatch, method):
+    """The tuned cell keeps the best trial's fitted model instead of training again: its test
+    predictions equal a retraining with the best values bit for bit, its fit_seconds are that trial's."""
+    from benchbench.cells import compute_cell
+
+    kept = compute_cell(_cell(tmp_path / "kept", tiny_task, backbone, method))
+    monkeypatch.setattr(tuning, "KEEP_BEST_FIT", False)
+    again = compute_cell(_cell(tmp_path / "again", tiny_task, backbone, method))
+    assert kept.ok and again.ok, (kept.row.get("error"), again.row.get("error"))
+    assert kept.row["fit_from_trial"] in (0, 1) and again.row["fit_from_trial"] == -1
+    assert kept.row["tuned_params"] == again.row["tuned_params"]
+    probs = [c for c in kept.predictions if c.startswith("p_")]
+    pd.testing.assert_frame_equal(kept.predictions[probs], again.predictions[probs], check_exact=True)
+    assert kept.row["selected_epoch"] == again.row["selected_epoch"] and kept.row["fit_seconds"] > 0
+    assert list(tmp_path.joinpath("kept", "tuning").glob("*.trial*.pt"))  # one kept file per study
