@@ -434,6 +434,8 @@ class DynamicParameterMemory(ContextMethod):
                 self.temp.streams = None
             grads = torch.autograd.grad(losses.sum(), params)  # each dialogue's LoRA gets its own loss's gradient
             loss_of = dict(zip(cur, losses))
+            if step == 0:  # the unit loss before each update (Eq. 8): what the temporary LoRA learns from
+                self._diagnose("test_time_unit_loss", losses.detach().float().tolist())
             # one check (one host sync) for every dialogue: its loss and all its gradients finite
             finite = torch.isfinite(losses.detach())
             for g in grads:
@@ -471,6 +473,18 @@ class DynamicParameterMemory(ContextMethod):
         cost["test_time_update_seconds"] = cost.get("test_time_update_seconds", 0.0) + time.perf_counter() - t0
         return probs
 
+    def _diagnose(self, name: str, values: Sequence[float]) -> None:
+        """Running mean of a test-time diagnostic in ``test_time_cost`` (results.csv and MLflow):
+        ``test_time_unit_loss`` (the unit loss each update starts from, nats) and
+        ``test_time_drift_norm`` (the Frobenius distance of a dialogue's temporary-LoRA parameters from
+        their initial values at the dialogue's end)."""
+        count = self.test_time_cost.get(f"{name}_count", 0)
+        mean = self.test_time_cost.get(name, 0.0)
+        for v in values:
+            count += 1
+            mean += (v - mean) / count
+        self.test_time_cost[name], self.test_time_cost[f"{name}_count"] = mean, count
+
     def step(self, utterance: UtteranceInput) -> np.ndarray:
         """Algorithm 1 for one utterance of the dialogue being streamed (:meth:`reset` starts one)."""
         self.lm.eval()
@@ -498,6 +512,10 @@ class DynamicParameterMemory(ContextMethod):
                 for k, p in zip(active, self._turn(active, [group[k][t] for k in active])):
                     probs[k].append(p)
             out.extend(np.stack(p) if p else np.zeros((0, len(self.labels)), dtype=np.float32) for p in probs)
+            with torch.no_grad():  # how far each dialogue's temporary LoRA moved from its initial values
+                drift = sum(((v - self.temp.init[k].to(v.device)) ** 2).flatten(1).sum(1).double()
+                            for k, v in self.temp.params.items())
+            self._diagnose("test_time_drift_norm", drift.sqrt().tolist())
         self.reset()
         return out
 
