@@ -254,15 +254,21 @@ def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]
 
 def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                      examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
-                     curve_prefix: str = "lora") -> FitReport:
+                     curve_prefix: str = "lora", report: FitReport | None = None, phase: int = 1) -> FitReport:
     """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``
     (:func:`run_epochs`).
 
-    Returns its report, with ``<prefix>_train_loss`` (per step) and
-    ``<prefix>_dev_<metric>`` (per epoch), the selected epoch (``selected``: Phase 1) and its dev
-    score; the parameters end at the best dev epoch (dev only, never test).
+    Returns its report (``report``, extended, when given), with ``<prefix>_train_loss`` (per step) and
+    ``<prefix>_dev_<metric>`` (per epoch), the selected epoch and its dev score; the parameters end at
+    the best dev epoch (dev only, never test). ``phase=2`` (``full_context``'s Phase 2: the task LoRA
+    trained further) starts from ``report``'s Phase-1 dev score, which an epoch must beat.
     """
-    report = FitReport()
+    start = -np.inf
+    if phase == 2:
+        if report is None or report.dev_score is None:
+            raise ValueError("train_supervised(phase=2) needs Phase 1's report with its dev score")
+        start = report.dev_score
+    report = FitReport() if report is None else report
     lm = method.lm
     opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=s.weight_decay)
     # length-grouped batches (like transformers' group_by_length): little padding when example
@@ -285,8 +291,8 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
         value.backward()
         opt.step()
 
-    run_epochs(method, report, curve_prefix, s.epochs, dev, s.selection_metric, BestCheckpoint.of_parameters(params),
-               batches, loss, step, [lm], progress)
+    run_epochs(method, report, curve_prefix, s.epochs, dev, s.selection_metric,
+               BestCheckpoint.of_parameters(params, score=start), batches, loss, step, [lm], progress, phase=phase)
     lm.eval()
     return report
 

@@ -40,3 +40,25 @@ def test_token_budget_keeps_the_most_recent_utterances(backbone, tiny_task):
 def test_unknown_context_raises(backbone, tiny_task):
     with pytest.raises(ValueError, match="context='everyone': expected one of dialogue, speaker"):
         make(backbone, tiny_task.labels, context="everyone")
+
+
+def test_phase_2_trains_the_task_lora_further_on_context_and_dev_may_keep_phase_1(backbone, tiny_task):
+    """Phase 1 is lora's training; with no Phase-2 epoch, or when no epoch beats Phase 1 on dev, the
+    predictions are lora's bit for bit (each utterance alone); a Phase-2 winner reads the context."""
+    import numpy as np
+
+    from benchbench.method import METHODS
+
+    fold = tiny_task.folds()[0]
+    lora = METHODS.get("lora")(backbone, tiny_task.labels, METHODS.get("lora").make_config("smoke"), seed=0)
+    lora.fit(fold.train, fold.dev)
+    off = make(backbone, tiny_task.labels, epochs=0)
+    rep = off.fit(fold.train, fold.dev)
+    assert rep.selected["phase"] == 1 and off._context_off
+    dialogues = [d.inputs() for d in fold.test]
+    for a, b in zip(off.predict_dialogues(dialogues), lora.predict_dialogues(dialogues)):
+        np.testing.assert_array_equal(a, b)
+    on = make(backbone, tiny_task.labels, epochs=2, lr=5e-2)
+    rep = on.fit(fold.train, fold.dev)
+    assert len(rep.curves["full_context_dev_ua"]) == 2 and len(rep.curves["lora_dev_ua"]) == on.config.lora.epochs
+    assert on._context_off == (rep.selected["phase"] == 1)

@@ -22,7 +22,7 @@ def test_phase_one_settings_are_loras_at_every_preset(name, preset):
 
 
 @pytest.mark.parametrize("preset,name", [("smoke", "mal"), ("default", "mal"), ("paper", "mal"),
-                                         ("default", "mac"), ("default", "mag")])
+                                         ("default", "mac"), ("default", "mag"), ("default", "full_context")])
 def test_phase_one_trains_exactly_the_lora_method(backbone, tiny_task, preset, name):
     """Same seed and preset: the two-stage method's Phase-1 LoRA is bit-identical to `lora`'s, with
     the same dev curve, so (memory - LoRA) isolates the memory."""
