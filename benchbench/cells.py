@@ -242,7 +242,7 @@ def _fit_and_stream(cell: Cell, progress):
         t1 = time.perf_counter()
         selected = report.selected or {}
         if cls.phases == 2 and selected.get("phase") == 1 and progress:
-            progress("NOTICE: dev selected Phase 1 over every Phase-2 epoch: the memory (or context) is unused in this cell "
+            progress("NOTICE: dev selected Phase 1 over every Phase-2 epoch: the memory is unused in this cell "
                      "(its predictions are Phase 1's, i.e. lora's)", {})
         method.test_time_cost.clear()  # count what the test set costs, not dev scoring during fit
         method.test_time_issues.clear()

@@ -155,15 +155,25 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
 def _logged_configuration(cells: pd.DataFrame) -> pd.Series:
     """Per cell run, 12 hex digits of the sha256 of its logged ``method.*`` and ``task.*`` params (the
     data folder left out: its content is the manifest) and ``backbone_key``: equal for two runs of one
-    configuration, in every version of the suite that logged those params."""
+    configuration, in every version of the suite that logged those params. A tuned cell (``--tune N``)
+    logs the values it trained with, which differ by fold: its configuration is the preset's
+    (``config_id``, with the task and backbone params), not the tuned values."""
     import hashlib
 
     cols = sorted(c for c in cells.columns if c.startswith(("params.method.", "params.task.")) or
                   c == "params.backbone_key")
     cols = [c for c in cols if c != "params.task.data_dir"]
 
+    def tuned(row) -> bool:
+        return "params.tuning_trials" in row and pd.notna(row["params.tuning_trials"]) and \
+            str(row["params.tuning_trials"]) not in ("0", "")
+
     def one(row) -> str:
-        items = [(c, row[c]) for c in cols if pd.notna(row[c])]
+        if tuned(row) and pd.notna(row.get("params.config_id")):
+            items = [(c, row[c]) for c in cols if not c.startswith("params.method.") and pd.notna(row[c])]
+            items.append(("params.config_id", row["params.config_id"]))
+        else:
+            items = [(c, row[c]) for c in cols if pd.notna(row[c])]
         return hashlib.sha256(repr(items).encode()).hexdigest()[:12]
 
     return cells.apply(one, axis=1) if len(cells) else pd.Series([], dtype=str)

@@ -139,3 +139,14 @@ def test_keeping_the_best_trials_model_equals_training_again(tmp_path, backbone,
     pd.testing.assert_frame_equal(kept.predictions[probs], again.predictions[probs], check_exact=True)
     assert kept.row["selected_epoch"] == again.row["selected_epoch"] and kept.row["fit_seconds"] > 0
     assert list(tmp_path.joinpath("kept", "tuning").glob("*.trial*.pt"))  # one kept file per study
+
+
+def test_tuned_cells_of_one_preset_are_one_configuration_on_the_leaderboard():
+    """Tuned cells log the values they trained with (different per fold); the leaderboard's identity
+    of their configuration is the preset's config_id, so folds are pooled, never split into label@hash."""
+    from leaderboard.collect import _logged_configuration
+
+    cells = pd.DataFrame({"params.method.lr": ["0.001", "0.004", "0.001"], "params.backbone_key": ["b", "b", "b"],
+                          "params.tuning_trials": ["4", "4", "0"], "params.config_id": ["c1", "c1", "c1"]})
+    ids = _logged_configuration(cells)
+    assert ids[0] == ids[1] and ids[2] != ids[0]
