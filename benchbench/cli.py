@@ -81,7 +81,9 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone options (--weights, --device-map, --allow-download: the real backbones "
                                  "only; --dtype and --device: every backbone)")
-    g.add_argument("--backbone", default="tiny-qwen2-audio", help="see `bench list backbones`")
+    g.add_argument("--backbone", default=None,
+                   help="see `bench list backbones` (default: each task's own, `bench list tasks`: a pretrained "
+                        "Whisper encoder for the speech corpora, tiny-qwen2-audio for synthetic)")
     g.add_argument("--backbone-set", dest="backbone_set", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="a tiny backbone's LM size: hidden_size=N (a multiple of 64), num_hidden_layers=N "
@@ -118,7 +120,8 @@ def _check_names(methods: list[str], tasks: list[str], backbone: str) -> None:
         METHODS.require(m)
     for t in tasks:
         TASKS.require(t)
-    BACKBONES.require(backbone)
+    if backbone is not None:
+        BACKBONES.require(backbone)
 
 
 def cmd_run(args) -> int:
@@ -216,7 +219,7 @@ def cmd_speed(args) -> int:
     _check_names(args.methods, [], args.backbone)
     from .speed import main as speed_table
 
-    text = speed_table(args.backbone, _backbone_options(args), args.methods, threads=args.threads,
+    text = speed_table(args.backbone or "tiny-qwen2-audio", _backbone_options(args), args.methods, threads=args.threads,
                        curve=not args.no_curve, repeats=args.repeats, n_dialogues=args.dialogues)
     print(text)
     if args.output:
@@ -240,6 +243,8 @@ def cmd_list(args) -> int:
             about = f"  needs: {about}" if about else ""
             source = getattr(reg.get(name), "source", "")  # where a task's corpus is obtained
             about += f"; from {source}" if source else ""
+            default = getattr(reg.get(name), "default_backbone", None)  # a task's backbone without --backbone
+            about += f"; default backbone: {default}" if default else ""
         print(f"{name:<{width}} {reg.origin(name)}{about}" + (f"  BROKEN: {error}" if error else ""))
     return 0
 

@@ -56,7 +56,7 @@ class RunSpec:
 
     methods: list[str]
     tasks: list[str]
-    backbone: str = "tiny-qwen2-audio"
+    backbone: str | None = None              # None: each task's own default (Task.default_backbone)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     preset: str = "default"
     data_dir: str | dict | None = None       # one folder, or {task: folder, "*": the others' folder}
@@ -76,6 +76,16 @@ class RunSpec:
     threads: int = 1                         # torch CPU threads of every cell, under either executor
     tune: int = 0                            # --tune N: Optuna trials per cell on its dev split (benchbench.tuning)
     tune_seed: int | None = None             # --tune-seed S: every seed takes the values tuned at seed S
+
+    def backbone_for(self, task: str) -> str:
+        """The backbone ``task``'s cells run on: ``--backbone`` when given (every task of the run), else
+        the task's :attr:`~benchbench.task.Task.default_backbone` (a pretrained audio encoder for the
+        speech corpora, the random tiny one for ``synthetic``). ``KeyError`` for an unknown task."""
+        return self.backbone or TASKS.get(task).default_backbone
+
+    def backbones(self) -> dict[str, str]:
+        """Task -> backbone name (:meth:`backbone_for`), in task order."""
+        return {t: self.backbone_for(t) for t in self.tasks}
 
 
 def validate(spec: RunSpec) -> None:
@@ -110,7 +120,15 @@ def validate(spec: RunSpec) -> None:
             raise ValueError(f"--data-dir is required (a folder, or {t}=FOLDER): {where}")
         if not Path(folder).is_dir():
             raise ValueError(f"--data-dir {folder}: no such folder ({where})")
-    backbone_factory(spec.backbone, spec.backbone_options)
+    for name in dict.fromkeys(spec.backbones().values()):
+        try:
+            backbone_factory(name, spec.backbone_options)
+        except ValueError as e:
+            if spec.backbone is None:  # the option met a task's default backbone, which the user did not name
+                tasks = [t for t, b in spec.backbones().items() if b == name]
+                raise ValueError(f"{e} (the default backbone of task {', '.join(tasks)}; name one with --backbone)"
+                                 ) from None
+            raise
     if not spec.seeds:
         raise ValueError("no seeds given")
     if spec.threads < 1:
@@ -132,10 +150,11 @@ def validate(spec: RunSpec) -> None:
         raise ValueError("--ray-address is for --executor ray")
 
 
-def prepare(spec: RunSpec) -> tuple[dict[str, Task], AudioLLMBackbone]:
+def prepare(spec: RunSpec) -> tuple[dict[str, Task], dict[str, AudioLLMBackbone]]:
     """:func:`validate`, then build every task (its data loaded, its preset and options applied;
-    ``--folds`` checked against its folds) and the backbone: everything that can fail on what the
-    user gave fails here, before an output folder or an MLflow run exists.
+    ``--folds`` checked against its folds) and its backbone (:meth:`RunSpec.backbone_for`; each
+    backbone built once): everything that can fail on what the user gave fails here, before an output
+    folder or an MLflow run exists. Returns the tasks and each task's backbone, by task name.
 
     Raises:
         KeyError, ValueError: as :func:`validate`; a task's own error for its data, prefixed with
@@ -155,7 +174,10 @@ def prepare(spec: RunSpec) -> tuple[dict[str, Task], AudioLLMBackbone]:
             raise ValueError(f"--folds {','.join(map(str, spec.folds))}: task {t} has folds "
                              f"{','.join(map(str, have))}")
         tasks[t] = task
-    return tasks, make_backbone(spec.backbone, spec.backbone_options)
+    built: dict[str, AudioLLMBackbone] = {}
+    for name in dict.fromkeys(spec.backbones().values()):
+        built[name] = make_backbone(name, spec.backbone_options)
+    return tasks, {t: built[spec.backbone_for(t)] for t in tasks}
 
 
 def _build_task(spec: RunSpec, name: str) -> Task:
@@ -172,27 +194,35 @@ def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone
     tuned = f"+tune={spec.tune}" + (f"@s{spec.tune_seed}" if spec.tune_seed is not None else "") if spec.tune else ""
     label = preset_label(spec.preset, spec.task_options.get(task.name)) + tuned
     tuning_dir = str(Path(spec.output) / "tuning") if spec.tune else None
-    return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone, spec.backbone_options), label, spec.preset,
+    return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone_for(task.name), spec.backbone_options), label,
+                 spec.preset,
                  spec.method_overrides.get(m) or {}, manifest, spec.threads, spec.tune, tuning_dir,
                  spec.tune_seed if spec.tune else None)
             for f in folds for m in methods for s in seeds]
 
 
-def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbone: AudioLLMBackbone, out: Path,
+def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbones: dict[str, AudioLLMBackbone], out: Path,
                notify: Callable[[str], None]) -> tuple[list[Cell], dict[str, TaskSummary]]:
-    """Every cell of the run, in results order (task, fold, method, seed), and each task's summary
-    facts; each task's data manifest written to ``out/manifest-<task>.json`` and its notices
-    (skipped files, ...) given to ``notify``."""
+    """Every cell of the run, in results order (task, fold, method, seed), each task's on its backbone
+    (``backbones``: by task name, :func:`prepare`), and each task's summary facts; each task's data
+    manifest written to ``out/manifest-<task>.json`` and its notices (skipped files, ...) given to
+    ``notify``."""
     cells, task_info = [], {}
     for task_name, task in tasks.items():
         folds = [f for f in task.folds() if spec.folds is None or f.index in spec.folds]
         manifest = task.manifest()
         (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
+        backbone = backbones[task_name]
+        notify(f"task {task_name}: backbone {backbone_label(spec.backbone_for(task_name), spec.backbone_options)}"
+               + (" (the task's default; --backbone chooses another)" if spec.backbone is None else ""))
+        if backbone.trainable_projector:
+            notify(f"NOTICE {task_name}: backbone {backbone.name}: its audio projector is random (no trained "
+                   "checkpoint) and trains with each method's task LoRA; zero_shot reads it untrained")
         for notice in task.notices:
             notify(f"NOTICE {task_name}: {notice}")
         task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"], list(task.notices),
                                            fold_transitions(folds, len(task.labels)))
-        cells += _cells(spec, task, manifest, backbone, folds, spec.methods, spec.seeds)
+        cells += _cells(spec, task, manifest, backbones[task_name], folds, spec.methods, spec.seeds)
     return cells, task_info
 
 
@@ -419,7 +449,7 @@ def _worker_cell(spec_json: str, task_name: str, method: str, seed: int, fold: i
     if state is None:
         _WORKER_STATE.clear()
         task = _build_task(spec, task_name)
-        state = (task, task.manifest(), make_backbone(spec.backbone, spec.backbone_options))
+        state = (task, task.manifest(), make_backbone(spec.backbone_for(task_name), spec.backbone_options))
         _WORKER_STATE[(spec_json, task_name)] = state
     task, manifest, backbone = state
     (cell,) = _cells(spec, task, manifest, backbone, [f for f in task.folds() if f.index == fold], [method], [seed])
@@ -588,7 +618,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
     """
     from .tracking import Tracker  # MLflow import is slow: only when running
 
-    tasks, backbone = prepare(spec)
+    tasks, backbones = prepare(spec)
     out = Path(spec.output) if spec.output else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if spec.tune and not spec.output:  # tuned cells keep their studies under it, workers included
         import dataclasses
@@ -610,7 +640,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
     with _StopOnSigterm() as stop:
         try:
             with _warnings_to(out / "warnings.log"):
-                cells, info = plan_cells(spec, tasks, backbone, out, tqdm.write)
+                cells, info = plan_cells(spec, tasks, backbones, out, tqdm.write)
                 task_info.update(info)
                 for name in tasks:
                     tracker.log_artifact(out / f"manifest-{name}.json")
@@ -626,7 +656,7 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
             raise
         finally:
             stop.raising = False  # from here a SIGTERM waits until the outputs are written
-            summary = finalise(spec, out, tracker, writer, task_info, backbone, status, stop)
+            summary = finalise(spec, out, tracker, writer, task_info, backbones, status, stop)
     if stop.seen:  # SIGTERM while the outputs were written: they are complete, now stop
         raise Terminated("SIGTERM")
     return summary
@@ -646,7 +676,7 @@ def _reuse_finished(spec: RunSpec, cells: list[Cell], tracker, writer: ResultsWr
 
 
 def finalise(spec: RunSpec, out: Path, tracker, writer: ResultsWriter, task_info: dict[str, TaskSummary],
-             backbone: AudioLLMBackbone, status: str, stop: "_StopOnSigterm") -> Summary:
+             backbones: dict[str, AudioLLMBackbone], status: str, stop: "_StopOnSigterm") -> Summary:
     """End a run, however it ended: ``summary.json`` (with the run's facts: output, store, parent,
     counts, cells not logged to the store, status) and ``leaderboard.md`` from the cells kept so far,
     then the parent run ended with the status (``KILLED`` after SIGTERM or Ctrl-C, ``FAILED`` when a
@@ -658,7 +688,9 @@ def finalise(spec: RunSpec, out: Path, tracker, writer: ResultsWriter, task_info
         status = "FAILED"
     summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
                    "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
-                   "backbone_key": backbone.key, "cells_reused": writer.counts["reused"],
+                   "backbones": {t: {"name": spec.backbone_for(t), "key": b.key,
+                                     "default": spec.backbone is None} for t, b in backbones.items()},
+                   "cells_reused": writer.counts["reused"],
                    "cells_computed": writer.counts["computed"], "cells_logged_later": writer.counts["logged_later"],
                    "cells_not_logged": len(writer.unlogged()), "tracking_problem": tracker.store.problem,
                    "status": "KILLED" if stop.seen else status}

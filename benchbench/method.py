@@ -291,6 +291,15 @@ class ContextMethod(ABC):
         self.test_time_cost: dict[str, float] = {}
         self.test_time_issues: list[dict] = []
 
+    def audio_embeddings(self, utterance: UtteranceInput) -> torch.Tensor:
+        """The utterance's audio-token embeddings ``[T, D]`` as this method's LM reads them: the
+        backbone's cached audio features (:meth:`AudioLLMBackbone.audio_features`) through the LM's
+        audio projector (:meth:`~benchbench.backbone.EmotionLM.embed_audio`). Where the backbone's
+        projector is frozen this is ``backbone.audio_features(utterance)`` itself; where it trains with
+        the task LoRA (``trainable_projector``) it is the method's own projector as trained so far
+        (carrying its gradient while it trains). ``ValueError`` on a non-mono or empty waveform."""
+        return self.lm.embed_audio(self.backbone.audio_features(utterance))
+
     @classmethod
     def make_config(cls, preset: str = "default", overrides: dict | None = None) -> MethodConfig:
         """Config for a preset (``paper`` = the dataclass defaults) plus explicit overrides."""
@@ -444,7 +453,7 @@ class UtteranceLevelMethod(ContextMethod):
         out = []
         for group in utterance_groups(dialogues, self.batch_utterances):
             utts = [u for d in group for u in d]
-            batch = self.lm.batch([[Segment(self.backbone.audio_embeddings(u))] for u in utts])
+            batch = self.lm.batch([[Segment(self.audio_embeddings(u))] for u in utts])
             probs = torch.softmax(self.lm(batch).float(), -1).cpu().numpy()
             out.extend(np.split(probs, np.cumsum([len(d) for d in group])[:-1]))
         return out

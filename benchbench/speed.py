@@ -75,7 +75,7 @@ def latency_table(backbone, methods: Sequence[str] = DEFAULT_METHODS, n_dialogue
     dialogues = task.folds()[0].test
     for d in dialogues:  # warm the feature cache: the table is about the methods, not the encoder
         for u in d.utterances:
-            backbone.audio_embeddings(u.input)
+            backbone.audio_features(u.input)
     built = build_methods(backbone, task, methods, preset)
     n_utt = sum(len(d) for d in dialogues)
     for m in built.values():  # one untimed pass: lazy initialisation, allocator warm-up
@@ -106,7 +106,7 @@ def length_curve(backbone, methods: Sequence[str] = DEFAULT_METHODS, turns: Sequ
     task = _task(1, max(turns), duration_s)
     dialogue = task.folds()[0].test[0]
     for u in dialogue.utterances:
-        backbone.audio_embeddings(u.input)
+        backbone.audio_features(u.input)
     built = build_methods(backbone, task, methods, preset)
     inputs = dialogue.inputs()
     rows = []
@@ -139,7 +139,7 @@ def encoder_calls(backbone_name: str, backbone_options: dict | None = None, n_di
         for phase in ("cold", "warm"):
             bb = make_backbone(backbone_name, backbone_options, cache_dir=cache)
             for u in utts + utts:  # every utterance twice: the second read is the in-memory cache's
-                bb.audio_embeddings(u)
+                bb.audio_features(u)
             out[phase] = bb.encoder_calls / len(utts)
     return out
 

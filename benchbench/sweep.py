@@ -54,7 +54,7 @@ class SweepSpec:
     storage: str = DEFAULT_STORAGE
     study: str | None = None            # default: "<method>-<task>-<backbone>-<preset>"
     preset: str = "default"
-    backbone: str = "tiny-qwen2-audio"
+    backbone: str | None = None         # None: the task's default backbone (Task.default_backbone)
     data_dir: str | None = None
     fold: int | None = None             # default: the task's first fold
     seed: int = 0
@@ -65,6 +65,12 @@ class SweepSpec:
     task_options: dict = field(default_factory=dict)      # the task's constructor options (e.g. n_train)
     backbone_options: dict = field(default_factory=dict)  # weights, dtype, device, device_map, allow_download
     threads: int = 1                    # torch CPU threads of every trial (as a bench run cell's)
+
+    def __post_init__(self):
+        if self.backbone is None:  # resolved here, so the study name and labels say which backbone
+            from .task import TASKS
+
+            self.backbone = TASKS.get(self.task).default_backbone
 
     @property
     def preset_label(self) -> str:
@@ -172,8 +178,8 @@ def run_sweep(spec: SweepSpec, show_progress: bool = True) -> dict:
     if why:
         raise ValueError(why)
     pruner = _pruner(spec.pruner)
-    tasks, backbone = prepare(_run_spec(spec))
-    task = tasks[spec.task]
+    tasks, backbones = prepare(_run_spec(spec))
+    task, backbone = tasks[spec.task], backbones[spec.task]
     folds = {f.index: f for f in task.folds()}
     fold = folds[min(folds) if spec.fold is None else spec.fold]
 

@@ -76,6 +76,10 @@ class Task(ABC):
     needs_data_dir: ClassVar[bool] = False
     needs: ClassVar[str] = "nothing (generated)"   # what --data-dir must hold, for `bench list tasks`
     source: ClassVar[str] = ""                     # where the corpus is obtained (and its licence)
+    # the backbone a run puts this task on when --backbone is not given (`bench list tasks` shows it):
+    # a pretrained audio encoder for real speech, the random tiny one for generated audio that is not
+    # speech; --backbone overrides it for every task of a run
+    default_backbone: ClassVar[str] = "tiny-qwen2-audio"
 
     def __init__(self, data_dir: str | Path | None = None, preset: str = "default", seed: int = 0):
         self.data_dir = Path(data_dir) if data_dir is not None else None

@@ -125,14 +125,23 @@ def auxiliary_rng(seed: int) -> Iterator[None]:
         yield
 
 
-def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task") -> dict[str, nn.Parameter]:
+def attach_lora(lm: EmotionLM, s: LoRASettings, adapter_name: str = "task",
+                with_projector: bool = True) -> dict[str, nn.Parameter]:
     """Wrap ``lm.language_model`` with a peft LoRA adapter; returns its parameters by name (trainable).
+
+    On a backbone whose audio projector trains with the task (``lm.audio_projector``, e.g.
+    ``ultravox-whisper-tiny-smollm2-135m``: a random projector in front of a pretrained LM), its
+    parameters are part of the task LoRA (``audio_projector.*``, unless ``with_projector=False``):
+    they train, are dev-selected, saved, replayed from the Phase-1 cache and frozen with it, so
+    ``lora`` and every two-stage method's Phase 1 train the same projector + LoRA by construction.
     ``ValueError`` when ``s.target_modules`` match no layer."""
     cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules))
     lm.language_model = get_peft_model(lm.language_model, cfg, adapter_name=adapter_name)
     params = {n: p for n, p in lm.named_parameters() if "lora_" in n and f".{adapter_name}." in n}
     if not params:
         raise ValueError(f"LoRA target modules {s.target_modules} matched no layer of the language model")
+    if with_projector and lm.audio_projector is not None:
+        params.update({f"audio_projector.{n}": p for n, p in lm.audio_projector.named_parameters()})
     for p in params.values():
         p.requires_grad_(True)
     return params
@@ -247,8 +256,10 @@ Example = tuple[list[Segment], int]
 
 
 def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]:
-    """One context-free example per scored utterance: ``([Segment(audio [T, D])], label)``."""
-    return [([Segment(backbone.audio_embeddings(u.input))], u.label)
+    """One context-free example per scored utterance: ``([Segment(audio features [T, F], features=True)],
+    label)``: the LM projects them when it lays out the batch (inside the loss, so a projector that
+    trains with the task gets its gradient; the same tensors where it is frozen)."""
+    return [([Segment(backbone.audio_features(u.input), features=True)], u.label)
             for d in dialogues for u in d.utterances if u.scored]
 
 

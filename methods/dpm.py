@@ -5,8 +5,10 @@ A temporary LoRA, trained at test time utterance by utterance on the dialogue's 
 **Audio tokens (the suite's reading).** The paper's emotion SLLM consumes and predicts discrete audio
 tokens (CosyVoice2, 25 Hz). Our backbones take continuous audio-token embeddings, so here the audio
 "tokens" are discrete *units*: a k-means codebook (``n_units`` centroids, scikit-learn
-``MiniBatchKMeans``) fitted on the frozen audio-token embeddings ``[T, D]`` of the training split
-(like HuBERT units); each audio token's unit is its nearest centroid. The LM still reads the
+``MiniBatchKMeans``) fitted on the frozen audio features ``[T, F]`` of the training split
+(``backbone.audio_features``: the audio-token embeddings, F = D, wherever the projector is frozen;
+the projector's input where it trains with the task LoRA, so the unit targets never move with it;
+like HuBERT units); each audio token's unit is its nearest centroid. The LM still reads the
 continuous embeddings; it gets a small output head ``[D] -> [n_units + 1]`` over the units plus the
 end-of-utterance unit <audio_end> (the paper's vocabulary extension, Eq. 1-2). A dialogue's token
 stream is its utterances' audio tokens, each utterance followed by the ``<|audio_eos|>`` embedding,
@@ -242,7 +244,7 @@ class DynamicParameterMemory(ContextMethod):
         has fewer audio tokens than ``n_units``)."""
         from sklearn.cluster import MiniBatchKMeans
 
-        frames = torch.cat([self.backbone.audio_embeddings(u.input) for d in train for u in d.utterances])
+        frames = torch.cat([self.backbone.audio_features(u.input) for d in train for u in d.utterances])
         X = frames.float().numpy()
         if len(X) < self.config.n_units:
             raise ValueError(f"dpm: the training split has {len(X)} audio tokens, fewer than n_units="
@@ -254,17 +256,18 @@ class DynamicParameterMemory(ContextMethod):
         self.codebook = torch.tensor(km.cluster_centers_, dtype=frames.dtype)
 
     def units(self, emb: torch.Tensor) -> torch.Tensor:
-        """Unit ids ``[T]`` (nearest centroid) of audio-token embeddings ``[T, D]``."""
+        """Unit ids ``[T]`` (nearest centroid) of audio features ``[T, F]`` (:meth:`fit_codebook`)."""
         if self.codebook is None:
             raise RuntimeError("dpm: not fitted (no unit codebook)")
         return torch.cdist(emb.float()[None], self.codebook.float()[None])[0].argmin(-1)
 
     def _utterance_tokens(self, utt: UtteranceInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(audio embeddings ``[T, D]``, stream embeddings ``[T + 1, D]`` with <|audio_eos|>, units ``[T + 1]``)."""
-        emb = self.backbone.audio_embeddings(utt)
+        emb = self.audio_embeddings(utt)
         eos = self.lm.text_embeddings(self.backbone.prompt.audio_eos or self.lm.tokenizer.eos_token or AUDIO_EOS)
         eos = eos[-1:].to(device=emb.device, dtype=emb.dtype)  # one <audio_end> position
-        units = torch.cat([self.units(emb), torch.tensor([self.config.n_units])])  # <audio_end> = unit K
+        units = torch.cat([self.units(self.backbone.audio_features(utt)),
+                           torch.tensor([self.config.n_units])])  # <audio_end> = unit K
         return emb, torch.cat([emb, eos]), units
 
     # ------------------------------------------------------------------ the autoregressive unit loss
@@ -312,16 +315,24 @@ class DynamicParameterMemory(ContextMethod):
     def fit(self, train, dev, progress: ProgressFn | None = None) -> FitReport:
         c, s = self.config, self.config.lora
         self.fit_codebook(train)
-        examples = []  # (current utterance's audio [T, D], label, L_a window)
-        for d in train:
+
+        def dialogue_examples(d):
+            """(current utterance's audio [T, D], label, L_a window) of each scored utterance of ``d``."""
             toks = [self._utterance_tokens(u.input) for u in d.utterances]
             stream_emb, stream_units = torch.cat([t[1] for t in toks]), torch.cat([t[2] for t in toks])
-            end = 0
+            out, end = [], 0
             for (emb, _, units), u in zip(toks, d.utterances):
                 end += units.shape[0]
                 if not u.scored:  # context-only: in the stream, never an L_e target
                     continue
-                examples.append((emb, u.label, self._phase1_window(stream_emb, stream_units, end)))
+                out.append((emb, u.label, self._phase1_window(stream_emb, stream_units, end)))
+            return out
+
+        # where the projector trains with the task LoRA (trainable_projector) the embeddings are
+        # projected anew inside each step's loss; elsewhere they are fixed and computed once
+        projecting = self.lm.audio_projector is not None
+        examples = [(i, k) for i, d in enumerate(train) for k in range(sum(u.scored for u in d.utterances))]
+        fixed = None if projecting else [dialogue_examples(d) for d in train]
         trained = self.trained_parameters()
         opt = torch.optim.AdamW([{"params": list(self.task_params.values())},
                                  {"params": list(self.unit_head.parameters()),
@@ -331,7 +342,12 @@ class DynamicParameterMemory(ContextMethod):
         def batches():
             perm = self.rng.permutation(len(examples))
             for i in range(0, len(perm), s.batch_size):
-                yield [examples[j] for j in perm[i:i + s.batch_size]]
+                chunk = [examples[j] for j in perm[i:i + s.batch_size]]
+                if fixed is not None:
+                    yield [fixed[d][k] for d, k in chunk]
+                else:
+                    dialogues = {d: dialogue_examples(train[d]) for d in dict.fromkeys(d for d, _ in chunk)}
+                    yield [dialogues[d][k] for d, k in chunk]
 
         def loss(chunk):
             # L_e's prompts and L_a's windows in one LM forward

@@ -103,7 +103,8 @@ class FullContext(ContextMethod):
             tags.setdefault(u.speaker, SPEAKER_TAGS[len(tags) % len(SPEAKER_TAGS)])
 
         def seg(u):
-            return Segment(self.backbone.audio_embeddings(u), tags[u.speaker] if self.config.speaker_tags else None)
+            return Segment(self.backbone.audio_features(u), tags[u.speaker] if self.config.speaker_tags else None,
+                           features=True)  # projected by the LM as it lays out the input
 
         if self.config.context == "speaker":
             history = [u for u in history if u.speaker == current.speaker]

@@ -453,7 +453,7 @@ class TitansMemoryMethod(ContextMethod):
     def _forward_dialogues(self, dialogues: Sequence[Sequence[UtteranceInput]]) -> torch.Tensor:
         """Label logits ``[sum N_d, C]`` of whole dialogues from fresh memories, every utterance of every
         dialogue in one LM forward (the memory streams run in one titans-pytorch call per branch)."""
-        embs = [self.backbone.audio_embeddings(u) for utts in dialogues for u in utts]
+        embs = [self.audio_embeddings(u) for utts in dialogues for u in utts]
         with self.memory_active({}) as ctx:
             return self._forward(ctx, embs, self._dialogue_streams(dialogues))
 
@@ -570,7 +570,7 @@ class TitansMemoryMethod(ContextMethod):
         self.branches.eval()
         stream = utterance.speaker if self.config.speaker_memory else 0
         with self.memory_active(self.states.setdefault(stream, {})) as ctx:
-            logits = self._forward_turn(ctx, [self.backbone.audio_embeddings(utterance)])
+            logits = self._forward_turn(ctx, [self.audio_embeddings(utterance)])
         return torch.softmax(logits.float(), -1).numpy()[0]
 
     def fitted_state(self) -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ class EmoDBDialogueTask(Task):
     name = "emodb"
     labels = LABELS
     needs_data_dir = True
+    default_backbone = "qwen2-audio-whisper-tiny"  # real speech: the pretrained Whisper tiny.en encoder
     needs = "Emo-DB wav/ folder (SSTTTEV.wav files); free download"
     source = "http://emodb.bilderbar.info/download/ (free for research; Burkhardt et al., Interspeech 2005)"
 

@@ -89,6 +89,7 @@ class IEMOCAPTask(Task):
     name = "iemocap"
     labels = LABELS
     needs_data_dir = True
+    default_backbone = "qwen2-audio-whisper-tiny"  # real speech: the pretrained Whisper tiny.en encoder
     source = DOWNLOAD
     needs = "IEMOCAP_full_release/Session{1..5}/ (dialog/EmoEvaluation/*.txt, sentences/wav/); licensed"
 

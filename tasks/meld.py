@@ -102,6 +102,7 @@ class MELDTask(Task):
     name = "meld"
     labels = LABELS
     needs_data_dir = True
+    default_backbone = "qwen2-audio-whisper-tiny"  # real speech: the pretrained Whisper tiny.en encoder
     needs = ("MELD.Raw/: {train,dev,test}_sent_emo.csv and the mp4 clips in train_splits/, "
              "dev_splits_complete/, output_repeated_splits_test/; public (GPL-3.0)")
     source = DOWNLOAD

@@ -94,6 +94,7 @@ class MultiDialogTask(Task):
     name = "multidialog"
     labels = LABELS
     needs_data_dir = True
+    default_backbone = "qwen2-audio-whisper-tiny"  # real speech: the pretrained Whisper tiny.en encoder
     needs = ("IVLLab/MultiDialog snapshot: {split}_metadata_*.jsonl and the unpacked 16 kHz wavs "
              "(no dataset script is run)")
     source = DOWNLOAD

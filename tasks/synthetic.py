@@ -112,6 +112,7 @@ class SyntheticProsodyTask(Task):
 
     name = "synthetic"
     labels = LABELS
+    default_backbone = "tiny-qwen2-audio"  # generated tones, not speech: the random tiny encoder (the main job's)
 
     def __init__(self, data_dir=None, preset: str = "default", seed: int = 0, sigma_b: float = 1.5,
                  sigma_n: float = 0.3, p_stay: float = 0.5, p_hold: float = 0.2, **overrides):

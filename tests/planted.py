@@ -73,7 +73,7 @@ class DialogueMean(ContextMethod):
 
     @torch.no_grad()
     def step(self, utterance):
-        h = self.backbone.audio_embeddings(utterance)
+        h = self.audio_embeddings(utterance)
         e = torch.stack(self.state).mean(0) if self.state else None
         probs = self._forward([h], [e])[0]
         self.state.append(h.mean(0))
@@ -85,7 +85,7 @@ class DialogueMean(ContextMethod):
 
     @torch.no_grad()
     def predict_dialogues(self, dialogues):
-        embs = [[self.backbone.audio_embeddings(u) for u in d] for d in dialogues]
+        embs = [[self.audio_embeddings(u) for u in d] for d in dialogues]
         flat = [h for d in embs for h in d]
         if not flat:
             return [np.zeros((0, len(self.labels)), dtype=np.float32) for _ in dialogues]

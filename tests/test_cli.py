@@ -148,7 +148,7 @@ def test_help_shows_every_default(command, capsys):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     if command in ("run", "sweep"):
-        assert "(default: tiny-qwen2-audio)" in text and "--task-set" in text and "--weights" in text
+        assert "(default: each task's own" in text and "--task-set" in text and "--weights" in text
         assert "(default: default)" in text  # the preset
     if command == "run":
         assert "(default: [0, 1, 2])" in text

@@ -35,7 +35,7 @@ FEATURES = ("none", "speaker_mean", "dialogue_mean", "memory")
 def _tensors(backbone, dialogues):
     """Equal-shape dialogues -> embeddings ``[N, turns, T, D]``, labels, speaker-history counts,
     speaker-mean and dialogue-mean features ``[N, turns, D]``."""
-    E = torch.stack([torch.stack([backbone.audio_embeddings(u.input) for u in d.utterances]) for d in dialogues])
+    E = torch.stack([torch.stack([backbone.audio_features(u.input) for u in d.utterances]) for d in dialogues])
     pooled = E.mean(2)
     spk, dlg = torch.zeros_like(pooled), torch.zeros_like(pooled)
     for n, d in enumerate(dialogues):

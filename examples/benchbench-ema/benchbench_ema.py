@@ -115,7 +115,7 @@ class SpeakerEMA(ContextMethod):
             p.requires_grad_(False)
         examples = []  # (h, e_s, label) for utterances whose speaker has history
         for d in train:
-            embs = [self.backbone.audio_embeddings(u.input) for u in d.utterances]
+            embs = [self.audio_embeddings(u.input) for u in d.utterances]
             for u, h, e in zip(d.utterances, embs, self._speaker_baselines(d.inputs(), embs)):
                 if e is not None and u.scored:
                     examples.append((h, e, u.label))
@@ -169,7 +169,7 @@ class SpeakerEMA(ContextMethod):
     @torch.no_grad()
     def step(self, utterance):
         self.lm.eval()
-        h = self.backbone.audio_embeddings(utterance)
+        h = self.audio_embeddings(utterance)
         e = self.state.get(utterance.speaker) if self._gate_open else None
         probs = torch.softmax(self.lm(self.lm.batch([[Segment(self._read(h, e))]])).float(), -1)[0].numpy()
         self._write(self.state, utterance.speaker, h)   # S_i = U(S_{i-1}, x_i), no label
@@ -181,7 +181,7 @@ class SpeakerEMA(ContextMethod):
         streaming :meth:`step` turn by turn."""
         self.lm.eval()
         self.reset()
-        embs = [self.backbone.audio_embeddings(u) for u in utterances]
+        embs = [self.audio_embeddings(u) for u in utterances]
         base = self._speaker_baselines(utterances, embs) if self._gate_open else [None] * len(embs)
         logits = self.lm(self.lm.batch([[Segment(self._read(h, e))] for h, e in zip(embs, base)]))
         for u, h in zip(utterances, embs):
