@@ -21,7 +21,7 @@ FOLDERS = {"benchbench": "benchbench", "methods": "benchbench.methods", "tasks":
 # layer of each module (longest matching prefix); an import must go to the same layer or a lower one
 LAYERS = {
     "benchbench.data": 0, "benchbench.registry": 0, "benchbench.names": 0, "benchbench.metrics": 0, "benchbench.stats": 0,
-    "benchbench.measure": 0, "benchbench.inertia": 0, "benchbench.weights": 0, "benchbench.whisper_weights": 0,
+    "benchbench.measure": 0, "benchbench.inertia": 0, "benchbench.weights": 0, "benchbench.whisper_weights": 0, "benchbench.lm_weights": 0,
     "benchbench.backbone": 1, "benchbench.task": 1, "benchbench.method": 1,
     "benchbench.training": 2, "benchbench.tracking": 2,
     # the three axes: on the contracts (layers 0-2), never on analysis, the runner or each other
