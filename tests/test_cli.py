@@ -230,3 +230,40 @@ def test_data_dir_per_task(tmp_path, capsys):
     rc = main(["run", "--methods", "lora", "--tasks", "emodb", "--data-dir", f"iemocap={tmp_path}",
                "--output", str(tmp_path / "o")])
     assert rc == 2 and "--data-dir is required (a folder, or emodb=FOLDER)" in capsys.readouterr().err
+
+
+def test_each_task_runs_on_its_default_backbone_unless_one_is_named(tmp_path, capsys):
+    """Without --backbone the speech corpora run on a pretrained Whisper encoder and synthetic on the
+    random tiny one: `bench list tasks` shows it, the run prints it, results and summary record it;
+    --backbone puts every task on the one named; a backbone option the default cannot take says so."""
+    from benchbench.harness import RunSpec, validate
+    from tests.conftest import EMODB_DIR, missing
+
+    spec = RunSpec(methods=["lora"], tasks=["synthetic", "emodb"])
+    assert spec.backbones() == {"synthetic": "tiny-qwen2-audio", "emodb": "qwen2-audio-whisper-tiny"}
+    assert RunSpec(methods=["lora"], tasks=["synthetic", "emodb"], backbone="tiny-ultravox").backbones() == \
+        {"synthetic": "tiny-ultravox", "emodb": "tiny-ultravox"}
+    with pytest.raises(ValueError, match="default backbone of task synthetic; name one with --backbone"):
+        validate(RunSpec(methods=["lora"], tasks=["synthetic"], backbone_options={"weights": "/models/x"}))
+    listed = subprocess.run(["bench", "list", "tasks"], capture_output=True, text=True, check=True).stdout
+    lines = {line.split()[0]: line for line in listed.splitlines() if line.strip()}
+    assert lines["emodb"].endswith("default backbone: qwen2-audio-whisper-tiny")
+    assert lines["meld"].endswith("default backbone: qwen2-audio-whisper-tiny")
+    assert lines["synthetic"].endswith("default backbone: tiny-qwen2-audio")
+    if not (EMODB_DIR / "wav").is_dir():
+        pytest.skip(missing("Emo-DB", EMODB_DIR))
+    out = tmp_path / "out"
+    rc = main(["run", "--methods", "zero_shot", "--tasks", "synthetic,emodb", "--data-dir", f"emodb={EMODB_DIR}",
+               "--preset", "smoke", "--seeds", "0", "--folds", "0", "--tracking-uri",
+               f"sqlite:///{tmp_path / 'mlflow.db'}", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "task emodb: backbone qwen2-audio-whisper-tiny (the task's default" in printed
+    assert "task synthetic: backbone tiny-qwen2-audio (the task's default" in printed
+    res = pd.read_csv(out / "results.csv")
+    assert dict(zip(res["task"], res["backbone"])) == {"synthetic": "tiny-qwen2-audio",
+                                                       "emodb": "qwen2-audio-whisper-tiny"}
+    run = json.loads((out / "summary.json").read_text())["run"]
+    assert {t: (b["name"], b["default"]) for t, b in run["backbones"].items()} == \
+        {"synthetic": ("tiny-qwen2-audio", True), "emodb": ("qwen2-audio-whisper-tiny", True)}
