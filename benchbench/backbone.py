@@ -606,6 +606,9 @@ class BackboneSpec:
         size: parameters and memory, in words (real backbones).
         check_options: ``check_options(options)`` raises ``ValueError`` for a bad option value before
             anything is built (e.g. the tiny LM sizes, :func:`benchbench.backbones.tiny.check_lm_size`).
+        note: what every result on this backbone must carry (a departure from how the family is
+            trained, ...): printed when a run starts, shown by ``bench list backbones`` and under the
+            backbone's sections of the leaderboard (:func:`backbone_note`).
     """
 
     name: str
@@ -615,6 +618,7 @@ class BackboneSpec:
     hub_id: str | None = None
     size: str = ""
     check_options: Callable[[dict], None] | None = None
+    note: str = ""
 
     @property
     def pretrained(self) -> bool:

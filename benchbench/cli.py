@@ -245,6 +245,8 @@ def cmd_list(args) -> int:
             about += f"; from {source}" if source else ""
             default = getattr(reg.get(name), "default_backbone", None)  # a task's backbone without --backbone
             about += f"; default backbone: {default}" if default else ""
+            note = getattr(reg.get(name), "note", "")  # a backbone's caveat (BackboneSpec.note)
+            about += f"; NOTE: {note}" if note else ""
         print(f"{name:<{width}} {reg.origin(name)}{about}" + (f"  BROKEN: {error}" if error else ""))
     return 0
 

