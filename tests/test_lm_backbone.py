@@ -196,7 +196,8 @@ def test_every_method_trains_the_projector_with_its_task_lora(lm_backbone, tiny_
     assert all(np.isfinite(p).all() and p.shape == (len(d), len(tiny_task.labels)) for p, d in zip(probs, fold.test))
 
 
-@pytest.mark.parametrize("method", ["mal", pytest.param("full_context", marks=SLOW)])
+@pytest.mark.parametrize("method", ["mal", pytest.param("full_context", marks=SLOW), pytest.param("mac", marks=SLOW),
+                                    pytest.param("hmm", marks=SLOW)])
 def test_phase1_is_the_same_projector_and_lora_as_lora(lm_backbone, tiny_task, method):
     """``phase1_of = "lora"``: the same curves and, bit for bit, the same trained projector + LoRA
     (both trained, no replay)."""
