@@ -344,12 +344,20 @@ class ResultsWriter:
         kept = self.earlier_rows
         if "cell_key" in kept:
             kept = kept[~kept["cell_key"].isin(keys)]
-        pd.concat([kept, pd.DataFrame(self.rows)], ignore_index=True).to_csv(self.out / "results.csv", index=False)
+        _write_csv(pd.concat([kept, pd.DataFrame(self.rows)], ignore_index=True), self.out / "results.csv")
         kept_keys = set(kept["cell_key"]) if "cell_key" in kept else set()
         old = [p for k, (_, p) in self.earlier.items() if k in kept_keys]
         if self.predictions or old:
-            pd.concat(old + self.predictions, ignore_index=True).to_csv(self.out / "predictions.csv", index=False)
+            _write_csv(pd.concat(old + self.predictions, ignore_index=True), self.out / "predictions.csv")
             (self.out / "predictions-dtypes.json").write_text(json.dumps(self.dtypes))
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    """``df`` to ``path`` whole or not at all (a temporary file, then ``os.replace``): a reader (a
+    resumed run, a script polling the folder) never sees a file half rewritten, nor does a kill -9."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- which cell next
