@@ -152,9 +152,8 @@ class UltravoxComposite(nn.Module):
     def get_audio_features(self, input_features: torch.Tensor, attention_mask: torch.Tensor):
         """One utterance's mel features ``[1, n_mels, F]`` with mask ``[1, F]`` -> ``pooler_output``
         ``[T, D]``: the encoder runs over the real frames only."""
-        n = int(attention_mask[0].sum())
-        frames = self.model.audio_tower(input_features[:, :, :n])
-        return SimpleNamespace(pooler_output=self.model.multi_modal_projector(frames)[0])
+        stacked = self.get_projector_inputs(input_features, attention_mask).pooler_output
+        return SimpleNamespace(pooler_output=self.model.multi_modal_projector.project(stacked[None])[0])
 
     def get_projector_inputs(self, input_features: torch.Tensor, attention_mask: torch.Tensor):
         """As :meth:`get_audio_features` up to the projector's input: ``pooler_output`` ``[T, s * D_a]``,

