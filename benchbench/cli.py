@@ -25,12 +25,14 @@ PRESETS = ["smoke", "default", "paper"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows every default (unless the help text already says it) and keeps the
-    descriptions' line breaks."""
+    """``--help`` shows every default (unless the help text already says it, or there is none:
+    ``None``, an empty list, a flag's ``False``) and keeps the descriptions' line breaks."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if "(default" in text else super()._get_help_string(action)
+        if "(default" in text or action.default in (None, [], False) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _csv(s: str) -> list[str]:

@@ -21,8 +21,11 @@ class TaskReference:
         context_free: the best WA any method can reach from the current utterance alone (e.g. a
             Bayes rule on a generated task); context-free methods above it beyond noise are flagged
             as leakage (:func:`benchbench.analysis.leakage_checks`). ``None``: unknown.
-        ceilings: other named reference accuracies (e.g. ``speaker_history``, ``chance``).
+        ceilings: other named accuracies of rules that know how the data were made (e.g. the Bayes
+            ``speaker_history`` rule of a generated task, ``chance``): true bounds or fixed points.
         test_ceilings: the same rules scored on the task's own test utterances.
+        references: accuracies that are references, not bounds (e.g. ``label_history``: a reference
+            method's posteriors plus the speaker's previous gold label): a method may exceed them.
 
     Raises ``ValueError`` for a value outside [0, 1] (NaN allowed: not computable).
     """
@@ -30,10 +33,11 @@ class TaskReference:
     context_free: float | None = None
     ceilings: dict[str, float] = field(default_factory=dict)
     test_ceilings: dict[str, float] = field(default_factory=dict)
+    references: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         values = ([("context_free", self.context_free)] if self.context_free is not None else []) + \
-            list(self.ceilings.items()) + list(self.test_ceilings.items())
+            list(self.ceilings.items()) + list(self.test_ceilings.items()) + list(self.references.items())
         for k, v in values:
             if not (math.isnan(v) or 0.0 <= v <= 1.0):
                 raise ValueError(f"task reference {k}={v}: expected a fraction in [0, 1]")
@@ -43,22 +47,29 @@ class TaskReference:
         return ({"context_free": self.context_free} if self.context_free is not None else {}) | dict(self.ceilings)
 
     def to_dict(self) -> dict:
-        """The JSON form (``summary.json``'s per-task ``ceilings`` / ``test_ceilings``)."""
+        """The JSON form (``summary.json``'s per-task ``ceilings`` / ``test_ceilings`` / ``references``).
+
+        In version 0.2 the references are repeated under ``ceilings`` too (where ``label_history`` was
+        until 0.1; a deprecated alias, dropped in 0.3: CHANGELOG.md)."""
         out = {}
-        if self.all_ceilings():
-            out["ceilings"] = self.all_ceilings()
+        if self.all_ceilings() or self.references:
+            out["ceilings"] = self.all_ceilings() | dict(self.references)
         if self.test_ceilings:
             out["test_ceilings"] = dict(self.test_ceilings)
+        if self.references:
+            out["references"] = dict(self.references)
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskReference":
         """Inverse of :meth:`to_dict`; ``ValueError`` naming unknown keys."""
-        unknown = set(d) - {"ceilings", "test_ceilings"}
+        unknown = set(d) - {"ceilings", "test_ceilings", "references"}
         if unknown:
-            raise ValueError(f"task reference: unknown key(s) {sorted(unknown)} (known: ceilings, test_ceilings)")
-        ceilings = dict(d.get("ceilings") or {})
-        return cls(ceilings.pop("context_free", None), ceilings, dict(d.get("test_ceilings") or {}))
+            raise ValueError(f"task reference: unknown key(s) {sorted(unknown)} "
+                             "(known: ceilings, test_ceilings, references)")
+        references = dict(d.get("references") or {})
+        ceilings = {k: v for k, v in (d.get("ceilings") or {}).items() if k not in references}
+        return cls(ceilings.pop("context_free", None), ceilings, dict(d.get("test_ceilings") or {}), references)
 
 
 class Task(ABC):

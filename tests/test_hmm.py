@@ -108,25 +108,31 @@ def _ceiling_fixture():
     return pd.DataFrame(rows), {"toy": info}
 
 
-def test_label_history_ceiling_and_gap_closed_equal_a_hand_computation():
+def test_label_history_reference_and_gap_closed_equal_a_hand_computation():
     """Turn 2 (previous gold b): lambda = 1 gives [0.55 * 0.3 / 0.4, 0.45 * 0.7 / 0.6] -> b, right;
-    turn 3 (previous a) -> a, right; turns 0-1 have no past and stay wrong: the ceiling is 4/8 at
+    turn 3 (previous a) -> a, right; turns 0-1 have no past and stay wrong: the reference is 4/8 at
     lambda = 0.5 (the smallest strength reaching it; 0.25 gets turn 3 only). The method is right on
     1 of 8 where lora is on none: it closes (1/8 - 0) / (4/8 - 0) = 25% of the gap."""
-    from benchbench.analysis import gaps_closed, label_history_ceilings
+    from benchbench.analysis import gap_target_text, gap_text, gaps_closed, label_history_references
 
     preds, tasks = _ceiling_fixture()
-    (ceil,), rows = label_history_ceilings(preds, tasks)
-    assert ceil["wa"] == 0.5 and ceil["reference_wa"] == 0.0 and ceil["strength"] == 0.5 and ceil["n"] == 8
-    assert rows[("toy", "bb")]["ceiling_correct"].tolist() == [False, False, True, True] * 2
+    (ref,), rows = label_history_references(preds, tasks)
+    assert ref["wa"] == 0.5 and ref["reference_wa"] == 0.0 and ref["strength"] == 0.5 and ref["n"] == 8
+    assert ref["name"] == "label_history" and ref["kind"] == "reference"
+    assert rows[("toy", "bb")]["target_correct"].tolist() == [False, False, True, True] * 2
     (gap,) = gaps_closed(preds, tasks, rows, n_resamples=200)
     assert gap["method"] == "mal" and gap["gap_closed"] == pytest.approx(0.25) and gap["n_dialogues"] == 2
+    assert (gap["target"], gap["target_kind"], gap["target_wa"]) == ("label_history", "reference", 0.5)
+    assert gap_target_text(gap) == "reference label_history 50.00" and gap_text(gap).startswith("+25% [")
     assert 0.0 <= gap["ci_low"] <= 0.25 <= gap["ci_high"] <= 0.5
+    beyond = {**gap, "gap_closed": 1.4, "ci_low": 1.1, "ci_high": 1.7}  # a share above 100% says so
+    assert gap_text(beyond) == "+140% [+110, +170] (beyond the reference)"
 
 
-def test_a_run_writes_the_ceiling_and_the_gap_closed(tmp_path):
-    """`bench run` on a real corpus: tasks.emodb.ceilings.label_history in summary.json, never below
-    lora, and each method's gap closed; the terminal says what the ceiling assumes."""
+def test_a_run_writes_the_label_history_reference_and_the_gap_closed(tmp_path):
+    """`bench run` on a real corpus: tasks.emodb.references.label_history in summary.json (and its
+    deprecated alias under ceilings), never below lora, and each method's gap closed against it,
+    named with its value; the terminal says what the reference assumes."""
     import json
     import subprocess
     import sys
@@ -142,11 +148,19 @@ def test_a_run_writes_the_ceiling_and_the_gap_closed(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    ceil = s["tasks"]["emodb"]["ceilings"]["label_history"]
+    ref = s["tasks"]["emodb"]["references"]["label_history"]
+    assert s["tasks"]["emodb"]["ceilings"]["label_history"] == ref  # the 0.2 alias
     lora_wa = next(c for c in s["cells"] if c["method"] == "lora")["wa"]["mean"]
-    assert ceil >= lora_wa and set(s["tasks"]["emodb"]["transitions"]) == {"0"}
+    assert ref >= lora_wa and set(s["tasks"]["emodb"]["transitions"]) == {"0"}
     assert [g["method"] for g in s["gap_closed"]] == ["hmm"]
-    assert "context ceiling label_history" in res.stdout and "which no method sees" in res.stdout
+    assert s["gap_closed"][0]["target_kind"] == "reference" and s["gap_closed"][0]["target_wa"] == pytest.approx(ref)
+    assert s["context_references"] == s["context_ceilings"] and s["context_references"][0]["kind"] == "reference"
+    assert "context reference label_history" in res.stdout and "which no method sees" in res.stdout
+    assert "a reference, not a bound" in res.stdout and f"reference label_history {100 * ref:.2f}" in res.stdout
+    from benchbench.analysis import Summary  # summary.json reads back: the reference stays apart from the ceilings
+
+    back = Summary.read(out / "summary.json").tasks["emodb"].reference
+    assert back.references == {"label_history": ref} and "label_history" not in back.all_ceilings()
 
 
 def test_forward_filter_refuses_a_speaker_list_of_another_length():

@@ -83,7 +83,7 @@ def test_ema_plugin_appears_in_a_bench_run_table(ema_site, tmp_path):
                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--output", str(tmp_path / "out"),
                 "--no-progress"], env)
     assert res.returncode == 0, res.stderr[-3000:]
-    table = res.stdout.split("reference ceilings")[0]
+    table = res.stdout.split("Bayes ceilings")[0]
     assert any(ln.split()[2:3] == ["ema"] for ln in table.splitlines()), table
     assert "ema - lora WA" in res.stdout
 

@@ -1,0 +1,396 @@
+"""Committed runs and the documents rendered from them: every number the README and the docs publish.
+
+A *committed run* is a folder ``results/<name>/`` that holds what one command printed and wrote, and
+where it ran:
+
+- ``run.json``: the exact command, the suite commit it ran on (and whether the tree was dirty), the
+  suite version, the machine (CPU model, cores, platform, Python, torch build), the wall time of
+  each attempt (a run resumed over several sessions has several) and the exit status;
+- ``stdout.txt``: what the command printed;
+- for ``bench run``: ``summary.json``, ``results.csv`` and ``predictions.csv.gz`` (every scored test
+  utterance, compressed; the leaderboard and every statistic are recomputed from them) with
+  ``predictions-dtypes.json``.
+
+Commands (``python -m benchbench.tools.publish ...``)::
+
+    record NAME -- bench run --methods lora,mal --tasks synthetic    # run it, keep it in results/NAME
+    render                                                           # rewrite every generated block
+    check                                                            # exit 1 naming each stale block
+
+``record`` runs ``bench run`` with a private output folder and MLflow store under
+``results/<name>/.work/`` (not committed), so no cell is reused from another store; the same
+``record`` again resumes there (finished cells are kept; the wall time of each attempt is recorded).
+
+A generated block in a Markdown file (``README.md``, ``docs/**.md``) sits between two markers::
+
+    <!-- results:NAME VIEW -->
+    ...what the generator makes of results/NAME for VIEW...
+    <!-- /results -->
+
+Views: ``terminal`` (what the command printed, as a code block; the line naming the output folder
+and MLflow store is left out: it names a temporary path), ``command`` (the command as a code block),
+``provenance`` (one line: command, commit, machine, wall time), ``table`` (per method: n as seeds x
+folds, WA / UA / WF1 with 95% intervals, the WA difference to the reference method with its
+dialogue-bootstrap interval and Holm p, the share of the gap to the task's target closed, named with
+its value), ``costs`` (fit seconds, inference ms per utterance, trained parameters, peak memory),
+``selection`` (two-stage methods: in how many cells dev kept Phase 2). ``render`` rewrites the
+blocks in place; ``check`` (and the test suite, ``tests/test_publish.py``) fails when a block differs
+from what the generator makes of the committed folders, so a changed result is regenerated, never
+edited by hand. Timings are of the machine in ``run.json``: never compare them across runs of
+different machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results"
+DOCUMENTS = ("README.md", "docs")
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) (?P<view>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+PRIVATE_LINE = re.compile(r"^results: .*\(MLflow: .*$", re.M)
+
+
+# ---------------------------------------------------------------------------- the machine
+def machine() -> dict:
+    """What a timing depends on: CPU model, logical cores, platform, Python and the torch build."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        torch_build = torch.__version__
+    except ImportError:
+        torch_build = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch_build}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("benchbench")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------- record
+def record(name: str, command: list[str], results: Path = RESULTS) -> int:
+    """Run ``command`` (a ``bench ...`` command line) and keep what it printed and wrote in
+    ``results/<name>/`` (module docstring). Returns the command's exit status.
+
+    Raises ``ValueError`` for a name that is not a plain folder name, a command that is not a
+    ``bench`` command, or a ``bench run`` command that sets ``--output`` or ``--tracking-uri`` itself
+    (the recorder owns both), and when ``results/<name>`` holds another command's run.
+    """
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if not command or command[0] != "bench":
+        raise ValueError(f"{shlex.join(command)!r}: a committed run is a `bench` command")
+    folder = results / name
+    meta_path = folder / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    text = shlex.join(command)
+    if meta is not None and meta["command"] != text:
+        raise ValueError(f"{folder}: holds the run of `{meta['command']}`, not `{text}` (choose another name, "
+                         "or remove the folder to record this command in its place)")
+    is_run = command[1:2] == ["run"]
+    argv = list(command[1:])
+    work = folder / ".work"
+    if is_run:
+        owned = {"--output", "--tracking-uri"} & {a.split("=", 1)[0] for a in argv}
+        if owned:
+            raise ValueError(f"{sorted(owned)[0]}: the recorder sets it (the run's own folder and MLflow store "
+                             f"under {work})")
+        argv += ["--output", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress"]
+    work.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchbench.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    wall = time.perf_counter() - t0
+    (work / "stderr.txt").write_text(proc.stderr)
+    sys.stderr.write(proc.stderr[-4000:])
+    attempts = (meta or {}).get("attempts", []) + [{"started": started.isoformat(timespec="seconds"),
+                                                     "wall_seconds": round(wall, 1), "exit_status": proc.returncode}]
+    meta = {"command": text, "commit": _git("rev-parse", "HEAD"),
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "version": _version(), "machine": machine(), "attempts": attempts,
+            "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": proc.returncode}
+    (folder / "stdout.txt").write_text(proc.stdout)
+    if is_run and (work / "out" / "summary.json").is_file():
+        out = work / "out"
+        shutil.copyfile(out / "summary.json", folder / "summary.json")
+        shutil.copyfile(out / "results.csv", folder / "results.csv")
+        if (out / "predictions-dtypes.json").is_file():
+            shutil.copyfile(out / "predictions-dtypes.json", folder / "predictions-dtypes.json")
+        from benchbench.tracking import read_predictions
+
+        dtypes_path = out / "predictions-dtypes.json"
+        preds = read_predictions(out / "predictions.csv",
+                                 json.loads(dtypes_path.read_text()) if dtypes_path.is_file() else None)
+        preds.to_csv(folder / "predictions.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return proc.returncode
+
+
+# ---------------------------------------------------------------------------- committed runs
+class CommittedRun:
+    """One ``results/<name>/`` folder, read lazily (``FileNotFoundError`` naming the missing file)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.name = self.folder.name
+        path = self.folder / "run.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (record it: python -m benchbench.tools.publish record "
+                                    f"{self.name} -- bench ...)")
+        self.meta = json.loads(path.read_text())
+        self._summary = None
+
+    @property
+    def stdout(self) -> str:
+        return (self.folder / "stdout.txt").read_text()
+
+    @property
+    def summary(self):
+        from benchbench.analysis import Summary
+
+        if self._summary is None:
+            self._summary = Summary.read(self.folder / "summary.json")
+        return self._summary
+
+    def results(self):
+        import pandas as pd
+
+        return pd.read_csv(self.folder / "results.csv", dtype={"cell_key": str})
+
+    def predictions(self):
+        from benchbench.tracking import read_predictions
+
+        dtypes = self.folder / "predictions-dtypes.json"
+        return read_predictions(self.folder / "predictions.csv.gz",
+                                json.loads(dtypes.read_text()) if dtypes.is_file() else None)
+
+
+def committed_runs(results: Path = RESULTS) -> dict[str, CommittedRun]:
+    """Every committed run under ``results/``, by name."""
+    return {p.name: CommittedRun(p) for p in sorted(results.iterdir()) if (p / "run.json").is_file()} \
+        if results.is_dir() else {}
+
+
+# ---------------------------------------------------------------------------- views
+def _minutes(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def view_terminal(run: CommittedRun) -> str:
+    text = PRIVATE_LINE.sub("", run.stdout).rstrip("\n")
+    return "```\n" + re.sub(r"\n{3,}", "\n\n", text) + "\n```"
+
+
+def view_command(run: CommittedRun) -> str:
+    return "```\n" + run.meta["command"] + "\n```"
+
+
+def view_provenance(run: CommittedRun) -> str:
+    m, mach = run.meta, run.meta["machine"]
+    attempts = len(m["attempts"])
+    return (f"*Committed run `results/{run.name}`: `{m['command']}` on commit `{m['commit'][:10]}`"
+            f"{' (uncommitted changes)' if m['dirty'] else ''}, version {m['version']}; {mach['cpu']}, "
+            f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
+            f"{f' over {attempts} attempts' if attempts > 1 else ''}.*")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _ci(s: dict) -> str:
+    import math
+
+    if not math.isfinite(s.get("ci_low", float("nan"))):
+        return _pct(s["mean"])
+    return f"{_pct(s['mean'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]"
+
+
+def _sections(run: CommittedRun):
+    """(task, backbone) -> the CellSummary list, in the summary's order."""
+    out: dict[tuple, list] = {}
+    for c in run.summary.cells:
+        out.setdefault((c.task, c.backbone), []).append(c)
+    return out
+
+
+def view_table(run: CommittedRun, reference: str = "lora") -> str:
+    from benchbench.analysis import gap_target_text, gap_text
+
+    s = run.summary
+    comps = {(c["task"], c["backbone"], c["method"]): c for c in s.comparisons if c["reference"] == reference}
+    gaps = {(g["task"], g["backbone"], g["method"]): g for g in s.gap_closed if g["reference"] == reference}
+    parts = []
+    secs = _sections(run)
+    for (task, backbone), cells in secs.items():
+        targets = {gap_target_text(g) for k, g in gaps.items() if k[:2] == (task, backbone)}
+        gap_head = f"gap closed ({reference} -> {targets.pop()})" if len(targets) == 1 else "gap closed"
+        if len(secs) > 1:
+            parts.append(f"**{task} · {backbone}**\n")
+        head = ["method", "n (seeds x folds)", "WA", "UA", "WF1", f"WA - {reference} (Holm p)", gap_head]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in cells:
+            comp = comps.get((task, backbone, c.method))
+            delta = ""
+            if comp is not None:
+                b, p = comp["bootstrap"]["wa"], comp["dialogues"].get("wilcoxon_p_holm")
+                delta = f"{100 * b['diff']:+.2f} [{100 * b['ci_low']:+.2f}, {100 * b['ci_high']:+.2f}]" + \
+                    (f" (p {p:.2g})" if p is not None else "")
+            gap = gaps.get((task, backbone, c.method))
+            lines.append("| " + " | ".join([
+                f"`{c.method}`", f"{c.n} ({len(c.seeds)} x {len(c.folds)})",
+                *(_ci(c.stats[m]) if m in c.stats else "–" for m in ("wa", "ua", "wf1")),
+                delta, gap_text(gap) if gap else ""]) + " |")
+        parts.append("\n".join(lines))
+        refs = [r for r in s.context_references if (r["task"], r["backbone"]) == (task, backbone)]
+        for r in refs:
+            parts.append(f"Reference `label_history` (lora + the speaker's previous *gold* label, which no method "
+                         f"sees; a reference, not a bound): {_pct(r['wa'])} WA.")
+    return "\n\n".join(parts)
+
+
+def view_costs(run: CommittedRun) -> str:
+    parts = []
+    secs = _sections(run)
+    for (task, backbone), cells in secs.items():
+        if len(secs) > 1:
+            parts.append(f"**{task} · {backbone}**\n")
+        head = ["method", "fit s / cell", "ms / utterance", "of which test-time training", "trained parameters",
+                "peak RSS MiB"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in cells:
+            st = c.stats
+
+            def mean(k, fmt):
+                return fmt.format(st[k]["mean"]) if k in st else ""
+            lines.append("| " + " | ".join([
+                f"`{c.method}`", mean("fit_seconds", "{:.1f}"), mean("eval_ms_per_utterance", "{:.1f}"),
+                mean("test_time_update_ms_per_utterance", "{:.1f}"), mean("trained_parameters", "{:,.0f}"),
+                mean("peak_rss_mb", "{:.0f}")]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def view_selection(run: CommittedRun) -> str:
+    rows = [f"`{c.method}` {c.selection['phase_2']}/{c.selection['n']}" for c in run.summary.cells if c.selection]
+    return ("Cells whose dev selection kept Phase 2 (else the memory was dropped and the cell predicts as `lora`): "
+            + ", ".join(rows) + ".") if rows else "No two-stage method in this run."
+
+
+VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
+         "costs": view_costs, "selection": view_selection}
+
+
+# ---------------------------------------------------------------------------- render and check
+def documents(root: Path = ROOT) -> list[Path]:
+    """The Markdown files the generator renders into: README.md and every page under docs/."""
+    out = []
+    for d in DOCUMENTS:
+        p = root / d
+        out += sorted(p.rglob("*.md")) if p.is_dir() else ([p] if p.is_file() else [])
+    return out
+
+
+def render_text(text: str, runs: dict[str, CommittedRun], where: str = "") -> str:
+    """``text`` with every generated block re-rendered. Raises ``ValueError`` naming the file (``where``),
+    the run or the view when a block names a run that is not committed or a view that does not exist."""
+    def one(m: re.Match) -> str:
+        name, view = m.group("name"), m.group("view")
+        if name not in runs:
+            raise ValueError(f"{where}: block names results/{name}, which is not a committed run "
+                             f"(known: {', '.join(runs) or 'none'})")
+        if view not in VIEWS:
+            raise ValueError(f"{where}: block for results/{name} asks for view {view!r} (known: {', '.join(VIEWS)})")
+        return m.group(1) + VIEWS[view](runs[name]).rstrip("\n") + "\n" + m.group(5)
+
+    return BLOCK.sub(one, text)
+
+
+def stale(root: Path = ROOT, results: Path = RESULTS) -> list[str]:
+    """``"FILE: results/NAME VIEW"`` for every block that differs from what the generator makes of the
+    committed runs (empty: every document is current)."""
+    runs, out = committed_runs(results), []
+    for path in documents(root):
+        text = path.read_text()
+        new = render_text(text, runs, str(path.relative_to(root)))
+        if new != text:
+            old_blocks = {(m.group("name"), m.group("view"), m.group("body")) for m in BLOCK.finditer(text)}
+            for m in BLOCK.finditer(new):
+                if (m.group("name"), m.group("view"), m.group("body")) not in old_blocks:
+                    out.append(f"{path.relative_to(root)}: results/{m.group('name')} {m.group('view')}")
+    return out
+
+
+def render(root: Path = ROOT, results: Path = RESULTS) -> list[Path]:
+    """Rewrite every generated block of the documents in place; returns the files that changed."""
+    runs, changed = committed_runs(results), []
+    for path in documents(root):
+        text = path.read_text()
+        new = render_text(text, runs, str(path.relative_to(root)))
+        if new != text:
+            path.write_text(new)
+            changed.append(path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchbench.tools.publish", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("record", help="run a bench command and keep it in results/NAME")
+    r.add_argument("name")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- bench run ...")
+    sub.add_parser("render", help="rewrite every generated block of README.md and docs/")
+    sub.add_parser("check", help="exit 1 naming each generated block that is not current")
+    args = p.parse_args(argv)
+    try:
+        if args.what == "record":
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            return record(args.name, command)
+        if args.what == "render":
+            for path in render():
+                print(f"rendered {path.relative_to(ROOT)}")
+            return 0
+        out = stale()
+        for line in out:
+            print(f"stale: {line}")
+        if out:
+            print("run: python -m benchbench.tools.publish render")
+        return 1 if out else 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"publish: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
