@@ -202,7 +202,7 @@ def cmd_leaderboard(args) -> int:
 
     paths = build(LeaderboardSpec(output=args.output, tracking_uri=args.tracking_uri, experiment=args.experiment,
                                   reference=args.reference, parent_run_ids=args.runs, preset=args.preset,
-                                  tasks=args.tasks, n_resamples=args.resamples))
+                                  tasks=args.tasks, n_resamples=args.resamples, folders=args.from_runs))
     for kind, path in paths.items():
         print(f"{kind:>4}: {path}")
     return 0
@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--preset", default=None, help="only cells of this preset")
     lb.add_argument("--tasks", type=_csv, default=None, help="only these tasks")
     lb.add_argument("--resamples", type=int, default=2000, help="dialogue-bootstrap resamples")
+    lb.add_argument("--from-runs", type=_csv, default=None, metavar="DIR1,DIR2",
+                    help="read these `bench run --output` folders or committed runs (results/NAME) instead of MLflow")
     lb.set_defaults(func=cmd_leaderboard)
 
     c = sub.add_parser("compare", help="paired statistics for a finished run's output folder (no rerun)",

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from benchbench.analysis import summarize
 
-from .collect import Collected, collect
+from .collect import Collected, collect, collect_folders
 from .render import load_reported, render_html, render_latex, render_markdown, sections
 
-__all__ = ["LeaderboardSpec", "build", "collect", "Collected", "load_reported", "render_html", "render_latex", "render_markdown",
+__all__ = ["LeaderboardSpec", "build", "collect", "collect_folders", "Collected", "load_reported", "render_html", "render_latex", "render_markdown",
            "sections"]
 
 
@@ -56,22 +56,20 @@ class LeaderboardSpec:
     preset: str | None = None            # only cells of this preset
     tasks: list[str] | None = None       # only these tasks
     n_resamples: int = 2000              # dialogue-bootstrap resamples
+    folders: list[str] | None = None     # read these run folders / committed runs instead of MLflow
 
 
 def build(spec: LeaderboardSpec) -> dict[str, Path]:
     """Read the logged cells, compute the statistics and write the leaderboard files into ``spec.output``.
 
     Returns ``{"html", "md", "tex", "json"}`` paths. Raises ``ValueError`` (naming the tracking URI
-    and experiment) when there is nothing to show.
+    and experiment, or the folders) when there is nothing to show. With ``spec.folders`` the cells are
+    read from run folders or committed runs (:func:`.collect.collect_folders`) instead of MLflow.
     """
-    output, tracking_uri, experiment, reference = spec.output, spec.tracking_uri, spec.experiment, spec.reference
-    parent_run_ids, preset, tasks, n_resamples = spec.parent_run_ids, spec.preset, spec.tasks, spec.n_resamples
-    c = collect(tracking_uri, experiment, parent_run_ids, preset, tasks)
-    _relabel_presets(c)
-    summary = summarize(c.results, c.predictions, c.task_info, reference, n_resamples=n_resamples)
-    reported = load_reported()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    tracking_uri, experiment = spec.tracking_uri, spec.experiment
+    if spec.folders:
+        return _write(collect_folders(spec.folders), spec, provenance=_folder_provenance(spec.folders))
+    c = collect(tracking_uri, experiment, spec.parent_run_ids, spec.preset, spec.tasks)
     import mlflow
 
     uri = mlflow.get_tracking_uri()
@@ -84,11 +82,36 @@ def build(spec: LeaderboardSpec) -> dict[str, Path]:
         provenance += " Told apart: " + "; ".join(c.notes) + "."
     if c.skipped:
         provenance += " Skipped: " + "; ".join(c.skipped)
+    return _write(c, spec, provenance, {"tracking_uri": uri, "experiment": experiment})
+
+
+def _folder_provenance(folders: list[str]) -> str:
+    """The page's provenance line for cells read from folders: each committed run's command, commit
+    and machine (its ``run.json``)."""
+    import html
+
+    parts = []
+    for f in map(Path, folders):
+        meta = json.loads((f / "run.json").read_text()) if (f / "run.json").is_file() else {}
+        what = f"<code>{html.escape(meta['command'])}</code> on commit <code>{meta['commit'][:10]}</code>, " \
+               f"{html.escape(meta['machine']['cpu'])}" if meta else "a bench run output folder"
+        parts.append(f"<code>{html.escape(f.name)}</code> ({what})")
+    return "Rendered from the committed runs " + "; ".join(parts) + "."
+
+
+def _write(c: Collected, spec: LeaderboardSpec, provenance: str, store: dict | None = None) -> dict[str, Path]:
+    """Summarise ``c`` and write the four files (tuned and other presets in sections of their own)."""
+    _relabel_presets(c)
+    reference = spec.reference
+    summary = summarize(c.results, c.predictions, c.task_info, reference, n_resamples=spec.n_resamples)
+    reported = load_reported()
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / "leaderboard.html", "md": out / "leaderboard.md", "tex": out / "leaderboard.tex",
              "json": out / "leaderboard.json"}
     paths["html"].write_text(render_html(summary, reported, reference, provenance=provenance))
     paths["md"].write_text(render_markdown(summary, reported, reference))
     paths["tex"].write_text(render_latex(summary, reported, reference))
-    paths["json"].write_text(json.dumps({"summary": summary.to_dict(), "sources": c.sources, "skipped": c.skipped, "notes": c.notes,
-                                         "tracking_uri": uri, "experiment": experiment}, indent=2, default=str))
+    paths["json"].write_text(json.dumps({"summary": summary.to_dict(), "sources": c.sources, "skipped": c.skipped,
+                                         "notes": c.notes, **(store or {})}, indent=2, default=str))
     return paths

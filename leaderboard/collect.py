@@ -209,3 +209,47 @@ def _recorded_dtypes(client, uri: str, run, dst: str) -> dict | None:
         return json.loads(cell_artifact(client, uri, run, "row.json", dst).read_text()).get("prediction_dtypes")
     except Exception:  # noqa: BLE001 - no row.json: read with pandas' own inference
         return None
+
+
+def collect_folders(folders: list[str | Path]) -> Collected:
+    """The same as :func:`collect`, read from ``bench run`` output folders or committed runs
+    (``results/<name>/``: ``results.csv``, ``predictions.csv`` or ``predictions.csv.gz`` with its
+    ``predictions-dtypes.json``, and ``summary.json`` for the tasks' reference figures) instead of an
+    MLflow store: what the committed leaderboard is rendered from. Later folders override earlier
+    ones' reference figures; each cell keeps its folder's preset label, so tuned and untuned cells
+    stay in sections of their own.
+
+    Raises ``FileNotFoundError`` naming a folder without ``results.csv``, predictions or
+    ``summary.json``, and ``ValueError`` when the folders hold no finished cell.
+    """
+    import json
+
+    from benchbench.tracking import read_predictions
+
+    results, preds, task_info, sources = [], [], {}, []
+    for folder in map(Path, folders):
+        pred_path = next((folder / n for n in ("predictions.csv.gz", "predictions.csv") if (folder / n).is_file()), None)
+        for f in (folder / "results.csv", pred_path or folder / "predictions.csv", folder / "summary.json"):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: not found (is {folder} a `bench run --output` folder or a committed run?)")
+        rows = pd.read_csv(folder / "results.csv", dtype={"cell_key": str})
+        rows = rows[rows["status"] == "ok"].copy()
+        if "preset" not in rows:
+            rows["preset"] = "default"
+        rows["preset"] = rows["preset"].fillna("default")
+        dtypes = folder / "predictions-dtypes.json"
+        p = read_predictions(pred_path, json.loads(dtypes.read_text()) if dtypes.is_file() else None)
+        keys = rows[["cell_key", "preset"]] if "cell_key" in rows and "cell_key" in p else None
+        p = p.merge(keys, on="cell_key", how="inner") if keys is not None else p.assign(preset="default")
+        results.append(rows)
+        preds.append(p)
+        meta = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+        sources.append({"folder": str(folder), "command": meta.get("command"), "git_commit": meta.get("commit")})
+        for t, info in Summary.read(folder / "summary.json").tasks.items():
+            task_info[t] = TaskSummary(info.labels, info.reference, info.manifest_sha256,
+                                       transitions={**(task_info[t].transitions if t in task_info else {}),
+                                                    **info.transitions})
+    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame()
+    if res.empty:
+        raise ValueError(f"{', '.join(map(str, folders))}: no finished cell")
+    return Collected(res, pd.concat(preds, ignore_index=True), task_info, sources)

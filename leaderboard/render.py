@@ -23,7 +23,7 @@ from importlib.resources import files
 
 import pandas as pd
 
-from benchbench.analysis import Summary
+from benchbench.analysis import Summary, gap_target_text, gap_text
 from benchbench.metrics import METRICS
 from benchbench.names import backbone_note
 from benchbench.task import TaskReference
@@ -74,6 +74,8 @@ class Row:
     kind: str                                   # "measured" | "reported"
     metrics: dict                               # metric -> {"mean", "ci_low", "ci_high", "sd"} or {"mean"}
     n: int | None = None
+    n_seeds: int | None = None                  # measured: n = n_seeds x n_folds cells
+    n_folds: int | None = None
     per_class: dict = field(default_factory=dict)   # label -> mean F1
     costs: dict = field(default_factory=dict)       # trained_parameters, fit_seconds, ...
     marks: dict = field(default_factory=dict)       # metric -> "▲" | "▼"
@@ -82,7 +84,7 @@ class Row:
     table: str | None = None
     note: str | None = None
     selection: dict = field(default_factory=dict)   # two-stage: {"phase_2": cells keeping Phase 2, "n"}
-    gap: dict | None = None                         # analysis.gaps_closed's record (share of the gap to the ceiling)
+    gap: dict | None = None                         # analysis.gaps_closed's record (share of the gap to its target)
 
 
 @dataclass
@@ -91,9 +93,17 @@ class Section:
     backbone: str
     rows: list[Row]
     labels: list[str]
-    reference: TaskReference                    # the task's reference figures (ceilings, ...)
+    reference: TaskReference                    # the task's reference figures (ceilings, references)
     by_turn: list[dict]
     by_history: list[dict]
+
+    @property
+    def measured(self) -> list[Row]:
+        return [r for r in self.rows if r.kind == "measured"]
+
+    @property
+    def reported(self) -> list[Row]:
+        return [r for r in self.rows if r.kind == "reported"]
 
 
 def _marks(comp: dict) -> dict:
@@ -111,7 +121,8 @@ def _marks(comp: dict) -> dict:
 
 def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora") -> list[Section]:
     """One section per task x backbone that was run: its measured rows sorted by WA, then the papers'
-    reported rows for the same task and backbone (the others: :func:`unmatched_reported`)."""
+    reported rows for the same task and backbone (the others: :func:`unmatched_reported`).
+    :attr:`Section.measured` and :attr:`Section.reported` split them."""
     out: dict[tuple, Section] = {}
 
     def section(task, backbone):
@@ -132,7 +143,7 @@ def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: 
         comp = comps.get((c.task, c.backbone, c.method))
         st = c.stats
         s.rows.append(Row(
-            method=c.method, kind="measured", n=c.n,
+            method=c.method, kind="measured", n=c.n, n_seeds=len(c.seeds) or None, n_folds=len(c.folds) or None,
             metrics={m: st[m] for m in METRICS if m in st},
             per_class={k.removeprefix("f1_"): v["mean"] for k, v in st.items() if k.startswith("f1_")},
             costs={k: st[k]["mean"] for k, _, _ in COSTS if k in st},
@@ -185,11 +196,20 @@ def _delta_text(row: Row) -> str:
 
 
 def _gap_text(row: Row) -> str:
-    g = row.gap
-    if g is None or not math.isfinite(g["gap_closed"]):
+    return gap_text(row.gap) if row.gap is not None else ""
+
+
+def _n_text(row: Row) -> str:
+    """``"3 (3 x 1)"``: cells, as seeds x folds."""
+    if row.n is None:
         return ""
-    ci = f" [{100 * g['ci_low']:+.0f}, {100 * g['ci_high']:+.0f}]" if math.isfinite(g["ci_low"]) else ""
-    return f"{100 * g['gap_closed']:+.0f}%{ci}"
+    return f"{row.n} ({row.n_seeds} x {row.n_folds})" if row.n_seeds and row.n_folds else str(row.n)
+
+
+def _gap_head(sec: Section, reference: str) -> str:
+    """The gap column's header: what the share is measured against, with its value."""
+    targets = {gap_target_text(r.gap) for r in sec.rows if r.gap is not None}
+    return f"gap closed: {reference} -> {targets.pop()}" if len(targets) == 1 else "gap closed"
 
 
 def _cost_text(row: Row, key: str, fmt: str) -> str:
@@ -206,31 +226,55 @@ def _method_text(row: Row) -> str:
 
 
 def _ceilings_text(sec: Section) -> str:
-    ceil = sec.reference.all_ceilings()
-    return ("Reference ceilings (WA %): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items())) if ceil else ""
+    """The section's Bayes ceilings and references, each with its value (WA %)."""
+    ceil, refs = sec.reference.all_ceilings(), sec.reference.references
+    parts = []
+    if ceil:
+        parts.append("Bayes ceilings (WA %): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in ceil.items()))
+    if sec.reference.test_ceilings:
+        parts.append("on this test split: " + ", ".join(f"{k} {100 * v:.2f}"
+                                                         for k, v in sec.reference.test_ceilings.items()))
+    if refs:
+        parts.append("context reference (WA %): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in refs.items()))
+    return ". ".join(parts)
+
+
+def _legend_text(reference: str) -> str:
+    return (f"Metrics in %, mean [95% t-interval over cells]; n = cells = seeds x folds. ▲/▼: better/worse than "
+            f"{reference} with the dialogue-bootstrap 95% interval excluding 0 and Holm-corrected Wilcoxon p < 0.05 "
+            "over test dialogues. Gap closed: each method's share of the WA distance from "
+            f"{reference} to the named target (a Bayes ceiling, or a reference that a method may pass: above "
+            "+100% says so).")
 
 
 def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora") -> str:
-    """A Markdown table per task x backbone: mean [95% interval] (in %) over seeds x folds, ▲/▼ marks
-    against ``reference``, the WA difference with its dialogue-bootstrap interval and Holm p, costs;
-    then the papers' reported rows (italic) and references."""
+    """Per task x backbone: a table of mean [95% interval] (in %) over seeds x folds, ▲/▼ marks against
+    ``reference``, the WA difference with its dialogue-bootstrap interval and Holm p and the gap closed
+    (its target named with its value); a second table of per-class F1 and costs; the papers' reported
+    rows for the same task and backbone (italic); then the reported rows for what was not run."""
     out = []
     for sec in sections(summary, reported, reference):
         out.append(f"### {sec.task} · {sec.backbone}\n")
         if backbone_note(sec.backbone):
             out.append(f"*Backbone: {backbone_note(sec.backbone)}.*\n")
-        head = ["method", "n", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference}",
-                "gap to ceiling closed", *(h for _, h, _ in COSTS)]
+        head = ["method", "n (seeds x folds)", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference}",
+                _gap_head(sec, reference)]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in sec.rows:
             name = _method_text(r)
-            cells = [f"*{name}*" if r.kind == "reported" else name, str(r.n or ""),
-                     *(_metric_text(r, m) for m in METRICS), _delta_text(r), _gap_text(r),
-                     *(_cost_text(r, k, fmt) for k, _, fmt in COSTS)]
+            cells = [f"*{name}*" if r.kind == "reported" else name, _n_text(r),
+                     *(_metric_text(r, m) for m in METRICS), _delta_text(r), _gap_text(r)]
             out.append("| " + " | ".join(cells) + " |")
         if _ceilings_text(sec):
             out.append("\n" + _ceilings_text(sec))
+        labels = sec.labels or sorted({k for r in sec.measured for k in r.per_class})
+        head = ["method", *(f"F1 {lab}" for lab in labels), *(h for _, h, _ in COSTS)]
+        out.append("\n| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in sec.measured:
+            out.append("| " + " | ".join([r.method, *(_pct(r.per_class.get(lab)) for lab in labels),
+                                          *(_cost_text(r, k, fmt) for k, _, fmt in COSTS)]) + " |")
         out.append("")
     rest = unmatched_reported(summary, reported)
     if len(rest):
@@ -244,9 +288,7 @@ def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, refe
         out.append("")
     if reported is not None and len(reported):
         out.append("Reported rows: " + "; ".join(f"{p['short']}: {p['cite']}" for p in PAPERS.values()))
-    out.append(f"\nMetrics in %, mean [95% t-interval over seeds x folds]. ▲/▼: better/worse than {reference} "
-               "with the dialogue-bootstrap 95% interval excluding 0 and Holm-corrected Wilcoxon p < 0.05 "
-               "over test dialogues.")
+    out.append("\n" + _legend_text(reference))
     return "\n".join(out) + "\n"
 
 
@@ -283,15 +325,30 @@ def _mpl():
     return plt
 
 
+def _metric_range(sec: Section) -> tuple[float, float]:
+    """One x-range (in %) for every metric panel of a section: every mean, interval and reference line,
+    padded."""
+    xs = []
+    for r in sec.rows:
+        for v in r.metrics.values():
+            xs += [x for x in (v["mean"], v.get("ci_low"), v.get("ci_high")) if x is not None and math.isfinite(x)]
+    xs += list(sec.reference.all_ceilings().values()) + list(sec.reference.references.values())
+    lo, hi = 100 * min(xs), 100 * max(xs)
+    pad = max(2.0, 0.05 * (hi - lo))
+    return max(0.0, lo - pad), min(100.0, hi + pad)
+
+
 def plot_metrics(sec: Section) -> str:
-    """Each metric per method: measured means with 95% interval bars, reported values as hollow
-    diamonds; on WA the task's ceilings as dashed lines. Returns an ``<svg>`` string."""
+    """Each metric per method on one shared x-range: measured means with 95% interval bars, reported
+    values as hollow diamonds; on WA the task's ceilings and references as vertical lines, named in a
+    legend below the panels (never over the data). Returns an ``<svg>`` string."""
     plt = _mpl()
     rows = sec.rows
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(2.6 * len(METRICS), 0.35 * len(rows) + 1.1),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(2.6 * len(METRICS), 0.35 * len(rows) + 1.3),
+                             sharey=True, sharex=True, squeeze=False)
     labels = [r.method if r.kind == "measured" else f"{r.method} ({PAPERS[r.source]['key']}: {r.note})"[:48]
               for r in rows]
+    lines = {**sec.reference.all_ceilings(), **{f"{k} (reference)": v for k, v in sec.reference.references.items()}}
     for ax, m in zip(axes[0], METRICS):
         for y, r in enumerate(rows):
             v = r.metrics.get(m)
@@ -304,14 +361,43 @@ def plot_metrics(sec: Section) -> str:
                 err = None if math.isnan(lo) else [[100 * (v["mean"] - lo)], [100 * (hi - v["mean"])]]
                 ax.errorbar(100 * v["mean"], y, xerr=err, fmt="o", color="#003f5c", capsize=3, ms=4)
         if m == "wa":
-            for (k, c), style in zip(sec.reference.all_ceilings().items(), ("--", ":", "-.", (0, (1, 3)))):
-                ax.axvline(100 * c, color="#ef5675", ls=style, lw=1, label=k)
-            if sec.reference.all_ceilings():
-                ax.legend(fontsize=7, loc="lower right", frameon=False)
+            for (k, c), style in zip(lines.items(), ("--", ":", "-.", (0, (1, 3)), (0, (5, 2)))):
+                ax.axvline(100 * c, color="#ef5675", ls=style, lw=1, label=f"{k} {100 * c:.1f}")
         ax.set_title(METRIC_NAMES[m] + " (%)")
         ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_xlim(*_metric_range(sec))
     axes[0][0].set_yticks(range(len(rows)), labels)
     axes[0][0].invert_yaxis()
+    if lines:
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(lines), 4), fontsize=7, frameon=False)
+    return _svg(fig)
+
+
+def plot_costs(sec: Section) -> str | None:
+    """Cost against accuracy, the trade-off a method is chosen by: WA (mean, 95% interval) against
+    inference ms per utterance and against training seconds per cell, one labelled point per measured
+    method. None when the section has no costs."""
+    rows = [r for r in sec.measured if "wa" in r.metrics and "eval_ms_per_utterance" in r.costs]
+    if not rows:
+        return None
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, key, label in ((axes[0], "eval_ms_per_utterance", "inference ms per utterance"),
+                           (axes[1], "fit_seconds", "training seconds per cell")):
+        for r in rows:
+            if key not in r.costs:
+                continue
+            v = r.metrics["wa"]
+            lo, hi = v.get("ci_low", float("nan")), v.get("ci_high", float("nan"))
+            err = None if math.isnan(lo) else [[100 * (v["mean"] - lo)], [100 * (hi - v["mean"])]]
+            ax.errorbar(r.costs[key], 100 * v["mean"], yerr=err, fmt="o", color="#003f5c", capsize=3, ms=4)
+            ax.annotate(r.method, (r.costs[key], 100 * v["mean"]), xytext=(4, 3), textcoords="offset points",
+                        fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("WA (%)")
     return _svg(fig)
 
 
@@ -341,7 +427,7 @@ def plot_position(sec: Section) -> str | None:
         if k in ("context_free", "speaker_history"):
             for ax in (a1, a2):
                 ax.axhline(100 * c, color="#ef5675", ls="--" if k == "context_free" else ":", lw=1)
-    a1.legend(fontsize=7, frameon=False, ncol=2)
+    a2.legend(*a1.get_legend_handles_labels(), fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1))
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
     return _svg(fig)
@@ -349,17 +435,21 @@ def plot_position(sec: Section) -> str | None:
 
 # ---------------------------------------------------------------------------- HTML
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;color:#222;padding:0 1em;box-sizing:border-box}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2.2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-th,td{padding:.3em .55em;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
+table.main{width:100%}
+th,td{padding:.3em .55em;border-bottom:1px solid #eee;text-align:right;vertical-align:top}
+td{white-space:nowrap}th{white-space:normal}
 th{background:#f4f6f8;cursor:pointer;user-select:none;position:sticky;top:0}
 th[aria-sort=ascending]::after{content:" ↑"}th[aria-sort=descending]::after{content:" ↓"}
 td.name,th.name{text-align:left}
 tr.reported td{font-style:italic;color:#5a3f73;background:#faf6fd}
 tr.reference td.name{font-weight:600}
-.ci{color:#777;font-size:.85em}.up{color:#1a7f37;font-weight:700}.down{color:#c62828;font-weight:700}
+.ci{color:#777;font-size:.85em;display:block}.sub{color:#777;font-size:.8em;display:block;font-weight:400}
+.up{color:#1a7f37;font-weight:700}.down{color:#c62828;font-weight:700}
 .note{color:#555;font-size:.85em;max-width:70em}.scroll{overflow-x:auto}
+details{margin:.4em 0}summary{cursor:pointer;color:#333;font-size:.9em}
 figure{margin:.5em 0}svg{max-width:100%;height:auto}
 """
 
@@ -406,48 +496,80 @@ def _metric_td(r: Row, m: str) -> str:
     return _td(f"{_pct(v['mean'])}{ci}{mark_html}", round(100 * v["mean"], 4))
 
 
-def _section_html(sec: Section, reference: str, index: int) -> str:
-    labels = sec.labels or sorted({k for r in sec.rows for k in r.per_class})
-    head = ["method", "source", "n", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference} [95% CI] (Holm p)",
-            "gap to ceiling closed [95% CI]", *(f"F1 {lab}" for lab in labels), *(h for _, h, _ in COSTS)]
-    ths = "".join(f'<th class="name" aria-sort="none">{html.escape(h)}</th>' if i < 2 else
+def _sortable(head: list[str], names: int, trs: list[str], cls: str = "") -> str:
+    ths = "".join(f'<th class="name" aria-sort="none">{html.escape(h)}</th>' if i < names else
                   f'<th aria-sort="none">{html.escape(h)}</th>' for i, h in enumerate(head))
-    trs = []
-    for r in sec.rows:
-        if r.kind == "reported":
-            paper = PAPERS[r.source]
-            src = (f'<a href="#ref-{paper["key"]}">[{paper["key"]}]</a> {html.escape(paper["short"])} '
-                   f'{html.escape(r.table)}: {html.escape(r.note)}')
-            cls = "reported"
-        else:
-            src, cls = "measured here", "reference" if r.method == reference else "measured"
-        delta = ""
-        if r.comparison is not None:
-            b = r.comparison["bootstrap"]["wa"]
-            delta = _td(html.escape(_delta_text(r)), round(100 * b["diff"], 4))
-        else:
-            delta = _td("")
-        cells = [_td(html.escape(_method_text(r) if r.kind == "measured" else r.method), r.method, "name"), _td(src, r.kind, "name"), _td(str(r.n or ""), r.n),
-                 *(_metric_td(r, m) for m in METRICS), delta,
-                 _td(html.escape(_gap_text(r)), round(100 * r.gap["gap_closed"], 4)
-                     if r.gap is not None and math.isfinite(r.gap["gap_closed"]) else None),
-                 *(_td(_pct(r.per_class[lab]), round(100 * r.per_class[lab], 4)) if lab in r.per_class else _td("")
-                   for lab in labels),
-                 *(_td(_cost_text(r, k, fmt), r.costs.get(k)) for k, _, fmt in COSTS)]
-        trs.append(f'<tr class="{cls}">' + "".join(cells) + "</tr>")
+    return (f'<table class="sortable {cls}"><thead><tr>' + ths + "</tr></thead><tbody>" + "".join(trs)
+            + "</tbody></table>")
+
+
+def _name_td(r: Row) -> str:
+    sub = f'<span class="sub">Phase 2 selected in {r.selection["phase_2"]}/{r.selection["n"]} cells</span>' \
+        if r.selection else ""
+    return _td(html.escape(r.method) + sub, r.method, "name")
+
+
+def _delta_td(r: Row) -> str:
+    c = r.comparison
+    if c is None:
+        return _td("")
+    b, p = c["bootstrap"]["wa"], c["dialogues"].get("wilcoxon_p_holm")
+    ci = f"[{100 * b['ci_low']:+.2f}, {100 * b['ci_high']:+.2f}]" + (f" p={p:.2g}" if p is not None else "")
+    return _td(f"{100 * b['diff']:+.2f}<span class=\"ci\">{html.escape(ci)}</span>", round(100 * b["diff"], 4))
+
+
+def _gap_td(r: Row) -> str:
+    if r.gap is None or not math.isfinite(r.gap["gap_closed"]):
+        return _td("")
+    text = gap_text(r.gap)
+    head, _, rest = text.partition(" ")
+    return _td(html.escape(head) + (f'<span class="ci">{html.escape(rest)}</span>' if rest else ""),
+               round(100 * r.gap["gap_closed"], 4))
+
+
+def _section_html(sec: Section, reference: str, index: int) -> str:
+    """One task x backbone: the main table (fits 1400 px: method, n, the four metrics, the difference to
+    the reference and the gap closed), per-class F1 and costs in a second, collapsed table, the plots,
+    and the papers' reported rows for the same task and backbone."""
+    labels = sec.labels or sorted({k for r in sec.measured for k in r.per_class})
+    head = ["method", "n (seeds x folds)", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference} [95% CI], Holm p",
+            _gap_head(sec, reference)]
+    trs = [f'<tr class="{"reference" if r.method == reference else "measured"}">'
+           + "".join([_name_td(r), _td(_n_text(r), r.n), *(_metric_td(r, m) for m in METRICS), _delta_td(r),
+                      _gap_td(r)]) + "</tr>" for r in sec.measured]
+    detail = [f'<tr>{_td(html.escape(r.method), r.method, "name")}'
+              + "".join(_td(_pct(r.per_class[lab]), round(100 * r.per_class[lab], 4)) if lab in r.per_class
+                        else _td("") for lab in labels)
+              + "".join(_td(_cost_text(r, k, fmt), r.costs.get(k)) for k, _, fmt in COSTS) + "</tr>"
+              for r in sec.measured]
     parts = [f'<section id="s{index}"><h2>{html.escape(sec.task)} · {html.escape(sec.backbone)}</h2>']
     if backbone_note(sec.backbone):
         parts.append(f'<p class="note"><strong>Backbone:</strong> {html.escape(backbone_note(sec.backbone))}.</p>')
     if _ceilings_text(sec):
-        parts.append(f'<p class="note">{html.escape(_ceilings_text(sec))} (Bayes accuracies from the task\'s '
-                     "latents: <em>context_free</em> is what no utterance-level method can beat; "
-                     "<em>label_history</em>: the reference's posteriors plus the speaker's previous gold label, "
-                     "which no method sees; the gap column is each method's share of the distance from the "
-                     "reference to that ceiling)</p>")
-    parts.append('<div class="scroll"><table class="sortable"><thead><tr>' + ths + "</tr></thead><tbody>"
-                 + "".join(trs) + "</tbody></table></div>")
+        parts.append(f'<p class="note">{html.escape(_ceilings_text(sec))}. Bayes ceilings know how the task was '
+                     "generated: <em>context_free</em> is what no utterance-level method can beat, "
+                     "<em>speaker_history</em> what the speaker's earlier utterances allow. <em>label_history</em> "
+                     f"is a reference, not a bound: {html.escape(reference)}'s posteriors plus the speaker's previous "
+                     "gold label, which no method sees; a context method can pass it.</p>")
+    parts.append(_sortable(head, 1, trs, "main"))
+    parts.append('<details><summary>Per-class F1 and costs</summary><div class="scroll">'
+                 + _sortable(["method", *(f"F1 {lab}" for lab in labels), *(h for _, h, _ in COSTS)], 1, detail)
+                 + "</div></details>")
+    if sec.reported:
+        rep = [f'<tr class="reported">{_td(html.escape(r.method), r.method, "name")}'
+               f'{_td(_reported_source(r), r.source, "name")}'
+               + "".join(_metric_td(r, m) for m in METRICS) + "</tr>" for r in sec.reported]
+        parts.append("<details open><summary>Reported by the papers for this task and backbone (their data and "
+                     "hardware: read beside, not against)</summary>"
+                     + _sortable(["method", "source", *(METRIC_NAMES[m] for m in METRICS)], 2, rep) + "</details>")
     parts.append(f"<figure>{plot_metrics(sec)}<figcaption class=\"note\">Mean over seeds x folds with 95% "
-                 "t-interval bars; hollow diamonds: reported by the papers.</figcaption></figure>")
+                 "t-interval bars, one x-range for the four metrics; hollow diamonds: reported by the papers."
+                 "</figcaption></figure>")
+    costs = plot_costs(sec)
+    if costs:
+        parts.append(f"<figure>{costs}<figcaption class=\"note\">Cost against accuracy: WA (95% interval) against "
+                     "inference milliseconds per utterance and training seconds per cell (means over cells, on the "
+                     "machine of the run; test-time training counts as inference).</figcaption></figure>")
     pos = plot_position(sec)
     if pos:
         parts.append(f"<figure>{pos}<figcaption class=\"note\">Where memory should show: accuracy by the "
@@ -458,13 +580,20 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
     return "\n".join(parts)
 
 
+def _reported_source(r: Row) -> str:
+    paper = PAPERS[r.source]
+    return (f'<a href="#ref-{paper["key"]}">[{paper["key"]}]</a> {html.escape(paper["short"])} '
+            f'{html.escape(r.table)}: {html.escape(r.note)}')
+
+
 def render_html(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora",
                 title: str = "benchbench leaderboard", provenance: str = "") -> str:
-    """The self-contained page (inline CSS, JS and SVG; nothing fetched): a sortable table per
-    task x backbone, metric plots with interval bars, accuracy by dialogue position, reported rows."""
-    secs = sections(summary, reported, reference)
-    toc = "".join(f'<li><a href="#s{i}">{html.escape(s.task)} · {html.escape(s.backbone)}</a>'
-                  f'{"" if any(r.kind == "measured" for r in s.rows) else " (reported only)"}</li>'
+    """The self-contained page (inline CSS, JS and SVG; nothing fetched): per task x backbone a
+    sortable main table that fits 1400 px, per-class F1 and costs collapsed, metric plots on one
+    x-range, cost against accuracy, accuracy by dialogue position; the papers' reported rows for
+    what was not run, collapsed at the end."""
+    secs = [s for s in sections(summary, reported, reference) if s.measured]
+    toc = "".join(f'<li><a href="#s{i}">{html.escape(s.task)} · {html.escape(s.backbone)}</a></li>'
                   for i, s in enumerate(secs))
     refs = "".join(f'<li id="ref-{p["key"]}">[{p["key"]}] {html.escape(p["cite"])}</li>' for p in PAPERS.values())
     body = "\n".join(_section_html(s, reference, i) for i, s in enumerate(secs))
@@ -472,25 +601,29 @@ def render_html(summary: Summary, reported: pd.DataFrame | None = None, referenc
     if len(rest):
         toc += '<li><a href="#reported">reported by the papers (not run here)</a></li>'
         trs = "".join(
-            "<tr class=\"reported\">" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-                r.task, r.backbone, f"{r.method} ({r.note})",
-                *("–" if pd.isna(getattr(r, m)) else _pct(float(getattr(r, m))) for m in ("wa", "ua", "wf1")),
-                f"{PAPERS[r.source]['short']} {r.table}")) + "</tr>" for r in rest.itertuples())
+            "<tr class=\"reported\">" + "".join(f"<td class=\"name\">{html.escape(str(v))}</td>" for v in (
+                r.task, r.backbone, f"{r.method} ({r.note})")) + "".join(
+                f"<td>{'–' if pd.isna(getattr(r, m)) else _pct(float(getattr(r, m)))}</td>"
+                for m in ("wa", "ua", "wf1")) + f"<td class=\"name\">{html.escape(PAPERS[r.source]['short'])} "
+            f"{html.escape(r.table)}</td></tr>" for r in rest.itertuples())
         body += ('\n<h2 id="reported">Reported by the papers (tasks and backbones not run here)</h2>'
-                 '<table><thead><tr><th>task</th><th>backbone</th><th>method</th><th>WA</th><th>UA</th><th>WF1</th>'
-                 f'<th>source</th></tr></thead><tbody>{trs}</tbody></table>')
+                 f'<details><summary>{len(rest)} rows of the papers\' tables, on their data and hardware</summary>'
+                 '<table><thead><tr><th class="name">task</th><th class="name">backbone</th><th class="name">method'
+                 '</th><th>WA</th><th>UA</th><th>WF1</th><th class="name">source</th></tr></thead>'
+                 f'<tbody>{trs}</tbody></table></details>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>
 <link rel="icon" href="data:,"></head>
 <body><h1>{html.escape(title)}</h1>
 <p class="note">Context and memory methods for conversational speech emotion recognition, side by side on the
-same backbones, data, folds and seeds. Metrics in %: mean over seeds x folds with its 95% Student-t interval.
-<span class="up">▲</span>/<span class="down">▼</span>: better / worse than <b>{html.escape(reference)}</b>
-with the 95% dialogue-cluster bootstrap interval of the difference excluding 0 <em>and</em> the Holm-corrected
-Wilcoxon signed-rank test over test dialogues at p &lt; {ALPHA}. Italic purple rows are numbers reported by the
-papers, on their own data and hardware: read them beside, not against, the measured rows. Click a column
-header to sort (first click: descending).</p>
+same backbones, data, folds and seeds. Metrics in %: mean over the cells (n = seeds x folds) with its 95%
+Student-t interval below it. <span class="up">▲</span>/<span class="down">▼</span>: better / worse than
+<b>{html.escape(reference)}</b> with the 95% dialogue-cluster bootstrap interval of the difference excluding 0
+<em>and</em> the Holm-corrected Wilcoxon signed-rank test over test dialogues at p &lt; {ALPHA}. Gap closed: each
+method's share of the WA distance from {html.escape(reference)} to the target named in the column header (a
+Bayes ceiling, or a reference a method can pass: above +100% it did). Click a column header to sort (first
+click: descending).</p>
 <p class="note">{provenance}</p>
 <ul>{toc}</ul>
 {body}

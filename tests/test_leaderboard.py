@@ -102,7 +102,10 @@ def test_bench_leaderboard_reads_mlflow_and_writes_every_format(logged):
     tex = (board / "leaderboard.tex").read_text()
     assert tex.count(r"\begin{tabular}") == md.count("### ") - 1  # the compact table is not a section
     page = (board / "leaderboard.html").read_text()
-    assert page.count("<svg") >= 2 and "Titans-as-a-Layer" in page
+    assert page.count("<svg") >= 3 and "Titans-as-a-Layer" in page
+    assert "training seconds per cell" in page and "inference ms per utterance" in page  # cost vs accuracy
+    assert "<details><summary>Per-class F1 and costs</summary>" in page
+    assert "2 (2 x 1)" in page  # n as seeds x folds
     # self-contained: nothing is fetched (no external scripts, styles, images or fonts)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert "@import" not in page and "url(http" not in page
@@ -130,7 +133,15 @@ def test_leaderboard_page_in_headless_chromium(logged):
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url))
         page.goto(page_path.as_uri())
-        table = page.locator("#s0 table.sortable")
+        table = page.locator("#s0 table.main")
+        # the main table fits 1400 px: no horizontal overflow of the table, its section or the page
+        widths = page.evaluate("""() => { const t = document.querySelector('#s0 table.main');
+            return {table: t.scrollWidth, box: t.parentElement.clientWidth,
+                    page: document.documentElement.scrollWidth, view: window.innerWidth}; }""")
+        assert widths["table"] <= widths["box"] and widths["page"] <= widths["view"], widths
+        heads = table.locator("th").all_inner_texts()
+        assert heads[:2] == ["method", "n (seeds x folds)"] and heads[-1].startswith("gap closed")
+        assert not any(h.startswith("F1 ") or "fit s" in h for h in heads)  # per-class F1 and costs: the second table
         wa_col = table.locator("th").all_inner_texts().index("WA")
 
         def column(i):
