@@ -191,14 +191,20 @@ def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone
            seeds) -> list[Cell]:
     """The run's cells of ``task``: fold x method x seed, in that order (the order of results.csv).
     With ``--tune N`` the preset label says so (``default+tune=8``): tuned cells are never pooled with
-    untuned ones or with another N; ``--tune-seed S`` adds ``@sS`` (``default+tune=8@s0``)."""
+    untuned ones or with another N; ``--tune-seed S`` adds ``@sS`` (``default+tune=8@s0``). A method
+    with nothing to tune (no search space: ``zero_shot``, a plugin without one) is never labelled
+    tuned: its cells are the untuned cells (label, key and ``tuning_trials`` 0), so the leaderboard
+    never lists it in a "tuned" section beside methods that were."""
+    from .tuning import no_search_space
+
     tuned = f"+tune={spec.tune}" + (f"@s{spec.tune_seed}" if spec.tune_seed is not None else "") if spec.tune else ""
-    label = preset_label(spec.preset, spec.task_options.get(task.name)) + tuned
+    base = preset_label(spec.preset, spec.task_options.get(task.name))
     tuning_dir = str(Path(spec.output) / "tuning") if spec.tune else None
-    return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone_for(task.name), spec.backbone_options), label,
-                 spec.preset,
-                 spec.method_overrides.get(m) or {}, manifest, spec.threads, spec.tune, tuning_dir,
-                 spec.tune_seed if spec.tune else None)
+    tunes = {m: bool(spec.tune) and no_search_space(m) is None for m in methods}
+    return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone_for(task.name), spec.backbone_options),
+                 base + tuned if tunes[m] else base, spec.preset,
+                 spec.method_overrides.get(m) or {}, manifest, spec.threads, spec.tune if tunes[m] else 0,
+                 tuning_dir if tunes[m] else None, spec.tune_seed if tunes[m] else None)
             for f in folds for m in methods for s in seeds]
 
 
@@ -209,6 +215,13 @@ def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbones: dict[str, Audio
     manifest written to ``out/manifest-<task>.json`` and its notices (skipped files, ...) given to
     ``notify``."""
     cells, task_info = [], {}
+    if spec.tune:
+        from .tuning import no_search_space
+
+        for m in spec.methods:
+            if no_search_space(m) is not None:
+                notify(f"NOTICE: {m} has nothing to tune (no search space): its cells run untuned and keep the untuned "
+                       "preset label (never listed as tuned)")
     for task_name, task in tasks.items():
         folds = [f for f in task.folds() if spec.folds is None or f.index in spec.folds]
         manifest = task.manifest()
@@ -543,14 +556,24 @@ def _ray_loop(ray, remote, spec_json, cells, sched: Scheduler, refs: dict, slots
             bar.update()
 
 
+_WARNED: dict[Path, set] = {}
+"""Per warnings.log of this process, the (category, file, line) already written."""
+
+
 @contextmanager
 def _warnings_to(path: Path):
-    """Within the block, Python warnings (libraries' deprecation notices, ...) are appended to
-    ``path``, each once per place it comes from, instead of printed through the progress bar; the
-    filters and printer are restored after."""
+    """Within the block, Python warnings (libraries' deprecation notices, the statistics' degenerate-data
+    notices, ...) are appended to ``path``, each once per source line (category, file, line: a
+    library's own ``catch_warnings`` resets Python's once-registry, so the printer keeps its own),
+    instead of printed through the progress bar; the filters and printer are restored after."""
+    seen = _WARNED.setdefault(Path(path).resolve(), set())
     with warnings.catch_warnings():
         warnings.simplefilter("default")
+
         def show(message, category, filename, lineno, file=None, line=None):
+            if (category, filename, lineno) in seen:
+                return
+            seen.add((category, filename, lineno))
             with open(path, "a") as f:
                 f.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -665,7 +688,8 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
             raise
         finally:
             stop.raising = False  # from here a SIGTERM waits until the outputs are written
-            summary = finalise(spec, out, tracker, writer, task_info, backbones, status, stop)
+            with _warnings_to(out / "warnings.log"):  # the statistics' warnings too, not on the terminal
+                summary = finalise(spec, out, tracker, writer, task_info, backbones, status, stop)
     if stop.seen:  # SIGTERM while the outputs were written: they are complete, now stop
         raise Terminated("SIGTERM")
     return summary

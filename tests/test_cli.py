@@ -31,7 +31,12 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
     assert "context_free" in printed and "mal" in printed
     # libraries' warnings go to the output folder's warnings.log, not through the progress bar
     assert "Warning" not in captured.err
-    assert "is_gradient_checkpointing" in (out / "warnings.log").read_text()
+    log = (out / "warnings.log").read_text()
+    assert "is_gradient_checkpointing" in log
+    import re
+
+    places = re.findall(r"^(\S+:\d+): \w+Warning", log, re.M)  # formatwarning's "file:line: Category: msg"
+    assert places and len(places) == len(set(places)), log[:2000]  # each once per source line
 
     res = pd.read_csv(out / "results.csv")
     assert len(res) == 8 and set(res["method"]) == set(METHODS4.split(","))

@@ -39,8 +39,18 @@ def test_a_planted_bug_fails_the_kit_naming_the_check(bug, backbone, tiny_task):
     (check,) = [c for c in conformance_checks(bug) if c.name == PLANTED[bug]]
     with pytest.raises(AssertionError, match=f"^{bug.name}: {PLANTED[bug]}: "):
         check(backbone, tiny_task)
-    with pytest.raises(AssertionError, match=f"^{bug.name}: check_"):  # and the one call fails too
-        run_conformance(bug, backbone, tiny_task)
+    with pytest.raises(AssertionError) as e:  # and the one call fails too, every failing check reported,
+        run_conformance(bug, backbone, tiny_task)  # the most specific cause (the planted one) on the first line
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith(f"{bug.name}: {PLANTED[bug]}: "), lines
+    assert all(ln.startswith(f"{bug.name}: check_") for ln in lines if ln.startswith(bug.name))
+
+
+def test_the_report_order_covers_every_check():
+    from benchbench.testing import REPORT_ORDER
+
+    assert sorted(REPORT_ORDER) == sorted(CHECKS)
+    assert REPORT_ORDER.index("check_dialogue_isolation") < REPORT_ORDER.index("check_future_turns")
 
 
 def test_without_activation_the_gate_hides_the_bugs(backbone, tiny_task, monkeypatch):

@@ -110,6 +110,7 @@ def test_bench_run_tunes_every_method_with_one_budget(tmp_path, capsys):
     res = pd.read_csv(out / "results.csv").set_index("method")
     assert res.loc[["lora", "mal", "hmm"], "tuning_trials"].tolist() == [2, 2, 2]
     assert res.loc["zero_shot", "tuning_trials"] == 0
+    assert res.loc["zero_shot", "preset"] == "smoke" and res.loc["lora", "preset"] == "smoke+tune=2"  # never "tuned"
     assert json.loads(res.loc["lora", "tuned_params"]) and json.loads(res.loc["mal", "tuned_params"])
     printed = capsys.readouterr().out
     assert "nothing to tune" in printed and "tuned: every method with 2 Optuna trials per cell" in printed
@@ -117,6 +118,8 @@ def test_bench_run_tunes_every_method_with_one_budget(tmp_path, capsys):
                  "--resamples", "100"]) == 0
     board = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "### synthetic · tiny-qwen2-audio (smoke preset, tuned: 2 trials on dev)" in board  # its own section
+    tuned_section = board.split("(smoke preset, tuned: 2 trials on dev)")[1].split("### ")[0]
+    assert "zero_shot" not in tuned_section and "| zero_shot" in board  # untuned: its own section
     journal = next((out / "cells").glob("*/artifacts/tuning.journal"))
     assert journal.read_text().count("\n") > 2  # the study is stored with the cell
     assert main(args) == 0  # a second run reuses every cell: nothing tuned or trained again
