@@ -118,9 +118,11 @@ class Cell:
     @property
     def base(self) -> dict:
         """The identifying columns of the cell's results.csv and predictions.csv rows (``method``: the
-        label with the variant, ``method_name``: the registry name)."""
+        label with the variant, ``method_name``: the registry name, ``preset``: the preset label, e.g.
+        ``default+tune=4@s0``, which keeps tuned and untuned cells apart wherever the rows are read)."""
         return {"method": self.label, "method_name": self.method, "task": self.task.name,
-                "backbone": self.backbone_name, "seed": self.seed, "fold": self.fold.index, "cell_key": self.key}
+                "backbone": self.backbone_name, "preset": self.preset, "seed": self.seed, "fold": self.fold.index,
+                "cell_key": self.key}
 
     @cached_property
     def key(self) -> str:

@@ -239,8 +239,9 @@ def collect_folders(folders: list[str | Path]) -> Collected:
         rows["preset"] = rows["preset"].fillna("default")
         dtypes = folder / "predictions-dtypes.json"
         p = read_predictions(pred_path, json.loads(dtypes.read_text()) if dtypes.is_file() else None)
-        keys = rows[["cell_key", "preset"]] if "cell_key" in rows and "cell_key" in p else None
-        p = p.merge(keys, on="cell_key", how="inner") if keys is not None else p.assign(preset="default")
+        if "preset" not in p:  # predictions of a suite before 0.2 name no preset: their cell's row does
+            p = p.merge(rows[["cell_key", "preset"]], on="cell_key", how="inner")
+        p = p[p["cell_key"].isin(rows["cell_key"])]
         results.append(rows)
         preds.append(p)
         meta = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
