@@ -27,8 +27,8 @@ A generated block in a Markdown file (``README.md``, ``docs/**.md``) sits betwee
     ...what the generator makes of results/NAME for VIEW...
     <!-- /results -->
 
-Views: ``terminal`` (what the command printed, as a code block; the line naming the output folder
-and MLflow store is left out: it names a temporary path), ``command`` (the command as a code block),
+Views: ``terminal`` (what the command printed, as a code block; left out: the per-epoch progress
+lines of each cell, and the line naming the output folder and MLflow store, a private path), ``command`` (the command as a code block),
 ``provenance`` (one line: command, commit, machine, wall time), ``table`` (per method: n as seeds x
 folds, WA / UA / WF1 with 95% intervals, the WA difference to the reference method with its
 dialogue-bootstrap interval and Holm p, the share of the gap to the task's target closed, named with
@@ -60,6 +60,7 @@ RESULTS = ROOT / "results"
 DOCUMENTS = ("README.md", "docs")
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) (?P<view>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 PRIVATE_LINE = re.compile(r"^results: .*\(MLflow: .*$", re.M)
+PROGRESS_LINE = re.compile(r"^  \[[^\]]+\] .*$\n?", re.M)
 
 
 # ---------------------------------------------------------------------------- the machine
@@ -88,12 +89,11 @@ def _git(*args: str) -> str:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """The suite's version as the checked-out ``pyproject.toml`` says (an editable install's metadata
+    keeps the version it was installed at)."""
+    import tomllib
 
-    try:
-        return version("benchbench")
-    except PackageNotFoundError:
-        return "unknown"
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
 # ---------------------------------------------------------------------------- record
@@ -208,7 +208,7 @@ def _minutes(seconds: float) -> str:
 
 
 def view_terminal(run: CommittedRun) -> str:
-    text = PRIVATE_LINE.sub("", run.stdout).rstrip("\n")
+    text = PROGRESS_LINE.sub("", PRIVATE_LINE.sub("", run.stdout)).rstrip("\n")
     return "```\n" + re.sub(r"\n{3,}", "\n\n", text) + "\n```"
 
 
