@@ -127,6 +127,7 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
         argv += ["--output", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress"]
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
+    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "benchbench.cli", *argv], cwd=ROOT, capture_output=True, text=True,
                           check=False)
@@ -135,8 +136,7 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
     sys.stderr.write(proc.stderr[-4000:])
     attempts = (meta or {}).get("attempts", []) + [{"started": started.isoformat(timespec="seconds"),
                                                      "wall_seconds": round(wall, 1), "exit_status": proc.returncode}]
-    meta = {"command": text, "commit": _git("rev-parse", "HEAD"),
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    meta = {"command": text, "commit": commit, "dirty": dirty,  # as the run started (the tree may move on)
             "version": _version(), "machine": machine(), "attempts": attempts,
             "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": proc.returncode}
     (folder / "stdout.txt").write_text(proc.stdout)
