@@ -1,0 +1,112 @@
+"""Every published number comes from a committed run: the README's and the docs' generated blocks are
+what the generator makes of results/ (a stale block fails here), and the recorder keeps what a command
+printed with its command, commit and machine."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from benchbench.tools import publish
+from benchbench.tools.publish import ROOT, CommittedRun, committed_runs, render, render_text, stale
+
+
+def test_every_generated_block_of_the_readme_and_the_docs_is_current():
+    """The guard: a changed result must be regenerated (`python -m benchbench.tools.publish render`),
+    never edited by hand."""
+    assert stale() == []
+    docs = [p.relative_to(ROOT).as_posix() for p in publish.documents()]
+    assert "README.md" in docs and "docs/results.md" in docs
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("<!-- results:main-job terminal -->") == 1  # the main job's output, once
+    assert len(readme.splitlines()) <= 250
+
+
+def test_the_documents_speak_in_the_present():
+    """History goes to CHANGELOG.md: no sentence of the README or the docs describes a release."""
+    for path in publish.documents():
+        text = path.read_text().lower()
+        for phrase in ("previous release", "this release", "the release before", "earlier releases"):
+            assert phrase not in text, f"{path}: {phrase!r}"
+
+
+def test_a_block_edited_by_hand_is_stale_and_render_restores_it(tmp_path):
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "page.md"
+    runs = committed_runs()
+    doc.write_text("intro\n<!-- results:main-job table -->\n<!-- /results -->\nend\n")
+    assert stale(tmp_path) == ["docs/page.md: results/main-job table"]
+    assert render(tmp_path) == [doc]
+    good = doc.read_text()
+    assert stale(tmp_path) == [] and good.startswith("intro\n") and good.endswith("<!-- /results -->\nend\n")
+    lora = next(c for c in runs["main-job"].summary.cells if c.method == "lora")
+    assert f"| `lora` | {lora.n} (3 x 1) | {100 * lora.stats['wa']['mean']:.2f} [" in good
+    doc.write_text(good.replace(f"{100 * lora.stats['wa']['mean']:.2f}", "99.99"))  # a hand edit
+    assert stale(tmp_path) == ["docs/page.md: results/main-job table"]
+
+
+def test_a_block_naming_an_unknown_run_or_view_says_which():
+    runs = committed_runs()
+    with pytest.raises(ValueError, match="README.md: block names results/nope, which is not a committed run"):
+        render_text("<!-- results:nope table -->\n<!-- /results -->", runs, "README.md")
+    with pytest.raises(ValueError, match="asks for view 'bogus'"):
+        render_text("<!-- results:main-job bogus -->\n<!-- /results -->", runs, "x.md")
+
+
+def test_the_views_say_what_the_committed_run_holds():
+    run = committed_runs()["main-job"]
+    meta = run.meta
+    assert meta["command"] == "bench run --methods zero_shot,lora,full_context,mal --tasks synthetic"
+    assert len(meta["commit"]) == 40 and meta["machine"]["cores"] >= 1 and meta["wall_seconds"] > 0
+    # the commit is a real commit of this repository
+    assert subprocess.run(["git", "cat-file", "-e", meta["commit"]], cwd=ROOT).returncode == 0
+    terminal = publish.view_terminal(run)
+    assert "full_context[speaker]" in terminal and "results: " not in terminal and "epoch 1/6" not in terminal
+    prov = publish.view_provenance(run)
+    assert meta["commit"][:10] in prov and meta["machine"]["cpu"] in prov
+    table = publish.view_table(run)
+    assert "gap closed (lora -> Bayes ceiling speaker_history 80.52)" in table  # the target, with its value
+    assert "Reference `label_history`" in table and "a reference, not a bound" in table
+
+
+def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
+    assert publish.record("listing", ["bench", "list", "methods"], results=tmp_path) == 0
+    run = CommittedRun(tmp_path / "listing")
+    assert run.meta["command"] == "bench list methods" and run.meta["exit_status"] == 0
+    assert "mal" in run.stdout and "lora" in run.stdout
+    assert run.meta["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                                text=True).stdout.strip()
+    assert run.meta["version"] and run.meta["machine"]["torch"] and len(run.meta["attempts"]) == 1
+    assert publish.record("listing", ["bench", "list", "methods"], results=tmp_path) == 0  # again: a second attempt
+    assert len(CommittedRun(tmp_path / "listing").meta["attempts"]) == 2
+    with pytest.raises(ValueError, match="holds the run of `bench list methods`"):
+        publish.record("listing", ["bench", "list", "tasks"], results=tmp_path)
+    with pytest.raises(ValueError, match="--output: the recorder sets it"):
+        publish.record("x", ["bench", "run", "--methods", "lora", "--tasks", "synthetic", "--output", "o"],
+                       results=tmp_path)
+    with pytest.raises(ValueError, match="a committed run is a `bench` command"):
+        publish.record("x", ["python", "-c", "1"], results=tmp_path)
+
+
+def test_the_leaderboard_renders_from_committed_runs(tmp_path):
+    """`bench leaderboard --from-runs`: the cells are the committed run's, to the digit."""
+    from benchbench.cli import main
+
+    folder = ROOT / "results" / "main-job"
+    assert main(["leaderboard", "--from-runs", str(folder), "--output", str(tmp_path), "--resamples", "200"]) == 0
+    got = {c["method"]: c for c in json.loads((tmp_path / "leaderboard.json").read_text())["summary"]["cells"]}
+    want = {c.method: c for c in CommittedRun(folder).summary.cells}
+    assert set(got) == set(want)
+    for m in want:
+        assert got[m]["wa"]["mean"] == pytest.approx(want[m].stats["wa"]["mean"], abs=1e-12)
+    page = (tmp_path / "leaderboard.html").read_text()
+    assert "main-job" in page and CommittedRun(folder).meta["commit"][:10] in page
+
+
+def test_a_folder_without_predictions_is_named(tmp_path):
+    from benchbench.leaderboard.collect import collect_folders
+
+    shutil.copy(ROOT / "results" / "main-job" / "results.csv", tmp_path / "results.csv")
+    with pytest.raises(FileNotFoundError, match="predictions.csv: not found"):
+        collect_folders([tmp_path])
