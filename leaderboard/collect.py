@@ -217,7 +217,8 @@ def collect_folders(folders: list[str | Path]) -> Collected:
     ``predictions-dtypes.json``, and ``summary.json`` for the tasks' reference figures) instead of an
     MLflow store: what the committed leaderboard is rendered from. Later folders override earlier
     ones' reference figures; each cell keeps its folder's preset label, so tuned and untuned cells
-    stay in sections of their own.
+    stay in sections of their own; a cell found in several folders (one cell key) is kept once, from
+    the last.
 
     Raises ``FileNotFoundError`` naming a folder without ``results.csv``, predictions or
     ``summary.json``, and ``ValueError`` when the folders hold no finished cell.
@@ -242,8 +243,8 @@ def collect_folders(folders: list[str | Path]) -> Collected:
         if "preset" not in p:  # predictions of a suite before 0.2 name no preset: their cell's row does
             p = p.merge(rows[["cell_key", "preset"]], on="cell_key", how="inner")
         p = p[p["cell_key"].isin(rows["cell_key"])]
-        results.append(rows)
-        preds.append(p)
+        results.append(rows.assign(_folder=len(results)))
+        preds.append(p.assign(_folder=len(preds)))
         meta = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
         sources.append({"folder": str(folder), "command": meta.get("command"), "git_commit": meta.get("commit")})
         for t, info in Summary.read(folder / "summary.json").tasks.items():
@@ -253,4 +254,9 @@ def collect_folders(folders: list[str | Path]) -> Collected:
     res = pd.concat(results, ignore_index=True) if results else pd.DataFrame()
     if res.empty:
         raise ValueError(f"{', '.join(map(str, folders))}: no finished cell")
-    return Collected(res, pd.concat(preds, ignore_index=True), task_info, sources)
+    # a cell in several folders (the same cell key: identical by construction) is kept once, the last
+    res = res.drop_duplicates("cell_key", keep="last").reset_index(drop=True)
+    kept = set(zip(res["cell_key"], res["_folder"]))
+    p = pd.concat(preds, ignore_index=True)
+    p = p[[k in kept for k in zip(p["cell_key"], p["_folder"])]].drop(columns="_folder").reset_index(drop=True)
+    return Collected(res.drop(columns="_folder"), p, task_info, sources)

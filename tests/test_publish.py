@@ -110,3 +110,12 @@ def test_a_folder_without_predictions_is_named(tmp_path):
     shutil.copy(ROOT / "results" / "main-job" / "results.csv", tmp_path / "results.csv")
     with pytest.raises(FileNotFoundError, match="predictions.csv: not found"):
         collect_folders([tmp_path])
+
+
+def test_a_cell_in_two_folders_is_kept_once():
+    from benchbench.leaderboard.collect import collect_folders
+
+    folder = ROOT / "results" / "main-job"
+    once, twice = collect_folders([folder]), collect_folders([folder, folder])
+    assert len(twice.results) == len(once.results) == 12 and len(twice.predictions) == len(once.predictions)
+    assert set(once.results["preset"]) == {"default"} and set(once.predictions["preset"]) == {"default"}
