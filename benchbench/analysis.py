@@ -461,10 +461,9 @@ def compare_run_dir(run_dir: str | Path, reference: str = "lora", all_pairs: boo
     for f in (preds_path, summary_path):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: not found (is {folder} a `bench run --output` folder?)")
-    from .tracking import read_predictions  # the recorded dtypes: ids such as "03" stay text
+    from .tracking import read_folder_predictions  # the recorded dtypes: ids such as "03" stay text
 
-    dtypes_path = folder / "predictions-dtypes.json"
-    preds = read_predictions(preds_path, json.loads(dtypes_path.read_text()) if dtypes_path.is_file() else None)
+    preds = read_folder_predictions(preds_path)
     missing = PREDICTION_COLUMNS - set(preds.columns)
     if missing:
         raise ValueError(f"{preds_path}: missing columns {sorted(missing)}")

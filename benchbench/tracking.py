@@ -556,3 +556,11 @@ def read_predictions(path: Path, dtypes: dict[str, str] | None) -> pd.DataFrame:
         return pd.read_csv(path, dtype={c: str for c in ("dialogue_id", "utterance_id", "speaker", "cell_key")})
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     return df.astype({c: t for c, t in dtypes.items() if t != "object"})
+
+
+def read_folder_predictions(path: Path) -> pd.DataFrame:
+    """A run folder's predictions file (``predictions.csv``, or a committed run's ``predictions.csv.gz``)
+    read back with the dtypes recorded beside it in ``predictions-dtypes.json``
+    (:func:`read_predictions`; without that file, pandas' own inference)."""
+    dtypes = Path(path).with_name("predictions-dtypes.json")
+    return read_predictions(path, json.loads(dtypes.read_text()) if dtypes.is_file() else None)

@@ -68,7 +68,8 @@ def build(spec: LeaderboardSpec) -> dict[str, Path]:
     """
     tracking_uri, experiment = spec.tracking_uri, spec.experiment
     if spec.folders:
-        return _write(collect_folders(spec.folders), spec, provenance=_folder_provenance(spec.folders))
+        c = collect_folders(spec.folders)
+        return _write(c, spec, provenance=_folder_provenance(c.sources))
     c = collect(tracking_uri, experiment, spec.parent_run_ids, spec.preset, spec.tasks)
     import mlflow
 
@@ -85,17 +86,16 @@ def build(spec: LeaderboardSpec) -> dict[str, Path]:
     return _write(c, spec, provenance, {"tracking_uri": uri, "experiment": experiment})
 
 
-def _folder_provenance(folders: list[str]) -> str:
+def _folder_provenance(sources: list[dict]) -> str:
     """The page's provenance line for cells read from folders: each committed run's command, commit
-    and machine (its ``run.json``)."""
+    and machine (:func:`.collect.collect_folders`' sources, from its ``run.json``)."""
     import html
 
     parts = []
-    for f in map(Path, folders):
-        meta = json.loads((f / "run.json").read_text()) if (f / "run.json").is_file() else {}
-        what = f"<code>{html.escape(meta['command'])}</code> on commit <code>{meta['commit'][:10]}</code>, " \
-               f"{html.escape(meta['machine']['cpu'])}" if meta else "a bench run output folder"
-        parts.append(f"<code>{html.escape(f.name)}</code> ({what})")
+    for src in sources:
+        what = (f"<code>{html.escape(src['command'])}</code> on commit <code>{src['git_commit'][:10]}</code>, "
+                f"{html.escape(src['machine'] or 'machine unknown')}") if src.get("command") else "a bench run output folder"
+        parts.append(f"<code>{html.escape(Path(src['folder']).name)}</code> ({what})")
     return "Rendered from the committed runs " + "; ".join(parts) + "."
 
 

@@ -225,7 +225,7 @@ def collect_folders(folders: list[str | Path]) -> Collected:
     """
     import json
 
-    from benchbench.tracking import read_predictions
+    from benchbench.tracking import read_folder_predictions
 
     results, preds, task_info, sources = [], [], {}, []
     for folder in map(Path, folders):
@@ -238,15 +238,15 @@ def collect_folders(folders: list[str | Path]) -> Collected:
         if "preset" not in rows:
             rows["preset"] = "default"
         rows["preset"] = rows["preset"].fillna("default")
-        dtypes = folder / "predictions-dtypes.json"
-        p = read_predictions(pred_path, json.loads(dtypes.read_text()) if dtypes.is_file() else None)
+        p = read_folder_predictions(pred_path)
         if "preset" not in p:  # predictions of a suite before 0.2 name no preset: their cell's row does
             p = p.merge(rows[["cell_key", "preset"]], on="cell_key", how="inner")
         p = p[p["cell_key"].isin(rows["cell_key"])]
         results.append(rows.assign(_folder=len(results)))
         preds.append(p.assign(_folder=len(preds)))
         meta = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-        sources.append({"folder": str(folder), "command": meta.get("command"), "git_commit": meta.get("commit")})
+        sources.append({"folder": str(folder), "command": meta.get("command"), "git_commit": meta.get("commit"),
+                        "machine": meta.get("machine", {}).get("cpu")})
         for t, info in Summary.read(folder / "summary.json").tasks.items():
             task_info[t] = TaskSummary(info.labels, info.reference, info.manifest_sha256,
                                        transitions={**(task_info[t].transitions if t in task_info else {}),

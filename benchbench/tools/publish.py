@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,11 +147,9 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
         shutil.copyfile(out / "results.csv", folder / "results.csv")
         if (out / "predictions-dtypes.json").is_file():
             shutil.copyfile(out / "predictions-dtypes.json", folder / "predictions-dtypes.json")
-        from benchbench.tracking import read_predictions
+        from benchbench.tracking import read_folder_predictions
 
-        dtypes_path = out / "predictions-dtypes.json"
-        preds = read_predictions(out / "predictions.csv",
-                                 json.loads(dtypes_path.read_text()) if dtypes_path.is_file() else None)
+        preds = read_folder_predictions(out / "predictions.csv")
         preds.to_csv(folder / "predictions.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return proc.returncode
@@ -168,31 +167,16 @@ class CommittedRun:
             raise FileNotFoundError(f"{path}: not found (record it: python -m benchbench.tools.publish record "
                                     f"{self.name} -- bench ...)")
         self.meta = json.loads(path.read_text())
-        self._summary = None
 
     @property
     def stdout(self) -> str:
         return (self.folder / "stdout.txt").read_text()
 
-    @property
+    @cached_property
     def summary(self):
         from benchbench.analysis import Summary
 
-        if self._summary is None:
-            self._summary = Summary.read(self.folder / "summary.json")
-        return self._summary
-
-    def results(self):
-        import pandas as pd
-
-        return pd.read_csv(self.folder / "results.csv", dtype={"cell_key": str})
-
-    def predictions(self):
-        from benchbench.tracking import read_predictions
-
-        dtypes = self.folder / "predictions-dtypes.json"
-        return read_predictions(self.folder / "predictions.csv.gz",
-                                json.loads(dtypes.read_text()) if dtypes.is_file() else None)
+        return Summary.read(self.folder / "summary.json")
 
 
 def committed_runs(results: Path = RESULTS) -> dict[str, CommittedRun]:
