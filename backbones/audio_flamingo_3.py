@@ -14,6 +14,8 @@ from pathlib import Path
 from benchbench.backbone import AUDIO_TOKEN, AudioLLMBackbone, BackboneSpec
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
+from .paper_scale import RANDOM_INIT_OPTIONS, check_random_init_options, random_init_backbone
+
 from .qwen2_audio import QWEN_CHAT_PROMPT
 from .tiny import TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
@@ -73,9 +75,12 @@ def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None,
 
 def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None,
                      dtype: str | None = None, device: str | None = None, device_map: str | None = None,
-                     allow_download: bool = False) -> AudioLLMBackbone:
-    """Audio Flamingo 3 (transformers port) from ``weights``; arguments and errors as
-    :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b`."""
+                     allow_download: bool = False,
+                     random_init: bool = False, **sizes) -> AudioLLMBackbone:
+    """Audio Flamingo 3 (transformers port) from ``weights``, or its architecture with random weights
+    (``random_init``); arguments and errors as :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b`."""
+    if random_init:
+        return random_init_backbone("audio-flamingo-3", seed, cache_dir, dtype, device, **sizes)
     torch_dtype = check_load_options("audio-flamingo-3", dtype, device, device_map)
     path = resolve_weights("audio-flamingo-3", HUB_ID, SIZE, weights, allow_download)
     model, fe, tok = load_transformers_model("AudioFlamingo3ForConditionalGeneration", path, torch_dtype, device,
@@ -86,8 +91,10 @@ def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str 
 TINY_AUDIO_FLAMINGO_3 = BackboneSpec("tiny-audio-flamingo-3", tiny_audio_flamingo_3, NEEDS,
                                      options=TINY_OPTIONS, check_options=lm_size_check("tiny-audio-flamingo-3"))
 AUDIO_FLAMINGO_3 = BackboneSpec("audio-flamingo-3", audio_flamingo_3,
-                                f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
-                                options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
+                                f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache; or nothing "
+                                "with --random-init (the architecture, random weights)",
+                                options=PRETRAINED_OPTIONS + RANDOM_INIT_OPTIONS, hub_id=HUB_ID, size=SIZE,
+                                check_options=lambda o: check_random_init_options("audio-flamingo-3", o))
 AUDIO_FLAMINGO_3_WHISPER_TINY = BackboneSpec("audio-flamingo-3-whisper-tiny", audio_flamingo_3_whisper_tiny,
                                              WHISPER_TINY_NEEDS, options=TINY_OPTIONS,
                                              check_options=lm_size_check("audio-flamingo-3-whisper-tiny",

@@ -13,6 +13,8 @@ from pathlib import Path
 from benchbench.backbone import AUDIO_TOKEN, CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, load_transformers_model, resolve_weights
 
+from .paper_scale import RANDOM_INIT_OPTIONS, check_random_init_options, random_init_backbone
+
 from .tiny import TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny, build_whisper_tiny
 
 QWEN_CHAT_PROMPT = PromptFormat(
@@ -62,19 +64,25 @@ def _small_qwen2_audio(tokenizer, layers: int, heads: int, ffn: int, d_model: in
 
 def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
                    device: str | None = None, device_map: str | None = None,
-                   allow_download: bool = False) -> AudioLLMBackbone:
+                   allow_download: bool = False,
+                   random_init: bool = False, **sizes) -> AudioLLMBackbone:
     """Qwen2-Audio-7B-Instruct from ``weights`` (a checkpoint folder or hub id; default: the HF cache).
 
     Args:
         dtype: ``bf16``, ``fp16`` or ``fp32`` (default: the checkpoint's own); device: e.g. ``cuda``;
             device_map: ``from_pretrained``'s (e.g. ``auto``); at most one of the two.
         allow_download: let ``huggingface_hub`` download missing files (off: never silently).
-        seed: unused (the weights are fixed); every builder takes it.
+        random_init: build the architecture at its published sizes with random weights instead (no
+            checkpoint; ``sizes``: :data:`~benchbench.backbones.paper_scale.SIZE_OPTIONS` overrides;
+            :func:`benchbench.backbones.paper_scale.random_init_backbone`).
+        seed: unused (the weights are fixed) unless ``random_init``; every builder takes it.
 
     Raises:
         BackboneWeightsMissing: not on disk (the message names the download command);
         ValueError: bad dtype, or both device and device_map.
     """
+    if random_init:
+        return random_init_backbone("qwen2-audio-7b", seed, cache_dir, dtype, device, **sizes)
     torch_dtype = check_load_options("qwen2-audio-7b", dtype, device, device_map)
     path = resolve_weights("qwen2-audio-7b", HUB_ID, SIZE, weights, allow_download)
     model, fe, tok = load_transformers_model("Qwen2AudioForConditionalGeneration", path, torch_dtype, device, device_map)
@@ -106,8 +114,10 @@ def qwen2_audio_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidde
 TINY_QWEN2_AUDIO = BackboneSpec("tiny-qwen2-audio", tiny_qwen2_audio, NEEDS, options=TINY_OPTIONS,
                                 check_options=lm_size_check("tiny-qwen2-audio"))
 QWEN2_AUDIO_7B = BackboneSpec("qwen2-audio-7b", qwen2_audio_7b,
-                              f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
-                              options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
+                              f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache; or nothing "
+                              "with --random-init (the architecture, random weights)",
+                              options=PRETRAINED_OPTIONS + RANDOM_INIT_OPTIONS, hub_id=HUB_ID, size=SIZE,
+                              check_options=lambda o: check_random_init_options("qwen2-audio-7b", o))
 QWEN2_AUDIO_WHISPER_TINY = BackboneSpec("qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny, WHISPER_TINY_NEEDS,
                                        options=TINY_OPTIONS,
                                        check_options=lm_size_check("qwen2-audio-whisper-tiny", WHISPER_TINY_LM_WIDTH))

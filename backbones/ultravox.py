@@ -35,6 +35,8 @@ from torch import nn
 from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
 
+from .paper_scale import RANDOM_INIT_OPTIONS, check_random_init_options, random_init_backbone
+
 from .audio_flamingo_3 import AF3_PROMPT
 from .tiny import (TINY_OPTIONS, lm_size_check, NEEDS, WHISPER_TINY_LM_WIDTH, WHISPER_TINY_NEEDS, build_random_tiny,
                    build_whisper_tiny, whisper_feature_extractor)
@@ -257,11 +259,14 @@ def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidden_s
 
 def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
                   device: str | None = None, device_map: str | None = None,
-                  allow_download: bool = False) -> AudioLLMBackbone:
+                  allow_download: bool = False,
+                  random_init: bool = False, **sizes) -> AudioLLMBackbone:
     """Ultravox v0.4 composed (:func:`load_ultravox`, never remote code) from ``weights`` and the
-    Whisper and Llama checkpoints its ``config.json`` names; arguments and errors as
-    :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b` (``device_map`` is not supported by the
-    composite: ``ValueError``)."""
+    Whisper and Llama checkpoints its ``config.json`` names, or its architecture with random weights
+    (``random_init``); arguments and errors as :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b`
+    (``device_map`` is not supported by the composite: ``ValueError``)."""
+    if random_init:
+        return random_init_backbone("ultravox-v0.4", seed, cache_dir, dtype, device, **sizes)
     import json
 
     import transformers
@@ -371,8 +376,10 @@ ULTRAVOX_WHISPER_TINY_SMOLLM2 = BackboneSpec(SMOLLM2_NAME, ultravox_whisper_tiny
 TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=TINY_OPTIONS,
                              check_options=lm_size_check("tiny-ultravox"))
 ULTRAVOX_V0_4 = BackboneSpec("ultravox-v0.4", ultravox_v0_4,
-                             f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache",
-                             options=PRETRAINED_OPTIONS, hub_id=HUB_ID, size=SIZE)
+                             f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache; or nothing "
+                             "with --random-init (the architecture, random weights)",
+                             options=PRETRAINED_OPTIONS + RANDOM_INIT_OPTIONS, hub_id=HUB_ID, size=SIZE,
+                             check_options=lambda o: check_random_init_options("ultravox-v0.4", o))
 ULTRAVOX_WHISPER_TINY = BackboneSpec("ultravox-whisper-tiny", ultravox_whisper_tiny, WHISPER_TINY_NEEDS,
                                       options=TINY_OPTIONS,
                                       check_options=lm_size_check("ultravox-whisper-tiny", WHISPER_TINY_LM_WIDTH))

@@ -664,12 +664,13 @@ def backbone_factory(name: str, options: dict | None = None) -> tuple[BackboneSp
 
 def backbone_label(name: str, options: dict | None = None) -> str:
     """What results call a backbone: its name, plus the options that change the network itself
-    (``tiny-qwen2-audio+hidden_size=1024``), so the leaderboard never pools different networks. Load
+    (``tiny-qwen2-audio+hidden_size=1024``; a flag set to True by its name alone:
+    ``qwen2-audio-7b+lm_layers=2+random_init``), so the leaderboard never pools different networks. Load
     options (:data:`benchbench.weights.PRETRAINED_OPTIONS`: weights, dtype, device, ...) are not part of it."""
     from .weights import PRETRAINED_OPTIONS
 
     shape = {k: v for k, v in (options or {}).items() if k not in PRETRAINED_OPTIONS and v is not None and v is not False}
-    return name + "".join(f"+{k}={v}" for k, v in sorted(shape.items()))
+    return name + "".join(f"+{k}" if v is True else f"+{k}={v}" for k, v in sorted(shape.items()))
 
 
 def _is_pretrained(name: str) -> bool:

@@ -89,7 +89,9 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone-set", dest="backbone_set", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="a tiny backbone's LM size: hidden_size=N (a multiple of 64), num_hidden_layers=N "
-                        "(repeatable; the cells' backbone is then labelled e.g. tiny-qwen2-audio+hidden_size=1024)")
+                        "(repeatable; the cells' backbone is then labelled e.g. tiny-qwen2-audio+hidden_size=1024); "
+                        "with --random-init, a paper architecture's sizes (lm_layers, lm_width, lm_heads, "
+                        "lm_kv_heads, lm_ffn, vocab_size, audio_layers, audio_width, audio_heads, audio_ffn)")
     g.add_argument("--weights", default=None, metavar="DIR|HUB_ID",
                    help="checkpoint folder or hub id (default: the backbone's hub id, from the HF cache)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -98,6 +100,11 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-map", default=None, help="from_pretrained's device_map, e.g. auto")
     g.add_argument("--allow-download", action="store_true",
                    help="let huggingface_hub download missing weights (off: never silently)")
+    g.add_argument("--random-init", action="store_true",
+                   help="a paper backbone (qwen2-audio-7b, audio-flamingo-3, ultravox-v0.4) as its published "
+                        "architecture with random weights, built on --device in --dtype: cost without a download; "
+                        "cells labelled e.g. qwen2-audio-7b+random_init (--backbone-set lm_layers=N, lm_width=N, "
+                        "audio_layers=N, ... shrink it)")
 
 
 def _task_options(args) -> dict:
@@ -109,7 +116,7 @@ def _task_options(args) -> dict:
 
 def _backbone_options(args) -> dict:
     return {"weights": args.weights, "dtype": args.dtype, "device": args.device, "device_map": args.device_map,
-            "allow_download": args.allow_download, **dict(args.backbone_set)}
+            "allow_download": args.allow_download, "random_init": args.random_init, **dict(args.backbone_set)}
 
 
 # ---------------------------------------------------------------------------- subcommands
