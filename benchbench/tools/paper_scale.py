@@ -61,13 +61,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine() -> dict:
-    """Where the run ran: GPU name and memory, torch / CUDA / transformers versions, CPU, Python."""
+    """Where the run ran: GPU name and memory, torch / CUDA / transformers versions, CPU, Python, and the
+    commit (``git rev-parse HEAD``, or ``$BENCHBENCH_COMMIT`` where the tree travels without its git folder)."""
     import transformers
 
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
            "python": platform.python_version(), "platform": platform.platform(), "cpu": platform.processor()
            or platform.machine()}
+    out["commit"] = os.environ.get("BENCHBENCH_COMMIT") or _git_commit()
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         out.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1))
