@@ -193,11 +193,11 @@ def build_model(name: str, tokenizer, overrides: dict | None = None, seed: int =
     """
     arch = ARCHITECTURES[name]
     lm, audio = arch.sizes(overrides or {})
+    from benchbench.training import seeded_rng
+
     dev = torch.device(device or "cpu")
-    rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     old = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         torch.set_default_dtype(dtype or torch.float32)
         try:
             with dev:

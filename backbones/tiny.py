@@ -163,12 +163,12 @@ def build_tiny(name: str, build_model: Callable, seed: int, cache_dir: Path | No
     Raises:
         ValueError: an unknown dtype (:func:`benchbench.weights.check_load_options`).
     """
+    from benchbench.training import seeded_rng
     from benchbench.weights import check_load_options
 
     torch_dtype = check_load_options(name, dtype, device, None)
     tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         model = build_model(tokenizer)
     if torch_dtype is not None:
         model = model.to(torch_dtype)

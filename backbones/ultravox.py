@@ -338,6 +338,7 @@ def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, 
     from transformers import WhisperConfig
 
     from benchbench.lm_weights import SMOLLM2_135M, load_gguf_lm, load_gguf_tokenizer
+    from benchbench.training import seeded_rng
     from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
 
     torch_dtype = check_load_options(SMOLLM2_NAME, dtype, device, None)
@@ -347,8 +348,7 @@ def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, 
     tokenizer = load_gguf_tokenizer(SMOLLM2_135M)
     wcfg = WhisperConfig(num_mel_bins=80, encoder_layers=pkg.layers, encoder_attention_heads=pkg.heads,
                          encoder_ffn_dim=pkg.ffn, d_model=pkg.d_model, max_source_positions=1500)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         model = UltravoxComposite(wcfg, causal_lm.config, stack_factor=8, causal_lm=causal_lm)
     model.model.audio_tower.whisper.load_state_dict(encoder, strict=True)
     with torch.no_grad():

@@ -68,6 +68,19 @@ def _override(s: str) -> tuple[str, str, object]:
     return method, path, value
 
 
+def nest_overrides(triples, overrides: dict | None = None) -> dict:
+    """``--set`` values (``(method, "lora.epochs", 1)`` triples from :func:`_override`) as nested config
+    overrides by method (``{"mal": {"lora": {"epochs": 1}}}``), added to ``overrides`` (returned)."""
+    overrides = {} if overrides is None else overrides
+    for method, path, value in triples:
+        node = overrides.setdefault(method, {})
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return overrides
+
+
 # ---------------------------------------------------------------------------- shared option groups
 def _add_task_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task options")
@@ -149,12 +162,7 @@ def cmd_run(args) -> int:
     from .analysis import format_summary
     from .harness import RunSpec, run
 
-    for method, path, value in args.overrides:
-        node = overrides.setdefault(method, {})
-        *parents, leaf = path.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
+    nest_overrides(args.overrides, overrides)
     spec = RunSpec(methods=args.methods, tasks=args.tasks, backbone=args.backbone, seeds=args.seeds,
                    preset=args.preset, data_dir=parse_data_dirs(args.data_dir), tracking_uri=args.tracking_uri,
                    output=args.output, folds=args.folds, method_overrides=overrides,

@@ -39,15 +39,17 @@ def _task(n_test: int, n_turns: int, duration_s: float, seed: int = 0):
                                   n_turns=n_turns, duration_s=duration_s)
 
 
-def build_methods(backbone, task, methods: Sequence[str], preset: str = "default", seed: int = 0) -> dict:
-    """Untrained methods by name (``dpm`` with its k-means codebook fitted on ``task``'s training split)."""
+def build_methods(backbone, task, methods: Sequence[str], preset: str = "default", seed: int = 0,
+                  overrides: dict | None = None) -> dict:
+    """Untrained methods by name (``dpm`` with its k-means codebook fitted on ``task``'s training split),
+    each under ``preset`` and its ``overrides`` (method -> nested config values, as ``--set``)."""
     from .method import METHODS
 
     built = {}
     train = task.folds()[0].train
     for name in methods:
         cls = METHODS.get(name)
-        m = cls(backbone, task.labels, cls.make_config(preset), seed=seed)
+        m = cls(backbone, task.labels, cls.make_config(preset, (overrides or {}).get(name)), seed=seed)
         if hasattr(m, "fit_codebook"):
             m.fit_codebook(train)
         built[name] = m
@@ -64,7 +66,8 @@ def _time_dialogues(method, dialogues) -> float:
 
 
 def latency_table(backbone, methods: Sequence[str] = DEFAULT_METHODS, n_dialogues: int = 24, n_turns: int = 10,
-                  duration_s: float = 1.2, repeats: int = 3, preset: str = "default") -> pd.DataFrame:
+                  duration_s: float = 1.2, repeats: int = 3, preset: str = "default",
+                  overrides: dict | None = None) -> pd.DataFrame:
     """Per-utterance inference milliseconds of each method and its ratio to ``lora`` (rows in
     ``methods`` order; ``lora`` is added when missing). ``n_dialogues`` synthetic test dialogues of
     ``n_turns`` utterances of ``duration_s`` seconds. On a CUDA backbone (``--device cuda``) also
@@ -76,7 +79,7 @@ def latency_table(backbone, methods: Sequence[str] = DEFAULT_METHODS, n_dialogue
     for d in dialogues:  # warm the feature cache: the table is about the methods, not the encoder
         for u in d.utterances:
             backbone.audio_features(u.input)
-    built = build_methods(backbone, task, methods, preset)
+    built = build_methods(backbone, task, methods, preset, overrides=overrides)
     n_utt = sum(len(d) for d in dialogues)
     for m in built.values():  # one untimed pass: lazy initialisation, allocator warm-up
         _time_dialogues(m, dialogues[:1])

@@ -117,11 +117,23 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Inside: torch's RNGs seeded with ``seed`` (``torch.manual_seed``: the CPU's and every CUDA
+    device's); outside it, all of them as before. ``torch.random.fork_rng(devices=[])`` would restore the
+    CPU's alone and leave every CUDA generator reseeded: on a GPU, the caller's dropout masks, and the
+    RNG state in the Phase-1 key (:func:`fit_task_lora`), would then depend on what ran inside."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
 def auxiliary_rng(seed: int) -> Iterator[None]:
-    """Inside: torch's CPU RNG seeded with ``seed + AUXILIARY_SEED_OFFSET``; outside it, the RNG is as
-    before (``torch.random.fork_rng``). Initialise what a method adds to the host here."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + AUXILIARY_SEED_OFFSET)
+    """Inside: torch's RNGs seeded with ``seed + AUXILIARY_SEED_OFFSET``; outside them, every RNG (CPU
+    and CUDA) as before (:func:`seeded_rng`). Initialise what a method adds to the host here, so that
+    its Phase 1 is the ``lora`` cell's, bit for bit, and replayed from it."""
+    with seeded_rng(seed + AUXILIARY_SEED_OFFSET):
         yield
 
 

@@ -91,6 +91,7 @@ def _row(record, method: str, epochs: int, n_train: int, build_s: float) -> dict
            "epochs": epochs, "fit_seconds": r.get("fit_seconds"), "train_utterances": n_train,
            "eval_ms_per_utterance": r.get("eval_ms_per_utterance"), "peak_cuda_mb": r.get("peak_cuda_mb"),
            "peak_rss_mb": r.get("peak_rss_mb"), "trained_parameters": r.get("trained_parameters"),
+           "phase1_replayed": r.get("phase1_replayed"),
            "backbone_build_seconds": build_s}
     if row["fit_seconds"] is not None:
         row["fit_seconds_per_epoch"] = row["fit_seconds"] / epochs
@@ -126,8 +127,10 @@ def format_markdown(table: pd.DataFrame, speed: pd.DataFrame | None, info: dict)
 
 def run(data_dir: str, out: Path, backbone: str = "qwen2-audio-7b", methods=METHODS, epochs: int = 1,
         dtype: str = "bf16", device: str = "cuda", sizes: dict | None = None, speed: bool = True,
-        speed_dialogues: int = 8, speed_repeats: int = 2, cache_dir: str | None = None) -> pd.DataFrame:
+        speed_dialogues: int = 8, speed_repeats: int = 2, cache_dir: str | None = None,
+        overrides: dict | None = None) -> pd.DataFrame:
     """Measure ``methods`` as the module docstring says; returns the per-method table (also written).
+    ``overrides``: method -> nested config overrides (``--set``), applied over the epoch cut.
 
     Raises:
         ValueError: a bad backbone option or data folder (before anything is measured).
@@ -135,12 +138,14 @@ def run(data_dir: str, out: Path, backbone: str = "qwen2-audio-7b", methods=METH
     from benchbench.backbone import backbone_label
     from benchbench.cells import compute_cell
     from benchbench.harness import RunSpec, _cells, prepare
+    from benchbench.method import _deep_merge
 
     out.mkdir(parents=True, exist_ok=True)
     methods = list(methods)
     options = {"random_init": True, "dtype": dtype, "device": device, **(sizes or {})}
     spec = RunSpec(methods=methods, tasks=["iemocap"], backbone=backbone, seeds=[0], folds=[0], preset="paper",
-                   data_dir=data_dir, method_overrides=epoch_overrides(methods, epochs), backbone_options=options,
+                   data_dir=data_dir, method_overrides=_deep_merge(epoch_overrides(methods, epochs), overrides or {}),
+                   backbone_options=options,
                    output=str(out), threads=min(16, os.cpu_count() or 1))
     info = {"backbone": backbone_label(backbone, options), "dtype": dtype, "device": device, "epochs": epochs,
             "methods": methods, "command": " ".join(sys.argv), **machine()}
@@ -168,6 +173,7 @@ def run(data_dir: str, out: Path, backbone: str = "qwen2-audio-7b", methods=METH
     info.update(encoder_ms_per_utterance=1000 * (time.perf_counter() - t) / len(utts), utterances=len(utts),
                 audio_tokens_per_utterance=sum(tokens) / len(tokens),
                 seconds_per_utterance=sum(u.duration_s for u in utts) / len(utts))
+    (out / "machine.json").write_text(json.dumps(info, indent=2))
     print(f"audio encoder: {info['encoder_ms_per_utterance']:.1f} ms per utterance over {len(utts)} utterances "
           f"({info['audio_tokens_per_utterance']:.0f} audio tokens each on average)", flush=True)
     rows = []
@@ -189,7 +195,8 @@ def run(data_dir: str, out: Path, backbone: str = "qwen2-audio-7b", methods=METH
         info.update(speed_dialogues=speed_dialogues, speed_repeats=speed_repeats)
         try:
             speed_table = latency_table(bb, [m for m in ("lora", "zero_shot", *methods) if m],
-                                        n_dialogues=speed_dialogues, repeats=speed_repeats, preset="paper")
+                                        n_dialogues=speed_dialogues, repeats=speed_repeats, preset="paper",
+                                        overrides=overrides)
             speed_table.to_csv(out / "speed.csv", index=False)
         except Exception as e:  # noqa: BLE001 - the per-method table above is already written
             info["speed_error"] = f"{type(e).__name__}: {e}"
@@ -202,7 +209,7 @@ def run(data_dir: str, out: Path, backbone: str = "qwen2-audio-7b", methods=METH
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchbench.cli import _key_value
+    from benchbench.cli import _key_value, _override, nest_overrides
 
     p = argparse.ArgumentParser(prog="python -m benchbench.tools.paper_scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="an IEMOCAP_full_release folder (or its parent)")
@@ -215,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--backbone-set", dest="sizes", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="a size override (lm_layers=2, ...: benchbench.backbones.paper_scale.SIZE_OPTIONS)")
+    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                   metavar="METHOD.KEY=VALUE", help="a method config value over the paper preset (repeatable)")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the latency table")
     p.add_argument("--speed-dialogues", type=int, default=8)
     p.add_argument("--speed-repeats", type=int, default=2)
     p.add_argument("--cache-dir", default=None, help="feature and Phase-1 cache (default $BENCHBENCH_CACHE)")
     a = p.parse_args(argv)
     table = run(a.data_dir, Path(a.out), a.backbone, [m for m in a.methods.split(",") if m], a.epochs, a.dtype,
-                a.device, dict(a.sizes), a.speed, a.speed_dialogues, a.speed_repeats, a.cache_dir)
+                a.device, dict(a.sizes), a.speed, a.speed_dialogues, a.speed_repeats, a.cache_dir,
+                nest_overrides(a.overrides))
     return 0 if (table["status"] == "ok").all() else 1
 
 
