@@ -73,6 +73,24 @@ def audio_flamingo_3_whisper_tiny(seed: int = 0, cache_dir: Path | None = None,
                               hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, dtype=dtype, device=device)
 
 
+def random_init_model(arch, lm: dict, audio: dict, tokenizer):
+    """``AudioFlamingo3ForConditionalGeneration`` at the sizes ``lm`` / ``audio`` (AF3's by default:
+    :data:`benchbench.backbones.paper_scale.AUDIO_FLAMINGO_3`), its 2-layer GELU projector, random init
+    (``--random-init``)."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    config = AudioFlamingo3Config(
+        audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=audio["mel_bins"],
+                          num_hidden_layers=audio["layers"], num_attention_heads=audio["heads"],
+                          intermediate_size=audio["ffn"], hidden_size=audio["width"],
+                          max_source_positions=audio["positions"]),
+        text_config=dict(model_type="qwen2", **lm),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+    config.text_config._attn_implementation = "sdpa"
+    config.audio_config._attn_implementation = "sdpa"
+    return AudioFlamingo3ForConditionalGeneration(config)
+
+
 def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None,
                      dtype: str | None = None, device: str | None = None, device_map: str | None = None,
                      allow_download: bool = False,
@@ -80,7 +98,7 @@ def audio_flamingo_3(seed: int = 0, cache_dir: Path | None = None, weights: str 
     """Audio Flamingo 3 (transformers port) from ``weights``, or its architecture with random weights
     (``random_init``); arguments and errors as :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b`."""
     if random_init:
-        return random_init_backbone("audio-flamingo-3", seed, cache_dir, dtype, device, **sizes)
+        return random_init_backbone("audio-flamingo-3", random_init_model, seed, cache_dir, dtype, device, **sizes)
     torch_dtype = check_load_options("audio-flamingo-3", dtype, device, device_map)
     path = resolve_weights("audio-flamingo-3", HUB_ID, SIZE, weights, allow_download)
     model, fe, tok = load_transformers_model("AudioFlamingo3ForConditionalGeneration", path, torch_dtype, device,
@@ -94,7 +112,8 @@ AUDIO_FLAMINGO_3 = BackboneSpec("audio-flamingo-3", audio_flamingo_3,
                                 f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache; or nothing "
                                 "with --random-init (the architecture, random weights)",
                                 options=PRETRAINED_OPTIONS + RANDOM_INIT_OPTIONS, hub_id=HUB_ID, size=SIZE,
-                                check_options=lambda o: check_random_init_options("audio-flamingo-3", o))
+                                check_options=lambda o: check_random_init_options("audio-flamingo-3", o),
+                                random_init_model=random_init_model)
 AUDIO_FLAMINGO_3_WHISPER_TINY = BackboneSpec("audio-flamingo-3-whisper-tiny", audio_flamingo_3_whisper_tiny,
                                              WHISPER_TINY_NEEDS, options=TINY_OPTIONS,
                                              check_options=lm_size_check("audio-flamingo-3-whisper-tiny",

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from benchbench.backbone import AUDIO_TOKEN, AudioLLMBackbone
+from benchbench.backbone import AudioLLMBackbone
 
 SIZE_OPTIONS = ("lm_layers", "lm_width", "lm_heads", "lm_kv_heads", "lm_ffn", "vocab_size",
                 "audio_layers", "audio_width", "audio_heads", "audio_ffn")
@@ -133,60 +133,18 @@ def check_random_init_options(name: str, options: dict) -> None:
         raise ValueError(f"backbone {name}: audio width {audio['width']} is not a multiple of its {audio['heads']} heads")
 
 
-def _qwen2_audio(arch: Architecture, lm: dict, audio: dict, tokenizer):
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    config = Qwen2AudioConfig(
-        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=audio["mel_bins"],
-                          encoder_layers=audio["layers"], encoder_attention_heads=audio["heads"],
-                          encoder_ffn_dim=audio["ffn"], d_model=audio["width"],
-                          max_source_positions=audio["positions"]),
-        text_config=dict(model_type="qwen2", **lm),
-        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
-    config.text_config._attn_implementation = "sdpa"
-    config.audio_config._attn_implementation = "sdpa"
-    return Qwen2AudioForConditionalGeneration(config)
+ModelFn = Callable[[Architecture, dict, dict, object], "torch.nn.Module"]
+"""``model_fn(arch, lm, audio, tokenizer)``: a family's model class at the sizes ``lm`` / ``audio``
+(:meth:`Architecture.sizes`), random init (each family module's ``random_init_model``, also
+:attr:`benchbench.backbone.BackboneSpec.random_init_model`)."""
 
 
-def _audio_flamingo_3(arch: Architecture, lm: dict, audio: dict, tokenizer):
-    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
-
-    config = AudioFlamingo3Config(
-        audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=audio["mel_bins"],
-                          num_hidden_layers=audio["layers"], num_attention_heads=audio["heads"],
-                          intermediate_size=audio["ffn"], hidden_size=audio["width"],
-                          max_source_positions=audio["positions"]),
-        text_config=dict(model_type="qwen2", **lm),
-        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
-    config.text_config._attn_implementation = "sdpa"
-    config.audio_config._attn_implementation = "sdpa"
-    return AudioFlamingo3ForConditionalGeneration(config)
-
-
-def _ultravox(arch: Architecture, lm: dict, audio: dict, tokenizer):
-    from transformers import LlamaConfig, WhisperConfig
-
-    from .ultravox import UltravoxComposite
-
-    wcfg = WhisperConfig(num_mel_bins=audio["mel_bins"], encoder_layers=audio["layers"],
-                         encoder_attention_heads=audio["heads"], encoder_ffn_dim=audio["ffn"], d_model=audio["width"],
-                         max_source_positions=audio["positions"])
-    lcfg = LlamaConfig(**lm)
-    lcfg._attn_implementation = "sdpa"
-    return UltravoxComposite(wcfg, lcfg, stack_factor=arch.extra["stack_factor"],
-                             projector_hidden=arch.extra["projector_hidden"])
-
-
-BUILDERS: dict[str, Callable] = {"qwen2-audio-7b": _qwen2_audio, "audio-flamingo-3": _audio_flamingo_3,
-                                 "ultravox-v0.4": _ultravox}
-
-
-def build_model(name: str, tokenizer, overrides: dict | None = None, seed: int = 0, dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None):
-    """The model class of backbone ``name`` at :data:`ARCHITECTURES`' sizes (with ``overrides``), random init
-    under ``seed``, allocated and initialised on ``device`` (default CPU; ``"meta"``: shapes only) in
-    ``dtype`` (default float32); the caller's RNG untouched. The same seed gives the same weights on the
-    same kind of device and dtype.
+def build_model(name: str, model_fn: ModelFn, tokenizer, overrides: dict | None = None, seed: int = 0,
+                dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """``model_fn``'s model of backbone ``name`` at :data:`ARCHITECTURES`' sizes (with ``overrides``),
+    random init under ``seed``, allocated and initialised on ``device`` (default CPU; ``"meta"``: shapes
+    only) in ``dtype`` (default float32); the caller's RNG untouched. The same seed gives the same
+    weights on the same kind of device and dtype.
 
     Raises:
         KeyError: ``name`` has no published architecture here.
@@ -201,16 +159,16 @@ def build_model(name: str, tokenizer, overrides: dict | None = None, seed: int =
         torch.set_default_dtype(dtype or torch.float32)
         try:
             with dev:
-                model = BUILDERS[name](arch, lm, audio, tokenizer)
+                model = model_fn(arch, lm, audio, tokenizer)
         finally:
             torch.set_default_dtype(old)
     return model
 
 
-def random_init_backbone(name: str, seed: int = 0, cache_dir: Path | None = None, dtype: str | None = None,
-                         device: str | None = None, **overrides) -> AudioLLMBackbone:
+def random_init_backbone(name: str, model_fn: ModelFn, seed: int = 0, cache_dir: Path | None = None,
+                         dtype: str | None = None, device: str | None = None, **overrides) -> AudioLLMBackbone:
     """Backbone ``name`` (``qwen2-audio-7b``, ``audio-flamingo-3``, ``ultravox-v0.4``) as its architecture with
-    random weights (:func:`build_model`), the tiny word-level tokenizer with the spare label words, the
+    random weights (:func:`build_model` with its family's ``model_fn``), the tiny word-level tokenizer with the spare label words, the
     prompt layout of the tiny backbones (a word-level vocabulary has no chat tokens: the real chat
     template's ~20 extra text tokens are not counted), and a Whisper feature extractor with the model's
     mel bins over a 30 s window (Qwen2-Audio and AF3 pad every utterance to it, as the real processors do;
@@ -232,7 +190,7 @@ def random_init_backbone(name: str, seed: int = 0, cache_dir: Path | None = None
     if vocab < len(tokenizer):
         raise ValueError(f"backbone {name}: --backbone-set vocab_size={vocab} is below the tokenizer's {len(tokenizer)} "
                          "tokens")
-    model = build_model(name, tokenizer, overrides, seed=seed, dtype=torch_dtype, device=device)
+    model = build_model(name, model_fn, tokenizer, overrides, seed=seed, dtype=torch_dtype, device=device)
     mel = ARCHITECTURES[name].sizes(overrides)[1]["mel_bins"]
     fe = WhisperFeatureExtractor(feature_size=mel, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
     return AudioLLMBackbone(name, model, fe, tokenizer, cache_dir=cache_dir, spare_label_words=LABEL_WORDS)
@@ -242,9 +200,11 @@ def parameter_count(name: str, overrides: dict | None = None) -> dict[str, int]:
     """Parameters of the architecture by part (``audio_tower``, ``projector``, ``language_model`` with its
     LM head, ``total``), counted on the meta device (nothing allocated): the figure to compare with the
     checkpoint's published size."""
+    from benchbench.backbone import backbone_spec
+
     from .tiny import tiny_tokenizer
 
-    model = build_model(name, tiny_tokenizer(), overrides, device="meta")
+    model = build_model(name, backbone_spec(name).random_init_model, tiny_tokenizer(), overrides, device="meta")
     parts = {"audio_tower": model.model.audio_tower, "projector": model.model.multi_modal_projector}
     out = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     out["total"] = sum(p.numel() for p in model.parameters())

@@ -62,6 +62,23 @@ def _small_qwen2_audio(tokenizer, layers: int, heads: int, ffn: int, d_model: in
     return Qwen2AudioForConditionalGeneration(config)
 
 
+def random_init_model(arch, lm: dict, audio: dict, tokenizer):
+    """``Qwen2AudioForConditionalGeneration`` at the sizes ``lm`` / ``audio`` (Qwen2-Audio-7B's by
+    default: :data:`benchbench.backbones.paper_scale.QWEN2_AUDIO_7B`), random init (``--random-init``)."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    config = Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=audio["mel_bins"],
+                          encoder_layers=audio["layers"], encoder_attention_heads=audio["heads"],
+                          encoder_ffn_dim=audio["ffn"], d_model=audio["width"],
+                          max_source_positions=audio["positions"]),
+        text_config=dict(model_type="qwen2", **lm),
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+    config.text_config._attn_implementation = "sdpa"
+    config.audio_config._attn_implementation = "sdpa"
+    return Qwen2AudioForConditionalGeneration(config)
+
+
 def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
                    device: str | None = None, device_map: str | None = None,
                    allow_download: bool = False,
@@ -82,7 +99,7 @@ def qwen2_audio_7b(seed: int = 0, cache_dir: Path | None = None, weights: str | 
         ValueError: bad dtype, or both device and device_map.
     """
     if random_init:
-        return random_init_backbone("qwen2-audio-7b", seed, cache_dir, dtype, device, **sizes)
+        return random_init_backbone("qwen2-audio-7b", random_init_model, seed, cache_dir, dtype, device, **sizes)
     torch_dtype = check_load_options("qwen2-audio-7b", dtype, device, device_map)
     path = resolve_weights("qwen2-audio-7b", HUB_ID, SIZE, weights, allow_download)
     model, fe, tok = load_transformers_model("Qwen2AudioForConditionalGeneration", path, torch_dtype, device, device_map)
@@ -117,7 +134,8 @@ QWEN2_AUDIO_7B = BackboneSpec("qwen2-audio-7b", qwen2_audio_7b,
                               f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache; or nothing "
                               "with --random-init (the architecture, random weights)",
                               options=PRETRAINED_OPTIONS + RANDOM_INIT_OPTIONS, hub_id=HUB_ID, size=SIZE,
-                              check_options=lambda o: check_random_init_options("qwen2-audio-7b", o))
+                              check_options=lambda o: check_random_init_options("qwen2-audio-7b", o),
+                              random_init_model=random_init_model)
 QWEN2_AUDIO_WHISPER_TINY = BackboneSpec("qwen2-audio-whisper-tiny", qwen2_audio_whisper_tiny, WHISPER_TINY_NEEDS,
                                        options=TINY_OPTIONS,
                                        check_options=lm_size_check("qwen2-audio-whisper-tiny", WHISPER_TINY_LM_WIDTH))

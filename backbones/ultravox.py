@@ -257,6 +257,21 @@ def ultravox_whisper_tiny(seed: int = 0, cache_dir: Path | None = None, hidden_s
                               hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, dtype=dtype, device=device)
 
 
+def random_init_model(arch, lm: dict, audio: dict, tokenizer) -> UltravoxComposite:
+    """The Ultravox composite at the sizes ``lm`` / ``audio`` (v0.4's by default:
+    :data:`benchbench.backbones.paper_scale.ULTRAVOX_V0_4`: a Whisper-medium-sized encoder, the stacking
+    projector of ``arch.extra``, a Llama-3.1-8B-sized LM), random init (``--random-init``)."""
+    from transformers import LlamaConfig, WhisperConfig
+
+    wcfg = WhisperConfig(num_mel_bins=audio["mel_bins"], encoder_layers=audio["layers"],
+                         encoder_attention_heads=audio["heads"], encoder_ffn_dim=audio["ffn"], d_model=audio["width"],
+                         max_source_positions=audio["positions"])
+    lcfg = LlamaConfig(**lm)
+    lcfg._attn_implementation = "sdpa"
+    return UltravoxComposite(wcfg, lcfg, stack_factor=arch.extra["stack_factor"],
+                             projector_hidden=arch.extra["projector_hidden"])
+
+
 def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | None = None, dtype: str | None = None,
                   device: str | None = None, device_map: str | None = None,
                   allow_download: bool = False,
@@ -266,7 +281,7 @@ def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | N
     (``random_init``); arguments and errors as :func:`benchbench.backbones.qwen2_audio.qwen2_audio_7b`
     (``device_map`` is not supported by the composite: ``ValueError``)."""
     if random_init:
-        return random_init_backbone("ultravox-v0.4", seed, cache_dir, dtype, device, **sizes)
+        return random_init_backbone("ultravox-v0.4", random_init_model, seed, cache_dir, dtype, device, **sizes)
     import json
 
     import transformers
@@ -379,7 +394,8 @@ ULTRAVOX_V0_4 = BackboneSpec("ultravox-v0.4", ultravox_v0_4,
                              f"weights {HUB_ID} ({SIZE}): --weights DIR or the Hugging Face cache; or nothing "
                              "with --random-init (the architecture, random weights)",
                              options=PRETRAINED_OPTIONS + RANDOM_INIT_OPTIONS, hub_id=HUB_ID, size=SIZE,
-                             check_options=lambda o: check_random_init_options("ultravox-v0.4", o))
+                             check_options=lambda o: check_random_init_options("ultravox-v0.4", o),
+                             random_init_model=random_init_model)
 ULTRAVOX_WHISPER_TINY = BackboneSpec("ultravox-whisper-tiny", ultravox_whisper_tiny, WHISPER_TINY_NEEDS,
                                       options=TINY_OPTIONS,
                                       check_options=lm_size_check("ultravox-whisper-tiny", WHISPER_TINY_LM_WIDTH))

@@ -609,6 +609,9 @@ class BackboneSpec:
         note: what every result on this backbone must carry (a departure from how the family is
             trained, ...): printed when a run starts, shown by ``bench list backbones`` and under the
             backbone's sections of the leaderboard (:func:`backbone_note`).
+        random_init_model: a real backbone's ``model_fn(arch, lm, audio, tokenizer)``: its model class
+            at given sizes with random weights (``--random-init``,
+            :mod:`benchbench.backbones.paper_scale`); ``None`` where the backbone has none.
     """
 
     name: str
@@ -619,6 +622,7 @@ class BackboneSpec:
     size: str = ""
     check_options: Callable[[dict], None] | None = None
     note: str = ""
+    random_init_model: Callable | None = None
 
     @property
     def pretrained(self) -> bool:

@@ -225,6 +225,7 @@ def _fit_and_stream(cell: Cell, progress):
         elif progress:
             progress(f"NOTICE: {cell.method} has nothing to tune (no search space): it runs untuned", {})
     # the method works on the backbone's own LM (no copy); its adapters and hooks go at the block's end
+    cell.backbone.lm_key  # hashed once per backbone (a 7B LM: seconds), outside every cell's fit time
     with cell.backbone.lend_lm():
         seed_everything(cell.seed)
         reset_peak_memory()

@@ -91,7 +91,7 @@ def _row(record, method: str, epochs: int, n_train: int, build_s: float) -> dict
            "epochs": epochs, "fit_seconds": r.get("fit_seconds"), "train_utterances": n_train,
            "eval_ms_per_utterance": r.get("eval_ms_per_utterance"), "peak_cuda_mb": r.get("peak_cuda_mb"),
            "peak_rss_mb": r.get("peak_rss_mb"), "trained_parameters": r.get("trained_parameters"),
-           "phase1_replayed": r.get("phase1_replayed"),
+           "phase1_replayed": r.get("phase1_replayed"), "selected_phase": r.get("selected_phase"),
            "backbone_build_seconds": build_s}
     if row["fit_seconds"] is not None:
         row["fit_seconds_per_epoch"] = row["fit_seconds"] / epochs

@@ -33,7 +33,9 @@ lines of each cell, and the line naming the output folder and MLflow store, a pr
 folds, WA / UA / WF1 with 95% intervals, the WA difference to the reference method with its
 dialogue-bootstrap interval and Holm p, the share of the gap to the task's target closed, named with
 its value), ``costs`` (fit seconds, inference ms per utterance, trained parameters, peak memory),
-``selection`` (two-stage methods: in how many cells dev kept Phase 2). ``render`` rewrites the
+``selection`` (two-stage methods: in how many cells dev kept Phase 2), ``paper-scale`` (a
+``python -m benchbench.tools.paper_scale`` run: per backbone and method, seconds per epoch, inference
+ms per utterance, peak CUDA memory, trained parameters). ``render`` rewrites the
 blocks in place; ``check`` (and the test suite, ``tests/test_publish.py``) fails when a block differs
 from what the generator makes of the committed folders, so a changed result is regenerated, never
 edited by hand. Timings are of the machine in ``run.json``: never compare them across runs of
@@ -203,8 +205,11 @@ def view_command(run: CommittedRun) -> str:
 def view_provenance(run: CommittedRun) -> str:
     m, mach = run.meta, run.meta["machine"]
     attempts = len(m["attempts"])
-    return (f"*Committed run `results/{run.name}`: `{m['command']}` on commit `{m['commit'][:10]}`"
-            f"{' (uncommitted changes)' if m['dirty'] else ''}, version {m['version']}; {mach['cpu']}, "
+    first, *more = m["command"].splitlines()
+    command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
+    gpu = f"{mach['gpu']} ({mach['gpu_memory_gb']} GiB), " if mach.get("gpu") else ""
+    return (f"*Committed run `results/{run.name}`: {command} on commit `{m['commit'][:10]}`"
+            f"{' (uncommitted changes)' if m['dirty'] else ''}, version {m['version']}; {gpu}{mach['cpu']}, "
             f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
             f"{f' over {attempts} attempts' if attempts > 1 else ''}.*")
 
@@ -292,8 +297,49 @@ def view_selection(run: CommittedRun) -> str:
             + ", ".join(rows) + ".") if rows else "No two-stage method in this run."
 
 
+def view_paper_scale(run: CommittedRun) -> str:
+    """A ``python -m benchbench.tools.paper_scale`` run (one folder per backbone, each with
+    ``paper_scale.csv`` and ``machine.json``): per backbone and method, seconds per epoch (and the
+    training utterances an epoch holds), inference ms per utterance, peak CUDA memory and trained
+    parameters; a method the run asked for with no row is "not measured" (the run was cut short), a
+    failed one shows its error; a two-stage cell whose dev selection kept Phase 1 says so beside its
+    inference time (it streamed without its memory or context: ``lora``'s path)."""
+    import pandas as pd
+
+    lines = ["| backbone | method | fit s / epoch | training utterances | inference ms / utterance | peak CUDA GiB | "
+             "trained parameters |", "|---|---|---|---|---|---|---|"]
+    # which two-stage cells dev sent back to Phase 1 (their inference is lora's path): the table's
+    # selected_phase where the run recorded it, else the NOTICE lines of its output, per backbone section
+    kept_phase1, section = set(), None
+    for line in run.stdout.splitlines():
+        m = re.match(r"^\$ python -m benchbench\.tools\.paper_scale --backbone (\S+)", line)
+        section = m.group(1) if m else section
+        m = re.match(r"^  \[(\w+)\] NOTICE: dev selected Phase 1", line)
+        if m:
+            kept_phase1.add((section, m.group(1)))
+    for folder in sorted(p for p in run.folder.iterdir() if (p / "paper_scale.csv").is_file()):
+        info = json.loads((folder / "machine.json").read_text())
+        table = pd.read_csv(folder / "paper_scale.csv").set_index("method")
+        if "selected_phase" in table:
+            kept_phase1 |= {(folder.name, m) for m in table.index[table["selected_phase"] == 1]}
+        head = f"{info['backbone']} ({info['parameters'] / 1e9:.2f}B, {info['dtype']})"
+        for method in info["methods"]:
+            if method not in table.index:
+                lines.append(f"| {head} | {method} | not measured: the run was cut by its time limit | | | | |")
+            elif table.loc[method, "status"] != "ok":
+                lines.append(f"| {head} | {method} | failed: {table.loc[method, 'error']} | | | | |")
+            else:
+                r = table.loc[method]
+                phase1 = " (dev kept Phase 1: lora's path)" if (folder.name, method) in kept_phase1 else ""
+                lines.append(f"| {head} | {method} | {r['fit_seconds_per_epoch']:.1f} | {int(r['train_utterances'])} | "
+                             f"{r['eval_ms_per_utterance']:.1f}{phase1} | {r['peak_cuda_mb'] / 1024:.1f} | "
+                             f"{r['trained_parameters'] / 1e6:.1f}M |")
+            head = ""
+    return "\n".join(lines)
+
+
 VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
-         "costs": view_costs, "selection": view_selection}
+         "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale}
 
 
 # ---------------------------------------------------------------------------- render and check
