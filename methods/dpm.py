@@ -27,12 +27,17 @@ whose target unit is <audio_end>.
 
 **Inference (Sec. 3.2, Algorithm 1).** Per dialogue a fresh temporary LoRA (r=64, alpha=64, all
 linear layers of the LM, AdamW lr 5e-5, betas (0.9, 0.999), eps 1e-7 after Temp-LoRA) sits on top
-of the frozen task LoRA (peft, two active adapters; their outputs add). For utterance i:
+of the frozen task LoRA (peft, two active adapters; their outputs add). For utterance i, in the
+paper's order (Sec. 3.2: "we update the temporary LoRA parameters one last time and predict"):
 
-1. y_i is predicted with the temporary LoRA as it stands (after utterances < i);
-2. the temporary LoRA takes ``test_time_steps`` AdamW step(s) on ``L_t`` (Eq. 8-9): next-unit
+1. the temporary LoRA takes ``test_time_steps`` AdamW step(s) on ``L_t`` (Eq. 8-9): next-unit
    cross-entropy of utterance i's units and <audio_end> given the ``n_r`` stream tokens before it
-   (teacher forced inside the utterance; Eq. 11 at the stream's start). Audio only, never a label.
+   (teacher forced inside the utterance; Eq. 11 at the stream's start). Audio only, never a label;
+2. y_i is predicted with the temporary LoRA so updated.
+
+``order="predict_first"`` swaps the two (y_i from the temporary LoRA of utterances < i), labelled
+``dpm[predict-first]``; the ``smoke`` and ``default`` presets keep it, the order of every dpm figure
+published before the option, until a measurement of the two orders decides the default.
 
 At the dialogue's end it is discarded: :meth:`reset` restores its initial values (A drawn once per
 method from its seed, B = 0, so a fresh temporary LoRA leaves the task LoRA's outputs bit-identical)
@@ -90,6 +95,10 @@ def _paper_task_lora() -> LoRASettings:
     return LoRASettings(r=64, alpha=64, lr=5e-5, epochs=20, batch_size=1)
 
 
+ORDERS = ("update_first", "predict_first")
+"""DPM's order at each utterance (:attr:`DPMConfig.order`): the paper's, then the suite's earlier one."""
+
+
 @dataclass
 class DPMConfig(MethodConfig):
     lora: LoRASettings = field(default_factory=_paper_task_lora)  # Phase 1: the emotion SLLM's task LoRA
@@ -110,6 +119,10 @@ class DPMConfig(MethodConfig):
     temp_lr_width: int | None = None
     temp_eps: float = 1e-7         # AdamW eps (Temp-LoRA)
     test_time_steps: int = 1       # updates per utterance (the paper: one)
+    # at utterance i: "update_first" (the paper, Sec. 3.2: "we update the temporary LoRA parameters one
+    # last time and predict"): the temporary LoRA is updated on utterance i's audio, then predicts y_i;
+    # "predict_first": y_i from the temporary LoRA of utterances < i, then the update (dpm[predict-first])
+    order: str = "update_first"
     stream_batch: int = 4          # dialogues streamed side by side, each with its own temporary LoRA (memory!)
     unit_head_lr: float | None = None  # None: the task LoRA's lr
 
@@ -118,6 +131,8 @@ class DPMConfig(MethodConfig):
                                          test_time_steps=1, stream_batch=1),
                      positive=("temp_alpha", "temp_lr", "temp_eps", "unit_head_lr", "temp_lr_width"),
                      fraction=("temp_dropout",))
+        if self.order not in ORDERS:
+            raise ValueError(f"dpm: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
 
 class _UnitStream:
@@ -206,12 +221,21 @@ class DynamicParameterMemory(ContextMethod):
     uses_context = True
     presets = {
         "smoke": dict(lora=dict(r=8, alpha=16, lr=2e-3, epochs=1, batch_size=16), n_units=16,
-                      n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3, stream_batch=8),
-        # CPU-sized: steps scaled to the tiny random-init backbone, like the other methods
+                      n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3, stream_batch=8,
+                      order="predict_first"),
+        # CPU-sized: steps scaled to the tiny random-init backbone, like the other methods; the order
+        # every published dpm figure was measured with, until the measurement of the paper's order
         "default": dict(lora=dict(r=32, alpha=64, lr=1e-3, epochs=6, batch_size=32), n_units=64,
                         n_o=25, n_p=50, n_r=10, temp_r=16, temp_alpha=16, temp_lr=3e-3, temp_lr_width=64,
-                        stream_batch=64),
+                        stream_batch=64, order="predict_first"),
     }
+    variant_options = ("order",)  # dpm[predict-first]
+
+    @classmethod
+    def variant(cls, config: DPMConfig) -> str:
+        """``predict-first`` where y_i is predicted before the update on utterance i (the paper updates,
+        then predicts: Sec. 3.2)."""
+        return "predict-first" if config.order == "predict_first" else ""
 
     @classmethod
     def search_space(cls, trial):
@@ -419,8 +443,10 @@ class DynamicParameterMemory(ContextMethod):
 
     def _turn(self, active: Sequence[int], utterances: Sequence[UtteranceInput]) -> np.ndarray:
         """Algorithm 1 for one turn of the dialogues ``active`` (indices of the streamed dialogues;
-        ``utterances[k]`` is dialogue ``active[k]``'s): y_i from each temporary LoRA as it stands, then
-        each updated on its own utterance's units (Eq. 8-9). Returns the probabilities ``[len(active), C]``."""
+        ``utterances[k]`` is dialogue ``active[k]``'s): each temporary LoRA updated on its own utterance's
+        units (Eq. 8-9), then y_i predicted with it (``order="update_first"``, the paper's), or y_i first
+        (``predict_first``). Returns the probabilities ``[len(active), C]``; the turn's seconds, the
+        prediction's included, go to ``test_time_update_seconds``."""
         t0 = time.perf_counter()
         active = list(active)
         toks = [self._utterance_tokens(u) for u in utterances]
@@ -428,17 +454,32 @@ class DynamicParameterMemory(ContextMethod):
         for k, (emb, stream_emb, units) in zip(active, toks):
             self._streams[k].append(stream_emb, units)  # keeps at most n_r tokens before this utterance
             windows[k] = (self._streams[k].emb, self._streams[k].units, units.shape[0])
-        params = list(self.temp.params.values())
-        device = self.lm.lm_head.weight.device
-        # 1. y_i with each temporary LoRA as it stands (after utterances < i); no graph: the update's
-        # backward then covers the windows alone (a prediction in the same forward would double it)
-        self.temp.streams = torch.tensor(active, device=device)
+        if self.config.order == "update_first":  # the paper: update on utterance i, then predict y_i
+            self._update(active, windows, utterance_of)
+            probs = self._predict(active, toks)
+        else:  # dpm[predict-first]: y_i from the temporary LoRA of utterances < i, then the update
+            probs = self._predict(active, toks)
+            self._update(active, windows, utterance_of)
+        cost = self.test_time_cost
+        cost["test_time_update_seconds"] = cost.get("test_time_update_seconds", 0.0) + time.perf_counter() - t0
+        return probs
+
+    def _predict(self, active: list[int], toks) -> np.ndarray:
+        """y for one turn with each dialogue's temporary LoRA as it stands: ``[len(active), C]``. No graph:
+        an update's backward covers its windows alone (a prediction in the same forward would double it)."""
+        self.temp.streams = torch.tensor(active, device=self.lm.lm_head.weight.device)
         try:
             with torch.no_grad():
                 logits = self.lm(self.lm.batch([[Segment(e)] for e, _, _ in toks]))
         finally:
             self.temp.streams = None
-        probs = torch.softmax(logits.float(), -1).cpu().numpy()
+        return torch.softmax(logits.float(), -1).cpu().numpy()
+
+    def _update(self, active: list[int], windows: dict, utterance_of: dict) -> None:
+        """``test_time_steps`` AdamW steps of each active dialogue's temporary LoRA on its own
+        utterance's units (Eq. 8-9); a non-finite loss or gradient skips that dialogue's update (recorded)."""
+        params = list(self.temp.params.values())
+        device = self.lm.lm_head.weight.device
         cur = list(active)  # dialogues still updating at this turn (a non-finite update stops one)
         for step in range(self.config.test_time_steps):
             rows = torch.tensor(cur, device=device)  # the updating dialogues' streams, also their gradient rows
@@ -485,8 +526,6 @@ class DynamicParameterMemory(ContextMethod):
             cost["test_time_updates"] = cost.get("test_time_updates", 0) + len(cur)
             if not cur:
                 break
-        cost["test_time_update_seconds"] = cost.get("test_time_update_seconds", 0.0) + time.perf_counter() - t0
-        return probs
 
     def _diagnose(self, name: str, values: Sequence[float]) -> None:
         """Running mean of a test-time diagnostic in ``test_time_cost`` (results.csv and MLflow):

@@ -10,7 +10,7 @@ from tests.planted import PLANTED, DialogueMean
 # every method at its smoke preset, and the variants the presets or the README use
 CONFIGS = [(name, None) for name in METHODS.names()] + [
     ("mal", {"speaker_memory": True}), ("mac", {"speaker_memory": True}), ("mag", {"speaker_memory": True}),
-    ("full_context", {"context": "speaker"}),
+    ("full_context", {"context": "speaker"}), ("dpm", {"order": "update_first"}),
 ]
 ALL_CHECKS = [c for name, overrides in CONFIGS for c in conformance_checks(name, overrides)]
 

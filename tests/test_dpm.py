@@ -149,3 +149,35 @@ def test_default_temp_lr_scales_with_the_lm_width():
     assert rate("default", 64) == 3e-3
     assert rate("default", 384) == pytest.approx(5e-4) and rate("default", 4096) == pytest.approx(4.6875e-5)
     assert rate("paper", 384) == rate("paper", 4096) == 5e-5
+
+
+def test_the_papers_order_updates_on_the_utterance_before_predicting_it(backbone, tiny_task, dpm):
+    """``order="update_first"`` (Sec. 3.2, the paper preset's): y_i comes from the temporary LoRA already
+    updated on utterance i's audio, so even the first prediction differs from the task LoRA alone; the
+    update and its cost are the same as predict-first's; the label says which order ran."""
+    paper = DynamicParameterMemory(backbone, tiny_task.labels,
+                                   DynamicParameterMemory.make_config("smoke", {"order": "update_first"}), seed=0)
+    paper.load_fitted_state(dpm.fitted_state())
+    for k, v in dpm.trained_parameters().items():
+        paper.trained_parameters()[k].data.copy_(v)
+    d = tiny_task.folds()[0].test[0]
+    p = paper.predict_dialogue(d.inputs())
+    alone = _task_lora_only(paper, d.inputs())
+    assert not np.allclose(p[0], alone[0])  # updated on utterance 0 before predicting it
+    # the same updates in the same sequence as predict-first: after the whole dialogue both LoRAs are equal
+    first = dpm.predict_dialogue(d.inputs())
+    paper.reset()
+    for u in d.inputs():
+        paper.step(u)
+    dpm.reset()
+    for u in d.inputs():
+        dpm.step(u)
+    for n in dpm.temp_params:
+        assert torch.allclose(paper.temp_params[n], dpm.temp_params[n], atol=1e-6)
+    assert p.shape == first.shape
+    assert DynamicParameterMemory.label(paper.config) == "dpm"
+    assert DynamicParameterMemory.label(dpm.config) == "dpm[predict-first]"
+    assert DynamicParameterMemory.make_config("paper").order == "update_first"
+    assert DynamicParameterMemory.make_config("default").order == "predict_first"
+    with pytest.raises(ValueError, match="order must be one of"):
+        DynamicParameterMemory.make_config("smoke", {"order": "sideways"})
