@@ -395,10 +395,11 @@ def conformance_checks(method, overrides: dict | None = None, preset: str = "smo
     """The kit's checks that apply to ``method`` (a registry name or a ``ContextMethod`` class) under
     ``preset`` + ``overrides``, one :class:`Check` each, for ``pytest.mark.parametrize("check", ...,
     ids=str)``: the context-dependence check for ``uses_context`` methods, the independence check for
-    the others, the Phase-1 check for ``phase1_of = "lora"``."""
+    the others, the Phase-1 check for ``phase1_of = "lora"`` (unless the config's ``phase1`` is ``none``)."""
     cls = _cls(method)
     skip = {"check_context_free_independence" if cls.uses_context else "check_context_dependence"}
-    if getattr(cls, "phase1_of", None) != "lora":
+    if getattr(cls, "phase1_of", None) != "lora" or \
+            getattr(cls.make_config(preset, overrides), "phase1", "lora") != "lora":  # e.g. mal{phase1=none}
         skip.add("check_phase1_is_lora")
     return [Check(method, n, overrides, preset) for n in CHECKS if n not in skip]
 

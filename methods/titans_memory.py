@@ -59,8 +59,8 @@ from benchbench.data import UNSCORED, UtteranceInput
 from benchbench.method import (ConfigValueError, ContextMethod, FitReport, MethodConfig, UtteranceLevelMethod,
                                check_ranges, utterance_groups)
 from benchbench.metrics import METRICS
-from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, fit_task_lora,
-                                 phase1_presets, run_epochs, two_stage_search_space)
+from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng, dev_epoch_score,
+                                 fit_task_lora, phase1_presets, run_epochs, two_stage_search_space)
 
 
 @dataclass
@@ -87,12 +87,17 @@ class TitansMemoryConfig(MethodConfig):
     # One memory state per speaker of the dialogue instead of one per dialogue: each utterance reads
     # and writes only its speaker's state (a speaker-baseline variant; the paper keeps one state).
     speaker_memory: bool = False
+    # Phase 1: "lora" (Sec. 3.4: the task LoRA first, replayed from the lora cell), or "none": the memory
+    # trains on the frozen host without any LoRA, the setting of the injection ablation (Sec. 3.2:
+    # "a single memory branch" in "a frozen LALM"; bench run --methods zero_shot,mac,mag,mal
+    # --set mal.layers=0 --set mac.phase1=none --set mag.phase1=none --set mal.phase1=none)
+    phase1: str = "lora"
 
     def check(self) -> None:
         check_ranges(self, at_least=dict(d_m=1, n_persistent=0, memory_depth=1, memory_heads=1, epochs=0,
                                          batch_dialogues=1, eval_batch_utterances=1),
                      positive=("memory_max_lr", "memory_max_grad_norm", "lr", "grad_clip", "gate_lr", "gate_grad_clip"),
-                     choices=dict(selection_metric=METRICS))
+                     choices=dict(selection_metric=METRICS, phase1=("lora", "none")))
         if self.layers not in ("all", "quartile"):
             try:
                 [int(x) for x in str(self.layers).split(",")]
@@ -467,9 +472,16 @@ class TitansMemoryMethod(ContextMethod):
 
     def fit(self, train, dev, progress=None) -> FitReport:
         c = self.config
-        # Phase 1: task adaptation with the memory removed, exactly as `lora` (dev scored the same way)
         self._memory_removed = True
-        report = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
+        if c.phase1 == "lora":
+            # Phase 1: task adaptation with the memory removed, exactly as `lora` (dev scored the same way)
+            report = fit_task_lora(self, self.lora_params, c.lora, train, dev, progress)
+        else:  # phase1=none (the injection ablation): no task LoRA; "Phase 1" is the frozen host, zero-shot
+            report = FitReport()
+            report.dev_score = dev_epoch_score(self, dev, c.selection_metric,
+                                               report.curve(f"{self.name}_phase1_dev_{c.selection_metric}"),
+                                               f"{self.name} frozen host (phase1=none)", progress)
+            report.selected = {"phase": 1, "epoch": None}
         for p in self.lora_params.values():
             p.requires_grad_(False)
         # Phase 2: memory training, LoRA and backbone frozen. Each step is one LM forward over every
@@ -581,6 +593,6 @@ class TitansMemoryMethod(ContextMethod):
         self._memory_removed = bool(state["memory_removed"]) if "memory_removed" in state else False
 
     def trained_parameters(self):
-        params = dict(self.lora_params)
+        params = dict(self.lora_params) if self.config.phase1 == "lora" else {}  # phase1=none: no LoRA trains
         params.update({f"{self.name}.{n}": p for n, p in self.branches.named_parameters()})
         return params

@@ -140,6 +140,28 @@ def test_phase_two_freezes_lora_and_trains_memory(backbone, tiny_task):
             assert any(n.startswith(f"mal.{l}.{part}") for n in names), part
 
 
+@pytest.mark.parametrize("name", ["mal", "mac", "mag"])
+def test_phase1_none_trains_one_branch_on_the_frozen_host(name, backbone, tiny_task):
+    """The injection ablation (Sec. 3.2): ``phase1=none`` trains the memory on the frozen host with no
+    LoRA: the LoRA's B stays 0 (the host's outputs), only the branches train and count, the "Phase 1"
+    dev selection can fall back to is the zero-shot host, and the label names the ablation."""
+    from benchbench.method import METHODS
+
+    cls = METHODS.get(name)
+    m = cls(backbone, tiny_task.labels, cls.make_config("smoke", {"phase1": "none", "layers": "0"}), seed=0)
+    fold = tiny_task.folds()[0]
+    report = m.fit(fold.train, fold.dev)
+    assert all(not p.requires_grad for p in m.lora_params.values())
+    assert all(float(p.abs().max()) == 0 for n, p in m.lora_params.items() if "lora_B" in n)  # never trained
+    assert set(m.trained_parameters()) and all(n.startswith(f"{name}.") for n in m.trained_parameters())
+    assert report.phase1_replayed is None and f"{name}_phase1_dev_ua" in report.curves
+    assert len(report.curves[f"{name}_train_loss"]) > 0
+    assert cls.label(m.config, "smoke") == f"{name}{{layers=0,phase1=none}}" if name == "mal" else \
+        cls.label(m.config, "smoke") == f"{name}{{phase1=none}}"
+    with pytest.raises(ValueError, match="phase1"):
+        cls.make_config("smoke", {"phase1": "some"})
+
+
 @pytest.mark.parametrize("spec,n,expected", [
     ("all", 4, [0, 1, 2, 3]), ("quartile", 32, [7, 15, 23, 31]), ("quartile", 2, [0, 1]),
     ("quartile", 28, [6, 13, 20, 27]), ("0,2", 4, [0, 2])])
