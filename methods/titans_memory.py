@@ -26,6 +26,17 @@ Our reading where the paper is silent: in MAC, P enters the host sequence throug
 (P lives in the memory's d_m space, as in MAL); MAC has no gate; MAG's W_g starts at zero weight and a
 bias ``gate_bias_init`` (sigmoid(3) = 0.95), so an untrained MAG nearly passes h through.
 
+The surprise (``surprise``): Titans' update rule takes step t's surprise gradient at M_{t-1} (in its
+mini-batch form, at the start of each mini-batch). ``"sequential"`` (the dataclass default and the
+``paper`` preset) makes every chunk (one utterance) a titans-pytorch mini-batch (``ttt_batch_size``),
+so the memory's weights move after each utterance and the next one's gradient is taken at them;
+each call's positions restart at 0 so the mini-batches fall on its own chunk boundaries, and
+:class:`_ChunkMean` reduces one mini-batch's chunks at a time. Along a dialogue this is sequential by
+definition (one store call per utterance); across dialogues it stays batched. ``"initial"``
+(titans-pytorch's ``NeuralMemory`` without ``batch_size``, the ``default`` preset until the two forms
+are measured) takes every gradient at the initial weights M_0; only the momentum and decay
+accumulation carries (labelled ``[m0-surprise]``). Both forms stream and batch identically (the kit).
+
 Memory updates (``chunk_size``):
 
 * ``"utterance"`` (default): one memory update per utterance, and every token of utterance i reads
@@ -63,6 +74,11 @@ from benchbench.training import (BestCheckpoint, LoRASettings, attach_lora, auxi
                                  fit_task_lora, phase1_presets, run_epochs, two_stage_search_space)
 
 
+SURPRISES = ("sequential", "initial")
+"""Where Titans' surprise gradient is taken (:attr:`TitansMemoryConfig.surprise`): the paper's rule, then
+titans-pytorch's form without ``batch_size``."""
+
+
 @dataclass
 class TitansMemoryConfig(MethodConfig):
     """Config shared by ``mal``, ``mac`` and ``mag`` (paper defaults: Titans-as-a-Layer Sec. 3.3-3.4)."""
@@ -92,12 +108,18 @@ class TitansMemoryConfig(MethodConfig):
     # "a single memory branch" in "a frozen LALM"; bench run --methods zero_shot,mac,mag,mal
     # --set mal.layers=0 --set mac.phase1=none --set mag.phase1=none --set mal.phase1=none)
     phase1: str = "lora"
+    # Where each utterance's surprise gradient (Titans' update rule, Behrouz et al. 2024, Eq. 8-14) is
+    # taken: "sequential" (Titans: step t's gradient at M_{t-1}; one utterance, one mini-batch: the
+    # memory's weights move after every utterance, titans-pytorch's ttt_batch_size) or "initial"
+    # (titans-pytorch's NeuralMemory without batch_size: every gradient at the initial weights M_0,
+    # only the momentum and decay accumulation carries across utterances; labelled [m0-surprise])
+    surprise: str = "sequential"
 
     def check(self) -> None:
         check_ranges(self, at_least=dict(d_m=1, n_persistent=0, memory_depth=1, memory_heads=1, epochs=0,
                                          batch_dialogues=1, eval_batch_utterances=1),
                      positive=("memory_max_lr", "memory_max_grad_norm", "lr", "grad_clip", "gate_lr", "gate_grad_clip"),
-                     choices=dict(selection_metric=METRICS, phase1=("lora", "none")))
+                     choices=dict(selection_metric=METRICS, phase1=("lora", "none"), surprise=SURPRISES))
         if self.layers not in ("all", "quartile"):
             try:
                 [int(x) for x in str(self.layers).split(",")]
@@ -267,13 +289,22 @@ class _ChunkMean(nn.Module):
     def __init__(self):
         super().__init__()
         self.counts: torch.Tensor | None = None
+        self.offset = 0  # chunks of ``counts`` consumed: a call split into mini-batches (sequential
+        # surprise) reduces one mini-batch at a time, in order
+
+    def set_counts(self, counts: torch.Tensor | None) -> None:
+        """The real positions per chunk ``[b, n]`` of the next NeuralMemory call (``None``: plain means)."""
+        self.counts, self.offset = counts, 0
 
     def forward(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         b, L, d = x.shape
-        total = x.reshape(b, L // chunk_size, chunk_size, d).sum(2)
-        if self.counts is None or self.counts.shape != total.shape[:2]:  # a call not from MemoryBranch.read
-            return total / chunk_size
-        return total / self.counts.to(total).clamp(min=1)[..., None]
+        n = L // chunk_size
+        total = x.reshape(b, n, chunk_size, d).sum(2)
+        if self.counts is None or self.counts.shape[0] != b or self.offset + n > self.counts.shape[1]:
+            return total / chunk_size  # a call not from MemoryBranch.read
+        counts = self.counts[:, self.offset:self.offset + n]
+        self.offset += n
+        return total / counts.to(total).clamp(min=1)[..., None]
 
 
 class MemoryBranch(nn.Module):
@@ -295,7 +326,8 @@ class MemoryBranch(nn.Module):
 
     def __init__(self, hidden_size: int, c: TitansMemoryConfig, max_tokens: int):
         super().__init__()
-        self.n_p, self.max_tokens, self.chunk_size = c.n_persistent, max_tokens, c.chunk_size
+        self.n_p, self.max_tokens, self.chunk_size, self.surprise = c.n_persistent, max_tokens, c.chunk_size, \
+            c.surprise
         self.W_in = nn.Linear(hidden_size, c.d_m, bias=False)
         self.W_out = nn.Linear(c.d_m, hidden_size, bias=False)
         self.P = nn.Parameter(torch.randn(c.n_persistent, c.d_m) * 0.02)
@@ -326,11 +358,19 @@ class MemoryBranch(nn.Module):
         z = torch.index_select(table, 0, layout.src).view(S, Ls, -1)           # Eq. 6: [P; W_in h] per slot
         mem = self.memory
         mem.chunk_size = mem.store_chunk_size = mem.retrieve_chunk_size = layout.chunk
-        mem.reduce_to_chunk_rep.counts = layout.counts
+        mem.reduce_to_chunk_rep.set_counts(layout.counts)
+        ttt = None
+        if self.surprise == "sequential":
+            # one chunk (one utterance) per mini-batch: the weights move after each, and the next
+            # chunk's surprise is taken at them (Titans); the call's own positions restart at 0 so that
+            # the mini-batch boundaries fall on this call's chunk boundaries whatever came before
+            ttt = layout.chunk
+            if state is not None:
+                state = state._replace(seq_index=0)
         try:
-            r, state = mem(z, state=state, store_mask=layout.mask)              # Eq. 7
+            r, state = mem(z, state=state, store_mask=layout.mask, ttt_batch_size=ttt)   # Eq. 7
         finally:
-            mem.reduce_to_chunk_rep.counts = None
+            mem.reduce_to_chunk_rep.set_counts(None)
         return self.W_out(r.reshape(S * Ls, -1)[layout.tok_dst]).to(x_dtype), state   # Eq. 8 / Eq. 3
 
     def retrieve(self, h: torch.Tensor, state=None):
@@ -358,21 +398,27 @@ class TitansMemoryMethod(ContextMethod):
     uses_context = True
     phases = 2
     phase1_of = "lora"  # fit_task_lora: the lora cell's training, replayed from the Phase-1 cache
-    variant_options = ("speaker_memory",)  # mal[speaker]
+    variant_options = ("speaker_memory", "surprise")  # mal[speaker], mal[m0-surprise]
     branch_cls: ClassVar[type[MemoryBranch]]
     # Phase 1 at each preset is `lora`'s (LORA_PRESETS), by construction
     presets = phase1_presets({
         "smoke": dict(d_m=16, epochs=1, lr=3e-3, gate_lr=1e-2, batch_dialogues=8),
         # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting, and one
         # memory state per speaker (the paper keeps one per dialogue: `--preset paper`, or
-        # `--set mal.speaker_memory=false`); see the README's "Memory per speaker"
-        "default": dict(d_m=16, epochs=3, lr=3e-3, gate_lr=5e-2, batch_dialogues=8, speaker_memory=True),
+        # `--set mal.speaker_memory=false`); see the README's "Memory per speaker". The surprise at M_0
+        # (titans-pytorch without batch_size): the form every published memory figure was measured with,
+        # until the measurement of the two forms decides (`--set mal.surprise=sequential`: Titans' rule)
+        "default": dict(d_m=16, epochs=3, lr=3e-3, gate_lr=5e-2, batch_dialogues=8, speaker_memory=True,
+                        surprise="initial"),
     })
 
     @classmethod
     def variant(cls, config: TitansMemoryConfig) -> str:
-        """``speaker`` with one memory state per speaker (the paper keeps one per dialogue)."""
-        return "speaker" if config.speaker_memory else ""
+        """``speaker`` with one memory state per speaker (the paper keeps one per dialogue); ``m0-surprise``
+        with every surprise gradient at the initial memory (Titans takes step t's at M_{t-1});
+        comma-joined when both (``mal[speaker,m0-surprise]``)."""
+        return ",".join(v for v, on in (("speaker", config.speaker_memory),
+                                        ("m0-surprise", config.surprise == "initial")) if on)
 
     @classmethod
     def search_space(cls, trial):

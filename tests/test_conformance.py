@@ -12,6 +12,8 @@ CONFIGS = [(name, None) for name in METHODS.names()] + [
     ("mal", {"speaker_memory": True}), ("mac", {"speaker_memory": True}), ("mag", {"speaker_memory": True}),
     ("full_context", {"context": "speaker"}), ("dpm", {"order": "update_first"}),
     ("mal", {"phase1": "none", "layers": "0"}), ("mac", {"phase1": "none"}), ("mag", {"phase1": "none"}),
+    ("mal", {"surprise": "initial"}), ("mac", {"surprise": "initial"}), ("mag", {"surprise": "initial"}),
+    ("mal", {"surprise": "initial", "speaker_memory": True}),
 ]
 ALL_CHECKS = [c for name, overrides in CONFIGS for c in conformance_checks(name, overrides)]
 
