@@ -21,9 +21,12 @@ whose target unit is <audio_end>.
   final tokens and <audio_end>), teacher-forced from the ``n_p`` tokens before them, which may reach
   back into the dialogue's earlier utterances; both shrink at the stream's start (Eq. 4).
 * ``L_e`` (Eq. 5-7): cross-entropy over the constrained label logits (the backbone's label
-  verbalizer tokens) for the current utterance in the suite's prompt. Our reading of the prefix n_q
-  (Eq. 6): the current utterance only, so the temporary LoRA is the only way the history reaches a
-  prediction.
+  verbalizer tokens) in the suite's prompt, whose audio is L_e's prefix: as Eq. 5-6 say, the ``n_q``
+  stream tokens before the emotion identifier, including <audio_end>, across utterance boundaries
+  ("the current sentence and its history"; ``emotion_prefix="history"``, the paper preset's; n_q is
+  not given by the paper: n_p + n_o); prediction reads the same prefix. ``emotion_prefix="utterance"``
+  reads the current utterance alone, so the temporary LoRA is the only way the history reaches a
+  prediction (``dpm[utterance-prefix]``, the ``smoke`` and ``default`` presets' until measured).
 
 **Inference (Sec. 3.2, Algorithm 1).** Per dialogue a fresh temporary LoRA (r=64, alpha=64, all
 linear layers of the LM, AdamW lr 5e-5, betas (0.9, 0.999), eps 1e-7 after Temp-LoRA) sits on top
@@ -97,6 +100,8 @@ def _paper_task_lora() -> LoRASettings:
 
 ORDERS = ("update_first", "predict_first")
 """DPM's order at each utterance (:attr:`DPMConfig.order`): the paper's, then the suite's earlier one."""
+EMOTION_PREFIXES = ("history", "utterance")
+"""What L_e and the prediction read (:attr:`DPMConfig.emotion_prefix`): the paper's, then the suite's earlier one."""
 
 
 @dataclass
@@ -123,6 +128,12 @@ class DPMConfig(MethodConfig):
     # last time and predict"): the temporary LoRA is updated on utterance i's audio, then predicts y_i;
     # "predict_first": y_i from the temporary LoRA of utterances < i, then the update (dpm[predict-first])
     order: str = "update_first"
+    # L_e's prefix (Eq. 5-6): "history", the n_q stream tokens before the emotion identifier, including
+    # <audio_end>, across utterance boundaries ("the current sentence and its history"), in training and
+    # at prediction; "utterance": the current utterance alone (dpm[utterance-prefix]), so the history
+    # reaches a prediction through the temporary LoRA only
+    emotion_prefix: str = "history"
+    n_q: int = 150                 # L_e's prefix length in stream tokens (the paper gives none: n_p + n_o)
     stream_batch: int = 4          # dialogues streamed side by side, each with its own temporary LoRA (memory!)
     unit_head_lr: float | None = None  # None: the task LoRA's lr
 
@@ -133,6 +144,10 @@ class DPMConfig(MethodConfig):
                      fraction=("temp_dropout",))
         if self.order not in ORDERS:
             raise ValueError(f"dpm: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.emotion_prefix not in EMOTION_PREFIXES:
+            raise ValueError(f"dpm: emotion_prefix must be one of {', '.join(EMOTION_PREFIXES)}, "
+                             f"got {self.emotion_prefix!r}")
+        check_ranges(self, at_least=dict(n_q=1))
 
 
 class _UnitStream:
@@ -222,20 +237,22 @@ class DynamicParameterMemory(ContextMethod):
     presets = {
         "smoke": dict(lora=dict(r=8, alpha=16, lr=2e-3, epochs=1, batch_size=16), n_units=16,
                       n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3, stream_batch=8,
-                      order="predict_first"),
+                      order="predict_first", emotion_prefix="utterance", n_q=16),
         # CPU-sized: steps scaled to the tiny random-init backbone, like the other methods; the order
         # every published dpm figure was measured with, until the measurement of the paper's order
         "default": dict(lora=dict(r=32, alpha=64, lr=1e-3, epochs=6, batch_size=32), n_units=64,
                         n_o=25, n_p=50, n_r=10, temp_r=16, temp_alpha=16, temp_lr=3e-3, temp_lr_width=64,
-                        stream_batch=64, order="predict_first"),
+                        stream_batch=64, order="predict_first", emotion_prefix="utterance", n_q=75),
     }
-    variant_options = ("order",)  # dpm[predict-first]
+    variant_options = ("order", "emotion_prefix")  # dpm[predict-first,utterance-prefix]
 
     @classmethod
     def variant(cls, config: DPMConfig) -> str:
         """``predict-first`` where y_i is predicted before the update on utterance i (the paper updates,
-        then predicts: Sec. 3.2)."""
-        return "predict-first" if config.order == "predict_first" else ""
+        then predicts: Sec. 3.2); ``utterance-prefix`` where L_e and the prediction read the current
+        utterance alone (the paper: its n_q tokens with the history, Eq. 5-6); comma-joined."""
+        return ",".join(v for v, on in (("predict-first", config.order == "predict_first"),
+                                        ("utterance-prefix", config.emotion_prefix == "utterance")) if on)
 
     @classmethod
     def search_space(cls, trial):
@@ -302,8 +319,8 @@ class DynamicParameterMemory(ContextMethod):
 
         Each window is ``(emb [n, D], units [n], n_scored)``: the LM reads ``[<|audio_bos|>; emb[:-1]]``
         and position j predicts ``units[j]``; the last ``n_scored`` predictions are scored (Eq. 3 / 9).
-        Each prompt is one utterance's audio embeddings ``[T, D]`` in the suite's prompt (as ``lora``
-        reads it). All are right-padded into one batch. Returns each window's mean ``[W]`` and the
+        Each prompt is the audio of L_e's prefix ``[T, D]`` (:meth:`_emotion_prompt`: the utterance, or the
+        n_q stream tokens with its history) in the suite's prompt (as ``lora`` reads an utterance). All are right-padded into one batch. Returns each window's mean ``[W]`` and the
         label logits ``[P, C]`` (``None`` without prompts).
         """
         w = self.lm.lm_head.weight
@@ -329,6 +346,17 @@ class DynamicParameterMemory(ContextMethod):
             losses.append(nn.functional.cross_entropy(out.float(), u[n - k:].to(out.device)))
         return (torch.stack(losses) if losses else h.new_zeros(0)), logits
 
+    def _emotion_prompt(self, emb: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+        """L_e's and the prediction's audio (Eq. 5-6): the current utterance's embeddings ``emb [T, D]``
+        (``emotion_prefix="utterance"``), or the last n_q stream tokens up to and including the current
+        utterance's <audio_end> (``stream [n, D]`` ends with it), with the history before the utterance
+        and its end markers: ``[min(n_q, n) - 1, D]`` (the prompt's own audio end marker takes the last
+        place; Eq. 6 at the stream's start)."""
+        if self.config.emotion_prefix == "utterance":
+            return emb
+        n = stream.shape[0]
+        return stream[max(0, n - self.config.n_q):n - 1]
+
     def _phase1_window(self, emb: torch.Tensor, units: torch.Tensor, end: int):
         """Eq. 3-4: the last n_o tokens up to ``end`` (exclusive) and the n_p before them."""
         n_o = min(self.config.n_o, end)
@@ -341,7 +369,7 @@ class DynamicParameterMemory(ContextMethod):
         self.fit_codebook(train)
 
         def dialogue_examples(d):
-            """(current utterance's audio [T, D], label, L_a window) of each scored utterance of ``d``."""
+            """(L_e's prompt audio [T, D], label, L_a window) of each scored utterance of ``d``."""
             toks = [self._utterance_tokens(u.input) for u in d.utterances]
             stream_emb, stream_units = torch.cat([t[1] for t in toks]), torch.cat([t[2] for t in toks])
             out, end = [], 0
@@ -349,7 +377,8 @@ class DynamicParameterMemory(ContextMethod):
                 end += units.shape[0]
                 if not u.scored:  # context-only: in the stream, never an L_e target
                     continue
-                out.append((emb, u.label, self._phase1_window(stream_emb, stream_units, end)))
+                out.append((self._emotion_prompt(emb, stream_emb[:end]), u.label,
+                            self._phase1_window(stream_emb, stream_units, end)))
             return out
 
         # where the projector trains with the task LoRA (trainable_projector) the embeddings are
@@ -420,7 +449,8 @@ class DynamicParameterMemory(ContextMethod):
         self.temp.start(n_streams)
         self._opt = torch.optim.AdamW(list(self.temp.params.values()), lr=self.temp_lr,
                                       betas=(0.9, 0.999), eps=self.config.temp_eps, weight_decay=0.0)
-        self._streams = [_UnitStream(keep=self.config.n_r) for _ in range(n_streams)]
+        keep = max(self.config.n_r, self.config.n_q) if self.config.emotion_prefix == "history" else self.config.n_r
+        self._streams = [_UnitStream(keep=keep) for _ in range(n_streams)]
 
     def reset(self) -> None:
         """A fresh temporary LoRA (its initial values, B = 0) with a fresh optimizer; a new stream."""
@@ -451,26 +481,31 @@ class DynamicParameterMemory(ContextMethod):
         active = list(active)
         toks = [self._utterance_tokens(u) for u in utterances]
         windows, utterance_of = {}, dict(zip(active, utterances))  # by dialogue index
+        prompts = []
         for k, (emb, stream_emb, units) in zip(active, toks):
-            self._streams[k].append(stream_emb, units)  # keeps at most n_r tokens before this utterance
-            windows[k] = (self._streams[k].emb, self._streams[k].units, units.shape[0])
+            st = self._streams[k]
+            st.append(stream_emb, units)  # keeps the tokens before this utterance that are ever read
+            n = self.config.n_r + units.shape[0]  # L_t's window: n_r tokens, then the utterance (Eq. 8-9, 11)
+            windows[k] = (st.emb[-n:], st.units[-n:], units.shape[0])
+            prompts.append(self._emotion_prompt(emb, st.emb))
         if self.config.order == "update_first":  # the paper: update on utterance i, then predict y_i
             self._update(active, windows, utterance_of)
-            probs = self._predict(active, toks)
+            probs = self._predict(active, prompts)
         else:  # dpm[predict-first]: y_i from the temporary LoRA of utterances < i, then the update
-            probs = self._predict(active, toks)
+            probs = self._predict(active, prompts)
             self._update(active, windows, utterance_of)
         cost = self.test_time_cost
         cost["test_time_update_seconds"] = cost.get("test_time_update_seconds", 0.0) + time.perf_counter() - t0
         return probs
 
-    def _predict(self, active: list[int], toks) -> np.ndarray:
-        """y for one turn with each dialogue's temporary LoRA as it stands: ``[len(active), C]``. No graph:
-        an update's backward covers its windows alone (a prediction in the same forward would double it)."""
+    def _predict(self, active: list[int], prompts: Sequence[torch.Tensor]) -> np.ndarray:
+        """y for one turn with each dialogue's temporary LoRA as it stands, from each dialogue's emotion
+        prompt (:meth:`_emotion_prompt`): ``[len(active), C]``. No graph: an update's backward covers its
+        windows alone (a prediction in the same forward would double it)."""
         self.temp.streams = torch.tensor(active, device=self.lm.lm_head.weight.device)
         try:
             with torch.no_grad():
-                logits = self.lm(self.lm.batch([[Segment(e)] for e, _, _ in toks]))
+                logits = self.lm(self.lm.batch([[Segment(e)] for e in prompts]))
         finally:
             self.temp.streams = None
         return torch.softmax(logits.float(), -1).cpu().numpy()

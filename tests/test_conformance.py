@@ -11,6 +11,7 @@ from tests.planted import PLANTED, DialogueMean
 CONFIGS = [(name, None) for name in METHODS.names()] + [
     ("mal", {"speaker_memory": True}), ("mac", {"speaker_memory": True}), ("mag", {"speaker_memory": True}),
     ("full_context", {"context": "speaker"}), ("dpm", {"order": "update_first"}),
+    ("dpm", {"emotion_prefix": "history"}), ("dpm", {"order": "update_first", "emotion_prefix": "history"}),
     ("mal", {"phase1": "none", "layers": "0"}), ("mac", {"phase1": "none"}), ("mag", {"phase1": "none"}),
     ("mal", {"surprise": "initial"}), ("mac", {"surprise": "initial"}), ("mag", {"surprise": "initial"}),
     ("mal", {"surprise": "initial", "speaker_memory": True}),

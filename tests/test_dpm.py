@@ -175,9 +175,43 @@ def test_the_papers_order_updates_on_the_utterance_before_predicting_it(backbone
     for n in dpm.temp_params:
         assert torch.allclose(paper.temp_params[n], dpm.temp_params[n], atol=1e-6)
     assert p.shape == first.shape
-    assert DynamicParameterMemory.label(paper.config) == "dpm"
-    assert DynamicParameterMemory.label(dpm.config) == "dpm[predict-first]"
+    assert DynamicParameterMemory.label(paper.config) == "dpm[utterance-prefix]"
+    assert DynamicParameterMemory.label(dpm.config) == "dpm[predict-first,utterance-prefix]"
     assert DynamicParameterMemory.make_config("paper").order == "update_first"
     assert DynamicParameterMemory.make_config("default").order == "predict_first"
     with pytest.raises(ValueError, match="order must be one of"):
         DynamicParameterMemory.make_config("smoke", {"order": "sideways"})
+
+
+def test_the_papers_emotion_prefix_reads_n_q_stream_tokens_across_utterances(backbone, tiny_task):
+    """Eq. 5-6 (``emotion_prefix="history"``, the paper preset's): L_e and the prediction read the n_q
+    stream tokens up to the current utterance's <audio_end>, the earlier utterances and their end
+    markers included; fewer at the stream's start (Eq. 6); ``utterance`` reads the utterance alone."""
+    cfg = DynamicParameterMemory.make_config("smoke", {"emotion_prefix": "history", "n_q": 12})
+    m = DynamicParameterMemory(backbone, tiny_task.labels, cfg, seed=0)
+    emb, stream = torch.randn(5, 8), torch.randn(20, 8)
+    assert torch.equal(m._emotion_prompt(emb, stream), stream[8:19])       # 12 tokens, the last one the marker
+    assert torch.equal(m._emotion_prompt(emb, stream[:6]), stream[:5])     # Eq. 6: n < n_q
+    assert DynamicParameterMemory.label(cfg) == "dpm[predict-first]"  # history: only the order departs
+    m.config.emotion_prefix = "utterance"
+    assert torch.equal(m._emotion_prompt(emb, stream), emb)
+    assert DynamicParameterMemory.label(DynamicParameterMemory.make_config("default")) == \
+        "dpm[predict-first,utterance-prefix]"
+    assert DynamicParameterMemory.make_config("paper").emotion_prefix == "history"
+    with pytest.raises(ValueError, match="emotion_prefix"):
+        DynamicParameterMemory.make_config("smoke", {"emotion_prefix": "all"})
+
+
+def test_with_the_history_prefix_an_earlier_utterance_moves_a_later_prediction(backbone, tiny_task, dpm):
+    """With the history prefix the prediction reads earlier audio directly: changing utterance 0 moves
+    utterance 1's prediction even with the temporary LoRA switched off (no test-time update)."""
+    cfg = DynamicParameterMemory.make_config("smoke", {"emotion_prefix": "history", "n_q": 64, "temp_lr": 1e-12})
+    m = DynamicParameterMemory(backbone, tiny_task.labels, cfg, seed=0)
+    m.load_fitted_state(dpm.fitted_state())
+    for k, v in dpm.trained_parameters().items():
+        m.trained_parameters()[k].data.copy_(v)
+    d = tiny_task.folds()[0].test[0].inputs()
+    other = tiny_task.folds()[0].test[1].inputs()
+    a = m.predict_dialogue(d[:2])
+    b = m.predict_dialogue([other[0], d[1]])
+    assert not np.allclose(a[1], b[1])
