@@ -126,6 +126,12 @@ class TitansMemoryConfig(MethodConfig):
             except ValueError:
                 raise ConfigValueError("layers", self.layers, "expected all, quartile or comma-separated block "
                                        "indices") from None
+        if self.memory_heads > 1:
+            # titans-pytorch 0.5.5, issue #64 (open): with heads > 1 the per-head memory parameters share
+            # storage, so the first optimizer step or weight restore raises (seen here on both surprise forms)
+            raise ConfigValueError("memory_heads", self.memory_heads, "titans-pytorch 0.5.5 cannot train more than "
+                                   "one memory head (upstream issue #64: the heads' parameters share storage); "
+                                   "use memory_heads=1, as every preset does")
         if self.chunk_size != "utterance" and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ConfigValueError("chunk_size", self.chunk_size, "expected utterance or a positive integer")
 

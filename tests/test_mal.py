@@ -302,3 +302,13 @@ def test_cells_are_bit_identical_whatever_their_processs_thread_count():
     assert [outs[0][0], outs[1][0]] == ["process threads 1", "process threads 2"]  # what is compared differs
     assert outs[0][1:] == outs[1][1:] and len(outs[0]) == 4
     assert all(line.split()[1] == "1" for line in outs[0][1:])  # recorded: torch_threads = 1
+
+
+def test_more_than_one_memory_head_is_refused_with_the_upstream_reason():
+    """titans-pytorch issue #64: with heads > 1 the per-head parameters share storage and training fails
+    (a RuntimeError at the first step, seen on both surprise forms); no preset or search space reaches
+    it, and asking for it is a clear error instead of a crash mid-cell."""
+    for preset in ("smoke", "default", "paper"):
+        assert MemoryAsALayer.make_config(preset).memory_heads == 1
+    with pytest.raises(ValueError, match="issue #64"):
+        MemoryAsALayer.make_config("smoke", {"memory_heads": 2})
