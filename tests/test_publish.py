@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 
+import pandas as pd
 import pytest
 
 from benchbench.tools import publish
@@ -87,6 +88,30 @@ def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
                        results=tmp_path)
     with pytest.raises(ValueError, match="a committed run is a `bench` command"):
         publish.record("x", ["python", "-c", "1"], results=tmp_path)
+
+
+def test_record_runs_several_commands_into_one_run_and_renders_the_forms(tmp_path):
+    """Two `bench run`s into one committed run (a method's other form beside the first's cells) and a
+    closing `bench compare --all-pairs` on it: one summary with every cell, the comparisons kept, the
+    `forms` view comparing the two forms of mal and nothing else, each command in the `command` view."""
+    run = ["run", "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0", "--task-set", "synthetic.n_train=24",
+           "--task-set", "synthetic.n_test=12"]
+    command = ["bench", *run, "--methods", "lora,mal", ";", "bench", *run, "--methods", "mal", "--set",
+               "mal.surprise=initial", ";", "bench", "compare", "--all-pairs", "--resamples", "200"]
+    assert publish.record("forms", command, results=tmp_path) == 0
+    committed = CommittedRun(tmp_path / "forms")
+    assert committed.meta["command"].count("\n") == 2 and committed.meta["command"].startswith("bench run")
+    assert set(pd.read_csv(tmp_path / "forms" / "results.csv")["method"]) == {"lora", "mal", "mal[m0-surprise]"}
+    assert committed.stdout.count("$ bench ") == 3
+    per_form, pairs = publish.view_forms(committed).split("\n\n")
+    assert [r.split("|")[2].strip() for r in per_form.splitlines()[2:]] == ["`lora`", "`mal`", "`mal[m0-surprise]`"]
+    assert [r.split("|")[5].strip() != "" for r in per_form.splitlines()[2:]] == [False, True, True]
+    rows = pairs.splitlines()[2:]
+    assert len(rows) == 1 and "`mal`" in rows[0] and "`mal[m0-surprise]`" in rows[0]
+    assert publish.view_command(committed).count("bench ") == 3
+    assert "and 2 more commands" in publish.view_provenance(committed)
+    with pytest.raises(ValueError, match="a committed run is a `bench` command"):
+        publish.record("y", ["bench", "list", "methods", ";", "python", "-c", "1"], results=tmp_path)
 
 
 def test_the_leaderboard_renders_from_committed_runs(tmp_path):

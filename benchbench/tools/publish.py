@@ -20,6 +20,12 @@ Commands (``python -m benchbench.tools.publish ...``)::
 ``record`` runs ``bench run`` with a private output folder and MLflow store under
 ``results/<name>/.work/`` (not committed), so no cell is reused from another store; the same
 ``record`` again resumes there (finished cells are kept; the wall time of each attempt is recorded).
+Several commands separated by ``';'`` share that folder: a second ``bench run`` adds a method's other
+form to the first's cells, and a closing ``bench compare --all-pairs`` (no folder: the recorder gives
+it the run's) keeps its ``comparisons.json``::
+
+    record forms -- bench run --methods lora,mal --tasks synthetic ';' \
+        bench run --methods mal --tasks synthetic --set mal.surprise=sequential ';' bench compare --all-pairs
 
 A generated block in a Markdown file (``README.md``, ``docs/**.md``) sits between two markers::
 
@@ -33,7 +39,9 @@ lines of each cell, and the line naming the output folder and MLflow store, a pr
 folds, WA / UA / WF1 with 95% intervals, the WA difference to the reference method with its
 dialogue-bootstrap interval and Holm p, the share of the gap to the task's target closed, named with
 its value), ``costs`` (fit seconds, inference ms per utterance, trained parameters, peak memory),
-``selection`` (two-stage methods: in how many cells dev kept Phase 2), ``paper-scale`` (a
+``selection`` (two-stage methods: in how many cells dev kept Phase 2), ``forms`` (the run's
+``bench compare --all-pairs`` between two forms of one method: WA difference, dialogue-bootstrap
+interval, Holm-corrected Wilcoxon and McNemar), ``paper-scale`` (a
 ``python -m benchbench.tools.paper_scale`` run: per backbone and method, seconds per epoch, inference
 ms per utterance, peak CUDA memory, trained parameters). ``render`` rewrites the
 blocks in place; ``check`` (and the test suite, ``tests/test_publish.py``) fails when a block differs
@@ -101,63 +109,86 @@ def _version() -> str:
 
 # ---------------------------------------------------------------------------- record
 def record(name: str, command: list[str], results: Path = RESULTS) -> int:
-    """Run ``command`` (a ``bench ...`` command line) and keep what it printed and wrote in
-    ``results/<name>/`` (module docstring). Returns the command's exit status.
+    """Run ``command`` (a ``bench ...`` command line, or several separated by ``;`` tokens) and keep what
+    it printed and wrote in ``results/<name>/`` (module docstring). Returns the exit status of the
+    last command run (the first that fails stops the rest).
+
+    Several commands share the run's output folder and MLflow store: a second ``bench run`` adds its
+    cells to the first's (a method's other form beside its default, say), and ``bench compare`` (given
+    no folder: the recorder passes the run's) writes ``comparisons.json``, kept beside the summary.
 
     Raises ``ValueError`` for a name that is not a plain folder name, a command that is not a
-    ``bench`` command, or a ``bench run`` command that sets ``--output`` or ``--tracking-uri`` itself
+    ``bench`` command, a ``bench run`` command that sets ``--output`` or ``--tracking-uri`` itself
     (the recorder owns both), and when ``results/<name>`` holds another command's run.
     """
     if not re.fullmatch(r"[\w.-]+", name):
         raise ValueError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
-    if not command or command[0] != "bench":
-        raise ValueError(f"{shlex.join(command)!r}: a committed run is a `bench` command")
+    commands = [[]]
+    for token in command:
+        if token == ";":
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    if not all(c and c[0] == "bench" for c in commands):
+        raise ValueError(f"{shlex.join(command)!r}: a committed run is a `bench` command (several: separated by ';')")
     folder = results / name
     meta_path = folder / "run.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    text = shlex.join(command)
+    text = "\n".join(shlex.join(c) for c in commands)
     if meta is not None and meta["command"] != text:
         raise ValueError(f"{folder}: holds the run of `{meta['command']}`, not `{text}` (choose another name, "
                          "or remove the folder to record this command in its place)")
-    is_run = command[1:2] == ["run"]
-    argv = list(command[1:])
     work = folder / ".work"
-    if is_run:
-        owned = {"--output", "--tracking-uri"} & {a.split("=", 1)[0] for a in argv}
-        if owned:
-            raise ValueError(f"{sorted(owned)[0]}: the recorder sets it (the run's own folder and MLflow store "
-                             f"under {work})")
-        argv += ["--output", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress"]
+    argvs = []
+    for c in commands:
+        argv = list(c[1:])
+        if argv[:1] == ["run"]:
+            owned = {"--output", "--tracking-uri"} & {a.split("=", 1)[0] for a in argv}
+            if owned:
+                raise ValueError(f"{sorted(owned)[0]}: the recorder sets it (the run's own folder and MLflow store "
+                                 f"under {work})")
+            argv += ["--output", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress"]
+        elif argv[:1] == ["compare"]:
+            argv += [str(work / "out")]
+        argvs.append(argv)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchbench.cli", *argv], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    stdout, stderr, returncode = [], [], 0
+    for c, argv in zip(commands, argvs):
+        proc = subprocess.run([sys.executable, "-m", "benchbench.cli", *argv], cwd=ROOT, capture_output=True,
+                              text=True, check=False)
+        stdout.append(proc.stdout if len(commands) == 1 else f"$ {shlex.join(c)}\n{proc.stdout}")
+        stderr.append(proc.stderr)
+        returncode = proc.returncode
+        if returncode:
+            break
     wall = time.perf_counter() - t0
-    (work / "stderr.txt").write_text(proc.stderr)
-    sys.stderr.write(proc.stderr[-4000:])
+    (work / "stderr.txt").write_text("".join(stderr))
+    sys.stderr.write("".join(stderr)[-4000:])
     attempts = (meta or {}).get("attempts", []) + [{"started": started.isoformat(timespec="seconds"),
-                                                     "wall_seconds": round(wall, 1), "exit_status": proc.returncode}]
+                                                     "wall_seconds": round(wall, 1), "exit_status": returncode}]
     meta = {"command": text, "commit": commit, "dirty": dirty,  # as the run started (the tree may move on)
             "version": _version(), "machine": machine(), "attempts": attempts,
-            "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": proc.returncode}
-    (folder / "stdout.txt").write_text(proc.stdout)
-    if is_run and (work / "out" / "summary.json").is_file():
-        out = work / "out"
+            "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": returncode}
+    (folder / "stdout.txt").write_text("".join(stdout))
+    out = work / "out"
+    if (out / "summary.json").is_file():
         shutil.copyfile(out / "summary.json", folder / "summary.json")
         shutil.copyfile(out / "results.csv", folder / "results.csv")
         if (out / "predictions-dtypes.json").is_file():
             shutil.copyfile(out / "predictions-dtypes.json", folder / "predictions-dtypes.json")
+        if (out / "comparisons.json").is_file():
+            shutil.copyfile(out / "comparisons.json", folder / "comparisons.json")
         from benchbench.tracking import read_folder_predictions
 
         preds = read_folder_predictions(out / "predictions.csv")
         preds.to_csv(folder / "predictions.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return proc.returncode
+    return returncode
 
 
-# ---------------------------------------------------------------------------- committed runs
 class CommittedRun:
     """One ``results/<name>/`` folder, read lazily (``FileNotFoundError`` naming the missing file)."""
 
@@ -297,6 +328,51 @@ def view_selection(run: CommittedRun) -> str:
             + ", ".join(rows) + ".") if rows else "No two-stage method in this run."
 
 
+def _base(label: str) -> str:
+    """A results label's method name: ``mal[speaker,m0-surprise]{d_m=32}`` -> ``mal``."""
+    return re.split(r"[\[{]", label, maxsplit=1)[0]
+
+
+def view_forms(run: CommittedRun, reference: str = "lora") -> str:
+    """A run whose commands added a method's other forms to the same folder (several ``bench run`` into
+    one committed run), read from ``results.csv`` (every cell of every command) and the closing
+    ``bench compare --all-pairs`` (``comparisons.json``): per form, its cells, mean WA, its WA difference
+    to ``reference`` with the 95% dialogue-bootstrap interval and the Holm-corrected Wilcoxon p over
+    dialogues, mean fit seconds and inference ms per utterance; then every pair of forms of one method
+    (``mal[speaker]`` vs ``mal[speaker,m0-surprise]``) compared the same way, with McNemar over
+    utterances. Holm corrects over every pair the command compared."""
+    import pandas as pd
+
+    rows = pd.read_csv(run.folder / "results.csv")
+    rows = rows[rows["status"] == "ok"]
+    comps = json.loads((run.folder / "comparisons.json").read_text())
+    pair = {(c["task"], c["method"], c["reference"]): c for c in comps}
+
+    def diff(c: dict | None, sign: int = 1) -> tuple[str, str]:
+        if c is None:
+            return "", ""
+        b = c["bootstrap"]["wa"]
+        lo, hi = sorted((sign * b["ci_low"], sign * b["ci_high"]))
+        return (f"{100 * sign * b['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]",
+                f"{c['dialogues']['wilcoxon_p_holm']:.2g}")
+
+    lines = [f"| task | method | cells | WA | WA - {reference} [95% CI] | Holm p | fit s | ms/utt |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (task, method), g in rows.groupby(["task", "method"], sort=False):
+        c = pair.get((task, method, reference))
+        d, p_ = diff(c) if c else diff(pair.get((task, reference, method)), -1)
+        lines.append(f"| {task} | `{method}` | {len(g)} | {100 * g['wa'].mean():.2f} | {d} | {p_} | "
+                     f"{g['fit_seconds'].mean():.1f} | {g['eval_ms_per_utterance'].mean():.2f} |")
+    lines += ["", "| task | form | other form | WA difference [95% CI] | Wilcoxon over dialogues (Holm p) | "
+                  "McNemar (Holm p) | dialogues |", "|---|---|---|---|---|---|---|"]
+    for c in comps:
+        if _base(c["method"]) == _base(c["reference"]):
+            d, p_ = diff(c)
+            lines.append(f"| {c['task']} | `{c['method']}` | `{c['reference']}` | {d} | {p_} | "
+                         f"{c['mcnemar']['p_value_holm']:.2g} | {c['n_dialogues']} |")
+    return "\n".join(lines)
+
+
 def view_paper_scale(run: CommittedRun) -> str:
     """A ``python -m benchbench.tools.paper_scale`` run (one folder per backbone, each with
     ``paper_scale.csv`` and ``machine.json``): per backbone and method, seconds per epoch (and the
@@ -339,7 +415,8 @@ def view_paper_scale(run: CommittedRun) -> str:
 
 
 VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
-         "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale}
+         "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale,
+         "forms": view_forms}
 
 
 # ---------------------------------------------------------------------------- render and check
