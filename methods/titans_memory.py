@@ -33,8 +33,8 @@ so the memory's weights move after each utterance and the next one's gradient is
 each call's positions restart at 0 so the mini-batches fall on its own chunk boundaries, and
 :class:`_ChunkMean` reduces one mini-batch's chunks at a time. Along a dialogue this is sequential by
 definition (one store call per utterance); across dialogues it stays batched. ``"initial"``
-(titans-pytorch's ``NeuralMemory`` without ``batch_size``, the ``default`` preset until the two forms
-are measured) takes every gradient at the initial weights M_0; only the momentum and decay
+(titans-pytorch's ``NeuralMemory`` without ``batch_size``, the ``default`` preset's, chosen by the
+measurement in ``results/forms-synthetic`` and ``results/forms-emodb``) takes every gradient at the initial weights M_0; only the momentum and decay
 accumulation carries (labelled ``[m0-surprise]``). Both forms stream and batch identically (the kit).
 
 Memory updates (``chunk_size``):
@@ -412,8 +412,8 @@ class TitansMemoryMethod(ContextMethod):
         # CPU-sized: d_m scaled to the tiny LM (D=64), larger steps than the 7B paper setting, and one
         # memory state per speaker (the paper keeps one per dialogue: `--preset paper`, or
         # `--set mal.speaker_memory=false`); see the README's "Memory per speaker". The surprise at M_0
-        # (titans-pytorch without batch_size): the form every published memory figure was measured with,
-        # until the measurement of the two forms decides (`--set mal.surprise=sequential`: Titans' rule)
+        # (titans-pytorch without batch_size), chosen by measurement over Titans' sequential rule (3 seeds:
+        # better on synthetic, tied on Emo-DB, cheaper; results/forms-*; `--set mal.surprise=sequential`)
         "default": dict(d_m=16, epochs=3, lr=3e-3, gate_lr=5e-2, batch_dialogues=8, speaker_memory=True,
                         surprise="initial"),
     })
