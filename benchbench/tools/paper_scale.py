@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -61,24 +60,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def machine() -> dict:
-    """Where the run ran: GPU name and memory, torch / CUDA / transformers versions, CPU, Python, and the
-    commit (``git rev-parse HEAD``, or ``$BENCHBENCH_COMMIT`` where the tree travels without its git folder)."""
+    """Where the run ran: the recorder's machine facts (:func:`benchbench.tools.publish.machine`: CPU model,
+    cores, platform, Python, torch build), the CUDA and transformers versions, the GPU's name and memory,
+    and the commit (``git rev-parse HEAD``, or ``$BENCHBENCH_COMMIT`` where the tree travels without its
+    git folder)."""
     import transformers
 
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-           "python": platform.python_version(), "platform": platform.platform(), "cpu": platform.processor()
-           or platform.machine()}
-    out["commit"] = os.environ.get("BENCHBENCH_COMMIT") or _git_commit()
+    from benchbench.tools.publish import _git
+    from benchbench.tools.publish import machine as host
+
+    out = {**host(), "cuda": torch.version.cuda, "transformers": transformers.__version__,
+           "commit": os.environ.get("BENCHBENCH_COMMIT") or _git("rev-parse", "HEAD") or None}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         out.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1))
@@ -194,7 +187,7 @@ def run(data_dir: str, out: Path, backbone: str = "qwen2-audio-7b", methods=METH
 
         info.update(speed_dialogues=speed_dialogues, speed_repeats=speed_repeats)
         try:
-            speed_table = latency_table(bb, [m for m in ("lora", "zero_shot", *methods) if m],
+            speed_table = latency_table(bb, ["lora", "zero_shot", *methods],
                                         n_dialogues=speed_dialogues, repeats=speed_repeats, preset="paper",
                                         overrides=overrides)
             speed_table.to_csv(out / "speed.csv", index=False)

@@ -96,7 +96,12 @@ def machine() -> dict:
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    """``git args`` in the suite's checkout, its output stripped; ``""`` where it fails (no repository, as
+    in a copied tree or an installed package, or no git program)."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
 
 
 def _version() -> str:
