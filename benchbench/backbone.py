@@ -239,7 +239,11 @@ class EmotionLM(nn.Module):
         """Label logits ``[B, C]`` (C = number of labels), in verbalizer order."""
         h = self.hidden_states(batch.inputs_embeds, batch.attention_mask)
         # read after the LM has run: a method may move the answer position during the forward (mac)
-        h = h[torch.arange(len(batch.answer_index)), batch.answer_index]  # [B, D]
+        return self.label_logits(h, batch.answer_index)
+
+    def label_logits(self, h: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
+        """Label logits ``[B, C]`` from final hidden states ``h [B, L, D]`` at positions ``answer_index [B]``."""
+        h = h[torch.arange(len(answer_index)), answer_index]  # [B, D]
         return nn.functional.linear(h, self.lm_head.weight[self.verbalizer_ids])
 
 

@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("speed", help="per-utterance inference cost of each method as a ratio to lora, the "
                                       "cost-vs-dialogue-length curve and encoder calls (untrained methods)",
                         formatter_class=_Formatter)
-    sp.add_argument("--methods", type=_csv, default=["lora", "zero_shot", "full_context", "mal", "mac", "mag", "dpm"],
+    sp.add_argument("--methods", type=_csv, default=["lora", "zero_shot", "full_context", "mal", "mac", "mag", "dpm",
+                                                     "ttt", "rmt", "retrieval"],
                     help="comma-separated (lora, the reference, is always measured)")
     sp.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     sp.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is kept")

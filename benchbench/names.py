@@ -19,6 +19,9 @@ METHODS.register("mac", "benchbench.methods.mac:MemoryAsContext")
 METHODS.register("mag", "benchbench.methods.mag:MemoryAsGating")
 METHODS.register("dpm", "benchbench.methods.dpm:DynamicParameterMemory")
 METHODS.register("hmm", "benchbench.methods.hmm:HMMFilter")
+METHODS.register("ttt", "benchbench.methods.ttt:TestTimeTraining")
+METHODS.register("rmt", "benchbench.methods.rmt:RecurrentMemory")
+METHODS.register("retrieval", "benchbench.methods.retrieval:TurnRetrieval")
 
 BACKBONES: Registry = Registry("backbone")
 """BackboneSpec objects by name."""

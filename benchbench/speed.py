@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-DEFAULT_METHODS = ("lora", "zero_shot", "full_context", "mal", "mac", "mag", "dpm")
+DEFAULT_METHODS = ("lora", "zero_shot", "full_context", "mal", "mac", "mag", "dpm", "ttt", "rmt", "retrieval")
 
 
 def _task(n_test: int, n_turns: int, duration_s: float, seed: int = 0):

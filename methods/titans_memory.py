@@ -80,23 +80,15 @@ titans-pytorch's form without ``batch_size``."""
 
 
 @dataclass
-class TitansMemoryConfig(MethodConfig):
-    """Config shared by ``mal``, ``mac`` and ``mag`` (paper defaults: Titans-as-a-Layer Sec. 3.3-3.4)."""
+class TwoStageMemoryConfig(MethodConfig):
+    """What every memory on the shared two-stage schedule has (``mal``, ``mac``, ``mag``, ``ttt``,
+    ``rmt``, ``retrieval``): Phase 1's LoRA and form, Phase 2's optimisation (Titans-as-a-Layer
+    Sec. 3.4) and the memory streams. The memory's own options are in the subclasses."""
 
     lora: LoRASettings = field(default_factory=LoRASettings)  # Phase 1 (Sec. 3.4)
-    layers: str = "all"          # "all" (paper), "quartile" (4 layers at the quartiles), or "0,3,5"
-    d_m: int = 128               # memory dimension d_m (paper, every-layer placement)
-    n_persistent: int = 8        # N_p persistent tokens P_l
-    chunk_size: int | str = "utterance"  # "utterance": one update per utterance (Eq. 1); or tokens per update
-    memory_depth: int = 2        # depth-2 MLP memory (Fig. 1)
-    memory_heads: int = 1
-    memory_max_lr: float = 0.1   # NeuralMemory default_step_transform_max_lr (1.0 can diverge)
-    memory_max_grad_norm: float = 1.0  # surprise-gradient clipping inside the memory
     epochs: int = 2              # Phase 2: two epochs
-    lr: float = 1e-4             # {W_in, W_out, M, P}: lr 1e-4 ...
+    lr: float = 1e-4             # the memory's parameters ({W_in, W_out, M, P} in MAL): lr 1e-4 ...
     grad_clip: float = 1.0       # ... clipping 1.0
-    gate_lr: float = 2e-4        # gates ({alpha} in MAL, W_g in MAG; MAC has none): lr 2e-4 ...
-    gate_grad_clip: float = 2.0  # ... clipping 2.0
     batch_dialogues: int = 1     # dialogues per Phase-2 step
     eval_batch_utterances: int = 256  # utterances (of whole dialogues) per LM forward when predicting
     selection_metric: str = "ua"
@@ -108,6 +100,43 @@ class TitansMemoryConfig(MethodConfig):
     # "a single memory branch" in "a frozen LALM"; bench run --methods zero_shot,mac,mag,mal
     # --set mal.layers=0 --set mac.phase1=none --set mag.phase1=none --set mal.phase1=none)
     phase1: str = "lora"
+
+    def check(self) -> None:
+        check_ranges(self, at_least=dict(epochs=0, batch_dialogues=1, eval_batch_utterances=1),
+                     positive=("lr", "grad_clip"), choices=dict(selection_metric=METRICS, phase1=("lora", "none")))
+
+
+@dataclass
+class BranchMemoryConfig(TwoStageMemoryConfig):
+    """A memory branch hooked into LM blocks (``mal``, ``mac``, ``mag``, ``ttt``, ``retrieval``): its
+    placement, width and gates (Titans-as-a-Layer Sec. 3.3-3.4)."""
+
+    layers: str = "all"          # "all" (paper), "quartile" (4 layers at the quartiles), or "0,3,5"
+    d_m: int = 128               # memory dimension d_m (paper, every-layer placement)
+    gate_lr: float = 2e-4        # gates ({alpha} in MAL, W_g in MAG; MAC has none): lr 2e-4 ...
+    gate_grad_clip: float = 2.0  # ... clipping 2.0
+
+    def check(self) -> None:
+        super().check()
+        check_ranges(self, at_least=dict(d_m=1), positive=("gate_lr", "gate_grad_clip"))
+        if self.layers not in ("all", "quartile"):
+            try:
+                [int(x) for x in str(self.layers).split(",")]
+            except ValueError:
+                raise ConfigValueError("layers", self.layers, "expected all, quartile or comma-separated block "
+                                       "indices") from None
+
+
+@dataclass
+class TitansMemoryConfig(BranchMemoryConfig):
+    """Config shared by ``mal``, ``mac`` and ``mag`` (paper defaults: Titans-as-a-Layer Sec. 3.3-3.4)."""
+
+    n_persistent: int = 8        # N_p persistent tokens P_l
+    chunk_size: int | str = "utterance"  # "utterance": one update per utterance (Eq. 1); or tokens per update
+    memory_depth: int = 2        # depth-2 MLP memory (Fig. 1)
+    memory_heads: int = 1
+    memory_max_lr: float = 0.1   # NeuralMemory default_step_transform_max_lr (1.0 can diverge)
+    memory_max_grad_norm: float = 1.0  # surprise-gradient clipping inside the memory
     # Where each utterance's surprise gradient (Titans' update rule, Behrouz et al. 2024, Eq. 8-14) is
     # taken: "sequential" (Titans: step t's gradient at M_{t-1}; one utterance, one mini-batch: the
     # memory's weights move after every utterance, titans-pytorch's ttt_batch_size) or "initial"
@@ -116,16 +145,9 @@ class TitansMemoryConfig(MethodConfig):
     surprise: str = "sequential"
 
     def check(self) -> None:
-        check_ranges(self, at_least=dict(d_m=1, n_persistent=0, memory_depth=1, memory_heads=1, epochs=0,
-                                         batch_dialogues=1, eval_batch_utterances=1),
-                     positive=("memory_max_lr", "memory_max_grad_norm", "lr", "grad_clip", "gate_lr", "gate_grad_clip"),
-                     choices=dict(selection_metric=METRICS, phase1=("lora", "none"), surprise=SURPRISES))
-        if self.layers not in ("all", "quartile"):
-            try:
-                [int(x) for x in str(self.layers).split(",")]
-            except ValueError:
-                raise ConfigValueError("layers", self.layers, "expected all, quartile or comma-separated block "
-                                       "indices") from None
+        super().check()
+        check_ranges(self, at_least=dict(n_persistent=0, memory_depth=1, memory_heads=1),
+                     positive=("memory_max_lr", "memory_max_grad_norm"), choices=dict(surprise=SURPRISES))
         if self.memory_heads > 1:
             # titans-pytorch 0.5.5, issue #64 (open): with heads > 1 the per-head memory parameters share
             # storage, so the first optimizer step or weight restore raises (seen here on both surprise forms)
@@ -396,7 +418,8 @@ class MemoryBranch(nn.Module):
 
 
 class TitansMemoryMethod(ContextMethod):
-    """Base of ``mal`` / ``mac`` / ``mag``: branches hooked into LM blocks, state carried across the
+    """Base of ``mal`` / ``mac`` / ``mag`` (and of ``ttt`` / ``retrieval``, other memories in the same
+    branch): branches hooked into LM blocks, state carried across the
     dialogue, the two-stage schedule. Subclasses set ``branch_cls`` and, if the injection changes the
     sequence, override :meth:`_inject`."""
 
@@ -487,10 +510,15 @@ class TitansMemoryMethod(ContextMethod):
         """Label logits ``[B, C]`` for B utterances (audio embeddings ``[T_b, D]``) in memory ``streams``
         (lists of utterance indices in turn order), memory on, one LM forward for all of them."""
         batch = self.lm.batch([[Segment(e)] for e in embeddings])
-        ctx.start(batch, StreamLayout.build([sp[-1] for sp in batch.audio_spans], streams, self.config.n_persistent,
-                                            self.config.chunk_size, self.backbone.max_audio_tokens,
-                                            batch.inputs_embeds.device))
+        n_p, chunk_size = self._layout_options()
+        ctx.start(batch, StreamLayout.build([sp[-1] for sp in batch.audio_spans], streams, n_p, chunk_size,
+                                            self.backbone.max_audio_tokens, batch.inputs_embeds.device))
         return self.lm(batch)
+
+    def _layout_options(self) -> tuple[int, int | str]:
+        """``(N_p, chunk_size)`` of the memory input's :class:`StreamLayout` (a branch without
+        persistent tokens or titans-pytorch chunking returns ``(0, "utterance")``)."""
+        return self.config.n_persistent, self.config.chunk_size
 
     def _forward_turn(self, ctx: MemoryPass, embeddings: list[torch.Tensor]) -> torch.Tensor:
         """Label logits ``[B, C]`` for one turn of B memory streams (``ctx.states`` batched over them)."""

@@ -49,7 +49,7 @@ def ultravox():
 
 
 @pytest.mark.parametrize("which", ["af3", "ultravox"])
-@pytest.mark.parametrize("name", ["mal", "mac", "mag", "dpm"])
+@pytest.mark.parametrize("name", ["mal", "mac", "mag", "dpm", "ttt", "rmt", "retrieval"])
 def test_memory_methods_attach_to_every_backbone_class(name, which, af3, ultravox, tiny_task):
     from benchbench.method import METHODS
 

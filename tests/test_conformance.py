@@ -15,6 +15,8 @@ CONFIGS = [(name, None) for name in METHODS.names()] + [
     ("mal", {"phase1": "none", "layers": "0"}), ("mac", {"phase1": "none"}), ("mag", {"phase1": "none"}),
     ("mal", {"surprise": "initial"}), ("mac", {"surprise": "initial"}), ("mag", {"surprise": "initial"}),
     ("mal", {"surprise": "initial", "speaker_memory": True}),
+    ("ttt", {"speaker_memory": True}), ("ttt", {"model": "mlp"}), ("rmt", {"speaker_memory": True}),
+    ("rmt", {"bptt": 1}), ("retrieval", {"speaker_memory": True}), ("retrieval", {"top_k": 1}),
 ]
 ALL_CHECKS = [c for name, overrides in CONFIGS for c in conformance_checks(name, overrides)]
 

@@ -176,7 +176,9 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("mal", marks=SLOW), pytest.param("mac", marks=SLOW),
                                     pytest.param("mag", marks=SLOW), pytest.param("dpm", marks=SLOW),
-                                    pytest.param("full_context", marks=SLOW), pytest.param("hmm", marks=SLOW)])
+                                    pytest.param("full_context", marks=SLOW), pytest.param("hmm", marks=SLOW),
+                                    pytest.param("ttt", marks=SLOW), pytest.param("rmt", marks=SLOW),
+                                    pytest.param("retrieval", marks=SLOW)])
 def test_every_method_trains_the_projector_with_its_task_lora(lm_backbone, tiny_task, method):
     """Each method attaches to the pretrained LM, fits at smoke and predicts; its task LoRA includes
     the projector, which moved from its initial values, while the backbone's own projector did not."""
@@ -189,7 +191,7 @@ def test_every_method_trains_the_projector_with_its_task_lora(lm_backbone, tiny_
     assert set(projector) == {f"audio_projector.{k}" for k in initial}
     assert any(not torch.equal(p.detach().cpu(), initial[k.split(".", 1)[1]]) for k, p in projector.items())
     assert all(torch.equal(v, initial[k]) for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items())
-    if method in ("mal", "mac", "mag", "hmm", "dpm"):  # frozen with the task LoRA after Phase 1 (full_context's
+    if method in ("mal", "mac", "mag", "hmm", "dpm", "ttt", "rmt", "retrieval"):  # frozen with the task LoRA after Phase 1 (full_context's
         # Phase 2 trains it further; lora's is never frozen: both predict under no_grad)
         assert all(not p.requires_grad for p in projector.values())
     fold = tiny_task.folds()[0]
