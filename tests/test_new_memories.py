@@ -150,3 +150,21 @@ def test_ttt_counts_its_test_time_updates(backbone, tiny_task):
     d = tiny_task.folds()[0].test[0].inputs()
     m.predict_dialogues([d])
     assert m.test_time_cost["test_time_updates"] == len(d) * len(m.branches)
+
+
+@pytest.mark.parametrize("name", ["ttt", "rmt", "retrieval"])
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_builds_and_streams_at_every_preset(name, preset, backbone, tiny_task):
+    """The presets the kit does not run (it runs smoke): built, memory on, a dialogue streamed and
+    batched alike, one state per dialogue in the paper preset and per speaker in the default one."""
+    cls = METHODS.get(name)
+    config = cls.make_config(preset)
+    assert config.speaker_memory == (preset == "default")
+    m = cls(backbone, tiny_task.labels, config, seed=0)
+    m.activate_context()
+    d = tiny_task.folds()[0].test[0].inputs()
+    batched = m.predict_dialogues([d])[0]
+    m.reset()
+    streamed = np.stack([m.step(u) for u in d])
+    np.testing.assert_allclose(batched, streamed, atol=1e-5)
+    assert batched.shape == (len(d), len(tiny_task.labels)) and np.isfinite(batched).all()

@@ -126,7 +126,7 @@ def test_bench_run_tunes_every_method_with_one_budget(tmp_path, capsys):
     assert "cells: 0 computed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("method", ["lora", "mal", "mag", "mac", "dpm", "hmm", "full_context"])
+@pytest.mark.parametrize("method", ["lora", "mal", "mag", "mac", "dpm", "hmm", "full_context", "ttt", "rmt", "retrieval"])
 def test_keeping_the_best_trials_model_equals_training_again(tmp_path, backbone, tiny_task, monkeypatch, method):
     """The tuned cell keeps the best trial's fitted model instead of training again: its test
     predictions equal a retraining with the best values bit for bit, its fit_seconds are that trial's."""
