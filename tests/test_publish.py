@@ -69,6 +69,12 @@ def test_the_views_say_what_the_committed_run_holds():
     table = publish.view_table(run)
     assert "gap closed (lora -> Bayes ceiling speaker_history 80.52)" in table  # the target, with its value
     assert "Reference `label_history`" in table and "a reference, not a bound" in table
+    history = publish.view_history(run).splitlines()
+    # one row per method, the bins with their utterance counts, the values the run printed
+    assert history[0].startswith("| method | 0 earlier (n ") and "| 3+ earlier (n " in history[0]
+    assert len(history) == 2 + 4
+    mal = next(h for h in run.summary.by_speaker_history if h["method"] == "mal[speaker]")
+    assert f"| `mal[speaker]` | {100 * mal['wa']['0']:.1f} |" in "\n".join(history)
 
 
 def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
@@ -79,6 +85,10 @@ def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
     assert run.meta["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                                 text=True).stdout.strip()
     assert run.meta["version"] and run.meta["machine"]["torch"] and len(run.meta["attempts"]) == 1
+    # the tracked files that differ from the commit, as git names them at the start
+    changed = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.splitlines()
+    assert run.meta["dirty_paths"] == changed and run.meta["dirty"] == bool(changed)
     assert publish.record("listing", ["bench", "list", "methods"], results=tmp_path) == 0  # again: a second attempt
     assert len(CommittedRun(tmp_path / "listing").meta["attempts"]) == 2
     with pytest.raises(ValueError, match="holds the run of `bench list methods`"):
@@ -88,6 +98,16 @@ def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
                        results=tmp_path)
     with pytest.raises(ValueError, match="a committed run is a `bench` command"):
         publish.record("x", ["python", "-c", "1"], results=tmp_path)
+
+
+def test_the_provenance_names_the_uncommitted_files_a_run_started_on():
+    base = {"dirty": True, "commit": "a" * 40}
+    assert publish._dirty_text({**base, "dirty_paths": ["tests/test_x.py"]}) == \
+        " (uncommitted changes to `tests/test_x.py`)"
+    many = publish._dirty_text({**base, "dirty_paths": [f"f{i}.py" for i in range(5)]})
+    assert many == " (uncommitted changes to `f0.py`, `f1.py`, `f2.py` and 2 more)"
+    assert publish._dirty_text(base) == " (uncommitted changes)"  # recorded before run.json named the paths
+    assert publish._dirty_text({"dirty": False, "dirty_paths": []}) == ""
 
 
 def test_record_runs_several_commands_into_one_run_and_renders_the_forms(tmp_path):

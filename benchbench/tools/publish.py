@@ -158,7 +158,9 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
         argvs.append(argv)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
-    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
+    commit = _git("rev-parse", "HEAD")
+    # the tracked files that differ from the commit as the run starts (staged or not)
+    dirty_paths = _git("diff", "--name-only", "HEAD").splitlines()
     t0 = time.perf_counter()
     stdout, stderr, returncode = [], [], 0
     for c, argv in zip(commands, argvs):
@@ -174,7 +176,8 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
     sys.stderr.write("".join(stderr)[-4000:])
     attempts = (meta or {}).get("attempts", []) + [{"started": started.isoformat(timespec="seconds"),
                                                      "wall_seconds": round(wall, 1), "exit_status": returncode}]
-    meta = {"command": text, "commit": commit, "dirty": dirty,  # as the run started (the tree may move on)
+    meta = {"command": text, "commit": commit, "dirty": bool(dirty_paths), "dirty_paths": dirty_paths,
+            # as the run started (the tree may move on)
             "version": _version(), "machine": machine(), "attempts": attempts,
             "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": returncode}
     (folder / "stdout.txt").write_text("".join(stdout))
@@ -245,9 +248,19 @@ def view_provenance(run: CommittedRun) -> str:
     command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
     gpu = f"{mach['gpu']} ({mach['gpu_memory_gb']} GiB), " if mach.get("gpu") else ""
     return (f"*Committed run `results/{run.name}`: {command} on commit `{m['commit'][:10]}`"
-            f"{' (uncommitted changes)' if m['dirty'] else ''}, version {m['version']}; {gpu}{mach['cpu']}, "
+            f"{_dirty_text(m)}, version {m['version']}; {gpu}{mach['cpu']}, "
             f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
             f"{f' over {attempts} attempts' if attempts > 1 else ''}.*")
+
+
+def _dirty_text(meta: dict) -> str:
+    """`` (uncommitted changes to a, b)`` for a run recorded on a dirty tree (the paths where ``run.json``
+    names them: runs recorded before it did say only that there were changes); ``""`` for a clean one."""
+    if not meta["dirty"]:
+        return ""
+    paths = meta.get("dirty_paths") or []
+    shown = ", ".join(f"`{p}`" for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return f" (uncommitted changes to {shown})" if paths else " (uncommitted changes)"
 
 
 def _pct(x: float) -> str:
@@ -331,6 +344,28 @@ def view_selection(run: CommittedRun) -> str:
     rows = [f"`{c.method}` {c.selection['phase_2']}/{c.selection['n']}" for c in run.summary.cells if c.selection]
     return ("Cells whose dev selection kept Phase 2 (else the memory was dropped and the cell predicts as `lora`): "
             + ", ".join(rows) + ".") if rows else "No two-stage method in this run."
+
+
+def view_history(run: CommittedRun) -> str:
+    """WA (%) by how many earlier utterances of the same speaker the dialogue holds (0, 1, 2, 3+), per
+    method over every test utterance of every cell (``summary.json``'s ``by_speaker_history``), with the
+    utterances in each bin: a memory of the speaker's history should rise along the row where ``lora``
+    stays flat."""
+    parts = []
+    hist = run.summary.by_speaker_history
+    secs = {}
+    for h in hist:
+        secs.setdefault((h["task"], h["backbone"]), []).append(h)
+    for (task, backbone), rows in secs.items():
+        if len(secs) > 1:
+            parts.append(f"**{task} · {backbone}**\n")
+        bins = list(rows[0]["wa"])
+        head = ["method", *(f"{b} earlier (n {rows[0]['n'][b]})" for b in bins)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for h in rows:
+            lines.append("| " + " | ".join([f"`{h['method']}`", *(f"{100 * h['wa'][b]:.1f}" for b in bins)]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) if parts else "No per-utterance predictions in this run."
 
 
 def _base(label: str) -> str:
@@ -421,7 +456,7 @@ def view_paper_scale(run: CommittedRun) -> str:
 
 VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
          "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale,
-         "forms": view_forms}
+         "forms": view_forms, "history": view_history}
 
 
 # ---------------------------------------------------------------------------- render and check
