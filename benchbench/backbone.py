@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from scipy.signal import resample_poly
 from torch import nn
 
-from .data import UtteranceInput, default_cache_dir
+from .data import UtteranceInput, default_cache_dir, hash_json
 from .names import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,42 @@ class LMBatch:
     audio_spans: list[list[tuple[int, int]]]
 
 
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16}
+"""A backbone's mixed-precision modes (``autocast=``): ``off`` computes in the weights' dtype, ``bf16``
+runs the LM under ``torch.autocast(dtype=torch.bfloat16)``; ``auto`` (an option value, resolved by
+:func:`resolve_autocast` before the backbone is built) picks ``bf16`` where the device computes it natively."""
+
+
+def bf16_native(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively: a CUDA GPU that supports bf16, or a
+    CPU with AVX512-BF16 or AMX-BF16 (oneDNN's own check; elsewhere bf16 on a CPU is emulated and
+    slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # Linux names the instruction sets; oneDNN's own check also passes where bf16 is emulated on AVX512
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_autocast(mode: str, device: str | torch.device | None = None) -> str:
+    """``auto`` -> ``bf16`` where :func:`bf16_native` holds for ``device`` (default CPU), else ``off``;
+    ``off`` / ``bf16`` as given (``bf16`` forced on any device). ``ValueError`` for another value."""
+    if mode == "auto":
+        return "bf16" if bf16_native(device or "cpu") else "off"
+    if mode not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast {mode!r}: expected auto, {', '.join(AUTOCAST_DTYPES)}")
+    return mode
+
+
 class EmotionLM(nn.Module):
     """A copy of the backbone's language model with the label-restricted scoring head.
 
@@ -118,8 +154,11 @@ class EmotionLM(nn.Module):
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Linear, tokenizer, verbalizer_ids: list[int],
                  prompt: PromptFormat = TINY_PROMPT, labels: Sequence[str] = (),
-                 audio_projector: nn.Module | None = None):
+                 audio_projector: nn.Module | None = None, autocast: torch.dtype | None = None):
         super().__init__()
+        # the backbone's mixed precision (AudioLLMBackbone.autocast): the LM's forward and backward run
+        # under torch.autocast in this dtype; None: in the weights' own dtype
+        self.autocast = autocast
         self.language_model = language_model
         self.lm_head = lm_head
         # a backbone whose projector trains with the task (AudioLLMBackbone.trainable_projector): this
@@ -233,7 +272,12 @@ class EmotionLM(nn.Module):
         passed as None so that unpadded batches take the same kernel as a single sequence
         (bit-identical results whatever the batch composition)."""
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        if self.autocast is None:
+            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask,
+                                       use_cache=False).last_hidden_state
+        with torch.autocast(inputs_embeds.device.type, dtype=self.autocast):
+            h = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        return h.to(inputs_embeds.dtype)  # [B, L, D] in the weights' dtype, for heads outside the autocast
 
     def forward(self, batch: LMBatch) -> torch.Tensor:
         """Label logits ``[B, C]`` (C = number of labels), in verbalizer order."""
@@ -277,8 +321,12 @@ class AudioLLMBackbone:
 
     def __init__(self, name: str, model: nn.Module, feature_extractor, tokenizer, cache_dir: Path | None = None,
                  prompt: PromptFormat = TINY_PROMPT, spare_label_words: Sequence[str] = (), own_frames: bool = False,
-                 trainable_projector: bool = False):
+                 trainable_projector: bool = False, autocast: str = "off"):
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"backbone {name}: autocast {autocast!r} (known: {', '.join(AUTOCAST_DTYPES)}; "
+                             "resolve 'auto' with resolve_autocast)")
         self.name = name
+        self.autocast = autocast
         self.own_frames = own_frames
         self.trainable_projector = trainable_projector
         self.prompt = prompt
@@ -313,6 +361,15 @@ class AudioLLMBackbone:
                 h.update(k.encode())
                 h.update(v.detach().to(torch.float32).cpu().numpy().tobytes())
         return h.hexdigest()
+
+    @property
+    def run_key(self) -> str:
+        """What a cell computed on this backbone depends on beyond :attr:`key` (the audio features'
+        identity, which names the feature cache): the LM's weight dtype and autocast mode (bf16 and
+        float32 cells never share a key) and the prompt it reads (a chat template's system prompt is in
+        every input). Part of every cell key and Phase-1 training key."""
+        return hash_json({"features": self.key, "lm_dtype": str(self.model.lm_head.weight.dtype),
+                          "autocast": self.autocast, "prompt": repr(self.prompt)})
 
     @property
     def lm_key(self) -> str:
@@ -507,7 +564,7 @@ class AudioLLMBackbone:
         if self.trainable_projector:  # a private copy at its initial values: trained by the method's task LoRA
             projector = copy.deepcopy(self.model.model.multi_modal_projector).requires_grad_(False)
         lm = EmotionLM(language_model, lm_head, self.tokenizer, self.verbalizer_ids(labels), self.prompt, labels,
-                       audio_projector=projector)
+                       audio_projector=projector, autocast=AUTOCAST_DTYPES[self.autocast])
         return lm.eval()
 
     @contextmanager
@@ -670,14 +727,20 @@ def backbone_factory(name: str, options: dict | None = None) -> tuple[BackboneSp
     return spec, options
 
 
-def backbone_label(name: str, options: dict | None = None) -> str:
+def backbone_label(name: str, options: dict | None = None, autocast: str | None = None) -> str:
     """What results call a backbone: its name, plus the options that change the network itself
     (``tiny-qwen2-audio+hidden_size=1024``; a flag set to True by its name alone:
     ``qwen2-audio-7b+lm_layers=2+random_init``), so the leaderboard never pools different networks. Load
-    options (:data:`benchbench.weights.PRETRAINED_OPTIONS`: weights, dtype, device, ...) are not part of it."""
+    options (:data:`benchbench.weights.PRETRAINED_OPTIONS`: weights, dtype, device, ...) are not part of
+    it; the *resolved* mixed precision of the built backbone (``autocast``: :attr:`AudioLLMBackbone.autocast`)
+    is, when it is not ``off`` (``ultravox-whisper-tiny-smollm2-135m+autocast=bf16``), whatever option chose it,
+    so bf16 and float32 cells never share a label."""
     from .weights import PRETRAINED_OPTIONS
 
-    shape = {k: v for k, v in (options or {}).items() if k not in PRETRAINED_OPTIONS and v is not None and v is not False}
+    load = PRETRAINED_OPTIONS + ("autocast",)  # the autocast mode is in the backbone key and the results' lm_autocast
+    shape = {k: v for k, v in (options or {}).items() if k not in load and v is not None and v is not False}
+    if autocast not in (None, "off"):
+        shape["autocast"] = autocast
     return name + "".join(f"+{k}" if v is True else f"+{k}={v}" for k, v in sorted(shape.items()))
 
 

@@ -108,7 +108,7 @@ class Cell:
         config, the task's options and the backbone's key. The leaderboard never pools, compares or
         replaces cells of one label whose ``config_id`` differs (a preset changed between versions)."""
         return hash_json({"method": self.method, "config": self.config.to_dict(), "task_params": self._task_params,
-                          "backbone_key": self.backbone.key})[:12]
+                          "backbone_key": self.backbone.run_key})[:12]
 
     @cached_property
     def _task_params(self) -> dict:
@@ -133,7 +133,7 @@ class Cell:
         return hash_json({"method": self.method, "config": self.config.to_dict(), "task": self.task.name,
                           "task_params": self._task_params, "preset": self.preset, "data": self.manifest["sha256"],
                           "fold_data": self.manifest["folds"][str(self.fold.index)], "backbone": self.backbone_name,
-                          "backbone_key": self.backbone.key, "seed": self.seed, "fold": self.fold.index,
+                          "backbone_key": self.backbone.run_key, "seed": self.seed, "fold": self.fold.index,
                           "torch_threads": self.threads, "results_version": RESULTS_VERSION,
                           **({"tune": self._tune_identity} if self.tune else {})})
 
@@ -150,7 +150,7 @@ class Cell:
         starts from), ``config_id``, backbone key, torch threads, the
         method's resolved config (``method.*``) and the task's options (``task.*``)."""
         return {**self.base, "preset": self.preset, "config_preset": self.config_preset, "config_id": self.config_id,
-                "backbone_key": self.backbone.key, "torch_threads": self.threads,
+                "backbone_key": self.backbone.run_key, "torch_threads": self.threads,
                 **{f"method.{k}": v for k, v in self.config.flat().items()},
                 **{f"task.{k}": v for k, v in self.task.params().items()}}
 
@@ -283,6 +283,7 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
                  "phase1_replayed": report.phase1_replayed}
     row = {**cell.base, "status": "ok", **metrics, **cost, **selection, "n_test": len(y_true),
            "n_test_stream": n_stream, "uses_context": cls.uses_context, "torch_threads": cell.threads,
+           "lm_autocast": cell.backbone.autocast,
            "config_id": cell.config_id, "tuning_trials": tuning.trials if tuning else 0,
            "tuned_params": json.dumps(tuning.params if tuning else {}, sort_keys=True)}
     params = cell.params

@@ -110,6 +110,9 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="weight dtype (default: the checkpoint's own; a tiny backbone's float32 init is cast)")
     g.add_argument("--device", default=None, help="e.g. cuda")
+    g.add_argument("--autocast", default=None, choices=["auto", "bf16", "off"],
+                   help="the pretrained-LM backbone's mixed precision (default auto: bf16 autocast where the CPU "
+                        "or GPU computes bf16 natively; recorded per cell as lm_autocast)")
     g.add_argument("--device-map", default=None, help="from_pretrained's device_map, e.g. auto")
     g.add_argument("--allow-download", action="store_true",
                    help="let huggingface_hub download missing weights (off: never silently)")
@@ -129,6 +132,7 @@ def _task_options(args) -> dict:
 
 def _backbone_options(args) -> dict:
     return {"weights": args.weights, "dtype": args.dtype, "device": args.device, "device_map": args.device_map,
+            "autocast": args.autocast,
             "allow_download": args.allow_download, "random_init": args.random_init, **dict(args.backbone_set)}
 
 

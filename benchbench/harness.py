@@ -201,7 +201,8 @@ def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone
     base = preset_label(spec.preset, spec.task_options.get(task.name))
     tuning_dir = str(Path(spec.output) / "tuning") if spec.tune else None
     tunes = {m: bool(spec.tune) and no_search_space(m) is None for m in methods}
-    return [Cell(m, task, f, s, backbone, backbone_label(spec.backbone_for(task.name), spec.backbone_options),
+    label = backbone_label(spec.backbone_for(task.name), spec.backbone_options, backbone.autocast)
+    return [Cell(m, task, f, s, backbone, label,
                  base + tuned if tunes[m] else base, spec.preset,
                  spec.method_overrides.get(m) or {}, manifest, spec.threads, spec.tune if tunes[m] else 0,
                  tuning_dir if tunes[m] else None, spec.tune_seed if tunes[m] else None)
@@ -227,7 +228,8 @@ def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbones: dict[str, Audio
         manifest = task.manifest()
         (out / f"manifest-{task_name}.json").write_text(json.dumps(manifest, indent=2))
         backbone = backbones[task_name]
-        notify(f"task {task_name}: backbone {backbone_label(spec.backbone_for(task_name), spec.backbone_options)}"
+        notify(f"task {task_name}: backbone "
+               f"{backbone_label(spec.backbone_for(task_name), spec.backbone_options, backbone.autocast)}"
                + (" (the task's default; --backbone chooses another)" if spec.backbone is None else ""))
         note = backbone_note(backbone.name)
         if note:
@@ -721,7 +723,7 @@ def finalise(spec: RunSpec, out: Path, tracker, writer: ResultsWriter, task_info
         status = "FAILED"
     summary.run = {"output": str(out), "mlflow_tracking_uri": tracker.tracking_uri,
                    "mlflow_parent_run_id": tracker.parent_run_id, "spec": spec.__dict__,
-                   "backbones": {t: {"name": spec.backbone_for(t), "key": b.key,
+                   "backbones": {t: {"name": spec.backbone_for(t), "key": b.key, "run_key": b.run_key, "autocast": b.autocast,
                                      "default": spec.backbone is None} for t, b in backbones.items()},
                    "cells_reused": writer.counts["reused"],
                    "cells_computed": writer.counts["computed"], "cells_logged_later": writer.counts["logged_later"],

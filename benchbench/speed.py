@@ -168,7 +168,7 @@ def main(backbone: str = "tiny-qwen2-audio", backbone_options: dict | None = Non
     if threads:
         torch.set_num_threads(threads)
     bb = make_backbone(backbone, backbone_options)
-    label = backbone_label(backbone, backbone_options or {})
+    label = backbone_label(backbone, backbone_options or {}, bb.autocast)
     w = next(bb.model.parameters())
     where = torch.cuda.get_device_name(w.device) if w.is_cuda else "CPU"
     out = [f"backbone {label} (LM width {bb.hidden_size}, {str(w.dtype).replace('torch.', '')} on {where}); torch "

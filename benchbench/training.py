@@ -63,14 +63,20 @@ class LoRASettings(MethodConfig):
     epochs: int = 3                # three epochs
     batch_size: int = 8            # utterances (or context sequences) per step
     selection_metric: str = "ua"   # dev metric for choosing the best epoch's checkpoint
+    # On a backbone whose audio projector is random and trains with the task (``trainable_projector``,
+    # e.g. ``ultravox-whisper-tiny-smollm2-135m``) and only there (elsewhere these change nothing):
+    align_epochs: int = 2          # alignment stage first: the projector alone, LM frozen (LLaVA / Ultravox stage 1)
+    align_lr: float = 1e-3         # the alignment stage's AdamW rate
+    warmup: float = 0.1            # share of a stage's steps over which the rates rise linearly from 0
 
     def check(self) -> None:
-        check_ranges(self, at_least=dict(r=1, epochs=0, batch_size=1), positive=("alpha", "lr"),
-                     fraction=("dropout",), choices=dict(selection_metric=METRICS))
+        check_ranges(self, at_least=dict(r=1, epochs=0, batch_size=1, align_epochs=0),
+                     positive=("alpha", "lr", "align_lr"), fraction=("dropout", "warmup"),
+                     choices=dict(selection_metric=METRICS))
 
 
 LORA_PRESETS: dict[str, dict] = {
-    "smoke": dict(lr=2e-3, epochs=1, batch_size=16),
+    "smoke": dict(lr=2e-3, epochs=1, batch_size=16, align_epochs=1),
     # CPU-sized: the tiny random-init backbone needs a larger step than the 7B paper setting
     "default": dict(lr=1e-3, epochs=6, batch_size=32),
 }
@@ -275,11 +281,38 @@ def utterance_examples(backbone, dialogues: Sequence[Dialogue]) -> list[Example]
             for d in dialogues for u in d.utterances if u.scored]
 
 
+PROJECTOR_PREFIX = "audio_projector."
+"""How :func:`attach_lora` names the parameters of a projector that trains with the task."""
+
+
+def projector_parameters(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """The audio projector's parameters among a task LoRA's (empty on a backbone whose projector is
+    pretrained and frozen, i.e. every backbone but ``trainable_projector`` ones)."""
+    return {k: p for k, p in params.items() if k.startswith(PROJECTOR_PREFIX)}
+
+
+def _optimizer(params: dict[str, nn.Parameter], lr: float, s: LoRASettings, steps: int, warmup: bool):
+    """AdamW at ``lr`` over ``params``; where a random projector trains among them (the pretrained-LM
+    backbone) and ``warmup`` (Phase 1), every rate rises linearly from ``lr / n`` to ``lr`` over the first
+    ``n = ceil(s.warmup * steps)`` steps, then stays: the random projector's first gradients, passed
+    through a pretrained LM, would otherwise overshoot, and so would the LoRA's at the tiny LMs' rate.
+    Elsewhere (the tiny backbones, Phase 2) a constant rate, as before the schedule existed. Returns
+    ``(optimizer, scheduler or None)``."""
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=s.weight_decay)
+    warm = math.ceil(s.warmup * steps) if warmup and projector_parameters(params) else 0
+    if not warm:
+        return opt, None
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+
+
 def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                      examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
-                     curve_prefix: str = "lora", report: FitReport | None = None, phase: int = 1) -> FitReport:
+                     curve_prefix: str = "lora", report: FitReport | None = None, phase: int = 1,
+                     lr: float | None = None, epochs: int | None = None) -> FitReport:
     """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``
-    (:func:`run_epochs`).
+    (:func:`run_epochs`). ``lr`` / ``epochs``: the stage's own (default ``s.lr`` / ``s.epochs``; the
+    alignment stage passes ``s.align_lr`` / ``s.align_epochs``). In Phase 1, with a projector among
+    ``params``, the rates warm up (:func:`_optimizer`).
 
     Returns its report (``report``, extended, when given), with ``<prefix>_train_loss`` (per step) and
     ``<prefix>_dev_<metric>`` (per epoch), the selected epoch and its dev score; the parameters end at
@@ -293,7 +326,9 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
         start = report.dev_score
     report = FitReport() if report is None else report
     lm = method.lm
-    opt = torch.optim.AdamW(list(params.values()), lr=s.lr, weight_decay=s.weight_decay)
+    lr = s.lr if lr is None else lr
+    epochs = s.epochs if epochs is None else epochs
+    opt, schedule = _optimizer(params, lr, s, epochs * math.ceil(len(examples) / s.batch_size), warmup=phase == 1)
     # length-grouped batches (like transformers' group_by_length): little padding when example
     # lengths differ (full_context), in a random order of batches
     lengths = np.array([sum(seg.audio.shape[0] for seg in segs) for segs, _ in examples])
@@ -313,8 +348,10 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
         opt.zero_grad()
         value.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
 
-    run_epochs(method, report, curve_prefix, s.epochs, dev, s.selection_metric,
+    run_epochs(method, report, curve_prefix, epochs, dev, s.selection_metric,
                BestCheckpoint.of_parameters(params, score=start), batches, loss, step, [lm], progress, phase=phase)
     lm.eval()
     return report
@@ -323,6 +360,12 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
 def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                   train: Sequence[Dialogue], dev: Sequence[Dialogue], progress: ProgressFn | None) -> FitReport:
     """Phase 1 (Titans-as-a-Layer Sec. 3.4): the task LoRA on one scored utterance at a time, dev-selected.
+
+    On a backbone whose random audio projector trains with the task (:func:`projector_parameters`
+    non-empty), an alignment stage comes first: the projector alone for ``s.align_epochs`` at
+    ``s.align_lr``, the LM frozen, dev-selected (curves ``align_train_loss``, ``align_dev_<metric>``),
+    as LLaVA and Ultravox train a projector before adapting the LM; both stages warm their rates up
+    (``s.warmup``). Elsewhere Phase 1 is the LoRA stage alone at a constant rate, as before.
 
     This *is* ``lora``'s ``fit``; a two-stage method calls it with its memory off (its dev scoring
     then predicts like ``lora``), so its Phase 1 equals ``lora`` under the same seed and preset
@@ -346,7 +389,15 @@ def fit_task_lora(method: ContextMethod, params: dict[str, nn.Parameter], s: LoR
             cache[key] = stored
     if key in cache:  # this exact training already ran (the lora cell of this fold and seed)
         return _replay_phase1(method, params, s, cache[key], progress)
-    report = train_supervised(method, params, s, utterance_examples(method.backbone, train), dev, progress)
+    examples = utterance_examples(method.backbone, train)
+    report = FitReport()
+    projector = projector_parameters(params)
+    if projector and s.align_epochs:
+        # the alignment stage: the random projector alone, the LM frozen (the LoRA, at its zero
+        # initialisation, adds nothing yet), dev-selected; then the task LoRA with the projector
+        train_supervised(method, projector, s, examples, dev, progress, curve_prefix="align", report=report,
+                         lr=s.align_lr, epochs=s.align_epochs)
+    report = train_supervised(method, params, s, examples, dev, progress, report=report)
     report.phase1_replayed = False
     cache[key] = {"params": {k: p.detach().clone() for k, p in params.items()},
                   "curves": {k: list(v) for k, v in report.curves.items()},
@@ -416,7 +467,7 @@ def _phase1_key(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRAS
         for state in torch.cuda.get_rng_state_all():
             h.update(state.numpy().tobytes())
     device = next(iter(params.values())).device if params else "cpu"
-    return hash_json({"settings": asdict(s), "labels": method.labels, "backbone": method.backbone.key,
+    return hash_json({"settings": asdict(s), "labels": method.labels, "backbone": method.backbone.run_key,
                       "lm": method.backbone.lm_key, "device": str(device), "host": _host_identity(),
                       "torch_threads": torch.get_num_threads(),
                       "train": [[(u.input.audio_sha256, u.label, u.scored) for u in d.utterances] for d in train],

@@ -211,6 +211,77 @@ def test_phase1_is_the_same_projector_and_lora_as_lora(lm_backbone, tiny_task, m
     check_phase1_is_lora(m, tiny_task, report=report)
 
 
+def test_the_alignment_stage_trains_the_projector_alone_before_the_task_lora(lm_backbone, tiny_task):
+    """Phase 1 on a random projector: the projector alone first (the LoRA still at its zero init, so
+    the LM is the pretrained one), dev-selected, with its own curves; then the task LoRA with it."""
+    from benchbench.testing import fit_with_report
+
+    seen = {}
+
+    def progress(message, values=None):
+        if message.startswith("align epoch") and "m" in seen:
+            lora_b = [p for k, p in seen["m"].lora_params.items() if "lora_B" in k]
+            moved = [not torch.equal(p.detach().cpu(), seen["initial"][k.split(".", 1)[1]])
+                     for k, p in seen["m"].lora_params.items() if k.startswith("audio_projector.")]
+            seen.setdefault("align", []).append((all(bool((p == 0).all()) for p in lora_b), any(moved)))
+
+    from benchbench import testing
+
+    cls = testing._cls("lora")
+    fold = tiny_task.folds()[0]
+    m = cls(lm_backbone, tiny_task.labels, cls.make_config("smoke", {"align_epochs": 2}), seed=0)
+    seen["m"] = m
+    seen["initial"] = {k: v.clone() for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items()}
+    with testing._no_phase1_replay(lm_backbone):
+        report = m.fit(fold.train, fold.dev, progress=progress)
+    assert seen["align"] == [(True, True), (True, True)]  # LoRA untouched, projector trained, each epoch
+    steps = int(np.ceil(sum(u.scored for d in fold.train for u in d.utterances) / m.config.batch_size))
+    assert len(report.curves["align_train_loss"]) == 2 * steps and len(report.curves["align_dev_ua"]) == 2
+    assert len(report.curves["lora_dev_ua"]) == m.config.epochs
+    assert any(not bool((p == 0).all()) for k, p in m.lora_params.items() if "lora_B" in k)  # then the LoRA trains
+
+
+def test_autocast_is_resolved_recorded_in_the_key_and_kept_apart(lm_backbone, tiny_task, monkeypatch):
+    from benchbench import backbone as bbm
+    from benchbench.backbone import make_backbone, resolve_autocast
+
+    assert resolve_autocast("off") == "off" and resolve_autocast("bf16") == "bf16"
+    monkeypatch.setattr(bbm, "bf16_native", lambda device="cpu": False)
+    assert resolve_autocast("auto") == "off"
+    monkeypatch.setattr(bbm, "bf16_native", lambda device="cpu": True)
+    assert resolve_autocast("auto") == "bf16"
+    with pytest.raises(ValueError, match="autocast 'fp8'"):
+        resolve_autocast("fp8")
+    monkeypatch.undo()
+    other = "off" if lm_backbone.autocast == "bf16" else "bf16"
+    bb = make_backbone(NAME, {"autocast": other}, seed=0)
+    assert bb.autocast == other and bb.run_key != lm_backbone.run_key  # never one cell key for both
+    from benchbench.backbone import backbone_label
+
+    assert backbone_label(NAME, {"autocast": "auto"}, "bf16") == NAME + "+autocast=bf16"
+    assert backbone_label(NAME, {"autocast": "bf16"}, "off") == NAME == backbone_label(NAME, {}, "off")
+    from benchbench.backbone import Segment
+
+    f = lm_backbone.audio_features(tiny_task.folds()[0].test[0].inputs()[0])
+    a, b = lm_backbone.new_lm(tiny_task.labels), bb.new_lm(tiny_task.labels)
+    with torch.no_grad():
+        la, lb = a(a.batch([[Segment(f, features=True)]])), b(b.batch([[Segment(f, features=True)]]))
+    assert la.dtype == lb.dtype == torch.float32 and not torch.equal(la, lb)  # bf16 computes other bits...
+    assert torch.allclose(la.softmax(-1), lb.softmax(-1), atol=0.05)  # ...the same label distribution
+
+
+def test_the_system_prompt_is_an_option_in_the_label_and_the_key(lm_backbone):
+    from benchbench.backbone import backbone_label, make_backbone
+
+    bb = make_backbone(NAME, {"system_prompt": "none"}, seed=0)
+    assert "SmolLM" in lm_backbone.prompt.prefix and "SmolLM" not in bb.prompt.prefix
+    assert bb.prompt.prefix.startswith("<|im_start|>system\n<|im_end|>")
+    assert bb.run_key != lm_backbone.run_key and bb.key == lm_backbone.key  # same features, other inputs
+    assert backbone_label(NAME, {"system_prompt": "none", "autocast": "off"}) == NAME + "+system_prompt=none"
+    with pytest.raises(ValueError, match="system_prompt 'long'"):
+        make_backbone(NAME, {"system_prompt": "long"}, seed=0)
+
+
 def test_save_load_carries_the_trained_projector(lm_backbone, tiny_task, tmp_path):
     from benchbench.method import METHODS
     from benchbench.testing import fit_with_report

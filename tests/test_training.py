@@ -190,3 +190,41 @@ def test_a_non_finite_loss_fails_every_methods_epoch_loop_the_same_way(backbone,
         m.fit(fold.train, fold.dev)
     fresh = cls(backbone, tiny_task.labels, cls.make_config("smoke"), seed=0)
     assert isinstance(fresh.fit(fold.train, fold.dev), FitReport)  # and unpoisoned, it trains
+
+
+def test_phase1_warms_up_where_a_random_projector_trains_and_nowhere_else():
+    """With a projector among the parameters (``audio_projector.*``: the pretrained-LM backbone) every
+    rate rises linearly over ``ceil(warmup * steps)`` steps; without one (the tiny backbones), or
+    outside Phase 1, a constant rate, as before the schedule existed."""
+    from torch import nn
+
+    from benchbench.training import _optimizer
+
+    params = {"lora_A": nn.Parameter(torch.zeros(2)), "audio_projector.w": nn.Parameter(torch.zeros(2))}
+    s = LoRASettings(warmup=0.25)
+    opt, schedule = _optimizer(params, 1e-3, s, steps=12, warmup=True)  # warm-up over 3 steps
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert seen == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3], rel=1e-12)
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 2
+    opt, schedule = _optimizer({"lora_A": params["lora_A"]}, 1e-3, s, steps=12, warmup=True)
+    assert schedule is None and opt.param_groups[0]["lr"] == 1e-3
+    opt, schedule = _optimizer(params, 1e-3, s, steps=12, warmup=False)
+    assert schedule is None and opt.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="warmup"):
+        LoRASettings.from_overrides({"warmup": 1.5})
+
+
+def test_the_alignment_stage_changes_nothing_where_the_projector_is_pretrained(backbone, tiny_task):
+    """The tiny backbones' projector is frozen inside the feature cache: Phase 1 is the LoRA stage alone,
+    whatever the alignment settings say (their cells differ only in the key)."""
+    from benchbench.testing import fit_with_report
+
+    a, ra = fit_with_report("lora", backbone, tiny_task, overrides={"align_epochs": 0})
+    b, rb = fit_with_report("lora", backbone, tiny_task, overrides={"align_epochs": 3, "warmup": 0.5})
+    assert not any(k.startswith("align") for k in rb.curves)
+    assert ra.curves == rb.curves
+    assert all(torch.equal(p, b.trained_parameters()[k]) for k, p in a.trained_parameters().items())
