@@ -413,9 +413,15 @@ SMOLLM2_NOTE = ("its audio projector is random (no trained checkpoint for this e
                 "untrained. The LM runs under bf16 autocast where the CPU or GPU computes bf16 natively (lm_autocast "
                 "in the results)")
 
+SMOLLM2_LORA_PRESETS = {"default": {"lr": 3e-4}}
+"""The pretrained LM's own task-LoRA rate in the default preset, for ``lora`` and every Phase 1 alike: at
+the tiny LMs' 1e-3 the first LoRA epoch undid the aligned projector (dev UA back to chance); 3e-4 and
+1e-4 did not and tied on dev, both above 1e-3 (a trial on one Emo-DB fold; the committed comparison is
+pending)."""
+
 ULTRAVOX_WHISPER_TINY_SMOLLM2 = BackboneSpec(SMOLLM2_NAME, ultravox_whisper_tiny_smollm2, SMOLLM2_NEEDS,
                                              options=("dtype", "device", "autocast", "system_prompt"),
-                                             note=SMOLLM2_NOTE)
+                                             note=SMOLLM2_NOTE, lora_presets=SMOLLM2_LORA_PRESETS)
 
 TINY_ULTRAVOX = BackboneSpec("tiny-ultravox", tiny_ultravox, NEEDS, options=TINY_OPTIONS,
                              check_options=lm_size_check("tiny-ultravox"))

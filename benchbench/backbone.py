@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -673,6 +673,11 @@ class BackboneSpec:
         random_init_model: a real backbone's ``model_fn(arch, lm, audio, tokenizer)``: its model class
             at given sizes with random weights (``--random-init``,
             :mod:`benchbench.backbones.paper_scale`); ``None`` where the backbone has none.
+        lora_presets: preset -> task-LoRA values (:class:`~benchbench.training.LoRASettings` keys) that
+            this backbone takes where the methods' presets, set on the random tiny LMs, do not fit (a
+            pretrained LM's lower rate); every method's task LoRA takes them alike (``lora`` and every
+            Phase 1: :attr:`benchbench.cells.Cell.backbone_overrides`), so the comparison keeps one
+            budget; the backbone in the results names them, a user's ``--set`` still wins.
     """
 
     name: str
@@ -684,6 +689,7 @@ class BackboneSpec:
     check_options: Callable[[dict], None] | None = None
     note: str = ""
     random_init_model: Callable | None = None
+    lora_presets: dict = field(default_factory=dict)
 
     @property
     def pretrained(self) -> bool:

@@ -33,7 +33,7 @@ import torch
 from .backbone import AudioLLMBackbone
 from .data import Fold, hash_json, speaker_history_counts
 from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
-from .method import METHODS, FitReport
+from .method import METHODS, FitReport, _deep_merge
 from .metrics import compute_metrics, confusion, scored_only, stream_predict
 from .task import Task
 from .training import seed_everything
@@ -91,16 +91,32 @@ class Cell:
         return f"{self.label}-{self.task.name}-s{self.seed}-f{self.fold.index}"
 
     @cached_property
+    def backbone_overrides(self) -> dict:
+        """The backbone's own values for this preset's task LoRA (:attr:`BackboneSpec.lora_presets`, e.g. a
+        pretrained LM's lower rate), placed in this method's config (:meth:`ContextMethod.task_lora_overrides`):
+        ``lora`` and every method's Phase 1 take them alike; ``{}`` on most backbones."""
+        from .names import BACKBONES
+
+        spec = BACKBONES.get(self.backbone.name) if self.backbone.name in BACKBONES.names() else None
+        values = (getattr(spec, "lora_presets", None) or {}).get(self.config_preset, {})
+        return METHODS.get(self.method).task_lora_overrides(values)
+
+    @cached_property
+    def resolved_overrides(self) -> dict:
+        """:attr:`backbone_overrides` under the cell's own ``overrides`` (a user's ``--set`` wins)."""
+        return _deep_merge(self.backbone_overrides, self.overrides or {})
+
+    @cached_property
     def config(self):
-        """The method's fully resolved config (preset + overrides)."""
-        return METHODS.get(self.method).make_config(self.config_preset, self.overrides)
+        """The method's fully resolved config (preset, the backbone's preset values, overrides)."""
+        return METHODS.get(self.method).make_config(self.config_preset, self.resolved_overrides)
 
     @cached_property
     def label(self) -> str:
         """The method as results name it (:meth:`ContextMethod.label`): ``mal`` for the papers' form,
         ``mal[speaker]`` for a variant, and what ``overrides`` change from the preset's config
         (``mal{layers=0}``), so that an ablation is never pooled with its preset's cells."""
-        return METHODS.get(self.method).label(self.config, self.config_preset)
+        return METHODS.get(self.method).label(self.config, self.config_preset, self.backbone_overrides)
 
     @cached_property
     def config_id(self) -> str:

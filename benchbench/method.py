@@ -301,6 +301,24 @@ class ContextMethod(ABC):
         return self.lm.embed_audio(self.backbone.audio_features(utterance))
 
     @classmethod
+    def task_lora_overrides(cls, values: dict) -> dict:
+        """``values`` (task-LoRA settings, :class:`~benchbench.training.LoRASettings` keys) placed where this
+        method's config holds its task LoRA: at the top for ``lora``, under each nested task-LoRA config
+        (``lora`` of every two-stage method, ``dpm``'s) elsewhere; ``{}`` for a method without one
+        (``zero_shot``). How a backbone's own preset values (:attr:`BackboneSpec.lora_presets`) reach
+        every method's Phase 1 alike."""
+        if not values:
+            return {}
+        if getattr(cls.config_cls, "task_lora", False):
+            return dict(values)
+        out = {}
+        for f in dataclasses.fields(cls.config_cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(type(default), "task_lora", False):
+                out[f.name] = dict(values)
+        return out
+
+    @classmethod
     def make_config(cls, preset: str = "default", overrides: dict | None = None) -> MethodConfig:
         """Config for a preset (``paper`` = the dataclass defaults) plus explicit overrides."""
         if preset != "paper" and preset not in cls.presets:
@@ -315,19 +333,21 @@ class ContextMethod(ABC):
         return ""
 
     @classmethod
-    def label(cls, config: MethodConfig, preset: str | None = None) -> str:
+    def label(cls, config: MethodConfig, preset: str | None = None, base: dict | None = None) -> str:
         """What results call the method under ``config``, in results.csv, MLflow run names and params,
         the summary, the terminal and the leaderboard: its name for the papers' form,
         ``name[variant]`` for a departure (``mal[speaker]``), then, when ``preset`` is given, every
         option of ``config`` that differs from that preset's config, sorted (``mal{d_m=32,layers=0}``,
         ``lora{lr=0.01}``, nested options dotted: ``mal{lora.r=4}``), except those the variant names
         (:attr:`variant_options`). So an ablation never shares a label with its preset's cells.
+        ``base``: overrides that belong to the preset on this backbone (:attr:`BackboneSpec.lora_presets`,
+        mapped by :meth:`task_lora_overrides`), so they are not departures (the backbone names them).
         ``ValueError`` for an unknown preset (:meth:`make_config`)."""
         v = cls.variant(config)
         out = f"{cls.name}[{v}]" if v else cls.name
         if preset is None:
             return out
-        return out + config_departure(config, cls.make_config(preset), skip=cls.variant_options)
+        return out + config_departure(config, cls.make_config(preset, base), skip=cls.variant_options)
 
     @classmethod
     def search_space(cls, trial) -> dict:

@@ -30,7 +30,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,8 @@ AUXILIARY_SEED_OFFSET = 7919
 @dataclass
 class LoRASettings(MethodConfig):
     """LoRA and its training schedule. Defaults: Titans-as-a-Layer Sec. 3.4, Phase 1."""
+
+    task_lora: ClassVar[bool] = True  # a backbone's own LoRA preset values land here (ContextMethod.task_lora_overrides)
 
     r: int = 32                    # rank r = 32
     alpha: int = 64                # scaling alpha_LoRA = 64

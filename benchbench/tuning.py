@@ -166,7 +166,7 @@ def tune(cell, progress: Callable[[str, dict], None] | None = None) -> Tuning:
         return shared
     cls = METHODS.get(cell.method)
     fixed: dict = {}
-    overrides = dict(cell.overrides or {})
+    overrides = dict(cell.resolved_overrides)  # the backbone's preset values included
     if cls.phase1_of == "lora":  # Phase 1 is the tuned lora cell's training
         lora_cell = replace(cell, method="lora", overrides=dict(overrides.get("lora") or {}))
         lora = tune(lora_cell, progress)

@@ -218,3 +218,38 @@ def test_lent_lm_is_shared_and_restored_after_the_method(name, tiny_task):
             METHODS.get(name)(bb, tiny_task.labels, METHODS.get(name).make_config("smoke"), seed=0)
             1 / 0
     assert _lm_fingerprint(bb)[:2] == before[:2]
+
+
+def test_a_backbones_own_lora_presets_reach_every_methods_task_lora(backbone, tiny_task):
+    """``BackboneSpec.lora_presets``: values a backbone takes where the tiny LMs' presets do not fit. ``lora``
+    and every method's Phase 1 take them alike (same budget), the method label stays the preset's (the
+    backbone names the difference), the cell key changes, and a user's override still wins."""
+    from benchbench.backbone import BACKBONES, BackboneSpec
+    from benchbench.cells import Cell
+    from benchbench.method import METHODS
+
+    import copy
+
+    BACKBONES.register("tiny-low-rate", BackboneSpec("tiny-low-rate", lambda **kw: None, "nothing",
+                                                     lora_presets={"default": {"lr": 1e-4, "epochs": 2}}))
+    try:
+        low = copy.copy(backbone)  # the same network under another registered name, with its own LoRA values
+        low.name = "tiny-low-rate"
+        fold, manifest = tiny_task.folds()[0], tiny_task.manifest()
+
+        def cell(method, bb, overrides=None):
+            return Cell(method, tiny_task, fold, 0, bb, bb.name, "default", "default", overrides or {}, manifest)
+
+        for method in ("lora", "mal", "dpm", "full_context"):
+            plain, tuned = cell(method, backbone), cell(method, low)
+            lora_of = (lambda c: c.config) if method == "lora" else (lambda c: c.config.lora)
+            assert (lora_of(tuned).lr, lora_of(tuned).epochs) == (1e-4, 2)
+            assert lora_of(plain).lr == METHODS.get(method).make_config("default").to_dict().get("lora", {}).get(
+                "lr", METHODS.get("lora").make_config("default").lr)
+            assert tuned.label == plain.label and "lr" not in tuned.label  # not a departure: the backbone's own
+            assert tuned.key != plain.key
+        assert cell("zero_shot", low).config == cell("zero_shot", backbone).config
+        mine = cell("mal", low, {"lora": {"lr": 5e-4}})
+        assert mine.config.lora.lr == 5e-4 and mine.config.lora.epochs == 2 and "lora.lr=0.0005" in mine.label
+    finally:
+        BACKBONES._entries.pop("tiny-low-rate")
