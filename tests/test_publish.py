@@ -69,6 +69,13 @@ def test_the_views_say_what_the_committed_run_holds():
     table = publish.view_table(run)
     assert "gap closed (lora -> Bayes ceiling speaker_history 80.52)" in table  # the target, with its value
     assert "Reference `label_history`" in table and "a reference, not a bound" in table
+    costs = publish.view_costs(run)
+    import pandas as pd
+
+    rows = pd.read_csv(run.folder / "results.csv")
+    mal = rows[rows.method == "mal[speaker]"]
+    replayed = f"{int((mal.phase1_replayed.astype(str) == 'True').sum())}/{len(mal)}"
+    assert "| Phase 1 replayed |" in costs and f"| `mal[speaker]` | {mal.fit_seconds.mean():.1f} | {replayed} |" in costs
     history = publish.view_history(run).splitlines()
     # one row per method, the bins with their utterance counts, the values the run printed
     assert history[0].startswith("| method | 0 earlier (n ") and "| 3+ earlier (n " in history[0]

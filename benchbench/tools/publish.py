@@ -318,14 +318,34 @@ def view_table(run: CommittedRun, reference: str = "lora") -> str:
     return "\n\n".join(parts)
 
 
+def _replayed(run: CommittedRun) -> dict[tuple, str]:
+    """(task, backbone, method) -> ``"k/n"``: in how many of its cells the task LoRA's training was
+    replayed (``results.csv``'s ``phase1_replayed``), for methods that have a Phase 1."""
+    import pandas as pd
+
+    path = run.folder / "results.csv"
+    if not path.is_file():
+        return {}
+    rows = pd.read_csv(path)
+    if "phase1_replayed" not in rows:
+        return {}
+    out = {}
+    for key, g in rows.groupby(["task", "backbone", "method"], sort=False):
+        flags = g["phase1_replayed"].astype(str)
+        if flags.isin(["True", "False"]).any():
+            out[key] = f"{int((flags == 'True').sum())}/{len(g)}"
+    return out
+
+
 def view_costs(run: CommittedRun) -> str:
     parts = []
     secs = _sections(run)
+    replayed = _replayed(run)
     for (task, backbone), cells in secs.items():
         if len(secs) > 1:
             parts.append(f"**{task} · {backbone}**\n")
-        head = ["method", "fit s / cell", "ms / utterance", "of which test-time training", "trained parameters",
-                "peak RSS MiB"]
+        head = ["method", "fit s / cell", "Phase 1 replayed", "ms / utterance", "of which test-time training",
+                "trained parameters", "peak RSS MiB"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in cells:
             st = c.stats
@@ -333,10 +353,14 @@ def view_costs(run: CommittedRun) -> str:
             def mean(k, fmt):
                 return fmt.format(st[k]["mean"]) if k in st else ""
             lines.append("| " + " | ".join([
-                f"`{c.method}`", mean("fit_seconds", "{:.1f}"), mean("eval_ms_per_utterance", "{:.1f}"),
-                mean("test_time_update_ms_per_utterance", "{:.1f}"), mean("trained_parameters", "{:,.0f}"),
-                mean("peak_rss_mb", "{:.0f}")]) + " |")
+                f"`{c.method}`", mean("fit_seconds", "{:.1f}"), replayed.get((task, backbone, c.method), ""),
+                mean("eval_ms_per_utterance", "{:.1f}"), mean("test_time_update_ms_per_utterance", "{:.1f}"),
+                mean("trained_parameters", "{:,.0f}"), mean("peak_rss_mb", "{:.0f}")]) + " |")
         parts.append("\n".join(lines))
+    if any(v.split("/")[0] != "0" for v in replayed.values()):
+        parts.append("Fit seconds are what each cell trained itself: where its task LoRA's training was replayed "
+                     "(the identical training of another cell, or of another run through the on-disk Phase-1 "
+                     "cache), that training is not in them.")
     return "\n\n".join(parts)
 
 
