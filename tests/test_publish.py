@@ -137,6 +137,27 @@ def test_record_runs_several_commands_into_one_run_and_renders_the_forms(tmp_pat
     assert len(rows) == 1 and "`mal`" in rows[0] and "`mal[m0-surprise]`" in rows[0]
     assert publish.view_command(committed).count("bench ") == 3
     assert "and 2 more commands" in publish.view_provenance(committed)
+    # every trained stage's curves, as the cells recorded them; the replayed Phase 1 of mal is not repeated
+    results = pd.read_csv(tmp_path / "forms" / "results.csv")
+    curves = pd.read_csv(tmp_path / "forms" / "curves.csv.gz")
+    lora_key = results.loc[results.method == "lora", "cell_key"].item()
+    record = json.loads((tmp_path / "forms" / ".work" / "out" / "cells" / lora_key / "record.json").read_text())
+    kept = curves[(curves.method == "lora") & (curves.curve == "lora_dev_ua")].sort_values("epoch")["value"]
+    assert kept.tolist() == record["curves"]["lora_dev_ua"] and len(kept) >= 1
+    # mal replayed lora's Phase 1: its record holds lora's curves, bit for bit, and the view shows them once
+    mal = curves[curves.method == "mal"]
+    assert mal.phase1_replayed.all() and not curves[curves.method == "lora"].phase1_replayed.any()
+    assert mal[mal.curve == "lora_dev_ua"].sort_values("epoch")["value"].tolist() == kept.tolist()
+    assert (mal.curve == "mal_dev_ua").any()  # its Phase 2
+    view = publish.view_curves(committed)
+    assert "| `mal` | 0 · 0 | mal (ua) |" in view and "| `mal` | 0 · 0 | lora (ua) |" not in view
+    row = next(r for r in view.splitlines() if r.startswith("| `lora` | 0 · 0 | lora (ua) |"))
+    assert " ".join(f"{100 * v:.1f}" for v in kept) in row
+    folds = publish.view_folds(committed).splitlines()
+    lora = results[results.method == "lora"].iloc[0]
+    assert folds[0].startswith("| method | fold 0: WA · fit s |")
+    assert f"| `lora` | {100 * lora.wa:.2f} · {lora.fit_seconds:.0f} |" in "\n".join(folds)
+    assert len(folds) == 2 + 3  # lora, mal, mal[m0-surprise]
     with pytest.raises(ValueError, match="a committed run is a `bench` command"):
         publish.record("y", ["bench", "list", "methods", ";", "python", "-c", "1"], results=tmp_path)
 

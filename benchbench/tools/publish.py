@@ -9,7 +9,8 @@ where it ran:
 - ``stdout.txt``: what the command printed;
 - for ``bench run``: ``summary.json``, ``results.csv`` and ``predictions.csv.gz`` (every scored test
   utterance, compressed; the leaderboard and every statistic are recomputed from them) with
-  ``predictions-dtypes.json``.
+  ``predictions-dtypes.json``, and ``curves.csv.gz`` (every trained stage's per-epoch dev score and
+  training loss, from the cells' records).
 
 Commands (``python -m benchbench.tools.publish ...``)::
 
@@ -39,7 +40,10 @@ lines of each cell, and the line naming the output folder and MLflow store, a pr
 folds, WA / UA / WF1 with 95% intervals, the WA difference to the reference method with its
 dialogue-bootstrap interval and Holm p, the share of the gap to the task's target closed, named with
 its value), ``costs`` (fit seconds, inference ms per utterance, trained parameters, peak memory),
-``selection`` (two-stage methods: in how many cells dev kept Phase 2), ``forms`` (the run's
+``selection`` (two-stage methods: in how many cells dev kept Phase 2), ``history`` (WA by the
+speaker's earlier utterances in the dialogue), ``folds`` (per method and fold: WA and fit seconds),
+``curves`` (every trained stage's dev score and training loss per epoch, from ``curves.csv.gz``, which
+``record`` keeps from the cells' records), ``forms`` (the run's
 ``bench compare --all-pairs`` between two forms of one method: WA difference, dialogue-bootstrap
 interval, Holm-corrected Wilcoxon and McNemar), ``paper-scale`` (a
 ``python -m benchbench.tools.paper_scale`` run: per backbone and method, seconds per epoch, inference
@@ -193,8 +197,40 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
 
         preds = read_folder_predictions(out / "predictions.csv")
         preds.to_csv(folder / "predictions.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
+        keep_curves(out, folder)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return returncode
+
+
+CURVE_COLUMNS = ["task", "backbone", "method", "seed", "fold", "phase1_replayed", "curve", "epoch", "value"]
+
+
+def keep_curves(out: Path, folder: Path) -> Path | None:
+    """The per-epoch curves of every cell a run computed (``out/cells/<cell_key>/record.json``: each
+    training stage's ``<stage>_train_loss`` and ``<stage>_dev_<metric>``, stage ``align`` / ``lora`` /
+    the method's Phase 2) as ``folder/curves.csv.gz``, one row per (cell, curve, epoch counted from 1),
+    with the cell's task, backbone, method, seed, fold and ``phase1_replayed`` from ``out/results.csv``
+    (a replayed Phase 1 brings its cell of origin's curves, identical, into the record). A cell reused from
+    an earlier run into the same folder has its folder too, so a resumed run keeps every cell's curves.
+    Returns the file written (``None``: no cell recorded a curve)."""
+    import pandas as pd
+
+    rows = pd.read_csv(out / "results.csv")
+    rows = rows[rows["status"] == "ok"]
+    found = []
+    for r in rows.itertuples():
+        path = out / "cells" / str(r.cell_key) / "record.json"
+        if not path.is_file():
+            continue
+        for curve, values in json.loads(path.read_text()).get("curves", {}).items():
+            replayed = str(getattr(r, "phase1_replayed", "")) == "True"
+            found += [(r.task, r.backbone, r.method, int(r.seed), int(r.fold), replayed, curve, i + 1, float(v))
+                      for i, v in enumerate(values)]
+    if not found:
+        return None
+    target = folder / "curves.csv.gz"
+    pd.DataFrame(found, columns=CURVE_COLUMNS).to_csv(target, index=False, compression={"method": "gzip", "mtime": 0})
+    return target
 
 
 class CommittedRun:
@@ -478,9 +514,78 @@ def view_paper_scale(run: CommittedRun) -> str:
     return "\n".join(lines)
 
 
+def _rows(run: CommittedRun):
+    import pandas as pd
+
+    rows = pd.read_csv(run.folder / "results.csv")
+    return rows[rows["status"] == "ok"]
+
+
+def view_folds(run: CommittedRun) -> str:
+    """Per method and fold, the test WA (%, the mean over the run's seeds) and the fit seconds of a
+    cell (what it trained itself: a replayed Phase 1 is not in them), then their means over folds:
+    where two runs of one method differ (before and after a change of its training), fold by fold."""
+    parts = []
+    rows = _rows(run)
+    secs = list(rows.groupby(["task", "backbone"], sort=False))
+    for (task, backbone), g in secs:
+        if len(secs) > 1:
+            parts.append(f"**{task} · {backbone}**\n")
+        folds = sorted(g["fold"].unique())
+        head = ["method", *(f"fold {f}: WA · fit s" for f in folds), "mean: WA · fit s"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, m in g.groupby("method", sort=False):
+            by = m.groupby("fold")[["wa", "fit_seconds"]].mean()
+            cells = [f"{100 * by.loc[f, 'wa']:.2f} · {by.loc[f, 'fit_seconds']:.0f}" if f in by.index else ""
+                     for f in folds]
+            lines.append("| " + " | ".join([f"`{method}`", *cells,
+                                            f"{100 * m['wa'].mean():.2f} · {m['fit_seconds'].mean():.0f}"]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+PHASE1_STAGES = ("align", "lora")
+"""The curve prefixes of Phase 1's stages (:func:`benchbench.training.fit_task_lora`)."""
+
+
+def view_curves(run: CommittedRun) -> str:
+    """Every training stage of every cell that trained one (``curves.csv.gz``, kept by ``record``):
+    per cell and stage (``align``: the projector alone; ``lora``: the task LoRA, Phase 1; a method's
+    own Phase 2), the dev score and the mean training loss per epoch, and the stage's best dev epoch
+    (the first of a tie; whether a two-stage cell kept its Phase 2 at all is the ``selection`` view's).
+    A Phase 1 (stages ``align`` and ``lora``) that a cell replayed from another is not repeated: its cell
+    of origin shows it."""
+    import pandas as pd
+
+    path = run.folder / "curves.csv.gz"
+    if not path.is_file():
+        return "No curves in this run (recorded before `record` kept them)."
+    curves = pd.read_csv(path)
+    parts = []
+    secs = list(curves.groupby(["task", "backbone"], sort=False))
+    for (task, backbone), g in secs:
+        if len(secs) > 1:
+            parts.append(f"**{task} · {backbone}**\n")
+        lines = ["| method | seed · fold | stage | dev score by epoch (%) | training loss by epoch | best dev epoch |",
+                 "|---|---|---|---|---|---|"]
+        for (method, seed, fold), cell in g.groupby(["method", "seed", "fold"], sort=False):
+            names = list(dict.fromkeys(cell["curve"]))
+            for dev in [n for n in names if re.fullmatch(r"\w+?_dev_\w+", n) and "_train_" not in n]:
+                stage, metric = re.fullmatch(r"(\w+?)_dev_(\w+)", dev).groups()
+                if stage in PHASE1_STAGES and bool(cell["phase1_replayed"].iloc[0]):
+                    continue
+                d = cell[cell["curve"] == dev].sort_values("epoch")["value"].tolist()
+                loss = cell[cell["curve"] == f"{stage}_train_loss"].sort_values("epoch")["value"].tolist()
+                best = max(range(len(d)), key=lambda i: (d[i], -i)) + 1 if d else ""
+                lines.append(f"| `{method}` | {seed} · {fold} | {stage} ({metric}) | "
+                             f"{' '.join(f'{100 * v:.1f}' for v in d)} | {' '.join(f'{v:.2f}' for v in loss)} | {best} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
          "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale,
-         "forms": view_forms, "history": view_history}
+         "forms": view_forms, "history": view_history, "folds": view_folds, "curves": view_curves}
 
 
 # ---------------------------------------------------------------------------- render and check
