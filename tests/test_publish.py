@@ -130,6 +130,9 @@ def test_record_runs_several_commands_into_one_run_and_renders_the_forms(tmp_pat
     assert committed.meta["command"].count("\n") == 2 and committed.meta["command"].startswith("bench run")
     assert set(pd.read_csv(tmp_path / "forms" / "results.csv")["method"]) == {"lora", "mal", "mal[m0-surprise]"}
     assert committed.stdout.count("$ bench ") == 3
+    # the committed summary is of every command's cells (each bench run summarised only its own)
+    assert {c.method for c in committed.summary.cells} == {"lora", "mal", "mal[m0-surprise]"}
+    assert {c["method"] for c in committed.summary.comparisons} >= {"mal", "mal[m0-surprise]"}
     per_form, pairs = publish.view_forms(committed).split("\n\n")
     assert [r.split("|")[2].strip() for r in per_form.splitlines()[2:]] == ["`lora`", "`mal`", "`mal[m0-surprise]`"]
     assert [r.split("|")[5].strip() != "" for r in per_form.splitlines()[2:]] == [False, True, True]
@@ -142,17 +145,20 @@ def test_record_runs_several_commands_into_one_run_and_renders_the_forms(tmp_pat
     curves = pd.read_csv(tmp_path / "forms" / "curves.csv.gz")
     lora_key = results.loc[results.method == "lora", "cell_key"].item()
     record = json.loads((tmp_path / "forms" / ".work" / "out" / "cells" / lora_key / "record.json").read_text())
-    kept = curves[(curves.method == "lora") & (curves.curve == "lora_dev_ua")].sort_values("epoch")["value"]
+    kept = curves[(curves.method == "lora") & (curves.curve == "lora_dev_ua")].sort_values("step")["value"]
     assert kept.tolist() == record["curves"]["lora_dev_ua"] and len(kept) >= 1
     # mal replayed lora's Phase 1: its record holds lora's curves, bit for bit, and the view shows them once
     mal = curves[curves.method == "mal"]
     assert mal.phase1_replayed.all() and not curves[curves.method == "lora"].phase1_replayed.any()
-    assert mal[mal.curve == "lora_dev_ua"].sort_values("epoch")["value"].tolist() == kept.tolist()
+    assert mal[mal.curve == "lora_dev_ua"].sort_values("step")["value"].tolist() == kept.tolist()
     assert (mal.curve == "mal_dev_ua").any()  # its Phase 2
     view = publish.view_curves(committed)
     assert "| `mal` | 0 · 0 | mal (ua) |" in view and "| `mal` | 0 · 0 | lora (ua) |" not in view
     row = next(r for r in view.splitlines() if r.startswith("| `lora` | 0 · 0 | lora (ua) |"))
     assert " ".join(f"{100 * v:.1f}" for v in kept) in row
+    steps = record["curves"]["lora_train_loss"]  # one value per optimiser step: the view shows each epoch's mean
+    per = len(steps) // len(kept)
+    assert len(steps) == per * len(kept) and f"| {sum(steps[:per]) / per:.2f} " in row
     folds = publish.view_folds(committed).splitlines()
     lora = results[results.method == "lora"].iloc[0]
     assert folds[0].startswith("| method | fold 0: WA · fit s |")

@@ -9,8 +9,8 @@ where it ran:
 - ``stdout.txt``: what the command printed;
 - for ``bench run``: ``summary.json``, ``results.csv`` and ``predictions.csv.gz`` (every scored test
   utterance, compressed; the leaderboard and every statistic are recomputed from them) with
-  ``predictions-dtypes.json``, and ``curves.csv.gz`` (every trained stage's per-epoch dev score and
-  training loss, from the cells' records).
+  ``predictions-dtypes.json``, and ``curves.csv.gz`` (every trained stage's dev score per epoch and
+  training loss per step, from the cells' records).
 
 Commands (``python -m benchbench.tools.publish ...``)::
 
@@ -22,8 +22,9 @@ Commands (``python -m benchbench.tools.publish ...``)::
 ``results/<name>/.work/`` (not committed), so no cell is reused from another store; the same
 ``record`` again resumes there (finished cells are kept; the wall time of each attempt is recorded).
 Several commands separated by ``';'`` share that folder: a second ``bench run`` adds a method's other
-form to the first's cells, and a closing ``bench compare --all-pairs`` (no folder: the recorder gives
-it the run's) keeps its ``comparisons.json``::
+form (or another backbone) to the first's cells, the committed ``summary.json`` summarises the cells of
+every command (:func:`whole_summary`), and a closing ``bench compare --all-pairs`` (no folder: the
+recorder gives it the run's) keeps its ``comparisons.json``::
 
     record forms -- bench run --methods lora,mal --tasks synthetic ';' \
         bench run --methods mal --tasks synthetic --set mal.surprise=sequential ';' bench compare --all-pairs
@@ -42,7 +43,7 @@ dialogue-bootstrap interval and Holm p, the share of the gap to the task's targe
 its value), ``costs`` (fit seconds, inference ms per utterance, trained parameters, peak memory),
 ``selection`` (two-stage methods: in how many cells dev kept Phase 2), ``history`` (WA by the
 speaker's earlier utterances in the dialogue), ``folds`` (per method and fold: WA and fit seconds),
-``curves`` (every trained stage's dev score and training loss per epoch, from ``curves.csv.gz``, which
+``curves`` (every trained stage's dev score and mean training loss per epoch, from ``curves.csv.gz``, which
 ``record`` keeps from the cells' records), ``forms`` (the run's
 ``bench compare --all-pairs`` between two forms of one method: WA difference, dialogue-bootstrap
 interval, Holm-corrected Wilcoxon and McNemar), ``paper-scale`` (a
@@ -187,7 +188,10 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
     (folder / "stdout.txt").write_text("".join(stdout))
     out = work / "out"
     if (out / "summary.json").is_file():
-        shutil.copyfile(out / "summary.json", folder / "summary.json")
+        if sum(argv[:1] == ["run"] for argv in argvs) > 1:
+            whole_summary(out, folder / "summary.json")
+        else:
+            shutil.copyfile(out / "summary.json", folder / "summary.json")
         shutil.copyfile(out / "results.csv", folder / "results.csv")
         if (out / "predictions-dtypes.json").is_file():
             shutil.copyfile(out / "predictions-dtypes.json", folder / "predictions-dtypes.json")
@@ -202,13 +206,45 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
     return returncode
 
 
-CURVE_COLUMNS = ["task", "backbone", "method", "seed", "fold", "phase1_replayed", "curve", "epoch", "value"]
+def whole_summary(out: Path, target: Path) -> Path:
+    """The summary of every cell in a run folder that several ``bench run`` commands wrote into.
+
+    Each ``bench run`` summarises its own cells only (``out/summary.json`` is the last command's);
+    ``results.csv`` and ``predictions.csv`` keep every command's. This summarises them all
+    (:func:`benchbench.analysis.summarize`: statistics, paired comparisons against the run's baseline
+    within each task and backbone, references, gaps) with the last command's task facts and run
+    facts, and writes it to ``target``.
+
+    Raises:
+        ValueError: a cell's task is not among the last command's tasks (its facts are unknown here;
+            record such runs separately).
+    """
+    import pandas as pd
+
+    from benchbench.analysis import Summary, summarize
+    from benchbench.tracking import read_folder_predictions
+
+    last = Summary.read(out / "summary.json")
+    rows = pd.read_csv(out / "results.csv")
+    unknown = sorted(set(rows["task"]) - set(last.tasks))
+    if unknown:
+        raise ValueError(f"{out}: cells of task(s) {', '.join(unknown)} that the last command did not run; "
+                         "record each task's commands as a run of its own")
+    whole = summarize(rows, read_folder_predictions(out / "predictions.csv"), last.tasks,
+                      last.run.get("spec", {}).get("baseline", "lora"))
+    whole.run = last.run
+    whole.write(target)
+    return target
+
+
+CURVE_COLUMNS = ["task", "backbone", "method", "seed", "fold", "phase1_replayed", "curve", "step", "value"]
 
 
 def keep_curves(out: Path, folder: Path) -> Path | None:
-    """The per-epoch curves of every cell a run computed (``out/cells/<cell_key>/record.json``: each
+    """The curves of every cell a run computed (``out/cells/<cell_key>/record.json``: each
     training stage's ``<stage>_train_loss`` and ``<stage>_dev_<metric>``, stage ``align`` / ``lora`` /
-    the method's Phase 2) as ``folder/curves.csv.gz``, one row per (cell, curve, epoch counted from 1),
+    the method's Phase 2) as ``folder/curves.csv.gz``, one row per (cell, curve, step counted from 1:
+    the epoch of a dev curve, the optimiser step of a training loss, as MLflow holds them),
     with the cell's task, backbone, method, seed, fold and ``phase1_replayed`` from ``out/results.csv``
     (a replayed Phase 1 brings its cell of origin's curves, identical, into the record). A cell reused from
     an earlier run into the same folder has its folder too, so a resumed run keeps every cell's curves.
@@ -401,7 +437,10 @@ def view_costs(run: CommittedRun) -> str:
 
 
 def view_selection(run: CommittedRun) -> str:
-    rows = [f"`{c.method}` {c.selection['phase_2']}/{c.selection['n']}" for c in run.summary.cells if c.selection]
+    cells = [c for c in run.summary.cells if c.selection]
+    several = len({(c.task, c.backbone) for c in cells}) > 1  # then each count names its task and backbone
+    rows = [f"`{c.method}`" + (f" ({c.task} · {c.backbone})" if several else "") +
+            f" {c.selection['phase_2']}/{c.selection['n']}" for c in cells]
     return ("Cells whose dev selection kept Phase 2 (else the memory was dropped and the cell predicts as `lora`): "
             + ", ".join(rows) + ".") if rows else "No two-stage method in this run."
 
@@ -574,8 +613,11 @@ def view_curves(run: CommittedRun) -> str:
                 stage, metric = re.fullmatch(r"(\w+?)_dev_(\w+)", dev).groups()
                 if stage in PHASE1_STAGES and bool(cell["phase1_replayed"].iloc[0]):
                     continue
-                d = cell[cell["curve"] == dev].sort_values("epoch")["value"].tolist()
-                loss = cell[cell["curve"] == f"{stage}_train_loss"].sort_values("epoch")["value"].tolist()
+                d = cell[cell["curve"] == dev].sort_values("step")["value"].tolist()
+                steps = cell[cell["curve"] == f"{stage}_train_loss"].sort_values("step")["value"].tolist()
+                # the training loss is logged per optimiser step: its mean over each epoch's steps
+                per = len(steps) // len(d) if d and len(steps) % len(d) == 0 else 0
+                loss = [sum(steps[i * per:(i + 1) * per]) / per for i in range(len(d))] if per else []
                 best = max(range(len(d)), key=lambda i: (d[i], -i)) + 1 if d else ""
                 lines.append(f"| `{method}` | {seed} · {fold} | {stage} ({metric}) | "
                              f"{' '.join(f'{100 * v:.1f}' for v in d)} | {' '.join(f'{v:.2f}' for v in loss)} | {best} |")
