@@ -258,8 +258,8 @@ def keep_curves(out: Path, folder: Path) -> Path | None:
         path = out / "cells" / str(r.cell_key) / "record.json"
         if not path.is_file():
             continue
+        replayed = str(getattr(r, "phase1_replayed", "")) == "True"
         for curve, values in json.loads(path.read_text()).get("curves", {}).items():
-            replayed = str(getattr(r, "phase1_replayed", "")) == "True"
             found += [(r.task, r.backbone, r.method, int(r.seed), int(r.fold), replayed, curve, i + 1, float(v))
                       for i, v in enumerate(values)]
     if not found:
@@ -480,10 +480,7 @@ def view_forms(run: CommittedRun, reference: str = "lora") -> str:
     dialogues, mean fit seconds and inference ms per utterance; then every pair of forms of one method
     (``mal[speaker]`` vs ``mal[speaker,m0-surprise]``) compared the same way, with McNemar over
     utterances. Holm corrects over every pair the command compared."""
-    import pandas as pd
-
-    rows = pd.read_csv(run.folder / "results.csv")
-    rows = rows[rows["status"] == "ok"]
+    rows = _rows(run)
     comps = json.loads((run.folder / "comparisons.json").read_text())
     pair = {(c["task"], c["method"], c["reference"]): c for c in comps}
 
