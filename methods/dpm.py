@@ -28,6 +28,11 @@ whose target unit is <audio_end>.
   reads the current utterance alone, so the temporary LoRA is the only way the history reaches a
   prediction (``dpm[utterance-prefix]``, the ``smoke`` and ``default`` presets' until measured).
 
+On a backbone whose random audio projector trains with the task LoRA (the pretrained-LM backbone),
+Phase 1 starts, as ``lora``'s does, with the alignment stage (the projector alone, the LM frozen and
+its adapters off, dev-selected; :func:`benchbench.training.align_projector`) and warms its rates up
+(``lora.warmup``): the paper's SLLM has a trained projector, which a random one is not.
+
 **Inference (Sec. 3.2, Algorithm 1).** Per dialogue a fresh temporary LoRA (r=64, alpha=64, all
 linear layers of the LM, AdamW lr 5e-5, betas (0.9, 0.999), eps 1e-7 after Temp-LoRA) sits on top
 of the frozen task LoRA (peft, two active adapters; their outputs add). For utterance i, in the
@@ -87,8 +92,9 @@ from torch import nn
 from benchbench.backbone import AUDIO_BOS, AUDIO_EOS, Segment
 from benchbench.data import Dialogue, UtteranceInput
 from benchbench.method import ContextMethod, FitReport, MethodConfig, ProgressFn, UtteranceLevelMethod, check_ranges
-from benchbench.training import (LM_LINEAR_LAYERS, BestCheckpoint, LoRASettings, attach_lora, auxiliary_rng,
-                                 lora_search_space, run_epochs)
+from benchbench.training import (LM_LINEAR_LAYERS, BestCheckpoint, LoRASettings, align_projector, attach_lora,
+                                 auxiliary_rng, lora_search_space, projector_parameters, run_epochs,
+                                 utterance_examples, warmup_schedule)
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +241,7 @@ class DynamicParameterMemory(ContextMethod):
     config_cls = DPMConfig
     uses_context = True
     presets = {
-        "smoke": dict(lora=dict(r=8, alpha=16, lr=2e-3, epochs=1, batch_size=16), n_units=16,
+        "smoke": dict(lora=dict(r=8, alpha=16, lr=2e-3, epochs=1, batch_size=16, align_epochs=1), n_units=16,
                       n_o=8, n_p=8, n_r=16, temp_r=8, temp_alpha=8, temp_lr=1e-3, stream_batch=8,
                       order="predict_first", emotion_prefix="utterance", n_q=16),
         # CPU-sized: steps scaled to the tiny random-init backbone, like the other methods; predict-first
@@ -390,6 +396,11 @@ class DynamicParameterMemory(ContextMethod):
                                  {"params": list(self.unit_head.parameters()),
                                   "lr": c.unit_head_lr if c.unit_head_lr is not None else s.lr}],
                                 lr=s.lr, weight_decay=s.weight_decay)
+        report = FitReport()
+        projector = projector_parameters(self.task_params)
+        if projector and s.align_epochs:  # a random projector: aligned first, as in lora's Phase 1
+            align_projector(self, projector, s, utterance_examples(self.backbone, train), dev, progress, report)
+        schedule = warmup_schedule(opt, s, s.epochs * math.ceil(len(examples) / s.batch_size)) if projector else None
 
         def batches():
             perm = self.rng.permutation(len(examples))
@@ -415,8 +426,9 @@ class DynamicParameterMemory(ContextMethod):
                 p.grad = g
             opt.step()
             opt.zero_grad()
+            if schedule is not None:
+                schedule.step()
 
-        report = FitReport()
         run_epochs(self, report, "dpm", s.epochs, dev, s.selection_metric,  # dev scored by DPM inference
                    BestCheckpoint.of_parameters(trained), batches, loss, step, [self.lm, self.unit_head], progress)
         self._frozen = True  # Algorithm 1, line 1: freeze the SLLM and its LoRA

@@ -211,34 +211,42 @@ def test_phase1_is_the_same_projector_and_lora_as_lora(lm_backbone, tiny_task, m
     check_phase1_is_lora(m, tiny_task, report=report)
 
 
-def test_the_alignment_stage_trains_the_projector_alone_before_the_task_lora(lm_backbone, tiny_task):
-    """Phase 1 on a random projector: the projector alone first (the LoRA still at its zero init, so
-    the LM is the pretrained one), dev-selected, with its own curves; then the task LoRA with it."""
-    from benchbench.testing import fit_with_report
+@pytest.mark.parametrize("method", ["lora", "dpm"])
+def test_the_alignment_stage_trains_the_projector_alone_before_the_task_lora(lm_backbone, tiny_task, method):
+    """Phase 1 on a random projector (``lora``'s, and DPM's own): the projector alone first (the LoRA
+    still at its zero init and switched off, so the LM is the pretrained one), dev-selected, with its
+    own curves; then the task LoRA with it."""
+    from benchbench import testing
 
     seen = {}
 
     def progress(message, values=None):
-        if message.startswith("align epoch") and "m" in seen:
-            lora_b = [p for k, p in seen["m"].lora_params.items() if "lora_B" in k]
-            moved = [not torch.equal(p.detach().cpu(), seen["initial"][k.split(".", 1)[1]])
-                     for k, p in seen["m"].lora_params.items() if k.startswith("audio_projector.")]
+        if message.startswith("align epoch"):
+            params = m.trained_parameters()
+            lora_b = [p for k, p in params.items() if "lora_B" in k]
+            moved = [not torch.equal(p.detach().cpu(), initial[k.split(".", 1)[1]])
+                     for k, p in params.items() if k.startswith("audio_projector.")]
             seen.setdefault("align", []).append((all(bool((p == 0).all()) for p in lora_b), any(moved)))
+            seen.setdefault("lora_calls", []).append(calls[0])
 
-    from benchbench import testing
-
-    cls = testing._cls("lora")
+    cls = testing._cls(method)
     fold = tiny_task.folds()[0]
-    m = cls(lm_backbone, tiny_task.labels, cls.make_config("smoke", {"align_epochs": 2}), seed=0)
-    seen["m"] = m
-    seen["initial"] = {k: v.clone() for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items()}
+    overrides = {"align_epochs": 2} if method == "lora" else {"lora": {"align_epochs": 2}}
+    m = cls(lm_backbone, tiny_task.labels, cls.make_config("smoke", overrides), seed=0)
+    initial = {k: v.clone() for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items()}
+    calls = [0]
+    lora_a = [mod for name, mod in m.lm.language_model.named_modules() if name.endswith("lora_A.task")]
+    assert lora_a
+    for mod in lora_a:
+        mod.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     with testing._no_phase1_replay(lm_backbone):
         report = m.fit(fold.train, fold.dev, progress=progress)
     assert seen["align"] == [(True, True), (True, True)]  # LoRA untouched, projector trained, each epoch
-    steps = int(np.ceil(sum(u.scored for d in fold.train for u in d.utterances) / m.config.batch_size))
+    assert seen["lora_calls"] == [0, 0] and calls[0] > 0  # the adapter is off while the projector aligns
+    steps = int(np.ceil(sum(u.scored for d in fold.train for u in d.utterances) / 16))  # smoke batch size
     assert len(report.curves["align_train_loss"]) == 2 * steps and len(report.curves["align_dev_ua"]) == 2
-    assert len(report.curves["lora_dev_ua"]) == m.config.epochs
-    assert any(not bool((p == 0).all()) for k, p in m.lora_params.items() if "lora_B" in k)  # then the LoRA trains
+    assert len(report.curves[f"{method}_dev_ua"]) == 1  # smoke: one epoch of the stage after
+    assert any(not bool((p == 0).all()) for k, p in m.trained_parameters().items() if "lora_B" in k)  # then it trains
 
 
 def test_autocast_is_resolved_recorded_in_the_key_and_kept_apart(lm_backbone, tiny_task, monkeypatch):
