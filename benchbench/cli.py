@@ -248,6 +248,31 @@ def cmd_speed(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from .task import parse_data_dirs
+
+    _check_names([], args.tasks, args.backbone)
+    from .harness import RunSpec, prepare
+    from .probe import COLUMNS, format_probe, probe_task
+
+    spec = RunSpec(methods=[], tasks=args.tasks, backbone=args.backbone, preset=args.preset,
+                   data_dir=parse_data_dirs(args.data_dir), folds=args.folds, task_options=_task_options(args),
+                   backbone_options=_backbone_options(args), threads=args.threads)
+    tasks, backbones = prepare(spec)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, task in tasks.items():
+        rows += probe_task(task, backbones[name], args.folds, progress=lambda text: print(text, flush=True))
+    print(format_probe(rows))
+    if args.output:
+        import pandas as pd
+
+        pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(args.output, index=False)
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "tasks":  # only the registry asked for: tasks load without torch
         from .task import TASKS as reg
@@ -376,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", default=None, metavar="FILE", help="also write the tables to FILE (markdown)")
     _add_backbone_options(sp)
     sp.set_defaults(func=cmd_speed)
+
+    pr = sub.add_parser("probe", help="linear probe of a backbone's frozen audio features per fold (train: fit, "
+                                      "dev: its regularisation, test: scored): what the audio path carries",
+                        formatter_class=_Formatter)
+    pr.add_argument("--tasks", type=_csv, required=True, help="comma-separated, e.g. emodb")
+    pr.add_argument("--folds", type=_ints, default=None, help="subset of fold indices (default: all)")
+    pr.add_argument("--preset", default="default", choices=PRESETS, help="the tasks' preset (their data composition)")
+    pr.add_argument("--threads", type=int, default=1, help="torch CPU threads of the feature extraction")
+    pr.add_argument("--output", default=None, metavar="FILE", help="also write the rows to FILE (csv)")
+    _add_task_options(pr)
+    _add_backbone_options(pr)
+    pr.set_defaults(func=cmd_probe)
 
     ls = sub.add_parser("list", help="list registered methods, tasks or backbones", formatter_class=_Formatter)
     ls.add_argument("what", choices=["methods", "tasks", "backbones"], help="which registry")

@@ -7,6 +7,7 @@ where it ran:
   suite version, the machine (CPU model, cores, platform, Python, torch build), the wall time of
   each attempt (a run resumed over several sessions has several) and the exit status;
 - ``stdout.txt``: what the command printed;
+- for ``bench probe``: ``probe.csv`` (its rows, :data:`benchbench.probe.COLUMNS`);
 - for ``bench run``: ``summary.json``, ``results.csv`` and ``predictions.csv.gz`` (every scored test
   utterance, compressed; the leaderboard and every statistic are recomputed from them) with
   ``predictions-dtypes.json``, and ``curves.csv.gz`` (every trained stage's dev score per epoch and
@@ -48,7 +49,9 @@ speaker's earlier utterances in the dialogue), ``folds`` (per method and fold: W
 ``bench compare --all-pairs`` between two forms of one method: WA difference, dialogue-bootstrap
 interval, Holm-corrected Wilcoxon and McNemar), ``paper-scale`` (a
 ``python -m benchbench.tools.paper_scale`` run: per backbone and method, seconds per epoch, inference
-ms per utterance, peak CUDA memory, trained parameters). ``render`` rewrites the
+ms per utterance, peak CUDA memory, trained parameters), ``probe`` (a ``bench probe`` command's
+``probe.csv``, which ``record`` keeps: per task, backbone and fold, the linear probe's test WA / UA and
+its dev-chosen C, then the means). ``render`` rewrites the
 blocks in place; ``check`` (and the test suite, ``tests/test_publish.py``) fails when a block differs
 from what the generator makes of the committed folders, so a changed result is regenerated, never
 edited by hand. Timings are of the machine in ``run.json``: never compare them across runs of
@@ -160,6 +163,10 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
             argv += ["--output", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress"]
         elif argv[:1] == ["compare"]:
             argv += [str(work / "out")]
+        elif argv[:1] == ["probe"]:
+            if "--output" in {a.split("=", 1)[0] for a in argv}:
+                raise ValueError(f"--output: the recorder sets it (the run's probe.csv under {work})")
+            argv += ["--output", str(work / "probe.csv")]
         argvs.append(argv)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -202,6 +209,8 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
         preds = read_folder_predictions(out / "predictions.csv")
         preds.to_csv(folder / "predictions.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
         keep_curves(out, folder)
+    if (work / "probe.csv").is_file():
+        shutil.copyfile(work / "probe.csv", folder / "probe.csv")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return returncode
 
@@ -580,6 +589,29 @@ def view_folds(run: CommittedRun) -> str:
     return "\n\n".join(parts)
 
 
+def view_probe(run: CommittedRun) -> str:
+    """A ``bench probe`` run's ``probe.csv`` (:mod:`benchbench.probe`): per task and backbone, a row per
+    fold (test WA and UA in %, the C chosen on dev, the feature width) and the mean over folds.
+    ``FileNotFoundError`` naming the file when the run holds none."""
+    import pandas as pd
+
+    path = run.folder / "probe.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no probe.csv (the view is for a recorded `bench probe` command)")
+    rows = pd.read_csv(path)
+    lines = ["| task · backbone | feature width | " + " | ".join(f"fold {f}: WA · UA" for f in sorted(rows["fold"].unique()))
+             + " | mean: WA · UA | C chosen on dev |"]
+    folds = sorted(rows["fold"].unique())
+    lines.append("|" + "---|" * (len(folds) + 4))
+    for (task, backbone), g in rows.groupby(["task", "backbone"], sort=False):
+        by = g.set_index("fold")
+        cells = [f"{100 * by.loc[f, 'wa']:.2f} · {100 * by.loc[f, 'ua']:.2f}" if f in by.index else "" for f in folds]
+        lines.append(f"| {task} · `{backbone}` | {int(g['feature_dim'].iloc[0])} | " + " | ".join(cells)
+                     + f" | {100 * g['wa'].mean():.2f} · {100 * g['ua'].mean():.2f} | "
+                     + " ".join(f"{c:g}" for c in g["C"]) + " |")
+    return "\n".join(lines)
+
+
 PHASE1_STAGES = ("align", "lora")
 """The curve prefixes of Phase 1's stages (:func:`benchbench.training.fit_task_lora`)."""
 
@@ -624,7 +656,8 @@ def view_curves(run: CommittedRun) -> str:
 
 VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
          "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale,
-         "forms": view_forms, "history": view_history, "folds": view_folds, "curves": view_curves}
+         "forms": view_forms, "history": view_history, "folds": view_folds, "curves": view_curves,
+         "probe": view_probe}
 
 
 # ---------------------------------------------------------------------------- render and check

@@ -1,0 +1,114 @@
+"""The linear probe of a backbone's frozen audio features (`bench probe`, benchbench.probe): it learns
+what the features carry and no more, chooses its regularisation on dev, scores test once, and a
+recorded probe renders into the documents."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from benchbench.cli import main
+from benchbench.data import Fold
+from benchbench.probe import C_GRID, COLUMNS, pooled_features, probe_fold
+from benchbench.tools import publish
+from benchbench.tools.publish import CommittedRun
+
+
+class _PlantedFeatures:
+    """An audio path whose features ``[T, F]`` are noise plus, when ``signal``, 2.5 x the one-hot of the
+    utterance's emotion in the first dimensions (the label looked up by utterance id: the probe itself
+    only ever sees ``audio_features(utterance input)``)."""
+
+    def __init__(self, task, signal: bool, dim: int = 16):
+        self.name, self.signal, self.dim = "planted", signal, dim
+        self.labels = {u.utterance_id: u.label for f in task.folds() for d in f.train + f.dev + f.test
+                       for u in d.utterances}
+
+    def audio_features(self, utt):
+        g = torch.Generator().manual_seed(int(utt.audio_sha256[:8], 16))
+        x = torch.randn(5, self.dim, generator=g)
+        if self.signal:
+            x[:, self.labels[utt.utterance_id]] += 2.5
+        return x
+
+
+@pytest.fixture(scope="module")
+def task():
+    from benchbench.tasks.synthetic import SyntheticProsodyTask
+
+    return SyntheticProsodyTask(preset="smoke", n_train=24, n_dev=8, n_test=12, n_turns=4, duration_s=0.32)
+
+
+def test_the_probe_learns_what_the_features_carry_and_no_more(task):
+    fold = task.folds()[0]
+    carried = probe_fold(_PlantedFeatures(task, signal=True), fold, task.labels)
+    noise = probe_fold(_PlantedFeatures(task, signal=False), fold, task.labels)
+    assert carried["wa"] >= 0.9 and carried["ua"] >= 0.9
+    assert noise["ua"] < 0.5  # four classes: chance is 0.25
+    n_test = sum(u.scored for d in fold.test for u in d.utterances)
+    assert carried["n_test"] == n_test == 48 and carried["feature_dim"] == 16
+    assert carried["C"] in C_GRID and 0 <= noise["dev_ua"] <= 1
+
+
+def test_the_regularisation_is_chosen_on_dev_never_on_test(task):
+    """Test labels never reach the choice: with the test split's labels permuted (its features kept), the
+    chosen C and its dev UA stay; only the test score moves."""
+    from dataclasses import replace
+
+    fold = task.folds()[0]
+    rng = np.random.default_rng(0)
+    test = tuple(replace(d, utterances=tuple(replace(u, label=int(rng.integers(len(task.labels))))
+                                             for u in d.utterances)) for d in fold.test)
+    backbone = _PlantedFeatures(task, signal=True)
+    a = probe_fold(backbone, fold, task.labels)
+    b = probe_fold(backbone, Fold(fold.index, fold.train, fold.dev, test), task.labels)
+    assert (a["C"], a["dev_ua"]) == (b["C"], b["dev_ua"]) and b["wa"] < a["wa"]
+
+
+def test_pooled_features_leave_out_context_only_utterances_and_name_an_empty_split(task, backbone):
+    from dataclasses import replace
+
+    from benchbench.data import UNSCORED
+
+    d = task.folds()[0].test[0]
+    X, y = pooled_features(backbone, [d])
+    assert X.shape == (len(d), backbone.audio_features(d.utterances[0].input).shape[-1]) and X.dtype == np.float64
+    np.testing.assert_allclose(X[0], backbone.audio_features(d.utterances[0].input).double().mean(0).numpy())
+    partly = replace(d, utterances=(replace(d.utterances[0], label=UNSCORED), *d.utterances[1:]))
+    assert pooled_features(backbone, [partly])[0].shape[0] == len(d) - 1
+    silent = replace(d, utterances=tuple(replace(u, label=UNSCORED) for u in d.utterances))
+    with pytest.raises(ValueError, match="no scored utterance among 1 dialogues"):
+        pooled_features(backbone, [silent])
+
+
+def test_bench_probe_writes_a_row_per_fold_and_a_record_renders_it(tmp_path, capsys):
+    args = ["probe", "--tasks", "synthetic", "--preset", "smoke", "--task-set", "synthetic.n_train=16",
+            "--task-set", "synthetic.n_test=8"]
+    assert main([*args, "--output", str(tmp_path / "p.csv")]) == 0
+    rows = pd.read_csv(tmp_path / "p.csv")
+    assert list(rows.columns) == list(COLUMNS) and len(rows) == 1
+    row = rows.iloc[0]
+    from benchbench.tasks.synthetic import SyntheticProsodyTask
+
+    fold = SyntheticProsodyTask(preset="smoke", n_train=16, n_test=8).folds()[0]
+    assert row.task == "synthetic" and row.backbone == "tiny-qwen2-audio" and len(fold.test) == 8
+    assert (row.n_train, row.n_test) == tuple(sum(len(d) for d in s) for s in (fold.train, fold.test))
+    assert row.C in C_GRID and 0 <= row.wa <= 1
+    out = capsys.readouterr().out
+    assert "linear probe of the audio features: synthetic · tiny-qwen2-audio" in out
+    assert f"mean over 1 fold(s): WA {100 * row.wa:.2f}, UA {100 * row.ua:.2f}" in out
+    assert main(["probe", "--tasks", "synthetic", "--folds", "7"]) == 2  # a fold the task lacks: a clear error
+    assert "--folds 7: task synthetic has folds 0" in capsys.readouterr().err
+
+    assert publish.record("probe", ["bench", *args], results=tmp_path) == 0
+    run = CommittedRun(tmp_path / "probe")
+    kept = pd.read_csv(tmp_path / "probe" / "probe.csv")
+    view = publish.view_probe(run).splitlines()
+    assert view[0].startswith("| task · backbone | feature width | fold 0: WA · UA | mean: WA · UA |")
+    assert view[2].startswith(f"| synthetic · `tiny-qwen2-audio` | {kept.feature_dim[0]} | "
+                              f"{100 * kept.wa[0]:.2f} · {100 * kept.ua[0]:.2f} |")
+    with pytest.raises(ValueError, match="--output: the recorder sets it"):
+        publish.record("x", ["bench", *args, "--output", "o.csv"], results=tmp_path)
+    (tmp_path / "probe" / "probe.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no probe.csv"):
+        publish.view_probe(CommittedRun(tmp_path / "probe"))
