@@ -100,13 +100,18 @@ def test_bench_probe_writes_a_row_per_fold_and_a_record_renders_it(tmp_path, cap
     assert main(["probe", "--tasks", "synthetic", "--folds", "7"]) == 2  # a fold the task lacks: a clear error
     assert "--folds 7: task synthetic has folds 0" in capsys.readouterr().err
 
-    assert publish.record("probe", ["bench", *args], results=tmp_path) == 0
+    # two probe commands in one record: each command's rows are kept, in command order
+    assert publish.record("probe", ["bench", *args, ";", "bench", *args, "--backbone", "tiny-ultravox"],
+                          results=tmp_path) == 0
     run = CommittedRun(tmp_path / "probe")
     kept = pd.read_csv(tmp_path / "probe" / "probe.csv")
+    assert kept.backbone.tolist() == ["tiny-qwen2-audio", "tiny-ultravox"]
+    assert kept.iloc[0][["wa", "ua", "C"]].tolist() == row[["wa", "ua", "C"]].tolist()  # as `bench probe` wrote it
     view = publish.view_probe(run).splitlines()
     assert view[0].startswith("| task · backbone | feature width | fold 0: WA · UA | mean: WA · UA |")
-    assert view[2].startswith(f"| synthetic · `tiny-qwen2-audio` | {kept.feature_dim[0]} | "
-                              f"{100 * kept.wa[0]:.2f} · {100 * kept.ua[0]:.2f} |")
+    for k, backbone in enumerate(kept.backbone):
+        assert view[2 + k].startswith(f"| synthetic · `{backbone}` | {kept.feature_dim[k]} | "
+                                      f"{100 * kept.wa[k]:.2f} · {100 * kept.ua[k]:.2f} |")
     with pytest.raises(ValueError, match="--output: the recorder sets it"):
         publish.record("x", ["bench", *args, "--output", "o.csv"], results=tmp_path)
     (tmp_path / "probe" / "probe.csv").unlink()

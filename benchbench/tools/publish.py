@@ -49,8 +49,8 @@ speaker's earlier utterances in the dialogue), ``folds`` (per method and fold: W
 ``bench compare --all-pairs`` between two forms of one method: WA difference, dialogue-bootstrap
 interval, Holm-corrected Wilcoxon and McNemar), ``paper-scale`` (a
 ``python -m benchbench.tools.paper_scale`` run: per backbone and method, seconds per epoch, inference
-ms per utterance, peak CUDA memory, trained parameters), ``probe`` (a ``bench probe`` command's
-``probe.csv``, which ``record`` keeps: per task, backbone and fold, the linear probe's test WA / UA and
+ms per utterance, peak CUDA memory, trained parameters), ``probe`` (the ``probe.csv`` that ``record``
+keeps of its ``bench probe`` commands, their rows joined in command order: per task, backbone and fold, the linear probe's test WA / UA and
 its dev-chosen C, then the means). ``render`` rewrites the
 blocks in place; ``check`` (and the test suite, ``tests/test_publish.py``) fails when a block differs
 from what the generator makes of the committed folders, so a changed result is regenerated, never
@@ -166,7 +166,7 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
         elif argv[:1] == ["probe"]:
             if "--output" in {a.split("=", 1)[0] for a in argv}:
                 raise ValueError(f"--output: the recorder sets it (the run's probe.csv under {work})")
-            argv += ["--output", str(work / "probe.csv")]
+            argv += ["--output", str(work / f"probe-{len(argvs)}.csv")]  # one file a command, joined below
         argvs.append(argv)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -209,8 +209,11 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
         preds = read_folder_predictions(out / "predictions.csv")
         preds.to_csv(folder / "predictions.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
         keep_curves(out, folder)
-    if (work / "probe.csv").is_file():
-        shutil.copyfile(work / "probe.csv", folder / "probe.csv")
+    probes = [work / f"probe-{k}.csv" for k, argv in enumerate(argvs) if argv[:1] == ["probe"]]
+    if any(p.is_file() for p in probes):  # every probe command's rows, in command order
+        import pandas as pd
+
+        pd.concat([pd.read_csv(p) for p in probes if p.is_file()]).to_csv(folder / "probe.csv", index=False)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return returncode
 
