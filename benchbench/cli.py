@@ -259,12 +259,12 @@ def cmd_probe(args) -> int:
                    data_dir=parse_data_dirs(args.data_dir), folds=args.folds, task_options=_task_options(args),
                    backbone_options=_backbone_options(args), threads=args.threads)
     tasks, backbones = prepare(spec)
-    import torch
+    from .cells import torch_threads
 
-    torch.set_num_threads(args.threads)
     rows = []
-    for name, task in tasks.items():
-        rows += probe_task(task, backbones[name], args.folds, progress=lambda text: print(text, flush=True))
+    with torch_threads(args.threads):  # the process's own count afterwards (a caller's, under main())
+        for name, task in tasks.items():
+            rows += probe_task(task, backbones[name], args.folds, progress=lambda text: print(text, flush=True))
     print(format_probe(rows))
     if args.output:
         import pandas as pd

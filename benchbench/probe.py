@@ -55,7 +55,6 @@ def probe_fold(backbone, fold, labels: Sequence[str]) -> dict:
     """One fold's probe (module docstring): the C chosen on dev, its dev UA and the test metrics (as
     fractions). Raises ``ValueError`` when a split has no scored utterance or train holds one class."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -66,7 +65,7 @@ def probe_fold(backbone, fold, labels: Sequence[str]) -> dict:
     for C in C_GRID:
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
         clf.fit(Xtr, ytr)
-        dev_ua = balanced_accuracy_score(ydv, clf.predict(Xdv))
+        dev_ua = compute_metrics(ydv, clf.predict(Xdv), labels)["ua"]  # the suite's UA, as every method's dev
         if best is None or dev_ua > best[0]:
             best = (dev_ua, C, clf)
     dev_ua, C, clf = best
@@ -99,9 +98,10 @@ def format_probe(rows: Sequence[dict]) -> str:
     df = pd.DataFrame(list(rows), columns=list(COLUMNS))
     out = []
     for (task, backbone), g in df.groupby(["task", "backbone"], sort=False):
-        out.append(f"linear probe of the audio features: {task} · {backbone} (feature width {g['feature_dim'].iloc[0]})")
+        out.append(f"linear probe of the audio features: {task} · {backbone} "
+                   f"(feature width {g['feature_dim'].iloc[0]})")
         t = g[["fold", "C", "dev_ua", "wa", "ua", "wf1", "macro_f1"]].copy()
-        for k in ("dev_ua", "wa", "ua", "wf1", "macro_f1"):
+        for k in ("dev_ua", *METRIC_NAMES):
             t[k] = (100 * t[k]).round(2)
         out.append(t.to_string(index=False))
         spread = (lambda v: f" ± {v.std(ddof=1):.2f}") if len(g) > 1 else (lambda v: "")

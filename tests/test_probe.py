@@ -84,7 +84,9 @@ def test_pooled_features_leave_out_context_only_utterances_and_name_an_empty_spl
 def test_bench_probe_writes_a_row_per_fold_and_a_record_renders_it(tmp_path, capsys):
     args = ["probe", "--tasks", "synthetic", "--preset", "smoke", "--task-set", "synthetic.n_train=16",
             "--task-set", "synthetic.n_test=8"]
-    assert main([*args, "--output", str(tmp_path / "p.csv")]) == 0
+    threads = torch.get_num_threads()
+    assert main([*args, "--threads", str(threads + 1), "--output", str(tmp_path / "p.csv")]) == 0
+    assert torch.get_num_threads() == threads  # --threads holds inside the command only
     rows = pd.read_csv(tmp_path / "p.csv")
     assert list(rows.columns) == list(COLUMNS) and len(rows) == 1
     row = rows.iloc[0]

@@ -50,8 +50,8 @@ speaker's earlier utterances in the dialogue), ``folds`` (per method and fold: W
 interval, Holm-corrected Wilcoxon and McNemar), ``paper-scale`` (a
 ``python -m benchbench.tools.paper_scale`` run: per backbone and method, seconds per epoch, inference
 ms per utterance, peak CUDA memory, trained parameters), ``probe`` (the ``probe.csv`` that ``record``
-keeps of its ``bench probe`` commands, their rows joined in command order: per task, backbone and fold, the linear probe's test WA / UA and
-its dev-chosen C, then the means). ``render`` rewrites the
+keeps of its ``bench probe`` commands, their rows joined in command order: per task, backbone and
+fold, the linear probe's test WA / UA and its dev-chosen C, then the means). ``render`` rewrites the
 blocks in place; ``check`` (and the test suite, ``tests/test_publish.py``) fails when a block differs
 from what the generator makes of the committed folders, so a changed result is regenerated, never
 edited by hand. Timings are of the machine in ``run.json``: never compare them across runs of
@@ -155,18 +155,15 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
     argvs = []
     for c in commands:
         argv = list(c[1:])
-        if argv[:1] == ["run"]:
-            owned = {"--output", "--tracking-uri"} & {a.split("=", 1)[0] for a in argv}
-            if owned:
-                raise ValueError(f"{sorted(owned)[0]}: the recorder sets it (the run's own folder and MLflow store "
-                                 f"under {work})")
-            argv += ["--output", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress"]
-        elif argv[:1] == ["compare"]:
-            argv += [str(work / "out")]
-        elif argv[:1] == ["probe"]:
-            if "--output" in {a.split("=", 1)[0] for a in argv}:
-                raise ValueError(f"--output: the recorder sets it (the run's probe.csv under {work})")
-            argv += ["--output", str(work / f"probe-{len(argvs)}.csv")]  # one file a command, joined below
+        # what the recorder gives each command kind (its own folder, MLflow store, probe file under work)
+        given = {"run": ["--output", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+                         "--no-progress"],
+                 "compare": [str(work / "out")],
+                 "probe": ["--output", str(work / f"probe-{len(argvs)}.csv")]}.get(argv[0] if argv else "", [])
+        owned = {a for a in given if a in ("--output", "--tracking-uri")} & {a.split("=", 1)[0] for a in argv}
+        if owned:
+            raise ValueError(f"{sorted(owned)[0]}: the recorder sets it (the run's own files under {work})")
+        argv += given  # a probe's file is one a command, joined below
         argvs.append(argv)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -602,10 +599,9 @@ def view_probe(run: CommittedRun) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no probe.csv (the view is for a recorded `bench probe` command)")
     rows = pd.read_csv(path)
-    lines = ["| task · backbone | feature width | " + " | ".join(f"fold {f}: WA · UA" for f in sorted(rows["fold"].unique()))
-             + " | mean: WA · UA | C chosen on dev |"]
     folds = sorted(rows["fold"].unique())
-    lines.append("|" + "---|" * (len(folds) + 4))
+    lines = ["| task · backbone | feature width | " + " | ".join(f"fold {f}: WA · UA" for f in folds)
+             + " | mean: WA · UA | C chosen on dev |", "|" + "---|" * (len(folds) + 4)]
     for (task, backbone), g in rows.groupby(["task", "backbone"], sort=False):
         by = g.set_index("fold")
         cells = [f"{100 * by.loc[f, 'wa']:.2f} · {100 * by.loc[f, 'ua']:.2f}" if f in by.index else "" for f in folds]
