@@ -313,7 +313,7 @@ SYSTEM_PROMPTS: dict[str, str | None] = {
 system_prompt=NAME``)."""
 
 
-def chat_prompt(tokenizer, system_prompt: str = "template") -> PromptFormat:
+def chat_prompt(tokenizer, system_prompt: str = "none") -> PromptFormat:
     """The LM's own chat template around the suite's layout: the template rendered for one user turn
     (the audio, then :data:`~benchbench.backbone.CHAT_INSTRUCTION`) with the assistant's turn opened,
     split at the audio; no audio bos/eos markers (Ultravox has none); context headers and speaker tags
@@ -342,7 +342,7 @@ def chat_prompt(tokenizer, system_prompt: str = "template") -> PromptFormat:
 
 def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, dtype: str | None = None,
                                   device: str | None = None, autocast: str = "auto",
-                                  system_prompt: str = "template") -> AudioLLMBackbone:
+                                  system_prompt: str = "none") -> AudioLLMBackbone:
     """Ultravox composed from the pretrained Whisper tiny.en encoder, a random stacking projector and
     the *pretrained* SmolLM2-135M-Instruct LM (``LlamaForCausalLM``: 576 wide, 30 blocks, 9 heads / 3
     KV heads, vocabulary 49,152, tied embeddings), with its own tokenizer and chat template.
@@ -366,7 +366,10 @@ def ultravox_whisper_tiny_smollm2(seed: int = 0, cache_dir: Path | None = None, 
     device computes bf16 natively (:func:`benchbench.backbone.resolve_autocast`: a CPU with AVX512-BF16
     or AMX, a bf16 GPU), float32 elsewhere; ``bf16`` / ``off`` force either. The mode is part of the
     backbone key and of every result row (``lm_autocast``), so bf16 and float32 cells are never pooled.
-    ``system_prompt``: :data:`SYSTEM_PROMPTS` (``--backbone-set system_prompt=none``; labelled).
+    ``system_prompt``: :data:`SYSTEM_PROMPTS`; ``none`` (the default: an empty system turn) or, labelled,
+    ``--backbone-set system_prompt=template`` (the chat template's own, 16 tokens before every input) or
+    ``short``. The template's prompt cost a quarter of the fit time with WA within the fold spread
+    (``results/smollm2-cost-emodb``, docs/backbones.md).
 
     Raises:
         BackboneWeightsMissing: a weights package is missing or altered (names the pip command).
@@ -413,11 +416,12 @@ SMOLLM2_NOTE = ("its audio projector is random (no trained checkpoint for this e
                 "untrained. The LM runs under bf16 autocast where the CPU or GPU computes bf16 natively (lm_autocast "
                 "in the results)")
 
-SMOLLM2_LORA_PRESETS = {"default": {"lr": 3e-4}}
-"""The pretrained LM's own task-LoRA rate in the default preset, for ``lora`` and every Phase 1 alike: at
-the tiny LMs' 1e-3 the first LoRA epoch undid the aligned projector (dev UA back to chance); 3e-4 and
-1e-4 did not and tied on dev, both above 1e-3 (a trial on one Emo-DB fold; the committed comparison is
-pending)."""
+SMOLLM2_LORA_PRESETS = {"default": {"lr": 3e-4, "dropout": 0.0}}
+"""The pretrained LM's own task-LoRA values in the default preset, for ``lora`` and every Phase 1 alike.
+``lr``: at the tiny LMs' 1e-3 the first LoRA epoch undid the aligned projector (dev UA back to chance);
+3e-4 and 1e-4 did not and tied on dev, both above 1e-3 (a trial on one Emo-DB fold). ``dropout`` 0 (the
+tiny LMs' 0.05): the dropout masks over 30 blocks' projections cost a fifth of a step, and Emo-DB WA did
+not move beyond the fold spread without them (``results/smollm2-cost-emodb``, one seed, 5 folds)."""
 
 ULTRAVOX_WHISPER_TINY_SMOLLM2 = BackboneSpec(SMOLLM2_NAME, ultravox_whisper_tiny_smollm2, SMOLLM2_NEEDS,
                                              options=("dtype", "device", "autocast", "system_prompt"),

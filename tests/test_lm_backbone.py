@@ -281,11 +281,13 @@ def test_autocast_is_resolved_recorded_in_the_key_and_kept_apart(lm_backbone, ti
 def test_the_system_prompt_is_an_option_in_the_label_and_the_key(lm_backbone):
     from benchbench.backbone import backbone_label, make_backbone
 
-    bb = make_backbone(NAME, {"system_prompt": "none"}, seed=0)
-    assert "SmolLM" in lm_backbone.prompt.prefix and "SmolLM" not in bb.prompt.prefix
-    assert bb.prompt.prefix.startswith("<|im_start|>system\n<|im_end|>")
+    # the default is an empty system turn; the chat template's own prompt is an option, labelled
+    bb = make_backbone(NAME, {"system_prompt": "template"}, seed=0)
+    assert "SmolLM" in bb.prompt.prefix and "SmolLM" not in lm_backbone.prompt.prefix
+    assert lm_backbone.prompt.prefix.startswith("<|im_start|>system\n<|im_end|>")
+    assert make_backbone(NAME, {"system_prompt": "none"}, seed=0).run_key == lm_backbone.run_key
     assert bb.run_key != lm_backbone.run_key and bb.key == lm_backbone.key  # same features, other inputs
-    assert backbone_label(NAME, {"system_prompt": "none", "autocast": "off"}) == NAME + "+system_prompt=none"
+    assert backbone_label(NAME, {"system_prompt": "template", "autocast": "off"}) == NAME + "+system_prompt=template"
     with pytest.raises(ValueError, match="system_prompt 'long'"):
         make_backbone(NAME, {"system_prompt": "long"}, seed=0)
 
