@@ -115,6 +115,30 @@ runs the LM under ``torch.autocast(dtype=torch.bfloat16)``; ``auto`` (an option 
 :func:`resolve_autocast` before the backbone is built) picks ``bf16`` where the device computes it natively."""
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as Linux names them (``/proc/cpuinfo``); empty where it cannot
+    be read (another OS, a sandbox)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+def bf16_kernels(device: str | torch.device = "cpu") -> str:
+    """Which bf16 matrix kernels ``device`` runs, as far as they change the bits a bf16 cell computes:
+    ``amx`` (a CPU with AMX-BF16: oneDNN's AMX kernels), ``avx512_bf16`` (a CPU with AVX512-BF16 and no
+    AMX), ``emulated`` (any other CPU), or ``cuda-sm<major><minor>`` (the GPU's compute capability). Two
+    CPUs of different kinds round bf16 products differently, so the same bf16 cell scores differently on
+    them (measured: an Intel Xeon with AMX against an AMD EPYC with AVX512-BF16, docs/backbones.md);
+    :attr:`AudioLLMBackbone.run_key` holds it for bf16 backbones."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    flags = cpu_flags()
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "emulated"
+
+
 def bf16_native(device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` computes bfloat16 matrix products natively: a CUDA GPU that supports bf16, or a
     CPU with AVX512-BF16 or AMX-BF16 (oneDNN's own check; elsewhere bf16 on a CPU is emulated and
@@ -124,11 +148,9 @@ def bf16_native(device: str | torch.device = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    try:  # Linux names the instruction sets; oneDNN's own check also passes where bf16 is emulated on AVX512
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+    flags = cpu_flags()  # Linux names the instruction sets; oneDNN's own check also passes where bf16 is emulated
+    if flags:
         return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -367,9 +389,15 @@ class AudioLLMBackbone:
         """What a cell computed on this backbone depends on beyond :attr:`key` (the audio features'
         identity, which names the feature cache): the LM's weight dtype and autocast mode (bf16 and
         float32 cells never share a key) and the prompt it reads (a chat template's system prompt is in
-        every input). Part of every cell key and Phase-1 training key."""
-        return hash_json({"features": self.key, "lm_dtype": str(self.model.lm_head.weight.dtype),
-                          "autocast": self.autocast, "prompt": repr(self.prompt)})
+        every input). Under bf16 autocast, also the machine's bf16 kernels (:func:`bf16_kernels`): two CPU
+        kinds compute other bits for one bf16 cell, so a run resumed on another kind, or Ray over mixed
+        machines, recomputes such cells instead of pooling them; float32 cells keep one key everywhere.
+        Part of every cell key and Phase-1 training key."""
+        parts = {"features": self.key, "lm_dtype": str(self.model.lm_head.weight.dtype),
+                 "autocast": self.autocast, "prompt": repr(self.prompt)}
+        if self.autocast == "bf16":
+            parts["bf16_kernels"] = bf16_kernels(self.model.lm_head.weight.device)
+        return hash_json(parts)
 
     @property
     def lm_key(self) -> str:

@@ -264,6 +264,15 @@ def test_autocast_is_resolved_recorded_in_the_key_and_kept_apart(lm_backbone, ti
     other = "off" if lm_backbone.autocast == "bf16" else "bf16"
     bb = make_backbone(NAME, {"autocast": other}, seed=0)
     assert bb.autocast == other and bb.run_key != lm_backbone.run_key  # never one cell key for both
+    # a bf16 cell's key names the CPU's bf16 kernels (AMX and AVX512-BF16 round differently); float32's does not
+    bf16, off = (lm_backbone, bb) if other == "off" else (bb, lm_backbone)
+    keys = {}
+    for flags in ({"avx512f", "avx512_bf16", "amx_bf16"}, {"avx512f", "avx512_bf16"}, {"avx2"}):
+        monkeypatch.setattr(bbm, "cpu_flags", lambda flags=flags: flags)
+        keys[bbm.bf16_kernels()] = (bf16.run_key, off.run_key)
+    monkeypatch.undo()
+    assert set(keys) == {"amx", "avx512_bf16", "emulated"}
+    assert len({k[0] for k in keys.values()}) == 3 and len({k[1] for k in keys.values()}) == 1
     from benchbench.backbone import backbone_label
 
     assert backbone_label(NAME, {"autocast": "auto"}, "bf16") == NAME + "+autocast=bf16"

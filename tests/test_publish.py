@@ -198,3 +198,111 @@ def test_a_cell_in_two_folders_is_kept_once():
     once, twice = collect_folders([folder]), collect_folders([folder, folder])
     assert len(twice.results) == len(once.results) == 12 and len(twice.predictions) == len(once.predictions)
     assert set(once.results["preset"]) == {"default"} and set(once.predictions["preset"]) == {"default"}
+
+
+def _parts_of(tmp_path, run: str = "main-job") -> list[str]:
+    """``results/<run>`` split by seed into committed runs of one seed each under ``tmp_path`` (as if each
+    seed had been recorded on its own): their cells, predictions, task facts and provenance."""
+    src = ROOT / "results" / run
+    rows = pd.read_csv(src / "results.csv", dtype={"cell_key": str})
+    preds = pd.read_csv(src / "predictions.csv.gz", dtype=str, keep_default_na=False)
+    meta = json.loads((src / "run.json").read_text())
+    names = []
+    for seed, g in rows.groupby("seed"):
+        d = tmp_path / f"{run}-s{seed}"
+        d.mkdir()
+        g.to_csv(d / "results.csv", index=False)
+        preds[preds["cell_key"].isin(g["cell_key"])].to_csv(d / "predictions.csv.gz", index=False)
+        for f in ("predictions-dtypes.json", "summary.json"):
+            shutil.copyfile(src / f, d / f)
+        (d / "stdout.txt").write_text(f"seed {seed}\n")
+        (d / "run.json").write_text(json.dumps({**meta, "command": f"{meta['command']} --seeds {seed}"}))
+        names.append(d.name)
+    return names
+
+
+def test_join_makes_one_run_of_parts_recorded_one_seed_each(tmp_path):
+    """A run recorded a seed at a time and joined has the whole run's statistics: main-job split by seed
+    and joined back gives main-job's means, n and paired differences; every view renders it, the
+    provenance names the parts; a part changed afterwards makes `check` fail."""
+    parts = _parts_of(tmp_path)
+    assert len(parts) == 3
+    joined = CommittedRun(publish.join("main-seeds", parts, results=tmp_path))
+    whole = committed_runs()["main-job"]
+    got, want = ({c.method: c for c in r.summary.cells} for r in (joined, whole))
+    assert set(got) == set(want) == {"zero_shot", "lora", "full_context[speaker]", "mal[speaker]"}
+    for m in want:
+        assert got[m].n == want[m].n == 3 and got[m].seeds == want[m].seeds
+        for k in ("wa", "ua", "wf1"):
+            assert got[m].stats[k]["mean"] == pytest.approx(want[m].stats[k]["mean"], abs=1e-12)
+    diffs = {(c["method"], c["reference"]): c["bootstrap"]["wa"]["diff"] for c in joined.summary.comparisons}
+    for c in whole.summary.comparisons:
+        assert diffs[(c["method"], c["reference"])] == pytest.approx(c["bootstrap"]["wa"]["diff"], abs=1e-12)
+    assert joined.meta["commit"] == whole.meta["commit"] and len(joined.meta["attempts"]) == 3
+    assert [p["name"] for p in joined.meta["parts"]] == parts
+    assert joined.meta["command"].splitlines()[1].endswith("--seeds 1")
+    assert joined.stdout.startswith(f"# results/{parts[0]}\nseed 0\n")
+    for view in publish.VIEWS:
+        if view not in ("probe", "paper-scale", "forms"):
+            assert publish.VIEWS[view](joined)
+    table = publish.view_table(joined)
+    assert f"| `lora` | 3 (3 x 1) | {100 * want['lora'].stats['wa']['mean']:.2f} [" in table
+    prov = publish.view_provenance(joined)
+    assert f"joined from `results/{parts[0]}`, `results/{parts[1]}`, `results/{parts[2]}`: 3 commands" in prov
+    assert "over 3 attempts" in prov
+    # current until a part's cells change; a part that is gone is named
+    assert publish.stale_joins(tmp_path) == []
+    rows = pd.read_csv(tmp_path / parts[1] / "results.csv")
+    rows.loc[0, "wa"] = 0.5
+    rows.to_csv(tmp_path / parts[1] / "results.csv", index=False)
+    assert publish.stale_joins(tmp_path) == [f"results/main-seeds: its parts' cells changed (join again: python -m "
+                                             f"benchbench.tools.publish join main-seeds {' '.join(parts)})"]
+    shutil.rmtree(tmp_path / parts[2])
+    assert publish.stale_joins(tmp_path) == [f"results/main-seeds: joins results/{parts[2]}, which is not a committed run"]
+
+
+def test_join_refuses_parts_that_are_not_comparable(tmp_path):
+    """Another machine, other code, a cell in two parts, an unfinished part, other data: each is refused,
+    naming the part."""
+    parts = _parts_of(tmp_path)
+
+    def edit(part, **changes):
+        path = tmp_path / part / "run.json"
+        old = path.read_text()
+        path.write_text(json.dumps({**json.loads(old), **changes}))
+        return lambda: path.write_text(old)
+
+    undo = edit(parts[1], machine={**json.loads((tmp_path / parts[0] / "run.json").read_text())["machine"], "cpu": "AMD EPYC"})
+    with pytest.raises(ValueError, match=f"results/{parts[1]}: ran on another machine .*cpu 'Intel.*' vs 'AMD EPYC'"):
+        publish.join("j", parts, results=tmp_path)
+    undo()
+    # a commit whose code differs (the one before the last change to the Ultravox backbones)
+    last = subprocess.run(["git", "log", "-1", "--format=%H", "--", "backbones/ultravox.py"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    before = subprocess.run(["git", "rev-parse", f"{last}^"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    undo = edit(parts[2], commit=before)
+    with pytest.raises(ValueError, match=f"results/{parts[2]}: commit {before[:10]} differs .* in code the cells ran: "
+                                         ".*backbones/"):
+        publish.join("j", [parts[0], parts[2]], results=tmp_path)
+    undo()
+    undo = edit(parts[2], commit="0" * 40)
+    with pytest.raises(ValueError, match=f"results/{parts[2]}: cannot compare its commit 0000000000"):
+        publish.join("j", parts, results=tmp_path)
+    undo()
+    undo = edit(parts[0], exit_status=1)
+    with pytest.raises(ValueError, match=f"results/{parts[0]}: its command exited with 1"):
+        publish.join("j", parts, results=tmp_path)
+    undo()
+    shutil.copytree(tmp_path / parts[0], tmp_path / "again")
+    with pytest.raises(ValueError, match=r"results/again: cell \('synthetic', .*, 0, 0\) is also in results/main-job-s0"):
+        publish.join("j", [*parts, "again"], results=tmp_path)
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    summary["tasks"]["synthetic"]["manifest_sha256"] = "f" * 64
+    (tmp_path / "again" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="results/again: task synthetic's data manifest differs from results/main-job-s0"):
+        publish.join("j", [*parts, "again"], results=tmp_path)
+    with pytest.raises(ValueError, match="give two or more distinct"):
+        publish.join("j", [parts[0], parts[0]], results=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope/run.json: not found"):
+        publish.join("j", [parts[0], "nope"], results=tmp_path)
+    assert not (tmp_path / "j").exists()  # nothing written by a refused join

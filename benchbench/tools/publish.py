@@ -16,6 +16,7 @@ where it ran:
 Commands (``python -m benchbench.tools.publish ...``)::
 
     record NAME -- bench run --methods lora,mal --tasks synthetic    # run it, keep it in results/NAME
+    join NAME PART PART ...                                          # one run of several (same machine, code)
     render                                                           # rewrite every generated block
     check                                                            # exit 1 naming each stale block
 
@@ -29,6 +30,10 @@ recorder gives it the run's) keeps its ``comparisons.json``::
 
     record forms -- bench run --methods lora,mal --tasks synthetic ';' \
         bench run --methods mal --tasks synthetic --set mal.surprise=sequential ';' bench compare --all-pairs
+
+A benchmark longer than a session is recorded in parts (a seed each: ``record NAME-s0 -- bench run
+... --seeds 0``, then ``--seeds 1`` ...) on one machine and one code, and ``join NAME NAME-s0 NAME-s1 ...``
+makes them one committed run whose summary spans every part's cells (:func:`join` says what it refuses).
 
 A generated block in a Markdown file (``README.md``, ``docs/**.md``) sits between two markers::
 
@@ -278,6 +283,128 @@ def keep_curves(out: Path, folder: Path) -> Path | None:
     return target
 
 
+# what a commit may change between the parts of a joined run: files no cell's computation imports or reads
+NON_CELL_PATHS = ("results/", "docs/", "tests/", ".ci/", "README.md", "CHANGELOG.md", "CONTRIBUTING.md",
+                  "ARCHITECTURE.md", "mkdocs.yml", "benchbench/tools/publish.py")
+MACHINE_KEYS = ("cpu", "cores", "python", "torch", "gpu", "gpu_memory_gb")
+
+
+def _cells(folder: Path):
+    import pandas as pd
+
+    rows = pd.read_csv(folder / "results.csv", dtype={"cell_key": str})
+    return rows[rows["status"] == "ok"]
+
+
+def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
+    """One committed run ``results/<name>/`` made of several (``parts``, each a committed ``bench run``
+    run): a benchmark longer than a session recorded in parts (a seed each, say) and published as one,
+    its summary (statistics, paired comparisons, references, gaps) over every part's cells, so every view
+    works on it. ``run.json`` holds each part's command, commit, attempts and wall time (``parts``),
+    every part's attempts and their summed wall time; ``stdout.txt`` each part's output under its name.
+
+    The parts must be comparable, or the join refuses (``ValueError`` naming the part and the problem):
+    each finished (exit status 0); the same machine (:data:`MACHINE_KEYS` of ``run.json``: timings and
+    bf16 scores compare within one machine only); the same code (one commit, or commits that differ only
+    in :data:`NON_CELL_PATHS`: ``git diff`` says); the same data (each task's manifest sha256); and no
+    cell (task, backbone, method, seed, fold) in two parts. ``check`` (:func:`stale`) fails when a part's
+    cells no longer are the joined run's. ``FileNotFoundError`` names a part that is not committed."""
+    import pandas as pd
+
+    from benchbench.analysis import Summary, summarize
+    from leaderboard.collect import collect_folders
+
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if len(parts) < 2 or len(set(parts)) != len(parts) or name in parts:
+        raise ValueError(f"join {name}: give two or more distinct committed runs other than {name} (got {parts})")
+    runs = [CommittedRun(results / p) for p in parts]
+    first = runs[0]
+    for r in runs:
+        if r.meta["exit_status"] != 0:
+            raise ValueError(f"results/{r.name}: its command exited with {r.meta['exit_status']}: not a finished run")
+        if not (r.folder / "results.csv").is_file():
+            raise ValueError(f"results/{r.name}: holds no cells (a `bench run` run is joined, not {r.meta['command']!r})")
+        mine, theirs = ({k: m["machine"].get(k) for k in MACHINE_KEYS} for m in (r.meta, first.meta))
+        if mine != theirs:
+            diff = ", ".join(f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in MACHINE_KEYS if mine[k] != theirs[k])
+            raise ValueError(f"results/{r.name}: ran on another machine than results/{first.name} ({diff}); "
+                             "timings and bf16 scores compare within one machine only")
+        if r.meta["commit"] != first.meta["commit"]:
+            diff = subprocess.run(["git", "diff", "--name-only", first.meta["commit"], r.meta["commit"]], cwd=ROOT,
+                                  capture_output=True, text=True, check=False)
+            if diff.returncode:
+                raise ValueError(f"results/{r.name}: cannot compare its commit {r.meta['commit'][:10]} with results/"
+                                 f"{first.name}'s {first.meta['commit'][:10]} (git diff: {diff.stderr.strip()[:200]})")
+            changed = diff.stdout.splitlines()
+            code = [f for f in changed if not f.startswith(NON_CELL_PATHS)]
+            if code:
+                raise ValueError(f"results/{r.name}: commit {r.meta['commit'][:10]} differs from results/{first.name}'s "
+                                 f"{first.meta['commit'][:10]} in code the cells ran: {', '.join(code[:5])}"
+                                 f"{f' and {len(code) - 5} more' if len(code) > 5 else ''}")
+    manifests: dict[str, tuple] = {}
+    for r in runs:
+        for task, info in r.summary.tasks.items():
+            if manifests.setdefault(task, (info.manifest_sha256, r.name))[0] != info.manifest_sha256:
+                raise ValueError(f"results/{r.name}: task {task}'s data manifest differs from results/"
+                                 f"{manifests[task][1]}'s (another copy of the data)")
+    seen: dict[tuple, str] = {}
+    for r in runs:
+        for c in _cells(r.folder)[["task", "backbone", "method", "seed", "fold"]].itertuples(index=False):
+            if tuple(c) in seen:
+                raise ValueError(f"results/{r.name}: cell {tuple(c)} is also in results/{seen[tuple(c)]}; "
+                                 "each cell belongs to one part")
+            seen[tuple(c)] = r.name
+    collected = collect_folders([r.folder for r in runs])
+    summary = summarize(collected.results, collected.predictions, collected.task_info,
+                        first.summary.run.get("spec", {}).get("baseline", "lora"))
+    summary.run = {**first.summary.run, "joined": parts}
+    folder = results / name
+    folder.mkdir(parents=True, exist_ok=True)
+    summary.write(folder / "summary.json")
+    pd.concat([pd.read_csv(r.folder / "results.csv", dtype={"cell_key": str}) for r in runs]) \
+        .to_csv(folder / "results.csv", index=False)
+    preds = pd.concat([pd.read_csv(r.folder / "predictions.csv.gz", dtype=str, keep_default_na=False) for r in runs])
+    preds.to_csv(folder / "predictions.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
+    shutil.copyfile(first.folder / "predictions-dtypes.json", folder / "predictions-dtypes.json")
+    curves = [pd.read_csv(r.folder / "curves.csv.gz") for r in runs if (r.folder / "curves.csv.gz").is_file()]
+    if curves:
+        pd.concat(curves).to_csv(folder / "curves.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
+    (folder / "stdout.txt").write_text("".join(f"# results/{r.name}\n{r.stdout}" for r in runs))
+    attempts = [a for r in runs for a in r.meta["attempts"]]
+    meta = {"command": "\n".join(r.meta["command"] for r in runs), "commit": first.meta["commit"],
+            "dirty": any(r.meta["dirty"] for r in runs),
+            "dirty_paths": sorted({p for r in runs for p in r.meta.get("dirty_paths", [])}),
+            "version": first.meta["version"], "machine": first.meta["machine"], "attempts": attempts,
+            "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": 0,
+            "parts": [{"name": r.name, "command": r.meta["command"], "commit": r.meta["commit"],
+                       "wall_seconds": r.meta["wall_seconds"]} for r in runs]}
+    (folder / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def stale_joins(results: Path = RESULTS) -> list[str]:
+    """``"results/NAME: ..."`` for every joined run whose cells (cell keys and scores) are no longer those
+    of its parts, or that names a part no longer committed (empty: every join is current)."""
+    out = []
+    for name, run in committed_runs(results).items():
+        parts = [p["name"] for p in run.meta.get("parts", [])]
+        if not parts:
+            continue
+        missing = [p for p in parts if not (results / p / "run.json").is_file()]
+        if missing:
+            out.append(f"results/{name}: joins results/{missing[0]}, which is not a committed run")
+            continue
+        cols = ["cell_key", "wa", "ua", "wf1"]
+        import pandas as pd
+
+        theirs = pd.concat([_cells(results / p)[cols] for p in parts]).sort_values("cell_key", ignore_index=True)
+        if not theirs.equals(_cells(run.folder)[cols].sort_values("cell_key", ignore_index=True)):
+            out.append(f"results/{name}: its parts' cells changed (join again: python -m benchbench.tools.publish "
+                       f"join {name} {' '.join(parts)})")
+    return out
+
+
 class CommittedRun:
     """One ``results/<name>/`` folder, read lazily (``FileNotFoundError`` naming the missing file)."""
 
@@ -328,6 +455,14 @@ def view_provenance(run: CommittedRun) -> str:
     first, *more = m["command"].splitlines()
     command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
     gpu = f"{mach['gpu']} ({mach['gpu_memory_gb']} GiB), " if mach.get("gpu") else ""
+    if m.get("parts"):
+        commits = sorted({p["commit"][:10] for p in m["parts"]})
+        names = ", ".join(f"`results/{p['name']}`" for p in m["parts"])
+        return (f"*Committed run `results/{run.name}`, joined from {names}: {len(m['command'].splitlines())} "
+                f"commands on commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{c}`' for c in commits)}"
+                f"{_dirty_text(m)} (the same code), version {m['version']}; {gpu}{mach['cpu']}, "
+                f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])} "
+                f"over {len(m['attempts'])} attempts.*")
     return (f"*Committed run `results/{run.name}`: {command} on commit `{m['commit'][:10]}`"
             f"{_dirty_text(m)}, version {m['version']}; {gpu}{mach['cpu']}, "
             f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
@@ -686,8 +821,9 @@ def render_text(text: str, runs: dict[str, CommittedRun], where: str = "") -> st
 
 def stale(root: Path = ROOT, results: Path = RESULTS) -> list[str]:
     """``"FILE: results/NAME VIEW"`` for every block that differs from what the generator makes of the
-    committed runs (empty: every document is current)."""
-    runs, out = committed_runs(results), []
+    committed runs, after :func:`stale_joins`' lines for joined runs whose parts changed (empty: every
+    document and every join is current)."""
+    runs, out = committed_runs(results), stale_joins(results)
     for path in documents(root):
         text = path.read_text()
         new = render_text(text, runs, str(path.relative_to(root)))
@@ -717,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("record", help="run a bench command and keep it in results/NAME")
     r.add_argument("name")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- bench run ...")
+    j = sub.add_parser("join", help="make results/NAME of several committed runs (parts: one machine, one code)")
+    j.add_argument("name")
+    j.add_argument("parts", nargs="+", help="committed runs under results/")
     sub.add_parser("render", help="rewrite every generated block of README.md and docs/")
     sub.add_parser("check", help="exit 1 naming each generated block that is not current")
     args = p.parse_args(argv)
@@ -724,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "record":
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
             return record(args.name, command)
+        if args.what == "join":
+            print(f"joined {join(args.name, args.parts).relative_to(ROOT)}")
+            return 0
         if args.what == "render":
             for path in render():
                 print(f"rendered {path.relative_to(ROOT)}")
