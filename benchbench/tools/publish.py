@@ -289,13 +289,6 @@ NON_CELL_PATHS = ("results/", "docs/", "tests/", ".ci/", "README.md", "CHANGELOG
 MACHINE_KEYS = ("cpu", "cores", "python", "torch", "gpu", "gpu_memory_gb")
 
 
-def _cells(folder: Path):
-    import pandas as pd
-
-    rows = pd.read_csv(folder / "results.csv", dtype={"cell_key": str})
-    return rows[rows["status"] == "ok"]
-
-
 def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
     """One committed run ``results/<name>/`` made of several (``parts``, each a committed ``bench run``
     run): a benchmark longer than a session recorded in parts (a seed each, say) and published as one,
@@ -311,7 +304,7 @@ def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
     cells no longer are the joined run's. ``FileNotFoundError`` names a part that is not committed."""
     import pandas as pd
 
-    from benchbench.analysis import Summary, summarize
+    from benchbench.analysis import summarize
     from leaderboard.collect import collect_folders
 
     if not re.fullmatch(r"[\w.-]+", name):
@@ -350,7 +343,7 @@ def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
                                  f"{manifests[task][1]}'s (another copy of the data)")
     seen: dict[tuple, str] = {}
     for r in runs:
-        for c in _cells(r.folder)[["task", "backbone", "method", "seed", "fold"]].itertuples(index=False):
+        for c in _rows(r)[["task", "backbone", "method", "seed", "fold"]].itertuples(index=False):
             if tuple(c) in seen:
                 raise ValueError(f"results/{r.name}: cell {tuple(c)} is also in results/{seen[tuple(c)]}; "
                                  "each cell belongs to one part")
@@ -386,20 +379,20 @@ def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
 def stale_joins(results: Path = RESULTS) -> list[str]:
     """``"results/NAME: ..."`` for every joined run whose cells (cell keys and scores) are no longer those
     of its parts, or that names a part no longer committed (empty: every join is current)."""
-    out = []
-    for name, run in committed_runs(results).items():
+    import pandas as pd
+
+    out, cols = [], ["cell_key", "wa", "ua", "wf1"]
+    runs = committed_runs(results)
+    for name, run in runs.items():
         parts = [p["name"] for p in run.meta.get("parts", [])]
         if not parts:
             continue
-        missing = [p for p in parts if not (results / p / "run.json").is_file()]
+        missing = [p for p in parts if p not in runs]
         if missing:
             out.append(f"results/{name}: joins results/{missing[0]}, which is not a committed run")
             continue
-        cols = ["cell_key", "wa", "ua", "wf1"]
-        import pandas as pd
-
-        theirs = pd.concat([_cells(results / p)[cols] for p in parts]).sort_values("cell_key", ignore_index=True)
-        if not theirs.equals(_cells(run.folder)[cols].sort_values("cell_key", ignore_index=True)):
+        theirs = pd.concat([_rows(runs[p])[cols] for p in parts]).sort_values("cell_key", ignore_index=True)
+        if not theirs.equals(_rows(run)[cols].sort_values("cell_key", ignore_index=True)):
             out.append(f"results/{name}: its parts' cells changed (join again: python -m benchbench.tools.publish "
                        f"join {name} {' '.join(parts)})")
     return out
@@ -453,18 +446,16 @@ def view_provenance(run: CommittedRun) -> str:
     m, mach = run.meta, run.meta["machine"]
     attempts = len(m["attempts"])
     first, *more = m["command"].splitlines()
-    command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
     gpu = f"{mach['gpu']} ({mach['gpu_memory_gb']} GiB), " if mach.get("gpu") else ""
-    if m.get("parts"):
+    if m.get("parts"):  # a joined run: its parts, their commands and commits (the same code)
         commits = sorted({p["commit"][:10] for p in m["parts"]})
         names = ", ".join(f"`results/{p['name']}`" for p in m["parts"])
-        return (f"*Committed run `results/{run.name}`, joined from {names}: {len(m['command'].splitlines())} "
-                f"commands on commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{c}`' for c in commits)}"
-                f"{_dirty_text(m)} (the same code), version {m['version']}; {gpu}{mach['cpu']}, "
-                f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])} "
-                f"over {len(m['attempts'])} attempts.*")
-    return (f"*Committed run `results/{run.name}`: {command} on commit `{m['commit'][:10]}`"
-            f"{_dirty_text(m)}, version {m['version']}; {gpu}{mach['cpu']}, "
+        head = (f", joined from {names}: {1 + len(more)} commands on commit{'s' if len(commits) > 1 else ''} "
+                f"{', '.join(f'`{c}`' for c in commits)}{_dirty_text(m)} (the same code)")
+    else:
+        command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
+        head = f": {command} on commit `{m['commit'][:10]}`{_dirty_text(m)}"
+    return (f"*Committed run `results/{run.name}`{head}, version {m['version']}; {gpu}{mach['cpu']}, "
             f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
             f"{f' over {attempts} attempts' if attempts > 1 else ''}.*")
 
@@ -695,9 +686,10 @@ def view_paper_scale(run: CommittedRun) -> str:
 
 
 def _rows(run: CommittedRun):
+    """The run's finished cells (``results.csv`` rows with status ``ok``; cell keys as text)."""
     import pandas as pd
 
-    rows = pd.read_csv(run.folder / "results.csv")
+    rows = pd.read_csv(run.folder / "results.csv", dtype={"cell_key": str})
     return rows[rows["status"] == "ok"]
 
 
