@@ -717,24 +717,35 @@ def view_folds(run: CommittedRun) -> str:
 
 
 def view_probe(run: CommittedRun) -> str:
-    """A ``bench probe`` run's ``probe.csv`` (:mod:`benchbench.probe`): per task and backbone, a row per
-    fold (test WA and UA in %, the C chosen on dev, the feature width) and the mean over folds.
-    ``FileNotFoundError`` naming the file when the run holds none."""
+    """A ``bench probe`` run's ``probe.csv`` (:mod:`benchbench.probe`): per task, backbone and features
+    (the audio features, or the trainable projector's output at its initialisation and after lora's
+    training), a row: the feature width, the seeds, per fold test WA and UA in % (the mean over the
+    seeds), the mean over every row, and the C chosen on dev (each fold's with one seed, the range
+    otherwise). A ``probe.csv`` written before the ``features`` and ``seed`` columns is the audio
+    features'. ``FileNotFoundError`` naming the file when the run holds none."""
     import pandas as pd
+
+    from ..probe import FEATURES
 
     path = run.folder / "probe.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no probe.csv (the view is for a recorded `bench probe` command)")
     rows = pd.read_csv(path)
+    rows["features"] = rows["features"].fillna("audio") if "features" in rows else "audio"
+    if "seed" not in rows:
+        rows["seed"] = float("nan")
     folds = sorted(rows["fold"].unique())
-    lines = ["| task · backbone | feature width | " + " | ".join(f"fold {f}: WA · UA" for f in folds)
-             + " | mean: WA · UA | C chosen on dev |", "|" + "---|" * (len(folds) + 4)]
-    for (task, backbone), g in rows.groupby(["task", "backbone"], sort=False):
-        by = g.set_index("fold")
+    lines = ["| task · backbone | features | width | seeds | " + " | ".join(f"fold {f}: WA · UA" for f in folds)
+             + " | mean: WA · UA | C chosen on dev |", "|" + "---|" * (len(folds) + 6)]
+    for (task, backbone, features), g in rows.groupby(["task", "backbone", "features"], sort=False):
+        by = g.groupby("fold")[["wa", "ua"]].mean()
         cells = [f"{100 * by.loc[f, 'wa']:.2f} · {100 * by.loc[f, 'ua']:.2f}" if f in by.index else "" for f in folds]
-        lines.append(f"| {task} · `{backbone}` | {int(g['feature_dim'].iloc[0])} | " + " | ".join(cells)
-                     + f" | {100 * g['wa'].mean():.2f} · {100 * g['ua'].mean():.2f} | "
-                     + " ".join(f"{c:g}" for c in g["C"]) + " |")
+        seeds = sorted(int(x) for x in g["seed"].dropna().unique())
+        C = (" ".join(f"{c:g}" for c in g["C"]) if len(seeds) <= 1
+             else f"{g['C'].min():g} to {g['C'].max():g}")
+        lines.append(f"| {task} · `{backbone}` | {FEATURES.get(features, features)} | {int(g['feature_dim'].iloc[0])} | "
+                     + (",".join(map(str, seeds)) or "–") + " | " + " | ".join(cells)
+                     + f" | {100 * g['wa'].mean():.2f} · {100 * g['ua'].mean():.2f} | {C} |")
     return "\n".join(lines)
 
 
