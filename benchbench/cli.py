@@ -252,19 +252,30 @@ def cmd_probe(args) -> int:
     from .task import parse_data_dirs
 
     _check_names([], args.tasks, args.backbone)
-    from .harness import RunSpec, prepare
-    from .probe import COLUMNS, format_probe, probe_task
+    from .harness import RunSpec, lora_cells, prepare
+    from .probe import COLUMNS, format_probe, probe_projector, probe_task
 
-    spec = RunSpec(methods=[], tasks=args.tasks, backbone=args.backbone, preset=args.preset,
-                   data_dir=parse_data_dirs(args.data_dir), folds=args.folds, task_options=_task_options(args),
-                   backbone_options=_backbone_options(args), threads=args.threads)
+    spec = RunSpec(methods=["lora"] if args.projector else [], tasks=args.tasks, backbone=args.backbone,
+                   seeds=args.seeds, preset=args.preset, data_dir=parse_data_dirs(args.data_dir), folds=args.folds,
+                   task_options=_task_options(args), backbone_options=_backbone_options(args), threads=args.threads)
     tasks, backbones = prepare(spec)
+    if args.projector:
+        frozen = sorted({b.name for b in backbones.values() if not b.trainable_projector})
+        if frozen:
+            print(f"error: --projector probes a projector that trains with each method; backbone {frozen[0]}'s is "
+                  "frozen inside its audio path (bench probe without --projector probes its output)", file=sys.stderr)
+            return 2
     from .cells import torch_threads
 
     rows = []
+    say = lambda text: print(text, flush=True)  # noqa: E731
     with torch_threads(args.threads):  # the process's own count afterwards (a caller's, under main())
         for name, task in tasks.items():
-            rows += probe_task(task, backbones[name], args.folds, progress=lambda text: print(text, flush=True))
+            if args.projector:
+                for cell in lora_cells(spec, task, backbones[name]):
+                    rows += probe_projector(cell, progress=say)
+            else:
+                rows += probe_task(task, backbones[name], args.folds, progress=say)
     print(format_probe(rows))
     if args.output:
         import pandas as pd
@@ -408,7 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tasks", type=_csv, required=True, help="comma-separated, e.g. emodb")
     pr.add_argument("--folds", type=_ints, default=None, help="subset of fold indices (default: all)")
     pr.add_argument("--preset", default="default", choices=PRESETS, help="the tasks' preset (their data composition)")
-    pr.add_argument("--threads", type=int, default=1, help="torch CPU threads of the feature extraction")
+    pr.add_argument("--threads", type=int, default=1, help="torch CPU threads of the feature extraction "
+                                                           "(and of lora's training under --projector)")
+    pr.add_argument("--projector", action="store_true",
+                    help="probe the trainable projector's output at its initialisation and after lora's training "
+                         "of each fold and seed (replayed from the Phase-1 cache where that lora cell ran)")
+    pr.add_argument("--seeds", type=_ints, default=[0], help="the lora seeds --projector probes")
     pr.add_argument("--output", default=None, metavar="FILE", help="also write the rows to FILE (csv)")
     _add_task_options(pr)
     _add_backbone_options(pr)

@@ -209,6 +209,14 @@ def _cells(spec: RunSpec, task: Task, manifest: dict, backbone: AudioLLMBackbone
             for f in folds for m in methods for s in seeds]
 
 
+def lora_cells(spec: RunSpec, task: Task, backbone: AudioLLMBackbone) -> list[Cell]:
+    """The ``lora`` cells ``bench run --methods lora`` would plan for ``task`` on ``backbone`` under
+    ``spec`` (its folds, seeds, preset, task and backbone options, threads): fold x seed, their configs
+    and keys as a run's (``bench probe --projector`` retrains or replays their training)."""
+    folds = [f for f in task.folds() if spec.folds is None or f.index in spec.folds]
+    return _cells(spec, task, task.manifest(), backbone, folds, ["lora"], spec.seeds)
+
+
 def plan_cells(spec: RunSpec, tasks: dict[str, Task], backbones: dict[str, AudioLLMBackbone], out: Path,
                notify: Callable[[str], None]) -> tuple[list[Cell], dict[str, TaskSummary]]:
     """Every cell of the run, in results order (task, fold, method, seed), each task's on its backbone

@@ -311,3 +311,74 @@ def test_save_load_carries_the_trained_projector(lm_backbone, tiny_task, tmp_pat
     again.load(tmp_path / "lora.safetensors")
     d = tiny_task.folds()[0].test[0].inputs()
     assert np.array_equal(again.predict_dialogue(d), m.predict_dialogue(d))
+
+
+def test_probe_projector_probes_the_initial_and_the_trained_projector(lm_backbone, tiny_task):
+    """``bench probe --projector``'s unit: the projector's output at the seed's initialisation (the
+    backbone's own values) and after the lora cell's training, which a second call, and a lora fitted
+    as a cell fits it, replay bit for bit from the Phase-1 cache; the two outputs differ."""
+    from benchbench.cells import torch_threads
+    from benchbench.harness import RunSpec, lora_cells
+    from benchbench.method import METHODS
+    from benchbench.probe import pooled_features, probe_fold, probe_projector
+    from benchbench.training import seed_everything
+
+    spec = RunSpec(methods=["lora"], tasks=["synthetic"], backbone=NAME, preset="smoke", seeds=[0], folds=[0])
+    (cell,) = lora_cells(spec, tiny_task, lm_backbone)
+    said = []
+    rows = probe_projector(cell, progress=said.append)
+    assert [r["features"] for r in rows] == ["projector-init", "projector-lora"]
+    assert all(r["feature_dim"] == lm_backbone.hidden_size == 576 for r in rows)
+    assert all((r["task"], r["backbone"], r["seed"], r["fold"]) == ("synthetic", cell.backbone_name, 0, 0) for r in rows)
+    assert any("lora epoch" in text for text in said) and not any("reused the identical training" in t for t in said)
+    fold, labels = tiny_task.folds()[0], tiny_task.labels
+    initial = lm_backbone.new_lm(labels)  # a copy of the LM with the projector at the backbone's values
+    assert {k: rows[0][k] for k in probe_fold(lm_backbone, fold, labels)} == probe_fold(
+        lm_backbone, fold, labels, embed=initial.embed_audio)
+
+    again = []
+    assert probe_projector(cell, progress=again.append) == rows
+    assert any("reused the identical training" in text for text in again)
+    with torch_threads(cell.threads), lm_backbone.lend_lm():
+        seed_everything(0)
+        m = METHODS.get("lora")(lm_backbone, labels, cell.config, seed=0)
+        assert m.fit(fold.train, fold.dev).phase1_replayed
+        trained = probe_fold(lm_backbone, fold, labels, embed=m.lm.embed_audio)
+        assert {k: rows[1][k] for k in trained} == trained
+        X_trained = pooled_features(lm_backbone, fold.test, m.lm.embed_audio)[0]
+    assert not np.allclose(X_trained, pooled_features(lm_backbone, fold.test, initial.embed_audio)[0])
+
+
+def test_probe_projector_takes_only_lora_cells(lm_backbone, tiny_task):
+    from benchbench.harness import RunSpec, _cells
+    from benchbench.probe import probe_projector
+
+    spec = RunSpec(methods=["mal"], tasks=["synthetic"], backbone=NAME, preset="smoke", seeds=[0])
+    (cell,) = _cells(spec, tiny_task, tiny_task.manifest(), lm_backbone, tiny_task.folds()[:1], ["mal"], [0])
+    with pytest.raises(ValueError, match="probe_projector takes a lora cell, got mal"):
+        probe_projector(cell)
+
+
+@SLOW
+def test_bench_probe_projector_replays_the_lora_cell_of_bench_run(tmp_path, capsys, monkeypatch):
+    """End to end: ``bench run --methods lora`` stores its cell's training on disk; ``bench probe
+    --projector`` of the same task, fold, seed, preset and threads replays it and writes two rows."""
+    import pandas as pd
+
+    from benchbench.cli import main
+    from benchbench.probe import COLUMNS
+
+    monkeypatch.setenv("BENCHBENCH_PHASE1_CACHE", "1")
+    common = ["--tasks", "synthetic", "--preset", "smoke", "--backbone", NAME, "--folds", "0", "--seeds", "1",
+              "--task-set", "synthetic.n_train=6", "--task-set", "synthetic.n_test=3"]
+    assert main(["run", "--methods", "lora", *common, "--output", str(tmp_path / "run"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["probe", *common, "--projector", "--output", str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "reused the identical training of this fold and seed" in out
+    assert "linear probe of the projector's output after lora's training: synthetic" in out
+    rows = pd.read_csv(tmp_path / "p.csv")
+    assert list(rows.columns) == list(COLUMNS)
+    assert rows.features.tolist() == ["projector-init", "projector-lora"] and set(rows.seed) == {1}
+    assert set(rows.feature_dim) == {576}

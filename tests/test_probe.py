@@ -110,12 +110,42 @@ def test_bench_probe_writes_a_row_per_fold_and_a_record_renders_it(tmp_path, cap
     assert kept.backbone.tolist() == ["tiny-qwen2-audio", "tiny-ultravox"]
     assert kept.iloc[0][["wa", "ua", "C"]].tolist() == row[["wa", "ua", "C"]].tolist()  # as `bench probe` wrote it
     view = publish.view_probe(run).splitlines()
-    assert view[0].startswith("| task · backbone | feature width | fold 0: WA · UA | mean: WA · UA |")
+    assert view[0].startswith("| task · backbone | features | width | seeds | fold 0: WA · UA | mean: WA · UA |")
     for k, backbone in enumerate(kept.backbone):
-        assert view[2 + k].startswith(f"| synthetic · `{backbone}` | {kept.feature_dim[k]} | "
+        assert view[2 + k].startswith(f"| synthetic · `{backbone}` | audio features | {kept.feature_dim[k]} | – | "
                                       f"{100 * kept.wa[k]:.2f} · {100 * kept.ua[k]:.2f} |")
     with pytest.raises(ValueError, match="--output: the recorder sets it"):
         publish.record("x", ["bench", *args, "--output", "o.csv"], results=tmp_path)
     (tmp_path / "probe" / "probe.csv").unlink()
     with pytest.raises(FileNotFoundError, match="no probe.csv"):
         publish.view_probe(CommittedRun(tmp_path / "probe"))
+
+
+def test_bench_probe_projector_refuses_a_frozen_projector(capsys):
+    """``--projector`` probes a projector that trains with each method; on a backbone whose projector is
+    frozen inside the audio path (its output is what the plain probe reads) it stops before any work."""
+    assert main(["probe", "--tasks", "synthetic", "--preset", "smoke", "--projector"]) == 2
+    err = capsys.readouterr().err
+    assert "--projector probes a projector that trains with each method; backbone tiny-qwen2-audio's is frozen" in err
+
+
+def test_the_probe_view_reads_projector_rows_and_older_files(tmp_path):
+    """Rows of the projector's output (two seeds) are grouped by features, the folds averaged over the
+    seeds and the chosen C given as a range; a probe.csv without the ``features`` and ``seed`` columns
+    (written before they existed) reads as the audio features'."""
+    base = {"task": "emodb", "backbone": "b", "n_train": 1, "n_dev": 1, "n_test": 1, "dev_ua": 0.5, "wf1": 0.5,
+            "macro_f1": 0.5}
+    rows = [{**base, "features": "audio", "seed": None, "fold": f, "feature_dim": 3072, "C": 0.01,
+             "wa": 0.8, "ua": 0.7} for f in (0, 1)]
+    rows += [{**base, "features": "projector-lora", "seed": s, "fold": f, "feature_dim": 576, "C": [0.1, 1.0][s],
+              "wa": 0.5 + 0.1 * s + 0.02 * f, "ua": 0.4} for s in (0, 1) for f in (0, 1)]
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    (folder / "run.json").write_text("{}")  # the view reads probe.csv alone
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(folder / "probe.csv", index=False)
+    view = publish.view_probe(CommittedRun(folder)).splitlines()
+    assert view[2] == "| emodb · `b` | audio features | 3072 | – | 80.00 · 70.00 | 80.00 · 70.00 | 80.00 · 70.00 | 0.01 0.01 |"
+    assert view[3] == ("| emodb · `b` | projector's output after lora's training | 576 | 0,1 | 55.00 · 40.00 | "
+                       "57.00 · 40.00 | 56.00 · 40.00 | 0.1 to 1 |")
+    pd.DataFrame(rows[:2]).drop(columns=["features", "seed"]).to_csv(folder / "probe.csv", index=False)
+    assert publish.view_probe(CommittedRun(folder)).splitlines()[2] == view[2]

@@ -306,3 +306,32 @@ def test_join_refuses_parts_that_are_not_comparable(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope/run.json: not found"):
         publish.join("j", [parts[0], "nope"], results=tmp_path)
     assert not (tmp_path / "j").exists()  # nothing written by a refused join
+
+
+def test_join_accepts_a_code_difference_only_named_with_its_reason(tmp_path):
+    """A difference in code the cells ran joins only where the person joining names each path with the
+    reason (``--accept PATH=REASON``); the acceptance is kept in run.json and said in the provenance, and
+    an acceptance of a path that does not differ is refused."""
+    parts = _parts_of(tmp_path)
+    last = subprocess.run(["git", "log", "-1", "--format=%H", "--", "benchbench/backbone.py"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "diff", "--name-only", f"{last}^", last], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    code = sorted(f for f in changed if not f.startswith(publish.NON_CELL_PATHS))
+    assert "benchbench/backbone.py" in code
+    for part, commit in zip(parts, (f"{last}^", last, last)):
+        path = tmp_path / part / "run.json"
+        sha = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        path.write_text(json.dumps({**json.loads(path.read_text()), "commit": sha}))
+    with pytest.raises(ValueError, match="in code the cells ran: .*benchbench/backbone.py"):
+        publish.join("j", parts, results=tmp_path)
+    with pytest.raises(ValueError, match="--accept nothing/here.py: no part's commit differs"):
+        publish.join("j", parts, results=tmp_path, accept={**{f: "read" for f in code}, "nothing/here.py": "x"})
+    assert not (tmp_path / "j").exists()
+    joined = CommittedRun(publish.join("j", parts, results=tmp_path, accept={f: "the cell key only" for f in code}))
+    kept = joined.meta["accepted_code_differences"]
+    assert [a["path"] for a in kept] == code and {a["reason"] for a in kept} == {"the cell key only"}
+    assert len(kept[0]["commits"]) == 2
+    assert "(the same code but `benchbench/backbone.py`, accepted at the join: the cell key only" in \
+        publish.view_provenance(joined)
+    assert publish.main(["join", "k", *parts, "--accept", "benchbench/backbone.py"]) == 2

@@ -289,7 +289,7 @@ NON_CELL_PATHS = ("results/", "docs/", "tests/", ".ci/", "README.md", "CHANGELOG
 MACHINE_KEYS = ("cpu", "cores", "python", "torch", "gpu", "gpu_memory_gb")
 
 
-def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
+def join(name: str, parts: list[str], results: Path = RESULTS, accept: dict[str, str] | None = None) -> Path:
     """One committed run ``results/<name>/`` made of several (``parts``, each a committed ``bench run``
     run): a benchmark longer than a session recorded in parts (a seed each, say) and published as one,
     its summary (statistics, paired comparisons, references, gaps) over every part's cells, so every view
@@ -301,7 +301,13 @@ def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
     bf16 scores compare within one machine only); the same code (one commit, or commits that differ only
     in :data:`NON_CELL_PATHS`: ``git diff`` says); the same data (each task's manifest sha256); and no
     cell (task, backbone, method, seed, fold) in two parts. ``check`` (:func:`stale`) fails when a part's
-    cells no longer are the joined run's. ``FileNotFoundError`` names a part that is not committed."""
+    cells no longer are the joined run's. ``FileNotFoundError`` names a part that is not committed.
+
+    ``accept`` (``--accept PATH=REASON``): code paths whose difference between the parts' commits the
+    person joining has read and found not to change what the cells compute (e.g. a change to a cell key
+    alone), each with the reason. They are kept in ``run.json`` (``accepted_code_differences``) and the
+    provenance line names them with the reason; a path in ``accept`` that no part's commit changes is
+    refused (an acceptance says what was read, never more)."""
     import pandas as pd
 
     from benchbench.analysis import summarize
@@ -313,6 +319,7 @@ def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
         raise ValueError(f"join {name}: give two or more distinct committed runs other than {name} (got {parts})")
     runs = [CommittedRun(results / p) for p in parts]
     first = runs[0]
+    accept, accepted = accept or {}, {}
     for r in runs:
         if r.meta["exit_status"] != 0:
             raise ValueError(f"results/{r.name}: its command exited with {r.meta['exit_status']}: not a finished run")
@@ -330,11 +337,18 @@ def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
                 raise ValueError(f"results/{r.name}: cannot compare its commit {r.meta['commit'][:10]} with results/"
                                  f"{first.name}'s {first.meta['commit'][:10]} (git diff: {diff.stderr.strip()[:200]})")
             changed = diff.stdout.splitlines()
-            code = [f for f in changed if not f.startswith(NON_CELL_PATHS)]
+            code = [f for f in changed if not f.startswith(NON_CELL_PATHS) and f not in accept]
+            for f in set(changed) & set(accept):
+                accepted.setdefault(f, {"path": f, "reason": accept[f], "commits": [first.meta["commit"]]})
+                accepted[f]["commits"] = sorted({*accepted[f]["commits"], r.meta["commit"]})
             if code:
                 raise ValueError(f"results/{r.name}: commit {r.meta['commit'][:10]} differs from results/{first.name}'s "
                                  f"{first.meta['commit'][:10]} in code the cells ran: {', '.join(code[:5])}"
                                  f"{f' and {len(code) - 5} more' if len(code) > 5 else ''}")
+    unused = sorted(set(accept) - set(accepted))
+    if unused:
+        raise ValueError(f"--accept {unused[0]}: no part's commit differs from results/{first.name}'s in it "
+                         "(accept only a difference that is there)")
     manifests: dict[str, tuple] = {}
     for r in runs:
         for task, info in r.summary.tasks.items():
@@ -371,7 +385,8 @@ def join(name: str, parts: list[str], results: Path = RESULTS) -> Path:
             "version": first.meta["version"], "machine": first.meta["machine"], "attempts": attempts,
             "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": 0,
             "parts": [{"name": r.name, "command": r.meta["command"], "commit": r.meta["commit"],
-                       "wall_seconds": r.meta["wall_seconds"]} for r in runs]}
+                       "wall_seconds": r.meta["wall_seconds"]} for r in runs],
+            **({"accepted_code_differences": [accepted[f] for f in sorted(accepted)]} if accepted else {})}
     (folder / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -450,8 +465,11 @@ def view_provenance(run: CommittedRun) -> str:
     if m.get("parts"):  # a joined run: its parts, their commands and commits (the same code)
         commits = sorted({p["commit"][:10] for p in m["parts"]})
         names = ", ".join(f"`results/{p['name']}`" for p in m["parts"])
+        accepted = m.get("accepted_code_differences") or []
+        same = ("the same code" if not accepted else "the same code but " + "; ".join(
+            f"`{a['path']}`, accepted at the join: {a['reason']}" for a in accepted))
         head = (f", joined from {names}: {1 + len(more)} commands on commit{'s' if len(commits) > 1 else ''} "
-                f"{', '.join(f'`{c}`' for c in commits)}{_dirty_text(m)} (the same code)")
+                f"{', '.join(f'`{c}`' for c in commits)}{_dirty_text(m)} ({same})")
     else:
         command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
         head = f": {command} on commit `{m['commit'][:10]}`{_dirty_text(m)}"
@@ -717,24 +735,35 @@ def view_folds(run: CommittedRun) -> str:
 
 
 def view_probe(run: CommittedRun) -> str:
-    """A ``bench probe`` run's ``probe.csv`` (:mod:`benchbench.probe`): per task and backbone, a row per
-    fold (test WA and UA in %, the C chosen on dev, the feature width) and the mean over folds.
-    ``FileNotFoundError`` naming the file when the run holds none."""
+    """A ``bench probe`` run's ``probe.csv`` (:mod:`benchbench.probe`): per task, backbone and features
+    (the audio features, or the trainable projector's output at its initialisation and after lora's
+    training), a row: the feature width, the seeds, per fold test WA and UA in % (the mean over the
+    seeds), the mean over every row, and the C chosen on dev (each fold's with one seed, the range
+    otherwise). A ``probe.csv`` written before the ``features`` and ``seed`` columns is the audio
+    features'. ``FileNotFoundError`` naming the file when the run holds none."""
     import pandas as pd
+
+    from ..probe import FEATURES
 
     path = run.folder / "probe.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no probe.csv (the view is for a recorded `bench probe` command)")
     rows = pd.read_csv(path)
+    rows["features"] = rows["features"].fillna("audio") if "features" in rows else "audio"
+    if "seed" not in rows:
+        rows["seed"] = float("nan")
     folds = sorted(rows["fold"].unique())
-    lines = ["| task · backbone | feature width | " + " | ".join(f"fold {f}: WA · UA" for f in folds)
-             + " | mean: WA · UA | C chosen on dev |", "|" + "---|" * (len(folds) + 4)]
-    for (task, backbone), g in rows.groupby(["task", "backbone"], sort=False):
-        by = g.set_index("fold")
+    lines = ["| task · backbone | features | width | seeds | " + " | ".join(f"fold {f}: WA · UA" for f in folds)
+             + " | mean: WA · UA | C chosen on dev |", "|" + "---|" * (len(folds) + 6)]
+    for (task, backbone, features), g in rows.groupby(["task", "backbone", "features"], sort=False):
+        by = g.groupby("fold")[["wa", "ua"]].mean()
         cells = [f"{100 * by.loc[f, 'wa']:.2f} · {100 * by.loc[f, 'ua']:.2f}" if f in by.index else "" for f in folds]
-        lines.append(f"| {task} · `{backbone}` | {int(g['feature_dim'].iloc[0])} | " + " | ".join(cells)
-                     + f" | {100 * g['wa'].mean():.2f} · {100 * g['ua'].mean():.2f} | "
-                     + " ".join(f"{c:g}" for c in g["C"]) + " |")
+        seeds = sorted(int(x) for x in g["seed"].dropna().unique())
+        C = (" ".join(f"{c:g}" for c in g["C"]) if len(seeds) <= 1
+             else f"{g['C'].min():g} to {g['C'].max():g}")
+        lines.append(f"| {task} · `{backbone}` | {FEATURES.get(features, features)} | {int(g['feature_dim'].iloc[0])} | "
+                     + (",".join(map(str, seeds)) or "–") + " | " + " | ".join(cells)
+                     + f" | {100 * g['wa'].mean():.2f} · {100 * g['ua'].mean():.2f} | {C} |")
     return "\n".join(lines)
 
 
@@ -848,6 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     j = sub.add_parser("join", help="make results/NAME of several committed runs (parts: one machine, one code)")
     j.add_argument("name")
     j.add_argument("parts", nargs="+", help="committed runs under results/")
+    j.add_argument("--accept", action="append", default=[], metavar="PATH=REASON",
+                   help="a code path whose difference between the parts' commits you read and found not to "
+                        "change what the cells compute, and why (kept in run.json and the provenance line)")
     sub.add_parser("render", help="rewrite every generated block of README.md and docs/")
     sub.add_parser("check", help="exit 1 naming each generated block that is not current")
     args = p.parse_args(argv)
@@ -856,7 +888,11 @@ def main(argv: list[str] | None = None) -> int:
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
             return record(args.name, command)
         if args.what == "join":
-            print(f"joined {join(args.name, args.parts).relative_to(ROOT)}")
+            bad = [a for a in args.accept if "=" not in a or not a.split("=", 1)[1].strip()]
+            if bad:
+                raise ValueError(f"--accept {bad[0]}: give PATH=REASON")
+            accept = dict(a.split("=", 1) for a in args.accept)
+            print(f"joined {join(args.name, args.parts, accept=accept).relative_to(ROOT)}")
             return 0
         if args.what == "render":
             for path in render():
