@@ -29,6 +29,7 @@ LAYERS = {
     "benchbench.analysis": 4,
     "benchbench.leaderboard": 5,
     "benchbench.cells": 6, "benchbench.harness": 6, "benchbench.sweep": 6, "benchbench.tuning": 6, "benchbench.testing": 6, "benchbench.speed": 6,
+    "benchbench.probe": 6,            # fits lora on a cell (bench probe --projector): a runner, like speed
     "benchbench.cli": 7,
     "benchbench.tools": 8,          # research tools: may import anything, nothing imports them
     "benchbench": 0,
