@@ -92,6 +92,11 @@ def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
     assert run.meta["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                                 text=True).stdout.strip()
     assert run.meta["version"] and run.meta["machine"]["torch"] and len(run.meta["attempts"]) == 1
+    # the CPU's bf16 kernels, as the cell keys of bf16 backbones name them, and the provenance says them
+    from benchbench.backbone import bf16_kernels
+
+    assert run.meta["machine"]["bf16_kernels"] == bf16_kernels("cpu") in ("amx", "avx512_bf16", "emulated")
+    assert f"logical cores (bf16 kernels: {bf16_kernels('cpu')}), torch" in publish.view_provenance(run)
     # the tracked files that differ from the commit, as git names them at the start
     changed = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True).stdout.splitlines()
@@ -276,6 +281,18 @@ def test_join_refuses_parts_that_are_not_comparable(tmp_path):
     with pytest.raises(ValueError, match=f"results/{parts[1]}: ran on another machine .*cpu 'Intel.*' vs 'AMD EPYC'"):
         publish.join("j", parts, results=tmp_path)
     undo()
+    # one CPU name over CPUs with other bf16 kernels: refused where both parts recorded them, not where
+    # one part's run.json predates the record
+    mach = json.loads((tmp_path / parts[0] / "run.json").read_text())["machine"]
+    undo0 = edit(parts[0], machine={**mach, "bf16_kernels": "avx512_bf16"})
+    undo = edit(parts[1], machine={**mach, "bf16_kernels": "emulated"})
+    with pytest.raises(ValueError, match=f"results/{parts[1]}: ran on another machine .*bf16_kernels 'avx512_bf16' "
+                                         "vs 'emulated'"):
+        publish.join("j", parts, results=tmp_path)
+    undo()
+    assert "bf16_kernels" not in mach
+    assert publish.join("j-old-and-new", parts, results=tmp_path).is_dir()
+    undo0()
     # a commit whose code differs (the one before the last change to the Ultravox backbones)
     last = subprocess.run(["git", "log", "-1", "--format=%H", "--", "backbones/ultravox.py"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()

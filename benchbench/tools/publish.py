@@ -89,7 +89,10 @@ PROGRESS_LINE = re.compile(r"^  \[[^\]]+\] .*$\n?", re.M)
 
 # ---------------------------------------------------------------------------- the machine
 def machine() -> dict:
-    """What a timing depends on: CPU model, logical cores, platform, Python and the torch build."""
+    """What a timing depends on: CPU model, logical cores, platform, Python, the torch build and the
+    CPU's bf16 kernels (:func:`benchbench.backbone.bf16_kernels`: ``amx``, ``avx512_bf16`` or
+    ``emulated``; one CPU model name covers CPUs with and without AVX512-BF16, and they differ in speed
+    and in what ``--autocast auto`` chooses)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -104,8 +107,10 @@ def machine() -> dict:
         torch_build = torch.__version__
     except ImportError:
         torch_build = None
+    from benchbench.backbone import bf16_kernels
+
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch_build}
+            "torch": torch_build, "bf16_kernels": bf16_kernels("cpu")}
 
 
 def _git(*args: str) -> str:
@@ -286,7 +291,7 @@ def keep_curves(out: Path, folder: Path) -> Path | None:
 # what a commit may change between the parts of a joined run: files no cell's computation imports or reads
 NON_CELL_PATHS = ("results/", "docs/", "tests/", ".ci/", "README.md", "CHANGELOG.md", "CONTRIBUTING.md",
                   "ARCHITECTURE.md", "mkdocs.yml", "benchbench/tools/publish.py")
-MACHINE_KEYS = ("cpu", "cores", "python", "torch", "gpu", "gpu_memory_gb")
+MACHINE_KEYS = ("cpu", "cores", "python", "torch", "gpu", "gpu_memory_gb", "bf16_kernels")
 
 
 def join(name: str, parts: list[str], results: Path = RESULTS, accept: dict[str, str] | None = None) -> Path:
@@ -325,9 +330,12 @@ def join(name: str, parts: list[str], results: Path = RESULTS, accept: dict[str,
             raise ValueError(f"results/{r.name}: its command exited with {r.meta['exit_status']}: not a finished run")
         if not (r.folder / "results.csv").is_file():
             raise ValueError(f"results/{r.name}: holds no cells (a `bench run` run is joined, not {r.meta['command']!r})")
-        mine, theirs = ({k: m["machine"].get(k) for k in MACHINE_KEYS} for m in (r.meta, first.meta))
+        # bf16_kernels: compared where both parts recorded it (run.json before it did not)
+        keys = [k for k in MACHINE_KEYS if k != "bf16_kernels" or all(
+            "bf16_kernels" in m["machine"] for m in (r.meta, first.meta))]
+        mine, theirs = ({k: m["machine"].get(k) for k in keys} for m in (r.meta, first.meta))
         if mine != theirs:
-            diff = ", ".join(f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in MACHINE_KEYS if mine[k] != theirs[k])
+            diff = ", ".join(f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in keys if mine[k] != theirs[k])
             raise ValueError(f"results/{r.name}: ran on another machine than results/{first.name} ({diff}); "
                              "timings and bf16 scores compare within one machine only")
         if r.meta["commit"] != first.meta["commit"]:
@@ -462,6 +470,7 @@ def view_provenance(run: CommittedRun) -> str:
     attempts = len(m["attempts"])
     first, *more = m["command"].splitlines()
     gpu = f"{mach['gpu']} ({mach['gpu_memory_gb']} GiB), " if mach.get("gpu") else ""
+    kernels = f" (bf16 kernels: {mach['bf16_kernels']})" if mach.get("bf16_kernels") else ""
     if m.get("parts"):  # a joined run: its parts, their commands and commits (the same code)
         commits = sorted({p["commit"][:10] for p in m["parts"]})
         names = ", ".join(f"`results/{p['name']}`" for p in m["parts"])
@@ -474,7 +483,7 @@ def view_provenance(run: CommittedRun) -> str:
         command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
         head = f": {command} on commit `{m['commit'][:10]}`{_dirty_text(m)}"
     return (f"*Committed run `results/{run.name}`{head}, version {m['version']}; {gpu}{mach['cpu']}, "
-            f"{mach['cores']} logical cores, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
+            f"{mach['cores']} logical cores{kernels}, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
             f"{f' over {attempts} attempts' if attempts > 1 else ''}.*")
 
 
