@@ -721,9 +721,11 @@ def _reuse_finished(spec: RunSpec, cells: list[Cell], tracker, writer: ResultsWr
 def finalise(spec: RunSpec, out: Path, tracker, writer: ResultsWriter, task_info: dict[str, TaskSummary],
              backbones: dict[str, AudioLLMBackbone], status: str, stop: "_StopOnSigterm") -> Summary:
     """End a run, however it ended: ``summary.json`` (with the run's facts: output, store, parent,
-    counts, cells not logged to the store, status) and ``leaderboard.md`` from the cells kept so far,
+    counts, cells not logged to the store, the resolved versions of the key packages, status) and ``leaderboard.md`` from the cells kept so far,
     then the parent run ended with the status (``KILLED`` after SIGTERM or Ctrl-C, ``FAILED`` when a
     cell failed or the run raised)."""
+    from .tracking import package_versions
+
     rows, predictions = writer.rows, writer.predictions
     summary = summarize(pd.DataFrame(rows), pd.concat(predictions) if predictions else pd.DataFrame(), task_info,
                         spec.baseline)
@@ -736,7 +738,7 @@ def finalise(spec: RunSpec, out: Path, tracker, writer: ResultsWriter, task_info
                    "cells_reused": writer.counts["reused"],
                    "cells_computed": writer.counts["computed"], "cells_logged_later": writer.counts["logged_later"],
                    "cells_not_logged": len(writer.unlogged()), "tracking_problem": tracker.store.problem,
-                   "status": "KILLED" if stop.seen else status}
+                   "versions": package_versions(), "status": "KILLED" if stop.seen else status}
     summary.write(out / "summary.json")
     from .leaderboard.render import render_markdown  # the run's own table, as the leaderboard renders it
 

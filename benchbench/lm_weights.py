@@ -88,11 +88,46 @@ def package_gguf_path(pkg: GGUFPackage) -> Path:
     return path
 
 
+def conversion_dir(pkg: GGUFPackage) -> Path:
+    """Where the float32 conversion of ``pkg``'s file is kept: under the suite's cache
+    (:func:`benchbench.data.default_cache_dir`), named by the file's sha256 and the transformers version
+    that converted it (another release may dequantise or map names differently, so it converts anew)."""
+    import transformers
+
+    from .data import default_cache_dir
+
+    return default_cache_dir() / "lm-weights" / f"{pkg.name}-{pkg.sha256[:16]}-transformers-{transformers.__version__}"
+
+
+def _keep(save, folder: Path) -> None:
+    """``save(tmp)`` into a fresh folder beside ``folder``, then renamed into place in one step (processes
+    converting at once: one rename wins, the others' folders are removed; a killed conversion leaves no
+    half-written ``folder``). Nothing is kept where the cache is not writable."""
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    except OSError:
+        return
+    try:
+        save(tmp)
+        tmp.rename(folder)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_gguf_lm(pkg: GGUFPackage):
     """The package's LM as transformers' class (``LlamaForCausalLM`` for SmolLM2), float32, read by
     transformers' GGUF loader from the sha256-checked file (:func:`package_gguf_path`); every tensor
     of the class is loaded (``ValueError`` naming the missing ones otherwise) and its sizes are
-    checked against ``pkg``. About 19 s on a 2-core CPU (dequantisation).
+    checked against ``pkg``. The first load dequantises (about 19 s on a 2-core CPU) and keeps the
+    float32 result as safetensors in :func:`conversion_dir`; later loads read that (about 1 s), the
+    same tensors bit for bit (``tests/test_lm_backbone.py``). The GGUF file's sha256 is checked on
+    every load.
 
     Raises:
         BackboneWeightsMissing: as :func:`package_gguf_path`, or the ``gguf`` package is missing.
@@ -100,6 +135,7 @@ def load_gguf_lm(pkg: GGUFPackage):
     """
     import importlib.util
 
+    import torch
     import transformers
 
     if importlib.util.find_spec("gguf") is None:
@@ -108,10 +144,17 @@ def load_gguf_lm(pkg: GGUFPackage):
     cls = getattr(transformers, pkg.architecture)
     from transformers.utils import logging as hf_logging
 
+    kept = conversion_dir(pkg) / "lm"
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' per-tensor dequantisation bars
+    hf_logging.disable_progress_bar()  # transformers' per-tensor dequantisation and loading bars
     try:
-        model, info = cls.from_pretrained(str(path.parent), gguf_file=path.name, output_loading_info=True)
+        if (kept / "config.json").is_file():
+            model, info = cls.from_pretrained(str(kept), output_loading_info=True)
+        else:
+            model, info = cls.from_pretrained(str(path.parent), gguf_file=path.name, output_loading_info=True)
+            if hasattr(model.config, "quantization_config"):  # dequantised to float32: nothing quantised is left
+                del model.config.quantization_config
+            kept = None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -122,17 +165,29 @@ def load_gguf_lm(pkg: GGUFPackage):
     if (c.hidden_size, c.num_hidden_layers, c.vocab_size) != (pkg.hidden_size, pkg.layers, pkg.vocab_size):
         raise ValueError(f"{path}: an LM of width {c.hidden_size}, {c.num_hidden_layers} blocks, vocabulary "
                          f"{c.vocab_size}; expected {pkg.hidden_size}, {pkg.layers}, {pkg.vocab_size}")
-    if hasattr(c, "quantization_config"):  # dequantised to float32: nothing quantised is left
-        del c.quantization_config
+    if kept is None and all(p.dtype == torch.float32 for p in model.parameters()):
+        def save(folder: Path) -> None:  # the tensors and config alone (save_pretrained refuses a GGUF-loaded model)
+            from safetensors.torch import save_model
+
+            model.config.save_pretrained(folder)
+            save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+        _keep(save, conversion_dir(pkg) / "lm")
     return model.eval()
 
 
 def load_gguf_tokenizer(pkg: GGUFPackage):
-    """The package's tokenizer with its chat template, read from the same GGUF file."""
+    """The package's tokenizer with its chat template, read from the same GGUF file (the first time;
+    then from its copy in :func:`conversion_dir`, which encodes alike: ``tests/test_lm_backbone.py``)."""
     from transformers import AutoTokenizer
 
     path = package_gguf_path(pkg)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    kept = conversion_dir(pkg) / "tokenizer"
+    if (kept / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(kept))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _keep(tokenizer.save_pretrained, kept)
+    return tokenizer
 
 
-__all__ = ["GGUFPackage", "SMOLLM2_135M", "load_gguf_lm", "load_gguf_tokenizer", "package_gguf_path"]
+__all__ = ["GGUFPackage", "SMOLLM2_135M", "conversion_dir", "load_gguf_lm", "load_gguf_tokenizer", "package_gguf_path"]

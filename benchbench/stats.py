@@ -129,8 +129,8 @@ def compare(preds: pd.DataFrame, method: str, reference: str, labels: Sequence[s
     keys = ["fold", "seed", "utterance_id"]
     a = preds[preds["method"] == method].set_index(keys)
     b = preds[preds["method"] == reference].set_index(keys)
-    j = a[["dialogue_id", "label", "prediction", "correct"]].join(
-        b[["prediction", "correct"]], rsuffix="_ref", how="inner").reset_index()
+    j = pd.merge(a[["dialogue_id", "label", "prediction", "correct"]], b[["prediction", "correct"]],
+                 left_index=True, right_index=True, how="inner", suffixes=("", "_ref")).reset_index()
     if j.empty:
         raise ValueError(f"{method} and {reference} share no test utterance (same folds and seeds?)")
     index = {lab: i for i, lab in enumerate(labels)}

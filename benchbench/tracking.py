@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 TRACKED_PACKAGES = ("benchbench", "torch", "transformers", "peft", "titans-pytorch", "scikit-learn",
-                    "numpy", "scipy", "pandas", "mlflow")
+                    "numpy", "scipy", "pandas", "statsmodels", "mlflow", "optuna")
 EXPERIMENT = "benchbench"
 STALE_AFTER_S = float(os.environ.get("BENCHBENCH_STALE_AFTER_S", 6 * 3600))
 """A RUNNING run whose heartbeat is older than this (seconds) is taken for dead, on any host."""
@@ -149,6 +149,9 @@ def _mark_killed(client: MlflowClient, run_id: str, why: str) -> None:
 
 
 def package_versions() -> dict[str, str]:
+    """The installed versions of the packages a result depends on (:data:`TRACKED_PACKAGES`: the suite,
+    torch and the libraries whose computations or statistics reach a figure), ``"not installed"``
+    for one that is absent; recorded in every run's ``summary.json``, ``run.json`` and MLflow tags."""
     out = {}
     for p in TRACKED_PACKAGES:
         try:

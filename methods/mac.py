@@ -19,6 +19,7 @@ like for ``mal`` (each branch inserts its own tokens).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,10 @@ from einops import repeat
 from transformers.masking_utils import create_causal_mask
 
 from benchbench.methods.titans_memory import MemoryBranch, TitansMemoryConfig, TitansMemoryMethod
+
+# create_causal_mask's KV-cache argument: ``cache`` in newer transformers 5.x, where ``past_key_values``
+# is deprecated (removed in 5.40); ``past_key_values`` before. MAC builds its mask without a cache.
+_NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 
 
 @dataclass
@@ -84,7 +89,7 @@ class MemoryAsContext(TitansMemoryMethod):
         position_ids = torch.arange(L2, device=h.device)[None]
         attention = create_causal_mask(config=self._lm_config, inputs_embeds=out,
                                        attention_mask=None if bool(mask2.all()) else mask2,
-                                       past_key_values=None, position_ids=position_ids)
+                                       position_ids=position_ids, **_NO_CACHE)
         ctx.insert_tokens(n, {"position_ids": position_ids, "position_embeddings": self._rotary(out, position_ids),
                               "attention_mask": attention})
         kwargs.update(ctx.block_kwargs)

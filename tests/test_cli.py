@@ -20,9 +20,25 @@ def test_bench_list_methods_console_script():
     assert {"synthetic", "emodb"} <= set(out)
 
 
-def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
+PLANTED_WARNING = "planted: a notice raised inside a cell"
+
+
+def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
+    # a warning raised inside every cell, from one source line (as a library's deprecation notice would
+    # be): the mechanism under test, with a message no dependency can drop in a release
+    import warnings
+
+    from benchbench import harness
+
+    compute = harness.compute_cell
+
+    def warning_cell(cell, progress=None):
+        warnings.warn(PLANTED_WARNING, UserWarning)
+        return compute(cell, progress)
+
+    monkeypatch.setattr(harness, "compute_cell", warning_cell)
     rc = main(["run", "--methods", METHODS4, "--tasks", "synthetic", "--preset", "smoke", "--seeds", "0,1",
                "--tracking-uri", uri, "--output", str(out), "--no-progress"])
     assert rc == 0
@@ -32,7 +48,8 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys):
     # libraries' warnings go to the output folder's warnings.log, not through the progress bar
     assert "Warning" not in captured.err
     log = (out / "warnings.log").read_text()
-    assert "is_gradient_checkpointing" in log
+    assert log.count(PLANTED_WARNING) == 1, log[:2000]  # raised in 8 cells, written once
+    assert f"test_cli.py:{warning_cell.__code__.co_firstlineno + 1}: UserWarning: {PLANTED_WARNING}" in log
     import re
 
     places = re.findall(r"^(\S+:\d+): \w+Warning", log, re.M)  # formatwarning's "file:line: Category: msg"

@@ -129,24 +129,23 @@ def test_label_history_reference_and_gap_closed_equal_a_hand_computation():
     assert gap_text(beyond) == "+140% [+110, +170] (beyond the reference)"
 
 
-def test_a_run_writes_the_label_history_reference_and_the_gap_closed(tmp_path):
+def test_a_run_writes_the_label_history_reference_and_the_gap_closed(tmp_path, capsys):
     """`bench run` on a real corpus: tasks.emodb.references.label_history in summary.json (and its
     deprecated alias under ceilings), never below lora, and each method's gap closed against it,
     named with its value; the terminal says what the reference assumes."""
     import json
-    import subprocess
-    import sys
 
+    from benchbench.cli import main
     from tests.conftest import EMODB_DIR, missing
 
     if not EMODB_DIR.is_dir():
         pytest.skip(missing("Emo-DB", EMODB_DIR))
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "benchbench.cli", "run", "--methods", "lora,hmm", "--tasks", "emodb",
-                          "--data-dir", str(EMODB_DIR.parent / "emodb"), "--preset", "smoke", "--seeds", "0", "--folds", "0",
-                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--output", str(out), "--no-progress"],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    rc = main(["run", "--methods", "lora,hmm", "--tasks", "emodb", "--data-dir", str(EMODB_DIR.parent / "emodb"),
+               "--preset", "smoke", "--seeds", "0", "--folds", "0", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+               "--output", str(out), "--no-progress"])
+    res = capsys.readouterr()
+    assert rc == 0, res.err[-3000:]
     s = json.loads((out / "summary.json").read_text())
     ref = s["tasks"]["emodb"]["references"]["label_history"]
     assert s["tasks"]["emodb"]["ceilings"]["label_history"] == ref  # the 0.2 alias
@@ -155,8 +154,8 @@ def test_a_run_writes_the_label_history_reference_and_the_gap_closed(tmp_path):
     assert [g["method"] for g in s["gap_closed"]] == ["hmm"]
     assert s["gap_closed"][0]["target_kind"] == "reference" and s["gap_closed"][0]["target_wa"] == pytest.approx(ref)
     assert s["context_references"] == s["context_ceilings"] and s["context_references"][0]["kind"] == "reference"
-    assert "context reference label_history" in res.stdout and "which no method sees" in res.stdout
-    assert "a reference, not a bound" in res.stdout and f"reference label_history {100 * ref:.2f}" in res.stdout
+    assert "context reference label_history" in res.out and "which no method sees" in res.out
+    assert "a reference, not a bound" in res.out and f"reference label_history {100 * ref:.2f}" in res.out
     from benchbench.analysis import Summary  # summary.json reads back: the reference stays apart from the ceilings
 
     back = Summary.read(out / "summary.json").tasks["emodb"].reference

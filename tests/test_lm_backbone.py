@@ -38,6 +38,17 @@ def lm_backbone(_isolated_cache):
     return make_backbone(NAME, {}, seed=0)
 
 
+@pytest.fixture(scope="module")
+def fitted_lora(lm_backbone, tiny_task):
+    """``lora`` fitted at smoke on the pretrained LM, once for the tests that only read it: ``(method,
+    report, the backbone's projector state before the fit)``."""
+    from benchbench.testing import fit_with_report
+
+    initial = {k: v.clone() for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items()}
+    m, report = fit_with_report("lora", lm_backbone, tiny_task)
+    return m, report, initial
+
+
 # ---------------------------------------------------------------------------- the weights
 def test_gguf_file_is_found_through_metadata_and_hash_checked(tmp_path, monkeypatch):
     from benchbench import lm_weights
@@ -104,13 +115,34 @@ def _independent_llama(path):
     return model
 
 
-def test_loaded_lm_matches_an_independent_load_path_and_knows_english():
+def test_loaded_lm_matches_an_independent_load_path_and_knows_english(tmp_path, monkeypatch, _isolated_cache):
     from transformers import LlamaForCausalLM
 
-    from benchbench.lm_weights import SMOLLM2_135M, load_gguf_lm, load_gguf_tokenizer, package_gguf_path
+    from benchbench.lm_weights import SMOLLM2_135M, conversion_dir, load_gguf_lm, load_gguf_tokenizer, package_gguf_path
 
-    lm = load_gguf_lm(SMOLLM2_135M)
+    if conversion_dir(SMOLLM2_135M).exists():  # the session's cache holds a conversion: read the file in another
+        monkeypatch.setenv("BENCHBENCH_CACHE", str(tmp_path))  # (otherwise the one made here serves the module)
+    assert not conversion_dir(SMOLLM2_135M).exists()
+    lm = load_gguf_lm(SMOLLM2_135M)  # from the GGUF file
     tok = load_gguf_tokenizer(SMOLLM2_135M)
+    # the float32 conversion is kept, and a second load reads it: the same tensors and encodings
+    assert conversion_dir(SMOLLM2_135M).parent.name == "lm-weights"
+    assert (conversion_dir(SMOLLM2_135M) / "lm" / "config.json").is_file()
+    again, tok_again = load_gguf_lm(SMOLLM2_135M), load_gguf_tokenizer(SMOLLM2_135M)
+    config, config_again = ({k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"} for m in (lm, again))
+    assert type(again) is type(lm) and config_again == config
+    assert set(again.state_dict()) == set(lm.state_dict())
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in lm.state_dict().items())
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    texts = ["The capital of France is", "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nanger, happiness",
+             " neutral sadness boredom", "<|im_end|>\n<|im_start|>assistant\n"]
+    for text in texts:
+        assert tok_again(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+        assert tok_again(text).input_ids == tok(text).input_ids
+    chat = [{"role": "user", "content": "hello"}]
+    assert tok_again.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    assert (tok_again.eos_token_id, tok_again.bos_token_id, tok_again.pad_token_id, len(tok_again)) == \
+        (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, len(tok))
     assert isinstance(lm, LlamaForCausalLM)
     c = lm.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == \
@@ -179,13 +211,16 @@ SLOW = pytest.mark.slow
                                     pytest.param("full_context", marks=SLOW), pytest.param("hmm", marks=SLOW),
                                     pytest.param("ttt", marks=SLOW), pytest.param("rmt", marks=SLOW),
                                     pytest.param("retrieval", marks=SLOW)])
-def test_every_method_trains_the_projector_with_its_task_lora(lm_backbone, tiny_task, method):
+def test_every_method_trains_the_projector_with_its_task_lora(lm_backbone, tiny_task, method, request):
     """Each method attaches to the pretrained LM, fits at smoke and predicts; its task LoRA includes
     the projector, which moved from its initial values, while the backbone's own projector did not."""
     from benchbench.testing import fit_with_report
 
-    initial = {k: v.clone() for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items()}
-    m, report = fit_with_report(method, lm_backbone, tiny_task)
+    if method == "lora":  # the module's one lora fit (the projector's values from before it)
+        m, report, initial = request.getfixturevalue("fitted_lora")
+    else:
+        initial = {k: v.clone() for k, v in lm_backbone.model.model.multi_modal_projector.state_dict().items()}
+        m, report = fit_with_report(method, lm_backbone, tiny_task)
     own = m.trained_parameters()
     projector = {k: p for k, p in own.items() if k.startswith("audio_projector.")}
     assert set(projector) == {f"audio_projector.{k}" for k in initial}
@@ -301,11 +336,10 @@ def test_the_system_prompt_is_an_option_in_the_label_and_the_key(lm_backbone):
         make_backbone(NAME, {"system_prompt": "long"}, seed=0)
 
 
-def test_save_load_carries_the_trained_projector(lm_backbone, tiny_task, tmp_path):
+def test_save_load_carries_the_trained_projector(fitted_lora, lm_backbone, tiny_task, tmp_path):
     from benchbench.method import METHODS
-    from benchbench.testing import fit_with_report
 
-    m, _ = fit_with_report("lora", lm_backbone, tiny_task)
+    m, _, _ = fitted_lora
     m.save(tmp_path / "lora.safetensors")
     again = METHODS.get("lora")(lm_backbone, tiny_task.labels, m.config, seed=1)
     again.load(tmp_path / "lora.safetensors")

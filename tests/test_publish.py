@@ -97,6 +97,13 @@ def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
 
     assert run.meta["machine"]["bf16_kernels"] == bf16_kernels("cpu") in ("amx", "avx512_bf16", "emulated")
     assert f"logical cores (bf16 kernels: {bf16_kernels('cpu')}), torch" in publish.view_provenance(run)
+    # the resolved versions of the key packages, as installed here, and the provenance line names them
+    import importlib.metadata as md
+
+    for package in ("torch", "transformers", "peft", "pandas", "numpy", "mlflow", "optuna", "scikit-learn"):
+        assert run.meta["versions"][package] == md.version(package)
+    assert f", transformers {md.version('transformers')}, peft {md.version('peft')}," in publish.view_provenance(run)
+    assert f", optuna {md.version('optuna')}; wall time" in publish.view_provenance(run)
     # the tracked files that differ from the commit, as git names them at the start
     changed = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True).stdout.splitlines()
@@ -292,6 +299,17 @@ def test_join_refuses_parts_that_are_not_comparable(tmp_path):
     undo()
     assert "bf16_kernels" not in mach
     assert publish.join("j-old-and-new", parts, results=tmp_path).is_dir()
+    undo0()
+    # other package versions: refused where both parts recorded them
+    versions = {"torch": "2.13.0+cpu", "pandas": "3.1.2", "benchbench": "0.2.0"}
+    undo0 = edit(parts[0], versions=versions)
+    undo = edit(parts[1], versions={**versions, "pandas": "2.3.3", "benchbench": "0.2.1"})
+    with pytest.raises(ValueError, match=f"results/{parts[1]}: ran on other package versions than results/{parts[0]} "
+                                         r"\(pandas 3.1.2 vs 2.3.3\)$"):
+        publish.join("j", parts, results=tmp_path)
+    undo()
+    joined = publish.join("j-versions", parts, results=tmp_path)  # one part without them: joined
+    assert json.loads((joined / "run.json").read_text())["versions"] == versions
     undo0()
     # a commit whose code differs (the one before the last change to the Ultravox backbones)
     last = subprocess.run(["git", "log", "-1", "--format=%H", "--", "backbones/ultravox.py"], cwd=ROOT,

@@ -44,7 +44,7 @@ def test_a_method_without_search_space_is_refused(tmp_path, capsys):
     assert "zero_shot declares no search space" in capsys.readouterr().err
 
 
-def test_two_workers_share_one_study_and_a_restart_continues_it(tmp_path):
+def test_two_workers_share_one_study_and_a_restart_continues_it(tmp_path, capsys):
     cmd = [sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "shared", 4)]
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [w.communicate(timeout=600) for w in workers]
@@ -74,15 +74,13 @@ def test_two_workers_share_one_study_and_a_restart_continues_it(tmp_path):
             assert child.data.metrics["objective_dev_ua"] == pytest.approx(t.value)
             assert child.data.params["method.lr"] == str(t.params["lr"])
 
-    # restarted with a larger target: the same study goes on, only the missing trials run
-    res = subprocess.run([sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "shared", len(trials) + 1)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"{len(trials) + 1} finished trials, 1 run by this worker" in res.stdout
+    # restarted with a larger target (a worker in this process: `main`, as the console script calls it):
+    # the same study goes on, only the missing trials run
+    capsys.readouterr()
+    assert main(_sweep_cmd(tmp_path, "shared", len(trials) + 1)) == 0, capsys.readouterr().err[-3000:]
+    assert f"{len(trials) + 1} finished trials, 1 run by this worker" in capsys.readouterr().out
     # and with the target already met, a restart runs nothing
-    res = subprocess.run([sys.executable, "-m", "benchbench.cli", *_sweep_cmd(tmp_path, "shared", 2)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and ", 0 run by this worker" in res.stdout
+    assert main(_sweep_cmd(tmp_path, "shared", 2)) == 0 and ", 0 run by this worker" in capsys.readouterr().out
 
 
 def test_best_config_runs_with_bench_run_config(tmp_path):

@@ -175,6 +175,8 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
             raise ValueError(f"{sorted(owned)[0]}: the recorder sets it (the run's own files under {work})")
         argv += given  # a probe's file is one a command, joined below
         argvs.append(argv)
+    from benchbench.tracking import package_versions
+
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     commit = _git("rev-parse", "HEAD")
@@ -197,7 +199,7 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
                                                      "wall_seconds": round(wall, 1), "exit_status": returncode}]
     meta = {"command": text, "commit": commit, "dirty": bool(dirty_paths), "dirty_paths": dirty_paths,
             # as the run started (the tree may move on)
-            "version": _version(), "machine": machine(), "attempts": attempts,
+            "version": _version(), "machine": machine(), "versions": package_versions(), "attempts": attempts,
             "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": returncode}
     (folder / "stdout.txt").write_text("".join(stdout))
     out = work / "out"
@@ -303,7 +305,8 @@ def join(name: str, parts: list[str], results: Path = RESULTS, accept: dict[str,
 
     The parts must be comparable, or the join refuses (``ValueError`` naming the part and the problem):
     each finished (exit status 0); the same machine (:data:`MACHINE_KEYS` of ``run.json``: timings and
-    bf16 scores compare within one machine only); the same code (one commit, or commits that differ only
+    bf16 scores compare within one machine only); the same package versions (``run.json``'s
+    ``versions``, where both parts recorded them); the same code (one commit, or commits that differ only
     in :data:`NON_CELL_PATHS`: ``git diff`` says); the same data (each task's manifest sha256); and no
     cell (task, backbone, method, seed, fold) in two parts. ``check`` (:func:`stale`) fails when a part's
     cells no longer are the joined run's. ``FileNotFoundError`` names a part that is not committed.
@@ -338,6 +341,13 @@ def join(name: str, parts: list[str], results: Path = RESULTS, accept: dict[str,
             diff = ", ".join(f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in keys if mine[k] != theirs[k])
             raise ValueError(f"results/{r.name}: ran on another machine than results/{first.name} ({diff}); "
                              "timings and bf16 scores compare within one machine only")
+        versions = [m.get("versions") for m in (first.meta, r.meta)]
+        if all(versions) and versions[0] != versions[1]:  # compared where both parts recorded them
+            diff = ", ".join(f"{k} {versions[0].get(k)} vs {versions[1].get(k)}"
+                             for k in sorted({*versions[0], *versions[1]}) if versions[0].get(k) != versions[1].get(k)
+                             and k != "benchbench")
+            if diff:
+                raise ValueError(f"results/{r.name}: ran on other package versions than results/{first.name} ({diff})")
         if r.meta["commit"] != first.meta["commit"]:
             diff = subprocess.run(["git", "diff", "--name-only", first.meta["commit"], r.meta["commit"]], cwd=ROOT,
                                   capture_output=True, text=True, check=False)
@@ -390,7 +400,8 @@ def join(name: str, parts: list[str], results: Path = RESULTS, accept: dict[str,
     meta = {"command": "\n".join(r.meta["command"] for r in runs), "commit": first.meta["commit"],
             "dirty": any(r.meta["dirty"] for r in runs),
             "dirty_paths": sorted({p for r in runs for p in r.meta.get("dirty_paths", [])}),
-            "version": first.meta["version"], "machine": first.meta["machine"], "attempts": attempts,
+            "version": first.meta["version"], "machine": first.meta["machine"],
+            **({"versions": first.meta["versions"]} if first.meta.get("versions") else {}), "attempts": attempts,
             "wall_seconds": round(sum(a["wall_seconds"] for a in attempts), 1), "exit_status": 0,
             "parts": [{"name": r.name, "command": r.meta["command"], "commit": r.meta["commit"],
                        "wall_seconds": r.meta["wall_seconds"]} for r in runs],
@@ -482,9 +493,16 @@ def view_provenance(run: CommittedRun) -> str:
     else:
         command = f"`{first}`" + (f" and {len(more)} more command{'s' if len(more) > 1 else ''}" if more else "")
         head = f": {command} on commit `{m['commit'][:10]}`{_dirty_text(m)}"
+    versions = m.get("versions") or {}  # runs recorded before run.json held them name torch alone
+    packages = "".join(f", {k} {versions[k]}" for k in PROVENANCE_PACKAGES if k in versions)
     return (f"*Committed run `results/{run.name}`{head}, version {m['version']}; {gpu}{mach['cpu']}, "
-            f"{mach['cores']} logical cores{kernels}, torch {mach['torch']}; wall time {_minutes(m['wall_seconds'])}"
-            f"{f' over {attempts} attempts' if attempts > 1 else ''}.*")
+            f"{mach['cores']} logical cores{kernels}, torch {mach['torch']}{packages}; wall time "
+            f"{_minutes(m['wall_seconds'])}{f' over {attempts} attempts' if attempts > 1 else ''}.*")
+
+
+PROVENANCE_PACKAGES = ("transformers", "peft", "titans-pytorch", "numpy", "pandas", "scikit-learn", "scipy",
+                       "statsmodels", "mlflow", "optuna")
+"""The packages whose versions the provenance line names beside torch (``run.json``'s ``versions``)."""
 
 
 def _dirty_text(meta: dict) -> str:
