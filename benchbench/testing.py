@@ -315,17 +315,25 @@ def check_determinism(m: ContextMethod, task, *, method=None, overrides: dict | 
 
 
 def check_phase1_is_lora(m: ContextMethod, task, *, report: FitReport | None = None,
-                         overrides: dict | None = None, preset: str = "smoke") -> None:
+                         overrides: dict | None = None, preset: str = "smoke",
+                         lora: tuple[ContextMethod, FitReport] | None = None) -> None:
     """``phase1_of = "lora"``: the method's Phase 1 is ``lora``'s training of the same seed, bit for
     bit: its ``lora_*`` curves (per-step train loss, per-epoch dev score) equal ``lora``'s, and its
     trained parameters include ``lora``'s, equal after fitting (the task LoRA is frozen in Phase 2).
-    Both fits train (no replay from the Phase-1 cache)."""
+    Both fits train (no replay from the Phase-1 cache). ``lora``: ``(method, report)`` of a ``lora``
+    already fitted by :func:`fit_with_report` at the same seed, preset and LoRA overrides, to compare
+    with instead of fitting one (``AssertionError`` where its seed or config differs)."""
     if getattr(m, "phase1_of", None) != "lora":
         return
     lora_cls = METHODS.get("lora")
     lora_overrides = (overrides or {}).get("lora")
-    lora, lora_report = fit_with_report("lora", m.backbone, task, seed=m.seed, preset=preset,
-                                        overrides=lora_overrides if isinstance(lora_overrides, dict) else None)
+    lora_overrides = lora_overrides if isinstance(lora_overrides, dict) else None
+    if lora is None:
+        lora = fit_with_report("lora", m.backbone, task, seed=m.seed, preset=preset, overrides=lora_overrides)
+    else:
+        assert lora[0].seed == m.seed and lora[0].config == lora_cls.make_config(preset, lora_overrides), \
+            "check_phase1_is_lora: the lora given is of another seed or config than this check compares with"
+    lora, lora_report = lora
     assert isinstance(lora, lora_cls)
     report = report if report is not None else fit_with_report(type(m), m.backbone, task, m.seed, overrides, preset)[1]
     for name, curve in lora_report.curves.items():
