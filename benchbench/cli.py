@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        # the message (an OSError's first argument is its errno: its text then)
+        print(f"bench: error: {e.args[0] if e.args and isinstance(e.args[0], str) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (harness.Terminated): what finished is kept
         signal_name = "SIGTERM" if type(e).__name__ == "Terminated" else "interrupt"

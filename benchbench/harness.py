@@ -656,12 +656,14 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
     (:class:`Terminated` / ``KeyboardInterrupt`` propagate).
 
     Raises (before any output folder or MLflow run exists): ``KeyError`` for an unknown method,
-    task or backbone; ``ValueError`` for a bad option or missing data (:func:`prepare`).
+    task or backbone; ``ValueError`` for a bad option or missing data (:func:`prepare`), or an
+    output folder it could not write (:func:`check_output`).
     """
     from .tracking import Tracker  # MLflow import is slow: only when running
 
-    tasks, backbones = prepare(spec)
     out = Path(spec.output) if spec.output else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_output(out)
+    tasks, backbones = prepare(spec)
     if spec.tune and not spec.output:  # tuned cells keep their studies under it, workers included
         import dataclasses
 
@@ -703,6 +705,26 @@ def run(spec: RunSpec, show_progress: bool = True) -> Summary:
     if stop.seen:  # SIGTERM while the outputs were written: they are complete, now stop
         raise Terminated("SIGTERM")
     return summary
+
+
+def check_output(out: Path) -> None:
+    """Raise ``ValueError`` naming ``--output`` and the reason where a run could not write its outputs
+    into the folder ``out`` (a file in the way, a read-only place), before any work; leaves nothing
+    behind (the check writes a temporary folder in ``out``, or in its nearest existing parent, and
+    removes it)."""
+    import tempfile
+
+    where = Path(out)
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    if not where.is_dir():
+        raise ValueError(f"--output {out}: {where} is a file, not a folder")
+    try:
+        with tempfile.TemporaryDirectory(dir=where, prefix=".bench-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {out}: cannot write in {where} ({e.strerror or e}); choose a folder this "
+                         "user can write") from None
 
 
 def _reuse_finished(spec: RunSpec, cells: list[Cell], tracker, writer: ResultsWriter) -> list[int]:

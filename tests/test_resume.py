@@ -122,6 +122,9 @@ def test_a_killed_run_resumes_with_every_cell_once(tmp_path, how):
     (["--methods", "lora", "--tasks", "iemocap", "--data-dir", "/nonexistent"],
      "--data-dir /nonexistent: no such folder (task iemocap reads IEMOCAP_full_release"),
     (["--task-set", "synthetic.preset_size=3"], "unknown option(s) ['preset_size']"),
+    pytest.param(["--output", "/sys/benchbench-out"], "--output /sys/benchbench-out: cannot write in /sys (",
+                 marks=pytest.mark.skipif(not Path("/sys").is_dir() or os.access("/sys", os.W_OK) and os.getuid() != 0,
+                                          reason="needs a read-only /sys (Linux)")),
 ])
 def test_bad_input_exits_2_before_anything_is_written(tmp_path, bad, message, capsys, monkeypatch):
     from benchbench.cli import main
@@ -143,6 +146,18 @@ def test_bad_input_exits_2_before_anything_is_written(tmp_path, bad, message, ca
         returncode, stderr = main(args), capsys.readouterr().err
     assert returncode == 2 and message in stderr and "Traceback" not in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output folder, no store, no mlruns
+
+
+def test_an_output_under_a_file_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from benchbench.cli import main
+
+    (tmp_path / "notes.txt").write_text("a file, not a folder\n")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["run", "--methods", "lora", "--tasks", "synthetic", "--preset", "smoke", "--output",
+               str(tmp_path / "notes.txt" / "run"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--output {tmp_path / 'notes.txt' / 'run'}: {tmp_path / 'notes.txt'} is a file, not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_stale_run_detection(tmp_path):
