@@ -102,7 +102,7 @@ def collect(tracking_uri: str | None = None, experiment: str = "benchbench",
         if f"tags.{c}" in cells:
             results[c] = _num(cells[f"tags.{c}"])
     for c in sorted(cells.columns):  # MLflow's column order varies: sorted, the outputs are reproducible
-        if c.startswith("metrics."):
+        if c.startswith("metrics.") and "/" not in c:  # a cell's own (a parent's are task/backbone/method-named)
             results[c.removeprefix("metrics.")] = _num(cells[c])
     # the latest run of each cell key and configuration wins (a re-run replaces an earlier one); a
     # label that stood for another configuration in other runs is told apart, never replaced or pooled
