@@ -743,8 +743,8 @@ def _reuse_finished(spec: RunSpec, cells: list[Cell], tracker, writer: ResultsWr
 def finalise(spec: RunSpec, out: Path, tracker, writer: ResultsWriter, task_info: dict[str, TaskSummary],
              backbones: dict[str, AudioLLMBackbone], status: str, stop: "_StopOnSigterm") -> Summary:
     """End a run, however it ended: ``summary.json`` (with the run's facts: output, store, parent,
-    counts, cells not logged to the store, the resolved versions of the key packages, status) and ``leaderboard.md`` from the cells kept so far,
-    then the parent run ended with the status (``KILLED`` after SIGTERM or Ctrl-C, ``FAILED`` when a
+    counts, cells not logged to the store, the resolved versions of the key packages, status) and
+    ``leaderboard.md`` from the cells kept so far, then the parent run ended with the status (``KILLED`` after SIGTERM or Ctrl-C, ``FAILED`` when a
     cell failed or the run raised)."""
     from .tracking import package_versions
 

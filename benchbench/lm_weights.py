@@ -145,16 +145,16 @@ def load_gguf_lm(pkg: GGUFPackage):
     from transformers.utils import logging as hf_logging
 
     kept = conversion_dir(pkg) / "lm"
+    converted = (kept / "config.json").is_file()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' per-tensor dequantisation and loading bars
     try:
-        if (kept / "config.json").is_file():
+        if converted:
             model, info = cls.from_pretrained(str(kept), output_loading_info=True)
         else:
             model, info = cls.from_pretrained(str(path.parent), gguf_file=path.name, output_loading_info=True)
             if hasattr(model.config, "quantization_config"):  # dequantised to float32: nothing quantised is left
                 del model.config.quantization_config
-            kept = None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -165,14 +165,14 @@ def load_gguf_lm(pkg: GGUFPackage):
     if (c.hidden_size, c.num_hidden_layers, c.vocab_size) != (pkg.hidden_size, pkg.layers, pkg.vocab_size):
         raise ValueError(f"{path}: an LM of width {c.hidden_size}, {c.num_hidden_layers} blocks, vocabulary "
                          f"{c.vocab_size}; expected {pkg.hidden_size}, {pkg.layers}, {pkg.vocab_size}")
-    if kept is None and all(p.dtype == torch.float32 for p in model.parameters()):
+    if not converted and all(p.dtype == torch.float32 for p in model.parameters()):
         def save(folder: Path) -> None:  # the tensors and config alone (save_pretrained refuses a GGUF-loaded model)
             from safetensors.torch import save_model
 
             model.config.save_pretrained(folder)
             save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
-        _keep(save, conversion_dir(pkg) / "lm")
+        _keep(save, kept)
     return model.eval()
 
 

@@ -161,20 +161,20 @@ def metric_key(*parts: str) -> str:
     return "/".join(re.sub(r"[^\w\-.: ]", "_", p) for p in parts)
 
 
-def parent_metrics(summary: dict) -> list[Metric]:
+def parent_metrics(summary: dict) -> dict[str, float]:
     """The parent run's metrics from a run's ``summary.json`` (as a dict): ``<metric>/<task>/<backbone>/
     <method>`` = the mean over that method's cells (:data:`PARENT_METRICS`, fractions in [0, 1]), and
     ``<metric>_sd/...`` their SD over cells where there are several, so the MLflow UI's run table
     compares runs at the run level; non-finite values are left out."""
     import math
 
-    now, out = int(time.time() * 1000), []
+    out = {}
     for c in summary.get("cells", []):
         for m in PARENT_METRICS:
             stats = c.get(m) or {}
             for name, value in ((m, stats.get("mean")), (f"{m}_sd", stats.get("sd") if c.get("n", 0) > 1 else None)):
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    out.append(Metric(metric_key(name, c["task"], c["backbone"], c["method"]), float(value), now, 0))
+                    out[metric_key(name, c["task"], c["backbone"], c["method"])] = float(value)
     return out
 
 
@@ -577,9 +577,8 @@ class Tracker:
             return
         if summary_path is not None and summary_path.exists():
             self.store.call(self.store.client.log_artifact, self.parent_run_id, str(summary_path))
-            metrics = parent_metrics(json.loads(summary_path.read_text()))
-            for i in range(0, len(metrics), 900):  # MLflow's limit per request
-                self.store.call(self.store.client.log_batch, self.parent_run_id, metrics=metrics[i:i + 900])
+            self.store.log_run(self.parent_run_id, metrics=parent_metrics(json.loads(summary_path.read_text())),
+                               status=None)
         self.store.end_run(self.parent_run_id, status)
 
 
