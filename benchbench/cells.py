@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -34,13 +35,13 @@ from .backbone import AudioLLMBackbone
 from .data import Fold, hash_json, speaker_history_counts
 from .measure import peak_memory_mb, reset_peak_memory, test_time_costs
 from .method import METHODS, FitReport, _deep_merge
-from .metrics import compute_metrics, confusion, scored_only, stream_predict
+from .metrics import METRICS, compute_metrics, confusion, scored_only, stream_predict
 from .task import Task
 from .training import seed_everything
 
 log = logging.getLogger(__name__)
 
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 """Part of every cell key: raise it when a change to the suite changes what a cell computes, so
 that cells of the older code are recomputed rather than reused."""
 
@@ -267,10 +268,48 @@ def _fit_and_stream(cell: Cell, progress):
         method.test_time_issues.clear()
         probs = stream_predict(method, cell.fold.test)
         t2 = time.perf_counter()
+        controls = _controls(method, report, cell.fold.test, probs)
     fit_seconds = fit_s if kept is not None else t1 - t0  # a kept model cost its trial's training
     if tuning is not None:
         tuning.kept_trial = tuning.kept_trial if kept is not None else None
-    return method, report, probs, (fit_seconds, t2 - t1), (tuning, tune_s)
+    return method, report, (probs, controls), (fit_seconds, t2 - t1), (tuning, tune_s)
+
+
+def history_free_inputs(dialogues) -> list[list]:
+    """Every utterance of ``dialogues`` as a dialogue of its own (``[[x_1], [x_2], ...]``, in order):
+    the method's state is reset (S_0) before each, so no prediction can use the dialogue."""
+    return [[u] for d in dialogues for u in d.inputs()]
+
+
+def _controls(method, report: FitReport, test, probs) -> dict[str, list]:
+    """Test predictions of the cell's controls, per test dialogue like ``probs``: ``nohist`` (the
+    history-free control: the fitted method, every utterance a dialogue of its own; where
+    :attr:`~benchbench.method.ContextMethod.history_free_control`) and, for a two-stage method that
+    supports :meth:`~benchbench.method.ContextMethod.use_phase`, ``phase1`` and ``phase2`` (the test
+    set under each phase, the selected one being ``probs``). The method's test-time counters are those
+    of the main stream afterwards (controls are not the method's cost)."""
+    cost, issues = dict(method.test_time_cost), list(method.test_time_issues)
+    out: dict[str, list] = {}
+    if getattr(method, "history_free_control", True):
+        flat = [np.asarray(p) for p in method.predict_dialogues(history_free_inputs(test))]
+        out["nohist"] = np.split(np.concatenate(flat), np.cumsum([len(d) for d in test])[:-1])
+    selected = (report.selected or {}).get("phase")
+    if method.phases == 2 and selected in (1, 2):
+        other = 3 - selected
+        try:
+            method.use_phase(other)
+        except NotImplementedError:
+            pass
+        else:
+            try:
+                out[f"phase{other}"] = stream_predict(method, test)
+            finally:
+                method.use_phase(selected)
+            out[f"phase{selected}"] = probs
+    method.test_time_cost.clear()
+    method.test_time_cost.update(cost)
+    method.test_time_issues[:] = issues
+    return out
 
 
 def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, float], tuning=None,
@@ -278,11 +317,15 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
     """The record of a fitted and streamed cell: metrics over the scored utterances, costs, model
     selection, tuning (``tuning_trials``, ``tuned_params``), the predictions table and the artifacts."""
     cls, task, fold = METHODS.get(cell.method), cell.task, cell.fold
+    probs, controls = probs
     # every utterance of the stream was predicted; only the scored ones count (IEMOCAP's fru, xxx,
     # ... are context only) and only they go into predictions.csv and the paired statistics
     y_true, p, keep = scored_only(fold.test, probs)
     y_pred = p.argmax(-1)
     metrics = compute_metrics(y_true, y_pred, task.labels)
+    control_preds = {name: scored_only(fold.test, c)[1].argmax(-1) for name, c in controls.items()}
+    control_metrics = {f"{m}_{name}": v for name, pred in control_preds.items()
+                       for m, v in compute_metrics(y_true, pred, task.labels).items() if m in METRICS}
     n_stream = len(keep)
     fit_s, eval_s = seconds
     cost = {"fit_seconds": fit_s, "eval_seconds": eval_s, "eval_ms_per_utterance": 1000 * eval_s / n_stream,
@@ -290,14 +333,18 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
             **test_time_costs(method.test_time_cost, n_stream), "test_time_issues": len(method.test_time_issues)}
     for issue in method.test_time_issues:
         log.warning("cell %s: %s", cell.base, issue)
-    preds = _predictions(cell, y_true, y_pred, p)
+    preds = _predictions(cell, y_true, y_pred, p, control_preds)
     selected = report.selected or {}
     # model selection on dev is a result: which phase (2: the memory trained after the task LoRA) and epoch
     selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
                  "selected_epoch": selected.get("epoch"),  # 1-based, as FitReport.selected
                  # the task LoRA's training replayed from the Phase-1 cache (another cell's), not repeated
                  "phase1_replayed": report.phase1_replayed}
-    row = {**cell.base, "status": "ok", **metrics, **cost, **selection, "n_test": len(y_true),
+    if report.phase_dev_scores:  # both phases' dev scores: what the phase gate compares
+        selection.update({f"dev_score_phase{k}": v for k, v in report.phase_dev_scores.items()})
+        selection["phase_gate"] = bool(getattr(method.config, "phase_gate", False))
+    row = {**cell.base, "status": "ok", **metrics, **control_metrics, **cost, **selection,
+           "history_free_control": "nohist" in controls, "n_test": len(y_true),
            "n_test_stream": n_stream, "uses_context": cls.uses_context, "torch_threads": cell.threads,
            "lm_autocast": cell.backbone.autocast,
            "config_id": cell.config_id, "tuning_trials": tuning.trials if tuning else 0,
@@ -323,12 +370,13 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
                                            "tuned_params": tuning.params, "fixed_from_lora": tuning.fixed}, indent=2)
     if method.test_time_issues:
         files["test_time_issues.json"] = json.dumps(method.test_time_issues, indent=2)
-    return CellRecord(row, preds, params, {**metrics, **cost}, dict(report.curves), tags, files)
+    return CellRecord(row, preds, params, {**metrics, **control_metrics, **cost}, dict(report.curves), tags, files)
 
 
-def _predictions(cell: Cell, y_true, y_pred, p) -> pd.DataFrame:
+def _predictions(cell: Cell, y_true, y_pred, p, controls: dict | None = None) -> pd.DataFrame:
     """The scored test utterances' predictions.csv rows: ids, turn, speaker and its history, label,
-    prediction, correctness, the class probabilities."""
+    prediction, correctness, the class probabilities; then per control (``nohist``, ``phase1``,
+    ``phase2``: :func:`_controls`) its ``prediction_<control>`` and ``correct_<control>``."""
     labels = cell.task.labels
     # speaker history counts every earlier utterance of the stream, context-only ones included
     scored = [(u, k) for d in cell.fold.test
@@ -344,4 +392,8 @@ def _predictions(cell: Cell, y_true, y_pred, p) -> pd.DataFrame:
         "label": [labels[i] for i in y_true], "prediction": [labels[i] for i in y_pred],
         "correct": (y_true == y_pred).astype(int),
         **{f"p_{lab}": p[:, i] for i, lab in enumerate(labels)},
+        **{f"{col}_{name}": values for name, pred in (controls or {}).items()
+           for col, values in (("prediction", [labels[i] for i in pred]),
+                               # nullable: a run's rows of methods without this control hold <NA> there
+                               ("correct", pd.array((y_true == pred).astype(int), dtype="Int64")))},
     })

@@ -140,12 +140,17 @@ class FitReport:
             without selection). ``lora``'s is what a two-stage method's Phase 2 must beat.
         phase1_replayed: whether :func:`benchbench.training.fit_task_lora` replayed an identical
             earlier training (the ``lora`` cell's) instead of repeating it; ``None`` when not called.
+        phase_dev_scores: a two-stage method's dev score of each phase, ``{"1": Phase 1's, "2": Phase
+            2's dev-best epoch's}`` (fractions; ``"2"`` is ``None`` without a Phase-2 epoch), whichever
+            was selected: what the phase gate compares (results: ``dev_score_phase1`` /
+            ``dev_score_phase2``); ``None`` for single-phase methods.
     """
 
     curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     selected: dict | None = None
     dev_score: float | None = None
     phase1_replayed: bool | None = None
+    phase_dev_scores: dict | None = None
 
     def curve(self, name: str) -> list[float]:
         """The curve ``name``, created empty if absent (append to it)."""
@@ -263,7 +268,13 @@ class ContextMethod(ABC):
             that method's cell of the same task, fold and seed, so that the training is replayed from
             the Phase-1 cache instead of repeated in parallel;
         variant_options: the config options whose departure :meth:`variant` already names
-            (``("speaker_memory",)`` for ``mal[speaker]``), left out of the label's ``{...}``.
+            (``("speaker_memory",)`` for ``mal[speaker]``), left out of the label's ``{...}``;
+        history_free_control: whether the harness computes the cell's *history-free control*: the
+            fitted method evaluated once more with every test utterance as a dialogue of its own
+            (``reset()`` before each, no retraining), so results split its gain over ``lora`` into the
+            part from the dialogue (method - control) and from capacity (control - ``lora``). Every
+            method honouring the contract (``reset`` starts from S_0) supports it; a plugin whose state
+            outlives ``reset`` sets ``False`` and its rows say ``history_free_control`` = False.
     """
 
     name: ClassVar[str]
@@ -274,6 +285,7 @@ class ContextMethod(ABC):
     batch_utterances: ClassVar[int] = 256  # utterances per LM forward where predict_dialogues batches
     phase1_of: ClassVar[str | None] = None  # "lora": Phase 1 is lora's training (replayed, not repeated)
     variant_options: ClassVar[tuple[str, ...]] = ()  # options whose departure variant() names (label())
+    history_free_control: ClassVar[bool] = True  # False: its state cannot be reset per utterance (no control)
 
     def __init__(self, backbone: AudioLLMBackbone, labels: Sequence[str], config: MethodConfig | None = None,
                  seed: int = 0):
@@ -382,6 +394,22 @@ class ContextMethod(ABC):
                 else:
                     value = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
                 p.copy_(value.to(p))
+
+    def use_phase(self, phase: int) -> None:
+        """Two-stage methods (:attr:`phases` 2): make phase ``phase`` the live model after :meth:`fit`,
+        whatever dev selected: 1 = Phase 1 alone (the memory or context off: ``lora``'s predictions
+        when Phase 1 is ``lora``'s training), 2 = Phase 2 at its dev-best epoch. The harness predicts
+        the test set under both (results: ``prediction_phase1``, ``wa_phase1``, ...), so the phase
+        gate (the option ``phase_gate``) can be audited, then puts back what dev selected. What it
+        switches must be in :meth:`save` (trained parameters or fitted state), so a loaded method
+        switches too.
+
+        Raises:
+            NotImplementedError: a single-phase method, or a plugin that does not support it (its
+                cells then have no Phase-1 columns).
+            ValueError: ``phase`` not 1 or 2.
+        """
+        raise NotImplementedError(f"method {self.name} cannot switch phases (phases={self.phases})")
 
     # ------------------------------------------------------------------ training
     @abstractmethod

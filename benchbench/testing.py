@@ -319,7 +319,9 @@ def check_phase1_is_lora(m: ContextMethod, task, *, report: FitReport | None = N
                          lora: tuple[ContextMethod, FitReport] | None = None) -> None:
     """``phase1_of = "lora"``: the method's Phase 1 is ``lora``'s training of the same seed, bit for
     bit: its ``lora_*`` curves (per-step train loss, per-epoch dev score) equal ``lora``'s, and its
-    trained parameters include ``lora``'s, equal after fitting (the task LoRA is frozen in Phase 2).
+    trained parameters include ``lora``'s, equal after fitting under Phase 1 (:meth:`use_phase(1)
+    <benchbench.method.ContextMethod.use_phase>` where Phase 2 was selected and the method supports it;
+    else the task LoRA must be frozen in Phase 2).
     Both fits train (no replay from the Phase-1 cache). ``lora``: ``(method, report)`` of a ``lora``
     already fitted by :func:`fit_with_report` at the same seed, preset and LoRA overrides, to compare
     with instead of fitting one (``AssertionError`` where its seed or config differs)."""
@@ -341,11 +343,22 @@ def check_phase1_is_lora(m: ContextMethod, task, *, report: FitReport | None = N
             f"Phase 1 is not lora's training: curve {name} differs ({report.curves.get(name)} vs lora's {curve}); "
             "call benchbench.training.fit_task_lora with the memory off, and draw the memory's initial values "
             "inside auxiliary_rng(seed) (CONTRIBUTING.md)")
-    own = m.trained_parameters()
-    for k, p in lora.trained_parameters().items():
-        assert k in own, f"Phase 1 is not lora's: lora's parameter {k} is not among the method's trained parameters"
-        assert torch.equal(own[k].detach().cpu(), p.detach().cpu()), (
-            f"Phase 1 is not lora's: {k} differs from lora's after fitting (is the task LoRA frozen in Phase 2?)")
+    switched = (report.selected or {}).get("phase") == 2
+    if switched:  # Phase 1's values (full_context trains the task LoRA further in Phase 2)
+        try:
+            m.use_phase(1)
+        except NotImplementedError:
+            switched = False
+    try:
+        own = m.trained_parameters()
+        for k, p in lora.trained_parameters().items():
+            assert k in own, f"Phase 1 is not lora's: lora's parameter {k} is not among the method's trained parameters"
+            assert torch.equal(own[k].detach().cpu(), p.detach().cpu()), (
+                f"Phase 1 is not lora's: {k} differs from lora's after fitting (use_phase(1) where the method "
+                "supports it; else is the task LoRA frozen in Phase 2?)")
+    finally:
+        if switched:
+            m.use_phase(2)
 
 
 CHECKS = ("check_output_shape", "check_context_dependence", "check_context_free_independence", "check_future_turns",

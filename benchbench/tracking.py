@@ -590,7 +590,10 @@ def read_predictions(path: Path, dtypes: dict[str, str] | None) -> pd.DataFrame:
     if dtypes is None:
         return pd.read_csv(path, dtype={c: str for c in ("dialogue_id", "utterance_id", "speaker", "cell_key")})
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return df.astype({c: t for c, t in dtypes.items() if t != "object"})
+    for c, t in dtypes.items():  # a nullable column (a control's correct_*, absent for some methods): "" is <NA>
+        if t[:1].isupper() and c in df:
+            df[c] = df[c].replace("", None)
+    return df.astype({c: t for c, t in dtypes.items() if t != "object" and c in df})
 
 
 def read_folder_predictions(path: Path) -> pd.DataFrame:

@@ -224,7 +224,7 @@ def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int,
                metric: str, best: BestCheckpoint, batches: Callable[[], Iterable], loss: Callable,
                step: Callable[[torch.Tensor], None], modules: Sequence[nn.Module],
                progress: ProgressFn | None, after_epoch: Callable[[], dict[str, float]] | None = None,
-               phase: int = 1) -> BestCheckpoint:
+               phase: int = 1, phase1_score: float | None = None, gate: bool = False) -> BestCheckpoint:
     """The epoch loop with dev selection every trainable method runs (``lora`` and every two-stage
     method's Phase 1, the memories' Phase 2, ``dpm``'s Phase 1, plugins).
 
@@ -235,8 +235,15 @@ def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int,
     per-epoch curves (a gate's mean); the method is scored on dev (:func:`dev_epoch_score`, never
     test) and ``best`` offered the score. At the end ``best`` is restored (the dev-selected epoch)
     and the report records the selection: ``dev_score`` is the best score; ``selected`` is ``{"phase":
-    phase, "epoch": best.epoch}``, except in Phase 2 (``phase=2``, ``best`` starting from Phase 1's
-    score) when no epoch beat Phase 1, where Phase 1's selection stays.
+    phase, "epoch": best.epoch}``.
+
+    Phase 2 (``phase=2``; ``best`` starts empty, so it ends at Phase 2's dev-best epoch whatever
+    Phase 1 scored): ``report.phase_dev_scores`` records ``{"1": phase1_score, "2": that epoch's
+    score}``, so a cell can publish both phases. With ``gate`` (the phase gate, a labelled option:
+    neither paper has it) Phase 2 is selected only when its score beats ``phase1_score``; otherwise
+    Phase 1's selection stays in the report and the caller puts Phase 1 back (``best`` holds Phase
+    2's epoch either way). Without ``gate`` (the papers' protocol: train the memory and report it)
+    Phase 2 is selected. With no Phase-2 epoch (``epochs=0``) nothing is restored and Phase 1 stays.
 
     Curves in ``report``: ``<name>_train_loss`` (per step), ``<name>_train_<k>`` for the extra losses,
     ``<name>_<k>`` for ``after_epoch``'s values, ``<name>_dev_<metric>`` (per epoch).
@@ -265,10 +272,17 @@ def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int,
             report.curve(f"{name}_{key}").append(v)
         score = dev_epoch_score(method, dev, metric, dev_scores, f"{name} epoch {epoch + 1}/{epochs}", progress)
         best.offer(score, epoch + 1)  # epochs are 1-based wherever a user sees them
+    if phase == 1:
+        best.restore()
+        report.selected, report.dev_score = {"phase": 1, "epoch": best.epoch}, best.score
+        return best
+    if best.state is None:  # no Phase-2 epoch: Phase 1 stands
+        report.phase_dev_scores = {"1": phase1_score, "2": None}
+        return best
     best.restore()
-    if phase == 1 or best.epoch is not None:
-        report.selected = {"phase": phase, "epoch": best.epoch}
-    report.dev_score = best.score
+    report.phase_dev_scores = {"1": phase1_score, "2": float(best.score)}
+    if not gate or phase1_score is None or best.score > phase1_score:
+        report.selected, report.dev_score = {"phase": 2, "epoch": best.epoch}, best.score
     return best
 
 
@@ -316,7 +330,7 @@ def _optimizer(params: dict[str, nn.Parameter], lr: float, s: LoRASettings, step
 def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: LoRASettings,
                      examples: Sequence[Example], dev: Sequence[Dialogue], progress: ProgressFn | None,
                      curve_prefix: str = "lora", report: FitReport | None = None, phase: int = 1,
-                     lr: float | None = None, epochs: int | None = None) -> FitReport:
+                     lr: float | None = None, epochs: int | None = None, gate: bool = False) -> FitReport:
     """AdamW on cross-entropy over label logits; keeps the epoch with the best dev ``selection_metric``
     (:func:`run_epochs`). ``lr`` / ``epochs``: the stage's own (default ``s.lr`` / ``s.epochs``; the
     alignment stage passes ``s.align_lr`` / ``s.align_epochs``). In Phase 1, with a projector among
@@ -325,13 +339,15 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
     Returns its report (``report``, extended, when given), with ``<prefix>_train_loss`` (per step) and
     ``<prefix>_dev_<metric>`` (per epoch), the selected epoch and its dev score; the parameters end at
     the best dev epoch (dev only, never test). ``phase=2`` (``full_context``'s Phase 2: the task LoRA
-    trained further) starts from ``report``'s Phase-1 dev score, which an epoch must beat.
+    trained further) needs ``report`` with Phase 1's dev score; the parameters end at Phase 2's
+    dev-best epoch, and with ``gate`` the report keeps Phase 1 selected unless that epoch beat it
+    (:func:`run_epochs`; the caller restores Phase 1's values then).
     """
-    start = -np.inf
+    phase1_score = None
     if phase == 2:
         if report is None or report.dev_score is None:
             raise ValueError("train_supervised(phase=2) needs Phase 1's report with its dev score")
-        start = report.dev_score
+        phase1_score = report.dev_score
     report = FitReport() if report is None else report
     lm = method.lm
     lr = s.lr if lr is None else lr
@@ -360,7 +376,8 @@ def train_supervised(method: ContextMethod, params: dict[str, nn.Parameter], s: 
             schedule.step()
 
     run_epochs(method, report, curve_prefix, epochs, dev, s.selection_metric,
-               BestCheckpoint.of_parameters(params, score=start), batches, loss, step, [lm], progress, phase=phase)
+               BestCheckpoint.of_parameters(params), batches, loss, step, [lm], progress, phase=phase,
+               phase1_score=phase1_score, gate=gate)
     lm.eval()
     return report
 

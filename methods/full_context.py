@@ -47,6 +47,9 @@ class FullContextConfig(MethodConfig):
     # "dialogue": every previous utterance (the papers' explicit context); "speaker": only the current
     # speaker's own previous utterances (the speaker-baseline context)
     context: str = "dialogue"
+    # the phase gate (neither paper has it): keep Phase 2 only where it beats Phase 1 on dev (as
+    # TwoStageMemoryConfig.phase_gate); off: the papers' protocol, Phase 2 reported
+    phase_gate: bool = False
 
     def check(self) -> None:
         check_ranges(self, at_least=dict(max_context_tokens=0, epochs=0), positive=("lr",),
@@ -129,11 +132,28 @@ class FullContext(ContextMethod):
             # every utterance is context; only the scored ones are targets
             examples += [(self._segments(inputs[:i], inputs[i]), d.utterances[i].label)
                          for i in range(len(d)) if d.utterances[i].scored]
-        # Phase 2 replaces Phase 1 only if it beats Phase 1's dev score (each utterance alone, as `lora`)
+        self._phases = {1: self._lora_values()}
+        # Phase 2 ends at its dev-best epoch; with the phase gate it replaces Phase 1 only if it beats
+        # Phase 1's dev score (each utterance alone, as `lora`)
         train_supervised(self, self.lora_params, replace(c.lora, epochs=c.epochs, lr=c.lr), examples, dev, progress,
-                         curve_prefix=self.name, report=report, phase=2)
-        self._context_off = report.selected["phase"] == 1
+                         curve_prefix=self.name, report=report, phase=2, gate=c.phase_gate)
+        self._phases[2] = self._lora_values()
+        self.use_phase(report.selected["phase"])
         return report
+
+    def _lora_values(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.lora_params.items()}
+
+    def use_phase(self, phase: int) -> None:
+        """1: Phase 1's LoRA, each utterance alone (``lora``'s predictions); 2: the LoRA at Phase 2's
+        dev-best epoch with the context in the input. Both are kept after :meth:`fit` (and saved as
+        fitted state). ``ValueError`` for another phase or before :meth:`fit`."""
+        if phase not in (1, 2) or phase not in getattr(self, "_phases", {}):
+            raise ValueError(f"use_phase({phase!r}): expected 1 or 2 of a fitted full_context")
+        with torch.no_grad():
+            for k, p in self.lora_params.items():
+                p.copy_(self._phases[phase][k])
+        self._context_off = phase == 1
 
     def reset(self) -> None:
         self.history: list[UtteranceInput] = []
@@ -184,8 +204,13 @@ class FullContext(ContextMethod):
         return self.lora_params
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
-        # whether dev kept Phase 1 (each utterance alone) or Phase 2 (the context in the input)
-        return {"context_off": torch.tensor(int(self._context_off))}
+        # whether Phase 1 (each utterance alone) or Phase 2 (the context in the input) is selected, and
+        # both phases' LoRA values (use_phase)
+        return {"context_off": torch.tensor(int(self._context_off)),
+                **{f"phase{ph}.{k}": v for ph, values in getattr(self, "_phases", {}).items() for k, v in values.items()}}
 
     def load_fitted_state(self, state: dict[str, torch.Tensor]) -> None:
         self._context_off = bool(state["context_off"]) if "context_off" in state else False
+        phases = {ph: {k[len(f"phase{ph}."):]: v.clone() for k, v in state.items() if k.startswith(f"phase{ph}.")}
+                  for ph in (1, 2)}
+        self._phases = {ph: v for ph, v in phases.items() if v}

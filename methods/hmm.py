@@ -12,8 +12,9 @@ behind ESA-CRF (the DPM paper's Table 2), on top of exactly ``lora``'s utterance
 
   is the prediction, and becomes the speaker's belief for their next turn; a speaker's first turn
   is ``lora``'s posterior. Only the model's own posteriors flow from turn to turn, never a label;
-* the strength lambda is chosen on dev from ``strengths`` (the selection metric; a tie keeps the
-  smaller). lambda = 0 is exactly ``lora``, bit for bit, and is then reported as Phase 1 selected.
+* the strength lambda > 0 is chosen on dev from ``strengths`` (the selection metric; a tie keeps the
+  smaller): "Phase 2". lambda = 0 is exactly ``lora``, bit for bit ("Phase 1"); with the phase gate
+  (``phase_gate``, off by default) Phase 1 is kept unless the filter beats it on dev.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class HMMConfig(MethodConfig):
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # lambda grid searched on dev
     smoothing: float = 1.0       # add-k counts of the transition matrix and the prior
     selection_metric: str = "ua"
+    # the phase gate: keep the filter only where its dev-best strength beats lora (strength 0) on dev;
+    # off (the default, as every two-stage method): the dev-best strength > 0 is reported
+    phase_gate: bool = False
 
     def check(self) -> None:
         check_ranges(self, at_least=dict(smoothing=0.0), choices=dict(selection_metric=METRICS))
@@ -64,6 +68,7 @@ class HMMFilter(ContextMethod):
         self.transitions = torch.full((C, C), 1.0 / C, dtype=torch.float64)
         self.prior = torch.full((C,), 1.0 / C, dtype=torch.float64)
         self.strength = 0.0  # lambda: 0 until dev chooses (Phase 1's dev scoring is then lora's)
+        self.phase2_strength = 0.0  # Phase 2's dev-best strength > 0 (use_phase(2))
         self.reset()
 
     # ------------------------------------------------------------------ training
@@ -77,7 +82,7 @@ class HMMFilter(ContextMethod):
         self.transitions, self.prior = torch.from_numpy(A), torch.from_numpy(prior)
         lora_dev = UtteranceLevelMethod.predict_dialogues(self, [d.inputs() for d in dev])
         curve = report.curve(f"hmm_dev_{c.selection_metric}")  # one entry per strength, in grid order
-        best, best_score = 0.0, -np.inf
+        best, best_score = 0.0, -np.inf  # Phase 2: the dev-best strength > 0 (0 is lora: Phase 1)
         for s in sorted(c.strengths):
             probs = [self._filter(p, [u.speaker for u in d.inputs()], s) for p, d in zip(lora_dev, dev)]
             y, p, _ = scored_only(dev, probs)
@@ -85,15 +90,23 @@ class HMMFilter(ContextMethod):
             curve.append(score)
             if progress is not None:
                 progress(f"hmm strength {s:g} dev_{c.selection_metric}={score:.3f}", {f"dev_{c.selection_metric}": score})
-            if score > best_score:
+            if s > 0 and score > best_score:
                 best, best_score = s, score
-        self.strength = float(best)
-        # lambda = 0 is lora itself: Phase 1 selected (its report stands); else the filter, Phase 2
-        if self.strength > 0 and (report.dev_score is None or best_score > report.dev_score):
+        self.phase2_strength = float(best)
+        report.phase_dev_scores = {"1": report.dev_score, "2": float(best_score) if best > 0 else None}
+        # lambda = 0 is lora itself: Phase 1 (its report stands); else the filter, Phase 2
+        keep = best > 0 and (not c.phase_gate or report.dev_score is None or best_score > report.dev_score)
+        if keep:
             report.selected, report.dev_score = {"phase": 2, "epoch": None}, best_score
-        else:
-            self.strength = 0.0
+        self.use_phase(2 if keep else 1)
         return report
+
+    def use_phase(self, phase: int) -> None:
+        """1: strength 0 (``lora`` itself); 2: the dev-best strength > 0 (kept after :meth:`fit` and
+        saved). ``ValueError`` for another phase."""
+        if phase not in (1, 2):
+            raise ValueError(f"use_phase: expected phase 1 or 2, got {phase!r}")
+        self.strength = self.phase2_strength if phase == 2 else 0.0
 
     # ------------------------------------------------------------------ evaluation
     def _filter(self, probs: np.ndarray, speakers, strength: float) -> np.ndarray:
@@ -131,8 +144,10 @@ class HMMFilter(ContextMethod):
 
     def fitted_state(self):
         return {"transitions": self.transitions, "prior": self.prior,
-                "strength": torch.tensor(self.strength, dtype=torch.float64)}
+                "strength": torch.tensor(self.strength, dtype=torch.float64),
+                "phase2_strength": torch.tensor(self.phase2_strength, dtype=torch.float64)}
 
     def load_fitted_state(self, state):
         self.transitions, self.prior = state["transitions"].clone(), state["prior"].clone()
         self.strength = float(state["strength"])
+        self.phase2_strength = float(state.get("phase2_strength", self.strength))

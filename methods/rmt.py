@@ -161,7 +161,7 @@ class RecurrentMemory(TitansMemoryMethod):
         if self._memory_removed:
             return super().step(utterance)
         self.lm.eval()
-        stream = utterance.speaker if self.config.speaker_memory else 0
+        stream = self._step_stream(utterance)
         memory = self.states.get(stream, self._initial())
         logits, new = self._forward_memory([self.audio_embeddings(utterance)], [memory])
         self.states[stream] = new[0]

@@ -100,6 +100,15 @@ class TwoStageMemoryConfig(MethodConfig):
     # "a single memory branch" in "a frozen LALM"; bench run --methods zero_shot,mac,mag,mal
     # --set mal.layers=0 --set mac.phase1=none --set mag.phase1=none --set mal.phase1=none)
     phase1: str = "lora"
+    # The phase gate (neither paper has it): keep Phase 2 only where its dev-best epoch beats Phase 1 on
+    # dev, else predict with Phase 1 (the memory off). Off: the papers' protocol (train the memory for
+    # its epochs, report it); the harness predicts the test set under both phases either way, so the
+    # gated result is published beside it (docs/statistics.md, "The phase gate")
+    phase_gate: bool = False
+    # False: the capacity control. The memory is reset before every utterance, in Phase-2 training and
+    # in evaluation (one memory stream per utterance; same parameters, batches, epochs): whatever it
+    # gains over lora is capacity on the current utterance, none of it the dialogue
+    history: bool = True
 
     def check(self) -> None:
         check_ranges(self, at_least=dict(epochs=0, batch_dialogues=1, eval_batch_utterances=1),
@@ -597,21 +606,37 @@ class TitansMemoryMethod(ContextMethod):
                 nn.utils.clip_grad_norm_(gates, c.gate_grad_clip)
                 opt_gate.step()
 
-        # Phase 2 replaces Phase 1 only if it beats Phase 1's dev score (memory removed, as `lora`)
-        best = run_epochs(self, report, self.name, c.epochs, dev, c.selection_metric,
-                          BestCheckpoint(self._memory_state, self._load_memory_state, score=report.dev_score),
-                          batches, loss, step, [self.branches], progress,
-                          (lambda: {"mean_gate": self.mean_gate()}) if gates else None, phase=2)
-        # which model dev selected (report.selected): Phase 1 (the memory is then removed: predictions
-        # are Phase 1's, i.e. `lora`'s) or a Phase-2 epoch
-        self._memory_removed = best.epoch is None
+        # Phase 2 ends at its dev-best epoch; with the phase gate it replaces Phase 1 only if it beats
+        # Phase 1's dev score (memory removed, as `lora`)
+        run_epochs(self, report, self.name, c.epochs, dev, c.selection_metric,
+                   BestCheckpoint(self._memory_state, self._load_memory_state), batches, loss, step,
+                   [self.branches], progress, (lambda: {"mean_gate": self.mean_gate()}) if gates else None,
+                   phase=2, phase1_score=report.dev_score, gate=c.phase_gate)
+        # which model is selected (report.selected): Phase 1 (the memory is then removed: predictions
+        # are Phase 1's, i.e. `lora`'s) or Phase 2's dev-best epoch (kept in the branches either way)
+        self._memory_removed = report.selected["phase"] == 1
         return report
+
+    def use_phase(self, phase: int) -> None:
+        """1: the memory removed (Phase 1: the host + task LoRA, ``lora``'s predictions); 2: the memory
+        at Phase 2's dev-best epoch (the branches keep it whichever phase was selected)."""
+        if phase not in (1, 2):
+            raise ValueError(f"use_phase: expected phase 1 or 2, got {phase!r}")
+        self._memory_removed = phase == 1
 
     def activate_context(self, seed: int = 0) -> None:
         """The conformance kit's hook: the memory back on when dev selected Phase 1 (``memory_removed``),
-        and zero gates opened (MAL's alpha, MAG's W_g: the default rule)."""
+        zero gates opened (MAL's alpha, MAG's W_g: the default rule), and a scalar or vector gate that
+        Phase 2 barely moved from zero (every value within +-0.5: MAL's or retrieval's alpha after a
+        short smoke training, tanh(alpha) near 0) set to ``0.5 + U[0, 1)`` as a zero one would be."""
         self._memory_removed = False
         super().activate_context(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for b in self.branches.values():
+                for p in b.gate_parameters():
+                    if p.dim() < 2 and p.numel() and bool((p.detach().abs() < 0.5).all()):
+                        p.copy_((0.5 + torch.rand(p.shape, generator=g)).to(p))
 
     def mean_gate(self) -> float:
         """A scalar summary of how open the gates are (logged per Phase-2 epoch)."""
@@ -627,10 +652,20 @@ class TitansMemoryMethod(ContextMethod):
     def _stream_keys(self, utterances: Sequence[UtteranceInput]) -> list[int]:
         """Which memory state each turn uses: 0 for all (one per dialogue), or the speaker's index in
         order of first appearance (``speaker_memory``)."""
+        if not self.config.history:  # the capacity control: a fresh memory for every utterance
+            return list(range(len(utterances)))
         if not self.config.speaker_memory:
             return [0] * len(utterances)
         order: dict[str, int] = {}
         return [order.setdefault(u.speaker, len(order)) for u in utterances]
+
+    def _step_stream(self, utterance: UtteranceInput):
+        """The memory stream :meth:`step` reads and writes: 0 (one per dialogue), the speaker
+        (``speaker_memory``), or a new one per utterance (``history=False``: the capacity control)."""
+        if not self.config.history:
+            self.states.clear()
+            return 0
+        return utterance.speaker if self.config.speaker_memory else 0
 
     def reset(self) -> None:
         # S_0: no NeuralMemState (a fresh memory) for every branch, per memory stream
@@ -660,8 +695,7 @@ class TitansMemoryMethod(ContextMethod):
             return UtteranceLevelMethod.predict_dialogue(self, [utterance])[0]
         self.lm.eval()
         self.branches.eval()
-        stream = utterance.speaker if self.config.speaker_memory else 0
-        with self.memory_active(self.states.setdefault(stream, {})) as ctx:
+        with self.memory_active(self.states.setdefault(self._step_stream(utterance), {})) as ctx:
             logits = self._forward_turn(ctx, [self.audio_embeddings(utterance)])
         return torch.softmax(logits.float(), -1).numpy()[0]
 
