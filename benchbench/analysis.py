@@ -112,7 +112,9 @@ class Summary:
     :func:`benchbench.stats.compare`, :func:`accuracy_by_speaker_history` and
     :func:`accuracy_by_turn` (their docstrings give the keys); ``context_references`` and
     ``gap_closed`` those of :func:`label_history_references` and :func:`gaps_closed` (``summary.json``
-    repeats the first as ``context_ceilings``, a deprecated alias of version 0.2); ``failed_cells``
+    repeats the first as ``context_ceilings``, a deprecated alias of version 0.2); ``decomposition``
+    and ``phase_gate`` those of :func:`decompose` (each method's gain split into dialogue and
+    capacity, with its verdict) and :func:`phase_gate_audit`; ``failed_cells``
     the failed rows of ``results.csv``; ``run`` where the run's files and MLflow records are (a
     fresh run only).
     """
@@ -127,13 +129,16 @@ class Summary:
     run: dict | None = None
     context_references: list[dict] = field(default_factory=list)
     gap_closed: list[dict] = field(default_factory=list)
+    decomposition: list[dict] = field(default_factory=list)
+    phase_gate: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = {"cells": [c.to_dict() for c in self.cells], "tasks": {t: s.to_dict() for t, s in self.tasks.items()},
                "checks": {"leakage": [asdict(c) for c in self.leakage]}, "comparisons": self.comparisons,
                "by_speaker_history": self.by_speaker_history, "by_turn": self.by_turn,
                "failed_cells": self.failed_cells, "context_references": self.context_references,
-               "context_ceilings": self.context_references, "gap_closed": self.gap_closed}
+               "context_ceilings": self.context_references, "gap_closed": self.gap_closed,
+               "decomposition": self.decomposition, "phase_gate": self.phase_gate}
         if self.run is not None:
             out["run"] = self.run
         return out
@@ -149,7 +154,8 @@ class Summary:
                    [LeakageCheck(**c) for c in d.get("checks", {}).get("leakage", [])],
                    d.get("comparisons", []), d.get("by_speaker_history", []), d.get("by_turn", []),
                    d.get("failed_cells", []), d.get("run"),
-                   d.get("context_references", d.get("context_ceilings", [])), d.get("gap_closed", []))
+                   d.get("context_references", d.get("context_ceilings", [])), d.get("gap_closed", []),
+                   d.get("decomposition", []), d.get("phase_gate", []))
 
     @classmethod
     def read(cls, path: str | Path) -> "Summary":
@@ -282,7 +288,145 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, tasks: dict[str, TaskS
         summary.context_references, reference_rows = label_history_references(preds, tasks, baseline)
         summary.tasks = _with_references(summary.tasks, summary.context_references)
         summary.gap_closed = gaps_closed(preds, summary.tasks, reference_rows, baseline, n_resamples)
+        labels = {t: s.labels for t, s in tasks.items()}
+        summary.decomposition = decompose(preds, labels, summary.comparisons, baseline, n_resamples)
+        summary.phase_gate = phase_gate_audit(preds, ok, labels, baseline, n_resamples)
     return summary
+
+# ---------------------------------------------------------------------------- dialogue vs capacity
+VERDICTS = ("gains through the dialogue", "gains through capacity only", "no resolvable effect", "hurts")
+"""The verdicts of :func:`verdict`; the rule is in docs/statistics.md ("Verdicts")."""
+
+
+def verdict(total: dict, dialogue: dict | None, capacity: dict | None) -> str:
+    """A method's verdict from the 95% dialogue-bootstrap intervals of its WA differences
+    (:func:`benchbench.stats.paired_difference` records, fractions), in this order:
+
+    1. ``hurts``: the total difference from the reference is below 0 (its interval's upper end < 0);
+    2. ``gains through the dialogue``: the part from the dialogue (the method minus its history-free
+       self) is above 0 (lower end > 0);
+    3. ``gains through capacity only``: the capacity part (history-free self minus the reference), or
+       the total where there is no control, is above 0 while the dialogue part is not;
+    4. ``no resolvable effect``: none of these."""
+    if total["ci_high"] < 0:
+        return "hurts"
+    if dialogue is not None and dialogue["ci_low"] > 0:
+        return "gains through the dialogue"
+    if (capacity is not None and capacity["ci_low"] > 0) or total["ci_low"] > 0:
+        return "gains through capacity only"
+    return "no resolvable effect"
+
+
+def _paired_rows(g: pd.DataFrame, method: str, reference: str, columns: list[str]) -> pd.DataFrame:
+    """``method``'s prediction rows (``columns``) joined with ``reference``'s prediction and correctness
+    (``prediction_ref``, ``correct_ref``) on fold, seed and utterance."""
+    keys = ["fold", "seed", "utterance_id"]
+    a = g[g["method"] == method].set_index(keys)
+    b = g[g["method"] == reference].set_index(keys)
+    ref = b[["prediction", "correct"]].rename(columns={"prediction": "prediction_ref", "correct": "correct_ref"})
+    return pd.merge(a[[c for c in columns if c in a]], ref, left_index=True, right_index=True).reset_index()
+
+
+def _has(rows: pd.DataFrame, column: str) -> bool:
+    return column in rows and bool(rows[column].notna().all()) and bool((rows[column].astype(str) != "").all())
+
+
+def decompose(preds: pd.DataFrame, labels_by_task: dict, comparisons: list[dict], reference: str = "lora",
+              n_resamples: int = 2000) -> list[dict]:
+    """Per method x task x backbone against ``reference``: the **total** WA / UA / WF1 / Macro-F1
+    difference, the part **from the dialogue** (the method minus its own history-free control: the
+    same fitted model, its state reset before every test utterance: ``prediction_nohist``) and the part
+    from **capacity** (the control minus ``reference``), each a :func:`benchbench.stats.paired_difference`
+    (the mean over cells, so total = dialogue + capacity; 95% bootstrap over test dialogues within
+    folds; a t interval over folds); the slope of the WA difference over the speaker's earlier
+    utterances (:func:`benchbench.stats.history_slope`); the comparison's Holm p and declared family
+    (from ``comparisons``); the :func:`verdict`.
+
+    Records ``{"method", "task", "backbone", "reference", "total", "dialogue", "capacity",
+    "history_slope", "holm_p", "family", "control", "verdict"}``; ``dialogue`` and ``capacity`` are
+    ``None`` where the method's rows hold no history-free control (``control`` False: a run of an
+    older suite, or a plugin whose state outlives ``reset``)."""
+    from .stats import history_slope, paired_difference
+
+    by_cmp = {(c["task"], c["backbone"], c["method"]): c for c in comparisons if c.get("reference") == reference}
+    out = []
+    for (t, b), g in preds.groupby(["task", "backbone"], sort=False):
+        labels = list(labels_by_task.get(t) or sorted(g["label"].unique()))
+        if reference not in set(g["method"]):
+            continue
+        for m in [x for x in dict.fromkeys(g["method"]) if x != reference]:
+            control = _has(g[g["method"] == m], "prediction_nohist")
+            j = _paired_rows(g, m, reference, ["dialogue_id", "label", "prediction", "correct", "speaker_history",
+                                               "prediction_nohist"])
+            if j.empty:
+                continue
+            total = paired_difference(j, "prediction", "prediction_ref", labels, n_resamples)
+            dialogue = paired_difference(j, "prediction", "prediction_nohist", labels, n_resamples) if control else None
+            capacity = paired_difference(j, "prediction_nohist", "prediction_ref", labels, n_resamples) \
+                if control else None
+            slope = None
+            if "speaker_history" in j:
+                slope = history_slope(j.assign(correct=(j["prediction"] == j["label"]).astype(float),
+                                               correct_ref=(j["prediction_ref"] == j["label"]).astype(float)),
+                                      n_resamples=n_resamples)
+            cmp = by_cmp.get((t, b, m), {})
+            out.append({"method": m, "task": t, "backbone": b, "reference": reference, "total": total,
+                        "dialogue": dialogue, "capacity": capacity, "history_slope": slope,
+                        "holm_p": (cmp.get("dialogues") or {}).get("wilcoxon_p_holm"),
+                        "family": cmp.get("family"), "control": bool(control),
+                        "verdict": verdict(total["wa"], dialogue["wa"] if dialogue else None,
+                                           capacity["wa"] if capacity else None)})
+    return out
+
+
+def phase_gate_audit(preds: pd.DataFrame, rows: pd.DataFrame, labels_by_task: dict, reference: str = "lora",
+                     n_resamples: int = 2000) -> list[dict]:
+    """What the phase gate does, for every two-stage method whose cells saved both phases' test
+    predictions (``prediction_phase1`` / ``prediction_phase2``) and dev scores (``dev_score_phase1`` /
+    ``dev_score_phase2`` in ``rows``, results.csv): the gate keeps Phase 2 where its dev score beats
+    Phase 1's. Per method x task x backbone: ``always_phase2`` and ``gated``, their WA differences
+    from ``reference`` (:func:`benchbench.stats.paired_difference` records); ``kept`` (cells where the
+    gate keeps Phase 2) of ``n``; the gate's hit rate: of the ``decisive`` cells (the phases' test WA
+    differ), in how many it keeps the phase with the higher test WA (``hits``), with a one-sided exact
+    binomial test against chance (``p_above_chance``, ``scipy.stats.binomtest``); ``gate_on``: cells
+    that ran with the gate (their ``prediction`` is the gated one)."""
+    from .stats import paired_difference
+
+    need = {"dev_score_phase1", "dev_score_phase2", "cell_key"}
+    if preds.empty or "prediction_phase1" not in preds or not need <= set(rows.columns):
+        return []
+    dev = rows.drop_duplicates("cell_key").set_index("cell_key")
+    out = []
+    for (t, b), g in preds.groupby(["task", "backbone"], sort=False):
+        labels = list(labels_by_task.get(t) or sorted(g["label"].unique()))
+        if reference not in set(g["method"]):
+            continue
+        for m in [x for x in dict.fromkeys(g["method"]) if x != reference]:
+            mine = g[g["method"] == m]
+            if not (_has(mine, "prediction_phase1") and _has(mine, "prediction_phase2")
+                    and mine["cell_key"].isin(dev.index).all()):
+                continue
+            d = dev.loc[mine["cell_key"], ["dev_score_phase1", "dev_score_phase2"]].to_numpy(float)
+            gated = np.where(d[:, 1] > d[:, 0], mine["prediction_phase2"], mine["prediction_phase1"])
+            g2 = pd.concat([g[g["method"] != m], mine.assign(prediction_gated=gated)])
+            j = _paired_rows(g2, m, reference, ["dialogue_id", "label", "prediction_phase1", "prediction_phase2",
+                                                "prediction_gated", "cell_key"])
+            per_cell = j.assign(c1=j["prediction_phase1"] == j["label"], c2=j["prediction_phase2"] == j["label"]
+                                ).groupby("cell_key")[["c1", "c2"]].mean()
+            cd = dev.loc[per_cell.index]
+            keep2 = cd["dev_score_phase2"].to_numpy(float) > cd["dev_score_phase1"].to_numpy(float)
+            c1, c2 = per_cell["c1"].to_numpy(), per_cell["c2"].to_numpy()
+            decisive = c1 != c2
+            hits, n_dec = int(((keep2 == (c2 > c1)) & decisive).sum()), int(decisive.sum())
+            p = float(stats.binomtest(hits, n_dec, 0.5, alternative="greater").pvalue) if n_dec else float("nan")
+            gate_on = int(cd["phase_gate"].astype(str).eq("True").sum()) if "phase_gate" in cd else 0
+            out.append({"method": m, "task": t, "backbone": b, "reference": reference,
+                        "always_phase2": paired_difference(j, "prediction_phase2", "prediction_ref", labels,
+                                                           n_resamples)["wa"],
+                        "gated": paired_difference(j, "prediction_gated", "prediction_ref", labels, n_resamples)["wa"],
+                        "kept": int(keep2.sum()), "n": int(len(keep2)), "hits": hits, "decisive": n_dec,
+                        "hit_rate": hits / n_dec if n_dec else float("nan"), "p_above_chance": p, "gate_on": gate_on})
+    return out
 
 
 # ---------------------------------------------------------------------------- context references
@@ -291,8 +435,8 @@ REFERENCE_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 it is never below the utterance model: strength 0 is the model itself)."""
 LABEL_HISTORY_ASSUMES = ("the reference method's posteriors combined with the same speaker's previous gold label "
                          "through speaker-transition statistics of the cell's training dialogues; gold previous "
-                         "labels, which no method sees; strength chosen on the test predictions. A reference, not "
-                         "a bound: a context method that reads more than the previous label can exceed it")
+                         "labels, which no method sees; strength chosen per fold on the other folds. A reference, "
+                         "not a bound: a context method that reads more than the previous label can exceed it")
 
 
 def fold_transitions(folds, n_classes: int) -> dict[str, dict]:
@@ -321,10 +465,13 @@ def label_history_references(preds: pd.DataFrame, tasks: dict[str, TaskSummary],
 
     Per test utterance of a ``reference`` cell: ``b ~ p(y | x) * (A[y_prev] / p(y)) ** lambda``
     (:func:`benchbench.inertia.label_history_posteriors`; y_prev the same speaker's previous scored
-    gold label in the dialogue, A and p(y) from the cell's fold's training dialogues), pooled WA over
-    the cells for each lambda in :data:`REFERENCE_STRENGTHS`, the best kept. Returns ``(records,
+    gold label in the dialogue, A and p(y) from the cell's fold's training dialogues), with lambda from
+    :data:`REFERENCE_STRENGTHS` chosen per fold on the *other* folds' utterances (their pooled WA;
+    leave-one-fold-out, so no fold's strength is chosen on the labels it is scored on; a run of one
+    fold chooses on its own, and says so in ``strength_chosen_on``). Returns ``(records,
     rows)``: records ``{"task", "backbone", "name": "label_history", "kind": "reference", "wa",
-    "reference", "reference_wa", "strength", "n_cells", "n", "assumes"}`` (fractions; ``"ceiling":
+    "reference", "reference_wa", "strength" (None where folds chose differently), "strength_by_fold",
+    "strength_chosen_on", "n_cells", "n", "assumes"}`` (fractions; ``"ceiling":
     "label_history"`` repeated as a deprecated alias of version 0.2) and, per (task, backbone), the
     reference method's rows with a ``target_correct`` column (for :func:`gaps_closed`)."""
     from .inertia import label_history_posteriors, previous_labels
@@ -353,14 +500,24 @@ def label_history_references(preds: pd.DataFrame, tasks: dict[str, TaskSummary],
                 post = label_history_posteriors(probs, prev, A, prior, s)
                 correct[s][pos:pos + len(d)] = post.argmax(-1) == yd
             pos += len(d)
-        wa = {s: float(c.mean()) for s, c in correct.items()}
-        best = max(REFERENCE_STRENGTHS, key=lambda s: (wa[s], -s))
-        g["target_correct"] = correct[best]
+        # each fold's strength is chosen on the other folds' utterances (leave-one-fold-out: never on
+        # the labels it is scored on); with one fold, on its own (said in "strength_chosen_on")
+        folds = g["fold"].to_numpy()
+        chosen, target = {}, np.zeros(len(g), dtype=bool)
+        for f in sorted(set(folds.tolist())):
+            other = folds != f if (folds != f).any() else np.ones(len(g), dtype=bool)
+            wa_other = {s: float(c[other].mean()) for s, c in correct.items()}
+            chosen[str(f)] = max(REFERENCE_STRENGTHS, key=lambda s: (wa_other[s], -s))
+            target[folds == f] = correct[chosen[str(f)]][folds == f]
+        g["target_correct"] = target
         rows_of[(t, b)] = g
+        values = sorted(set(chosen.values()))
         out.append({"task": t, "backbone": b, "name": "label_history", "kind": "reference", "ceiling": "label_history",
-                    "wa": wa[best], "reference": reference,
-                    "reference_wa": wa[0.0], "strength": best, "n_cells": int(g.groupby(["seed", "fold"]).ngroups),
-                    "n": int(len(g)), "assumes": LABEL_HISTORY_ASSUMES})
+                    "wa": float(target.mean()), "reference": reference, "reference_wa": float(correct[0.0].mean()),
+                    "strength": values[0] if len(values) == 1 else None, "strength_by_fold": chosen,
+                    "strength_chosen_on": "the other folds" if len(chosen) > 1 else "its own fold (one fold)",
+                    "n_cells": int(g.groupby(["seed", "fold"]).ngroups), "n": int(len(g)),
+                    "assumes": LABEL_HISTORY_ASSUMES})
     return out, rows_of
 
 
@@ -387,14 +544,17 @@ def _with_references(tasks: dict[str, TaskSummary], references: list[dict]) -> d
 def gaps_closed(preds: pd.DataFrame, tasks: dict[str, TaskSummary], target_rows: dict,
                 reference: str = "lora", n_resamples: int = 2000) -> list[dict]:
     """For every method of a task x backbone with a context target, the share of the
-    ``reference``-to-target gap it closes, ``(WA_m - WA_ref) / (WA_target - WA_ref)`` on the test
-    utterances both have, with a 95% percentile interval from a dialogue bootstrap (scipy's
-    ``bootstrap``, paired, resampling (seed, fold, dialogue) clusters). The target: where the task has
+    ``reference``-to-target gap that the **dialogue** closes through it, ``(WA_m - WA_m,nohist) /
+    (WA_target - WA_ref)`` on the test utterances both have (WA_m,nohist: the method's history-free
+    control, so capacity on the current utterance is not credited to the dialogue; ``numerator``
+    "dialogue"; a run without controls uses ``WA_m - WA_ref``, ``numerator`` "total"), with a 95%
+    percentile interval from a dialogue bootstrap (scipy's ``bootstrap``, paired, resampling test
+    dialogues: one unit per (fold, dialogue), its seeds within it). The target: where the task has
     one on its own test split (``synthetic``), its Bayes ``speaker_history`` rule (a constant, a true
     ceiling: ``target_kind`` "ceiling"); else the ``label_history`` reference (``target_rows``: the
     second value of :func:`label_history_references`; ``target_kind`` "reference": a share above 1
     means the method beat it). Records ``{"method", "task", "backbone", "reference", "target",
-    "target_kind", "target_wa", "gap_closed", "ci_low", "ci_high", "n_dialogues"}`` (``ceiling`` and
+    "target_kind", "target_wa", "gap_closed", "ci_low", "ci_high", "n_dialogues", "numerator"}`` (``ceiling`` and
     ``ceiling_wa`` repeat ``target`` and ``target_wa``: deprecated aliases of version 0.2);
     ``gap_closed`` is NaN when the target does not exceed the reference."""
     out = []
@@ -413,21 +573,31 @@ def gaps_closed(preds: pd.DataFrame, tasks: dict[str, TaskSummary], target_rows:
         ref = ref.assign(ref_correct=ref["prediction"] == ref["label"])
         for m in [x for x in g["method"].unique() if x != reference]:
             mine = g[g["method"] == m]
-            mine = mine[key].assign(m_correct=(mine["prediction"] == mine["label"]).to_numpy())
+            # the dialogue's part only: the method against its own history-free self where it has one
+            dialogue_part = _has(mine, "prediction_nohist")
+            base = mine["prediction_nohist"] if dialogue_part else None
+            mine = mine[key].assign(m_correct=(mine["prediction"] == mine["label"]).to_numpy(),
+                                    b_correct=(base == mine["label"]).to_numpy() if dialogue_part else False)
             both = ref.merge(mine, on=key)
             if both.empty:
                 continue
-            both["cluster"] = both["seed"].astype(str) + "|" + both["fold"].astype(str) + "|" + both["dialogue_id"].astype(str)
+            if not dialogue_part:
+                both["b_correct"] = both["ref_correct"]
+            # the unit is the test dialogue (its seeds summed in it: one unit, not one per seed)
+            both["cluster"] = both["fold"].astype(str) + "|" + both["dialogue_id"].astype(str)
             per = both.groupby("cluster").agg(m=("m_correct", "sum"), r=("ref_correct", "sum"), n=("m_correct", "size"),
-                                              c=("target_correct", "sum") if const is None else ("m_correct", "size"))
-            arrays = (per["m"].to_numpy(float), per["r"].to_numpy(float), per["c"].to_numpy(float), per["n"].to_numpy(float))
+                                              c=("target_correct", "sum") if const is None else ("m_correct", "size"),
+                                              o=("b_correct", "sum"))
+            arrays = (per["m"].to_numpy(float), per["r"].to_numpy(float), per["c"].to_numpy(float),
+                      per["n"].to_numpy(float), per["o"].to_numpy(float))
 
-            def ratio(mm, rr, cc, nn, axis=-1):
+            def ratio(mm, rr, cc, nn, oo, axis=-1):
                 cw = cc.sum(axis) / nn.sum(axis) if const is None else const
                 rw = rr.sum(axis) / nn.sum(axis)
                 gap = cw - rw
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    return np.where(gap > 0, (mm.sum(axis) / nn.sum(axis) - rw) / np.where(gap > 0, gap, 1), np.nan)
+                    return np.where(gap > 0, (mm.sum(axis) - oo.sum(axis)) / nn.sum(axis) / np.where(gap > 0, gap, 1),
+                                    np.nan)
 
             value = float(ratio(*arrays))
             lo = hi = float("nan")
@@ -440,7 +610,8 @@ def gaps_closed(preds: pd.DataFrame, tasks: dict[str, TaskSummary], target_rows:
             target_wa = float(per["c"].sum() / per["n"].sum()) if const is None else const
             out.append({"method": m, "task": t, "backbone": b, "reference": reference, "target": name,
                         "target_kind": kind, "target_wa": target_wa, "ceiling": name, "ceiling_wa": target_wa,
-                        "gap_closed": value, "ci_low": lo, "ci_high": hi, "n_dialogues": int(len(per))})
+                        "gap_closed": value, "ci_low": lo, "ci_high": hi, "n_dialogues": int(len(per)),
+                        "numerator": "dialogue" if dialogue_part else "total"})
     return out
 
 
@@ -491,6 +662,30 @@ def gap_text(g: dict) -> str:
     return f"{100 * g['gap_closed']:+.0f}%{ci}{beyond}"
 
 
+def diff_text(d: dict) -> str:
+    """A :func:`benchbench.stats.paired_difference` record in points: ``"+4.82 [+2.10, +7.60]"``."""
+    ci = f" [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]" if np.isfinite(d.get("ci_low", np.nan)) else ""
+    return f"{100 * d['diff']:+.2f}{ci}"
+
+
+def family_text(c: dict) -> str:
+    """``" over the 10 comparisons of each method against lora on emodb · <backbone>"`` (the declared
+    Holm family of a comparison), empty for a record without one."""
+    f = c.get("family")
+    return f" over the {f['size']} comparisons of {f['name']}" if f else ""
+
+
+def strength_text(c: dict) -> str:
+    """The ``label_history`` reference's strength as text: ``"strength 1"``, or per fold where folds
+    chose differently (``"strength per fold 0.75, 1, ..."``), and where it was chosen."""
+    if c.get("strength") is not None:
+        where = c.get("strength_chosen_on")
+        return f"strength {c['strength']:g}" + (f" (chosen on {where})" if where else "")
+    by = c.get("strength_by_fold") or {}
+    return "strength per fold " + ", ".join(f"{v:g}" for _, v in sorted(by.items())) + \
+        f" (each chosen on {c.get('strength_chosen_on', 'the other folds')})"
+
+
 def format_summary(summary: Summary) -> str:
     """The terminal table: mean +/- sd per method/task/backbone, then references, comparisons, notices,
     leakage warnings and failed cells."""
@@ -515,12 +710,13 @@ def format_summary(summary: Summary) -> str:
                          ", ".join(f"{k} {100 * v:.2f}" for k, v in on_test.items()))
     for c in summary.context_references:
         lines.append(f"{c['task']} {c['backbone']}: context reference label_history {100 * c['wa']:.2f} WA % "
-                     f"({c['reference']} {100 * c['reference_wa']:.2f} + the speaker's previous gold label, strength "
-                     f"{c['strength']:g}; gold previous labels, which no method sees; a reference, not a bound)")
+                     f"({c['reference']} {100 * c['reference_wa']:.2f} + the speaker's previous gold label, "
+                     f"{strength_text(c)}; gold previous labels, which no method sees; a reference, not a bound)")
     gaps = [g for g in summary.gap_closed if np.isfinite(g["gap_closed"])]
     if gaps:
-        lines.append("share of the WA gap from the reference method to the target closed (95% dialogue bootstrap; "
-                     "above +100%: beyond the target):")
+        lines.append("share of the WA gap from the reference method to the target closed by the dialogue (the method "
+                     "minus its history-free control; 95% bootstrap over test dialogues; above +100%: beyond the "
+                     "target):")
         lines.append(pd.DataFrame([{"task": g["task"], "backbone": g["backbone"], "method": g["method"],
                                     "target": gap_target_text(g), "gap closed %": gap_text(g)}
                                    for g in gaps]).to_string(index=False))
@@ -530,6 +726,19 @@ def format_summary(summary: Summary) -> str:
         lines.append(pd.DataFrame([{"task": h["task"], "backbone": h["backbone"], "method": h["method"],
                                     **{k: f"{100 * v:.1f}" for k, v in h["wa"].items()}} for h in hist]
                                   ).to_string(index=False))
+    if summary.decomposition:
+        lines.append("WA difference from the reference (pts; mean over cells, 95% bootstrap over test dialogues "
+                     "within folds): total = from the dialogue (method - its history-free self) + capacity "
+                     "(history-free self - reference); verdict by the rule of docs/statistics.md:")
+        lines.append(pd.DataFrame([{"task": d["task"], "method": d["method"], "total": diff_text(d["total"]["wa"]),
+                                    "dialogue": diff_text(d["dialogue"]["wa"]) if d["dialogue"] else "no control",
+                                    "capacity": diff_text(d["capacity"]["wa"]) if d["capacity"] else "",
+                                    "verdict": d["verdict"]} for d in summary.decomposition]).to_string(index=False))
+    for g in summary.phase_gate:
+        lines.append(f"{g['task']}: {g['method']} phase gate (keep Phase 2 where it beats Phase 1 on dev): keeps "
+                     f"Phase 2 in {g['kept']}/{g['n']} cells, picks the phase better on test in {g['hits']}/"
+                     f"{g['decisive']} cells where they differ (p above chance {g['p_above_chance']:.2g}); always "
+                     f"Phase 2 {diff_text(g['always_phase2'])}, gated {diff_text(g['gated'])} pts vs {g['reference']}")
     for c in summary.comparisons:
         b, cells = c["bootstrap"]["wa"], c["cells"]
         cell_p = f", {cells['primary']} over {c['n_cells']} cells p={cells['primary_p']:.3g}" \
@@ -537,7 +746,8 @@ def format_summary(summary: Summary) -> str:
         lines.append(f"{c['task']}: {c['method']} - {c['reference']} WA {100 * b['diff']:+.2f} pts "
                      f"[95% dialogue bootstrap {100 * b['ci_low']:+.2f}, {100 * b['ci_high']:+.2f}] "
                      f"(Wilcoxon over {c['n_dialogues']} dialogues p={c['dialogues']['wilcoxon_p']:.3g}, "
-                     f"Holm {c['dialogues']['wilcoxon_p_holm']:.3g}, r={c['dialogues']['rank_biserial']:+.2f}; "
+                     f"Holm {c['dialogues']['wilcoxon_p_holm']:.3g}{family_text(c)}, "
+                     f"r={c['dialogues']['rank_biserial']:+.2f}; "
                      f"McNemar p={c['mcnemar']['p_value']:.3g}{cell_p})")
     for task, info in summary.tasks.items():
         for notice in info.notices:

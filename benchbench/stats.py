@@ -15,11 +15,17 @@ the units across training randomness. All metrics are fractions in [0, 1]; diffe
   dialogues with its matched-pairs rank-biserial effect size, and over seed x fold cells a Wilcoxon
   signed-rank test and a paired t-test with Cohen's d_z (with fewer than 6 cells the Wilcoxon test
   cannot reach p < 0.05, so the t-test is the primary cell-level test there, and the result says so).
-* :func:`holm`: Holm's step-down correction over a family of p-values (``statsmodels``).
+* :func:`paired_difference`: a difference as the mean over seed x fold cells (the tables' averaging)
+  with a bootstrap over test dialogues resampled within folds (seeds averaged within a dialogue) and
+  a Student-t interval over folds; :func:`history_slope`: the slope of a difference over the speaker's
+  earlier utterances, on the same units.
+* :func:`holm`: Holm's step-down correction over a family of p-values (``statsmodels``); the family is
+  declared per task x backbone (:func:`family_name`).
 """
 
 from __future__ import annotations
 
+import warnings
 from itertools import combinations
 from typing import Sequence
 
@@ -104,6 +110,106 @@ def cluster_bootstrap(y_true, pred_a, pred_b, clusters, n_classes: int, n_resamp
     return out
 
 
+def _stratified_bootstrap(samples: list[np.ndarray], statistic, n_resamples: int, confidence: float,
+                          seed: int) -> tuple[float, float, float, float]:
+    """``(value, ci_low, ci_high, se)`` of ``statistic(*index arrays)`` over strata (the folds):
+    ``samples`` holds each stratum's unit indices ``[G_f]``; every stratum is resampled on its own
+    (scipy's ``bootstrap`` with several samples, ``paired=False``), percentile interval."""
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = float(statistic(*samples))
+        if not np.isfinite(value) or all(len(x) < 2 for x in samples):
+            return value, float("nan"), float("nan"), float("nan")
+        res = stats.bootstrap(tuple(samples), statistic, vectorized=True, paired=False, n_resamples=n_resamples,
+                              confidence_level=confidence, method="percentile", batch=200,
+                              random_state=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if not np.isfinite(lo):  # a degenerate (constant) distribution: scipy gives NaN
+            lo, hi = (float(x) for x in np.nanpercentile(res.bootstrap_distribution, [2.5, 97.5]))
+    return value, lo, hi, float(res.standard_error)
+
+
+def paired_difference(frame: pd.DataFrame, a: str, b: str, labels: Sequence[str], n_resamples: int = 2000,
+                      confidence: float = 0.95, seed: int = 0) -> dict[str, dict]:
+    """``metric(a) - metric(b)`` for WA / UA / WF1 / Macro-F1 as the **mean over seed x fold cells**
+    of each cell's difference (the averaging of the tables' metric columns, so the columns subtract),
+    with its intervals over the independent units (docs/statistics.md, "Units"):
+
+    * ``ci_low`` / ``ci_high`` / ``se``: a bootstrap over **test dialogues**, resampled within each
+      fold (folds are speaker groups: strata), one resampled dialogue standing for itself under every
+      seed (seeds averaged within it, never counted as independent units);
+    * ``fold_ci_low`` / ``fold_ci_high``: a Student-t interval over the folds' seed-averaged
+      differences (``n_folds`` units; NaN with fewer than 2; read it where there are >= 5).
+
+    ``frame``: one row per scored test utterance and seed, columns ``fold``, ``seed``, ``dialogue_id``,
+    ``label`` and the predicted labels ``a`` and ``b`` (e.g. ``prediction`` and ``prediction_ref``).
+    Returns per metric ``{"diff", "ci_low", "ci_high", "se", "fold_ci_low", "fold_ci_high", "n_folds",
+    "n_dialogues"}`` (fractions). ``ValueError`` for an empty frame or a label outside ``labels``."""
+    if frame.empty:
+        raise ValueError("paired_difference of no utterances")
+    index = {lab: i for i, lab in enumerate(labels)}
+    y, pa, pb = (frame[c].map(index) for c in ("label", a, b))
+    if y.isna().any() or pa.isna().any() or pb.isna().any():
+        raise ValueError(f"paired_difference: labels or predictions ({a}, {b}) outside {list(labels)}")
+    C = len(labels)
+    work = frame.assign(_y=y.astype(int).to_numpy(), _a=pa.astype(int).to_numpy(), _b=pb.astype(int).to_numpy())
+    strata = []
+    for _, g in work.groupby("fold", sort=True):
+        d_ids, d_idx = np.unique(g["dialogue_id"].astype(str).to_numpy(), return_inverse=True)
+        s_ids, s_idx = np.unique(g["seed"].to_numpy(), return_inverse=True)
+        cm = np.zeros((2, len(d_ids), len(s_ids), C, C))
+        np.add.at(cm[0], (d_idx, s_idx, g["_y"].to_numpy(), g["_a"].to_numpy()), 1.0)
+        np.add.at(cm[1], (d_idx, s_idx, g["_y"].to_numpy(), g["_b"].to_numpy()), 1.0)
+        strata.append(cm)
+
+    def fold_values(metric: str, idx_per_fold) -> list[np.ndarray]:
+        out = []
+        for cm, idx in zip(strata, idx_per_fold):
+            A, B = cm[0][idx].sum(-4), cm[1][idx].sum(-4)              # [..., S, C, C]
+            out.append(np.nanmean(metrics_from_confusion(A)[metric] - metrics_from_confusion(B)[metric], -1))
+        return out
+
+    samples = [np.arange(cm.shape[1]) for cm in strata]
+    result = {}
+    for m in METRICS:
+        def statistic(*idx, axis=-1, m=m):
+            return np.mean(fold_values(m, [np.asarray(i, dtype=int) for i in idx]), axis=0)
+
+        value, lo, hi, se = _stratified_bootstrap(samples, statistic, n_resamples, confidence, seed)
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_fold = np.array(fold_values(m, samples), dtype=float)
+        fold = interval(per_fold) if len(per_fold) else {"ci_low": float("nan"), "ci_high": float("nan")}
+        result[m] = {"diff": value, "ci_low": lo, "ci_high": hi, "se": se, "fold_ci_low": fold["ci_low"],
+                     "fold_ci_high": fold["ci_high"], "n_folds": int(len(per_fold)),
+                     "n_dialogues": int(sum(len(x) for x in samples))}
+    return result
+
+
+def history_slope(frame: pd.DataFrame, a: str = "correct", b: str = "correct_ref", cap: int = 3,
+                  n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """The least-squares slope of the per-utterance correctness difference ``a - b`` (0/1 columns)
+    on the number of the speaker's earlier utterances in the dialogue (``speaker_history``, capped at
+    ``cap``: the bins 0, 1, 2, 3+), in WA fraction per earlier utterance, pooled over seeds and folds,
+    with a bootstrap interval over test dialogues resampled within folds (:func:`paired_difference`'s
+    units). A memory of the speaker's history should give a positive slope; extra capacity on the
+    current utterance a flat one. Returns ``{"slope", "ci_low", "ci_high", "se", "cap"}``."""
+    x = frame["speaker_history"].clip(upper=cap).to_numpy(float)
+    d = frame[a].to_numpy(float) - frame[b].to_numpy(float)
+    work = pd.DataFrame({"fold": frame["fold"].to_numpy(), "dlg": frame["dialogue_id"].astype(str).to_numpy(),
+                         "n": 1.0, "x": x, "y": d, "xx": x * x, "xy": x * d})
+    strata = [g.groupby("dlg")[["n", "x", "y", "xx", "xy"]].sum().to_numpy() for _, g in work.groupby("fold", sort=True)]
+
+    def statistic(*idx, axis=-1):
+        tot = sum(st[np.asarray(i, dtype=int)].sum(-2) for st, i in zip(strata, idx))   # [..., 5]
+        n, sx, sy, sxx, sxy = (tot[..., k] for k in range(5))
+        return (n * sxy - sx * sy) / (n * sxx - sx * sx)
+
+    value, lo, hi, se = _stratified_bootstrap([np.arange(len(st)) for st in strata], statistic, n_resamples,
+                                              confidence, seed)
+    return {"slope": value, "ci_low": lo, "ci_high": hi, "se": se, "cap": cap}
+
+
 def utterance_bootstrap_ci(y_true, pred_a, pred_b, n_classes: int, **kw) -> dict[str, dict]:
     """The same bootstrap with every utterance its own cluster (too narrow on dialogue data: for
     comparison and tests only)."""
@@ -133,10 +239,9 @@ def compare(preds: pd.DataFrame, method: str, reference: str, labels: Sequence[s
                  left_index=True, right_index=True, how="inner", suffixes=("", "_ref")).reset_index()
     if j.empty:
         raise ValueError(f"{method} and {reference} share no test utterance (same folds and seeds?)")
-    index = {lab: i for i, lab in enumerate(labels)}
-    y, pa, pb = (j[c].map(index).to_numpy() for c in ("label", "prediction", "prediction_ref"))
     clusters = (j["fold"].astype(str) + "/" + j["dialogue_id"].astype(str)).to_numpy()
-    boot = cluster_bootstrap(y, pa, pb, clusters, len(labels), n_resamples=n_resamples, seed=seed)
+    # the difference as the mean over cells (as the tables' columns), over dialogues resampled in folds
+    boot = paired_difference(j, "prediction", "prediction_ref", labels, n_resamples=n_resamples, seed=seed)
 
     # McNemar on per-utterance correctness, pooled over seeds x folds
     ca, cb = j["correct"].to_numpy().astype(bool), j["correct_ref"].to_numpy().astype(bool)
@@ -184,11 +289,20 @@ def holm(p_values: Sequence[float | None], alpha: float = 0.05) -> list[float | 
     return out
 
 
+def family_name(task: str, backbone: str, reference: str | None, all_pairs: bool = False) -> str:
+    """The declared multiple-comparison family of a published question: ``"each method against lora
+    on emodb · qwen2-audio-whisper-tiny"`` (or ``"every pair of methods on ..."``)."""
+    what = "every pair of methods" if all_pairs else f"each method against {reference}"
+    return f"{what} on {task} · {backbone}"
+
+
 def compare_all(preds: pd.DataFrame, labels_by_task: dict[str, Sequence[str]], reference: str = "lora",
                 all_pairs: bool = False, n_resamples: int = 2000, seed: int = 0) -> list[dict]:
     """Every method against ``reference`` (or every pair) per task x backbone, with Holm-adjusted
-    p-values over the whole family for the dialogue-level Wilcoxon test (``dialogues.wilcoxon_p_holm``)
-    and McNemar (``mcnemar.p_value_holm``)."""
+    p-values for the dialogue-level Wilcoxon test (``dialogues.wilcoxon_p_holm``) and McNemar
+    (``mcnemar.p_value_holm``) over a **declared family**: the comparisons of one task x backbone
+    (:func:`family_name`; each record's ``family`` holds its name and ``size``), so one comparison's
+    adjusted p does not depend on the other tasks or backbones of the run."""
     out = []
     for (task, backbone), g in preds.groupby(["task", "backbone"], sort=False):
         methods = list(dict.fromkeys(g["method"]))
@@ -200,8 +314,11 @@ def compare_all(preds: pd.DataFrame, labels_by_task: dict[str, Sequence[str]], r
             pairs = []
         for m, r in pairs:
             res = compare(g, m, r, labels_by_task[task], n_resamples=n_resamples, seed=seed)
-            out.append({"task": task, "backbone": backbone, **res})
-    for key, sub in (("dialogues", "wilcoxon_p"), ("mcnemar", "p_value")):
-        for res, p in zip(out, holm([r[key][sub] for r in out])):
-            res[key][f"{sub}_holm"] = p
+            out.append({"task": task, "backbone": backbone, **res,
+                        "family": {"name": family_name(task, backbone, reference, all_pairs), "size": len(pairs)}})
+    for name in dict.fromkeys(r["family"]["name"] for r in out):
+        members = [r for r in out if r["family"]["name"] == name]
+        for key, sub in (("dialogues", "wilcoxon_p"), ("mcnemar", "p_value")):
+            for res, p in zip(members, holm([r[key][sub] for r in members])):
+                res[key][f"{sub}_holm"] = p
     return out

@@ -23,7 +23,7 @@ from importlib.resources import files
 
 import pandas as pd
 
-from benchbench.analysis import Summary, gap_target_text, gap_text
+from benchbench.analysis import Summary, diff_text, gap_target_text, gap_text
 from benchbench.metrics import METRICS
 from benchbench.names import backbone_note
 from benchbench.task import TaskReference
@@ -85,6 +85,7 @@ class Row:
     note: str | None = None
     selection: dict = field(default_factory=dict)   # two-stage: {"phase_2": cells keeping Phase 2, "n"}
     gap: dict | None = None                         # analysis.gaps_closed's record (share of the gap to its target)
+    decomposition: dict | None = None               # analysis.decompose's record (dialogue / capacity, verdict)
 
 
 @dataclass
@@ -138,6 +139,7 @@ def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: 
     comps = {(c["task"], c["backbone"], c["method"]): c for c in summary.comparisons
              if c["reference"] == reference}
     gaps = {(g["task"], g["backbone"], g["method"]): g for g in summary.gap_closed if g["reference"] == reference}
+    decs = {(d["task"], d["backbone"], d["method"]): d for d in summary.decomposition if d["reference"] == reference}
     for c in summary.cells:
         s = section(c.task, c.backbone)
         comp = comps.get((c.task, c.backbone, c.method))
@@ -148,7 +150,7 @@ def sections(summary: Summary, reported: pd.DataFrame | None = None, reference: 
             per_class={k.removeprefix("f1_"): v["mean"] for k, v in st.items() if k.startswith("f1_")},
             costs={k: st[k]["mean"] for k, _, _ in COSTS if k in st},
             marks=_marks(comp) if comp else {}, comparison=comp, selection=dict(c.selection),
-            gap=gaps.get((c.task, c.backbone, c.method))))
+            gap=gaps.get((c.task, c.backbone, c.method)), decomposition=decs.get((c.task, c.backbone, c.method))))
     for s in out.values():
         s.rows.sort(key=lambda r: -r.metrics["wa"]["mean"])
     if reported is not None:  # beside the runs of the same task and backbone; the rest: unmatched_reported()
@@ -193,6 +195,18 @@ def _delta_text(row: Row) -> str:
     p = c["dialogues"].get("wilcoxon_p_holm")
     return (f"{100 * b['diff']:+.2f} [{100 * b['ci_low']:+.2f}, {100 * b['ci_high']:+.2f}]"
             + (f" p={p:.2g}" if p is not None else ""))
+
+
+def _dialogue_text(row: Row) -> str:
+    """The part of the WA difference from the dialogue (the method against its history-free control)."""
+    d = row.decomposition
+    if d is None:
+        return ""
+    return diff_text(d["dialogue"]["wa"]) if d.get("dialogue") else "no control"
+
+
+def _verdict_text(row: Row) -> str:
+    return row.decomposition["verdict"] if row.decomposition else ""
 
 
 def _gap_text(row: Row) -> str:
@@ -245,11 +259,14 @@ def _ceilings_text(sec: Section) -> str:
 
 
 def _legend_text(reference: str) -> str:
-    return (f"Metrics in %, mean [95% t-interval over cells]; n = cells = seeds x folds. ▲/▼: better/worse than "
-            f"{reference} with the dialogue-bootstrap 95% interval excluding 0 and Holm-corrected Wilcoxon p < 0.05 "
-            "over test dialogues. Gap closed: each method's share of the WA distance from "
+    return (f"Metrics in %, mean [95% t-interval over cells]; n = cells = seeds x folds. Δ: the mean over cells of "
+            f"the paired difference, 95% bootstrap over test dialogues within folds. ▲/▼: better/worse than "
+            f"{reference} with that interval excluding 0 and Holm-corrected Wilcoxon p < 0.05 over test dialogues "
+            f"(family: each method against {reference} on the task and backbone). Of which from the dialogue: the "
+            "method against its own history-free control (its state reset before every utterance); verdict: the "
+            "rule of docs/statistics.md. Gap closed: the share of the WA distance from "
             f"{reference} to the named target (a Bayes ceiling, or a reference that a method may pass: above "
-            "+100% says so).")
+            "+100% says so) closed by the dialogue.")
 
 
 def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, reference: str = "lora") -> str:
@@ -262,14 +279,16 @@ def render_markdown(summary: Summary, reported: pd.DataFrame | None = None, refe
         out.append(f"### {sec.task} · {sec.backbone}\n")
         if backbone_note(sec.backbone):
             out.append(f"*Backbone: {backbone_note(sec.backbone)}.*\n")
+        verdicts = any(r.decomposition for r in sec.rows)
         head = ["method", "n (seeds x folds)", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference}",
-                _gap_head(sec, reference)]
+                *(["of which from the dialogue", "verdict"] if verdicts else []), _gap_head(sec, reference)]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in sec.rows:
             name = _method_text(r)
             cells = [f"*{name}*" if r.kind == "reported" else name, _n_text(r),
-                     *(_metric_text(r, m) for m in METRICS), _delta_text(r), _gap_text(r)]
+                     *(_metric_text(r, m) for m in METRICS), _delta_text(r),
+                     *([_dialogue_text(r), _verdict_text(r)] if verdicts else []), _gap_text(r)]
             out.append("| " + " | ".join(cells) + " |")
         if _ceilings_text(sec):
             out.append("\n" + _ceilings_text(sec))
@@ -538,10 +557,12 @@ def _section_html(sec: Section, reference: str, index: int) -> str:
     the reference and the gap closed), per-class F1 and costs in a second, collapsed table, the plots,
     and the papers' reported rows for the same task and backbone."""
     labels = sec.labels or sorted({k for r in sec.measured for k in r.per_class})
+    verdicts = any(r.decomposition for r in sec.measured)
     head = ["method", "n (seeds x folds)", *(METRIC_NAMES[m] for m in METRICS), f"Δ WA vs {reference} [95% CI], Holm p",
-            _gap_head(sec, reference)]
+            *(["verdict"] if verdicts else []), _gap_head(sec, reference)]
     trs = [f'<tr class="{"reference" if r.method == reference else "measured"}">'
            + "".join([_name_td(r), _td(_n_text(r), r.n), *(_metric_td(r, m) for m in METRICS), _delta_td(r),
+                      *([_td(html.escape(_verdict_text(r)), _verdict_text(r))] if verdicts else []),
                       _gap_td(r)]) + "</tr>" for r in sec.measured]
     detail = [f'<tr>{_td(html.escape(r.method), r.method, "name")}'
               + "".join(_td(_pct(r.per_class[lab]), round(100 * r.per_class[lab], 4)) if lab in r.per_class

@@ -570,6 +570,101 @@ def view_table(run: CommittedRun, reference: str = "lora") -> str:
     return "\n\n".join(parts)
 
 
+def view_verdicts(run: CommittedRun, reference: str = "lora") -> str:
+    """Per task x backbone, each method's WA and its difference from ``reference`` split into the part
+    from the dialogue (the method against its own history-free control) and from capacity (the control
+    against ``reference``), the share of the gap to the context reference closed by the dialogue, the
+    slope over the speaker's earlier utterances, the Holm p of the declared family and the verdict
+    (``summary.json``'s ``decomposition``, :func:`benchbench.analysis.decompose`)."""
+    import numpy as np
+
+    from benchbench.analysis import diff_text, gap_target_text, gap_text, strength_text
+
+    s = run.summary
+    dec = {(d["task"], d["backbone"], d["method"]): d for d in s.decomposition if d["reference"] == reference}
+    if not dec:
+        return "No history-free controls in this run (a run of an older suite): see its `table` view."
+    gaps = {(g["task"], g["backbone"], g["method"]): g for g in s.gap_closed if g["reference"] == reference}
+    parts = []
+    secs = _sections(run)
+    for (task, backbone), cells in secs.items():
+        mine = {k[2]: d for k, d in dec.items() if k[:2] == (task, backbone)}
+        if not mine:
+            continue
+        targets = {gap_target_text(g) for k, g in gaps.items() if k[:2] == (task, backbone)}
+        gap_head = f"gap closed by the dialogue ({reference} -> {targets.pop()})" if len(targets) == 1 else \
+            "gap closed by the dialogue"
+        if len(secs) > 1:
+            parts.append(f"**{task} · {backbone}**\n")
+        head = ["method", "WA", f"total vs {reference}", "from the dialogue", "capacity", gap_head,
+                "slope / earlier utterance", "Holm p", "verdict"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in cells:
+            d = mine.get(c.method)
+            if d is None:
+                if c.method == reference:
+                    lines.append(f"| `{c.method}` | {_ci(c.stats['wa'])} | reference |  |  |  |  |  |  |")
+                continue
+            gap, slope, p = gaps.get((task, backbone, c.method)), d.get("history_slope"), d.get("holm_p")
+            lines.append("| " + " | ".join([
+                f"`{c.method}`", _ci(c.stats["wa"]), diff_text(d["total"]["wa"]),
+                diff_text(d["dialogue"]["wa"]) if d["dialogue"] else "no control",
+                diff_text(d["capacity"]["wa"]) if d["capacity"] else "",
+                gap_text(gap) if gap and gap.get("numerator") == "dialogue" else "",
+                diff_text({k: slope[k if k != "diff" else "slope"] for k in ("diff", "ci_low", "ci_high")})
+                if slope and np.isfinite(slope["slope"]) else "",
+                f"{p:.2g}" if p is not None else "", f"**{d['verdict']}**"]) + " |")
+        parts.append("\n".join(lines))
+        any_d = next(iter(mine.values()))
+        fam = any_d.get("family") or {}
+        n_dlg, n_folds = any_d["total"]["wa"]["n_dialogues"], any_d["total"]["wa"]["n_folds"]
+        parts.append(
+            f"Differences in WA points: the mean over seed x fold cells (so WA - {reference}'s WA = total = from the "
+            f"dialogue + capacity), with 95% intervals from a bootstrap over the {n_dlg} test dialogues resampled "
+            f"within the {n_folds} folds (seeds averaged within a dialogue). *From the dialogue*: the method minus "
+            "its own history-free control (the same fitted model, its state reset before every test utterance); "
+            f"*capacity*: that control minus `{reference}`. Slope: the WA difference per earlier utterance of the "
+            "speaker (0, 1, 2, 3+). Holm p: Wilcoxon signed-rank over test dialogues, family: "
+            f"{fam.get('name', '')} ({fam.get('size', '?')} comparisons). Verdict: the rule of docs/statistics.md "
+            "(\"Verdicts\").")
+        folds = [f"`{m}` [{100 * d['total']['wa']['fold_ci_low']:+.2f}, {100 * d['total']['wa']['fold_ci_high']:+.2f}]"
+                 for m, d in mine.items() if np.isfinite(d["total"]["wa"]["fold_ci_low"])]
+        if folds and n_folds >= 5:
+            parts.append(f"Total vs `{reference}`, 95% t-interval over the {n_folds} folds (the independent speaker "
+                         "groups): " + ", ".join(folds) + ".")
+        refs = [r for r in s.context_references if (r["task"], r["backbone"]) == (task, backbone)]
+        for r in refs:
+            parts.append(f"Reference `label_history` (`{reference}` + the speaker's previous *gold* label, which no "
+                         f"method sees; {strength_text(r)}; a reference, not a bound): {_pct(r['wa'])} WA.")
+    return "\n\n".join(parts)
+
+
+def view_gate(run: CommittedRun) -> str:
+    """The phase gate audited (``summary.json``'s ``phase_gate``, :func:`benchbench.analysis.phase_gate_audit`):
+    per two-stage method, always Phase 2 (the papers' protocol) against the gated result, how often the
+    gate keeps Phase 2, and how often it picks the phase that is better on test."""
+    from benchbench.analysis import diff_text
+
+    rows = run.summary.phase_gate
+    if not rows:
+        return "No two-stage method in this run saved both phases' test predictions."
+    several = len({(g["task"], g["backbone"]) for g in rows}) > 1
+    head = ["method", f"always Phase 2 vs {rows[0]['reference']}", "gated vs " + rows[0]["reference"],
+            "gate keeps Phase 2", "gate picks the phase better on test", "p (above chance)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in rows:
+        lines.append("| " + " | ".join([
+            f"`{g['method']}`" + (f" ({g['task']} · {g['backbone']})" if several else ""),
+            diff_text(g["always_phase2"]), diff_text(g["gated"]), f"{g['kept']}/{g['n']} cells",
+            f"{g['hits']}/{g['decisive']} cells where the phases differ", f"{g['p_above_chance']:.2g}"]) + " |")
+    hits, dec = sum(g["hits"] for g in rows), sum(g["decisive"] for g in rows)
+    return "\n".join(lines) + (
+        f"\n\nOver every method: the gate picks the better phase in {hits}/{dec} decisive cells "
+        f"({100 * hits / dec:.0f}%; chance is 50%). The gate keeps Phase 2 where its dev-best epoch beats Phase 1 "
+        "on the dev split; WA points, mean over cells, 95% bootstrap over test dialogues within folds."
+        if dec else "")
+
+
 def _replayed(run: CommittedRun) -> dict[tuple, str]:
     """(task, backbone, method) -> ``"k/n"``: in how many of its cells the task LoRA's training was
     replayed (``results.csv``'s ``phase1_replayed``), for methods that have a Phase 1."""
@@ -839,7 +934,7 @@ def view_curves(run: CommittedRun) -> str:
 VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
          "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale,
          "forms": view_forms, "history": view_history, "folds": view_folds, "curves": view_curves,
-         "probe": view_probe}
+         "probe": view_probe, "verdicts": view_verdicts, "gate": view_gate}
 
 
 # ---------------------------------------------------------------------------- render and check
