@@ -339,7 +339,10 @@ def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, f
     selection = {"phases": cls.phases, "selected_phase": selected.get("phase"),
                  "selected_epoch": selected.get("epoch"),  # 1-based, as FitReport.selected
                  # the task LoRA's training replayed from the Phase-1 cache (another cell's), not repeated
-                 "phase1_replayed": report.phase1_replayed}
+                 "phase1_replayed": report.phase1_replayed,
+                 # how many models the dev split compared in this fit (epochs of every phase, strengths, ...);
+                 # a tuned cell's trials compared as many again each (tuning_trials)
+                 "dev_evaluations": sum(len(v) for k, v in report.curves.items() if "_dev_" in k)}
     if report.phase_dev_scores:  # both phases' dev scores: what the phase gate compares
         selection.update({f"dev_score_phase{k}": v for k, v in report.phase_dev_scores.items()})
         selection["phase_gate"] = bool(getattr(method.config, "phase_gate", False))

@@ -276,8 +276,10 @@ def run_epochs(method: ContextMethod, report: FitReport, name: str, epochs: int,
         best.restore()
         report.selected, report.dev_score = {"phase": 1, "epoch": best.epoch}, best.score
         return best
-    if best.state is None:  # no Phase-2 epoch: Phase 1 stands
-        report.phase_dev_scores = {"1": phase1_score, "2": None}
+    if best.epoch is None:  # no Phase-2 epoch (epochs=0), or none beat the score a plugin's checkpoint
+        if best.state is not None:  # started from (the older gate, BestCheckpoint(score=...)): Phase 1 stands
+            best.restore()
+        report.phase_dev_scores = {"1": phase1_score if phase1_score is not None else report.dev_score, "2": None}
         return best
     best.restore()
     report.phase_dev_scores = {"1": phase1_score, "2": float(best.score)}

@@ -239,7 +239,7 @@ def _method_text(row: Row) -> str:
     if row.kind == "reported":
         paper = PAPERS[row.source]
         return f"{row.method} (reported: {row.note}; {paper['short']} {row.table})"
-    if row.selection:  # dev kept Phase 1 (the memory unused) in the other cells
+    if row.selection and row.selection["phase_2"] < row.selection["n"]:  # the gate kept Phase 1 in the others
         return f"{row.method} (Phase 2 selected in {row.selection['phase_2']}/{row.selection['n']} cells)"
     return row.method
 

@@ -84,7 +84,8 @@ def test_bench_run_smoke_writes_results_and_logs_mlflow(tmp_path, capsys, monkey
 
     board = (out / "leaderboard.md").read_text()
     assert "### synthetic · tiny-qwen2-audio" in board and "context_free" in board
-    assert "| mal (Phase 2 selected in " in board and " cells) | 2 (2 x 1) |" in board  # n as seeds x folds
+    assert "| mal | 2 (2 x 1) |" in board  # n as seeds x folds; no gate (the papers' protocol): Phase 2 reported
+    assert "of which from the dialogue" in board and "| verdict |" in board
 
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == res["n_test"].sum()

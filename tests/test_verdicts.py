@@ -213,8 +213,13 @@ def test_a_two_stage_cell_saves_both_phases_and_the_capacity_control_ignores_his
     lora = compute_cell(_cell("lora", tiny_task, backbone))
     assert (p["prediction_phase1"].to_numpy() == lora.predictions["prediction"].to_numpy()).all()
 
-    # history=false: a fresh memory for every utterance, so a dialogue predicts as its utterances alone
-    cls = METHODS.get("mal")
+
+
+@pytest.mark.parametrize("method", ["mal", "ttt", "rmt"])
+def test_the_capacity_control_predicts_every_utterance_alone(method, backbone, tiny_task):
+    """history=false: a fresh memory for every utterance, in training and evaluation, so a dialogue
+    predicts as its utterances alone, batched or streamed, with the memory switched on."""
+    cls = METHODS.get(method)
     m = cls(backbone, tiny_task.labels, cls.make_config("smoke", {"history": False}), seed=0)
     m.fit(tiny_task.folds()[0].train, tiny_task.folds()[0].dev)
     m.activate_context(0)
@@ -227,4 +232,27 @@ def test_a_two_stage_cell_saves_both_phases_and_the_capacity_control_ignores_his
         stepped += [m.step(u) for u in d.inputs()]
     np.testing.assert_allclose(whole, alone, atol=1e-5)
     np.testing.assert_allclose(np.stack(stepped), alone, atol=1e-5)
-    assert cls.label(m.config, "smoke") == "mal{history=false}"
+    assert cls.label(m.config, "smoke").endswith("{history=false}")
+
+
+def test_label_history_strength_is_chosen_on_the_other_folds():
+    """Fold 1 holds the same dialogues as fold 0 under a transition matrix that points the wrong way:
+    its own best strength is 0, fold 0's is 0.5. Each fold takes the other's choice, so neither is
+    chosen on the labels it is scored on."""
+    from benchbench.analysis import TaskSummary, label_history_references
+    from tests.test_hmm import _ceiling_fixture
+
+    preds, tasks = _ceiling_fixture()
+    both = pd.concat([preds, preds.assign(fold=1)], ignore_index=True)
+    A = tasks["toy"].transitions["0"]
+    info = TaskSummary(["a", "b"], transitions={"0": A, "1": {"A": [[0.2, 0.8], [0.7, 0.3]], "prior": A["prior"]}})
+    alone = {f: label_history_references(both[both["fold"] == f], {"toy": info})[0][0] for f in (0, 1)}
+    assert (alone[0]["strength"], alone[1]["strength"]) == (0.5, 0.0)  # each fold's own best, on itself
+    assert alone[0]["strength_chosen_on"] == "its own fold (one fold)"
+    (ref,), rows = label_history_references(both, {"toy": info})
+    assert ref["strength_by_fold"] == {"0": 0.0, "1": 0.5} and ref["strength"] is None
+    assert ref["strength_chosen_on"] == "the other folds"
+    target = rows[("toy", "bb")]
+    fold0 = target[target["fold"] == 0]["target_correct"]
+    assert not fold0.any()  # strength 0 (chosen on fold 1) is lora itself, wrong everywhere on fold 0
+    assert ref["wa"] == pytest.approx(target["target_correct"].mean())

@@ -712,6 +712,10 @@ def view_costs(run: CommittedRun) -> str:
 
 
 def view_selection(run: CommittedRun) -> str:
+    if run.summary.phase_gate and all(c.selection.get("phase_2") == c.selection.get("n")
+                                      for c in run.summary.cells if c.selection):
+        return ("The phase gate is off (the papers' protocol): every two-stage cell reports Phase 2, and its Phase-1 "
+                "predictions are kept beside; the gate's audit is the `gate` view.")
     cells = [c for c in run.summary.cells if c.selection]
     several = len({(c.task, c.backbone) for c in cells}) > 1  # then each count names its task and backbone
     rows = [f"`{c.method}`" + (f" ({c.task} · {c.backbone})" if several else "") +
@@ -734,11 +738,23 @@ def view_history(run: CommittedRun) -> str:
         if len(secs) > 1:
             parts.append(f"**{task} · {backbone}**\n")
         bins = list(rows[0]["wa"])
-        head = ["method", *(f"{b} earlier (n {rows[0]['n'][b]})" for b in bins)]
+        slopes = {d["method"]: d["history_slope"] for d in run.summary.decomposition
+                  if (d["task"], d["backbone"]) == (task, backbone) and d.get("history_slope")}
+        ref = next((d["reference"] for d in run.summary.decomposition), "lora")
+        head = ["method", *(f"{b} earlier (n {rows[0]['n'][b]})" for b in bins),
+                *([f"slope of the difference to {ref} (pts / earlier utterance)"] if slopes else [])]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for h in rows:
-            lines.append("| " + " | ".join([f"`{h['method']}`", *(f"{100 * h['wa'][b]:.1f}" for b in bins)]) + " |")
+            sl = slopes.get(h["method"])
+            slope = [f"{100 * sl['slope']:+.2f} [{100 * sl['ci_low']:+.2f}, {100 * sl['ci_high']:+.2f}]"
+                     if sl and sl["ci_low"] == sl["ci_low"] else ""] if slopes else []
+            lines.append("| " + " | ".join([f"`{h['method']}`", *(f"{100 * h['wa'][b]:.1f}" for b in bins), *slope])
+                         + " |")
         parts.append("\n".join(lines))
+    if parts and any(d.get("history_slope") for d in run.summary.decomposition):
+        parts.append("Slope: least squares of the per-utterance WA difference on the speaker's earlier utterances "
+                     "(0, 1, 2, 3+), 95% bootstrap over test dialogues within folds: a memory of the speaker rises, "
+                     "capacity on the current utterance stays flat.")
     return "\n\n".join(parts) if parts else "No per-utterance predictions in this run."
 
 

@@ -47,6 +47,7 @@ class EMAConfig(MethodConfig):
     gate_lr: float = 2e-4        # alpha: lr, clipping 2.0 (as MAL's gates)
     batch_size: int = 32
     selection_metric: str = "ua"
+    phase_gate: bool = False     # keep Phase 2 only where it beats Phase 1 on dev (off: the papers' protocol)
 
     def check(self) -> None:
         """Ranges, checked before any cell runs (``bench run --set ema.beta=1.5`` is refused)."""
@@ -140,13 +141,33 @@ class SpeakerEMA(ContextMethod):
             opt_w.step()
             opt_g.step()
 
-        # Phase 2 must beat Phase 1 on dev to replace it (the gate opened, before any Phase-2 step)
-        # Phase 1 selected (report.selected): alpha is back at 0, i.e. exactly the task LoRA
+        # Phase 2 ends at its dev-best epoch; with the phase gate, Phase 1 is selected unless that epoch
+        # beat it on dev, and the memory is then switched off (exactly the task LoRA)
         run_epochs(self, report, "ema", c.epochs, dev, c.selection_metric,
-                   BestCheckpoint(self._state, self._load_state, score=report.dev_score),
-                   batches, loss, step, [self.proj], progress,
-                   lambda: {"abs_tanh_alpha": abs(math.tanh(self.alpha.item()))}, phase=2)
+                   BestCheckpoint(self._state, self._load_state), batches, loss, step, [self.proj], progress,
+                   lambda: {"abs_tanh_alpha": abs(math.tanh(self.alpha.item()))}, phase=2,
+                   phase1_score=report.dev_score, gate=c.phase_gate)
+        self.use_phase(report.selected["phase"])
         return report
+
+    def use_phase(self, phase: int) -> None:
+        """1: the task LoRA alone (the memory off, ``lora``'s predictions); 2: the memory at Phase 2's
+        dev-best epoch. The harness predicts the test set under both (the phase gate's audit)."""
+        if phase not in (1, 2):
+            raise ValueError(f"use_phase: expected phase 1 or 2, got {phase!r}")
+        self._gate_open = phase == 2
+
+    def activate_context(self, seed: int = 0) -> None:
+        """The kit's hook: the memory on even where Phase 1 was selected, then the default rule (a zero
+        alpha opened)."""
+        self._gate_open = True
+        super().activate_context(seed)
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        return {"gate_open": torch.tensor(int(self._gate_open))}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._gate_open = bool(state["gate_open"]) if "gate_open" in state else True
 
     def _params(self) -> dict[str, nn.Parameter]:
         return {"ema.proj.weight": self.proj.weight, "ema.alpha": self.alpha}
