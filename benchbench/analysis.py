@@ -294,7 +294,8 @@ def summarize(results: pd.DataFrame, preds: pd.DataFrame, tasks: dict[str, TaskS
     return summary
 
 # ---------------------------------------------------------------------------- dialogue vs capacity
-VERDICTS = ("gains through the dialogue", "gains through capacity only", "no resolvable effect", "hurts")
+VERDICTS = ("gains through the dialogue", "gains through capacity only", "gains, source unresolved",
+            "no resolvable effect", "hurts")
 """The verdicts of :func:`verdict`; the rule is in docs/statistics.md ("Verdicts")."""
 
 
@@ -302,19 +303,26 @@ def verdict(total: dict, dialogue: dict | None, capacity: dict | None) -> str:
     """A method's verdict from the 95% dialogue-bootstrap intervals of its WA differences
     (:func:`benchbench.stats.paired_difference` records, fractions), in this order:
 
-    1. ``hurts``: the total difference from the reference is below 0 (its interval's upper end < 0);
-    2. ``gains through the dialogue``: the part from the dialogue (the method minus its history-free
-       self) is above 0 (lower end > 0);
-    3. ``gains through capacity only``: the capacity part (history-free self minus the reference), or
-       the total where there is no control, is above 0 while the dialogue part is not;
-    4. ``no resolvable effect``: none of these."""
+    1. ``hurts``: the total difference from the reference lies below 0 (upper end < 0);
+    2. ``no resolvable effect``: the total's interval holds 0;
+    3. ``gains through the dialogue``: the total lies above 0 and so does the part from the dialogue
+       (the method minus its history-free self);
+    4. ``gains through capacity only``: the total lies above 0, the dialogue part does not, and the
+       capacity part (history-free self minus the reference) does;
+    5. ``gains, source unresolved``: the total lies above 0 and neither part does alone (or there is
+       no history-free control: ``dialogue`` and ``capacity`` None).
+
+    A dialogue part above 0 under a total that is not (a memory that helps its own history-free self,
+    which trails the reference) is not a gain over the reference: the table's dialogue column shows it."""
     if total["ci_high"] < 0:
         return "hurts"
+    if not total["ci_low"] > 0:
+        return "no resolvable effect"
     if dialogue is not None and dialogue["ci_low"] > 0:
         return "gains through the dialogue"
-    if (capacity is not None and capacity["ci_low"] > 0) or total["ci_low"] > 0:
+    if capacity is not None and capacity["ci_low"] > 0:
         return "gains through capacity only"
-    return "no resolvable effect"
+    return "gains, source unresolved"
 
 
 def _paired_rows(g: pd.DataFrame, method: str, reference: str, columns: list[str]) -> pd.DataFrame:

@@ -112,8 +112,11 @@ def test_the_verdict_rule():
     assert verdict(iv(-0.05, -0.01), iv(0.01, 0.02), iv(-0.1, -0.05)) == "hurts"
     assert verdict(iv(0.01, 0.09), iv(0.01, 0.05), iv(-0.02, 0.03)) == "gains through the dialogue"
     assert verdict(iv(0.01, 0.09), iv(-0.01, 0.03), iv(0.01, 0.06)) == "gains through capacity only"
-    assert verdict(iv(0.01, 0.09), None, None) == "gains through capacity only"
+    assert verdict(iv(0.01, 0.09), iv(-0.01, 0.05), iv(-0.01, 0.06)) == "gains, source unresolved"
+    assert verdict(iv(0.01, 0.09), None, None) == "gains, source unresolved"
     assert verdict(iv(-0.02, 0.04), iv(-0.01, 0.03), iv(-0.02, 0.02)) == "no resolvable effect"
+    # the dialogue helps the method's own history-free self, which trails lora: no gain over lora
+    assert verdict(iv(-0.08, 0.0), iv(0.05, 0.13), iv(-0.18, -0.08)) == "no resolvable effect"
 
 
 def test_decompose_splits_a_capacity_gain_from_a_dialogue_gain():
