@@ -665,6 +665,28 @@ def view_gate(run: CommittedRun) -> str:
         if dec else "")
 
 
+def view_dev_choices(run: CommittedRun) -> str:
+    """How many models each method's dev split compared per cell: the dev scores of its training curves
+    (``curves.csv.gz``: one per epoch of every stage, one per ``hmm`` strength) and, for a tuned cell,
+    its Optuna trials on the same dev split (``results.csv``'s ``tuning_trials``; each trial compares its
+    own epochs again)."""
+    import pandas as pd
+
+    path = run.folder / "curves.csv.gz"
+    if not path.is_file():
+        return "This run kept no training curves."
+    curves = pd.read_csv(path)
+    dev = curves[curves["curve"].str.contains("_dev_")]
+    per_cell = dev.groupby(["method", "seed", "fold"], sort=False).size().groupby("method", sort=False).agg(["min", "max"])
+    rows = _rows(run)
+    trials = rows.groupby("method", sort=False)["tuning_trials"].max() if "tuning_trials" in rows else {}
+    lines = ["| method | dev scores per fit (epochs, strengths) | tuning trials per fold (seed 0) |", "|---|---|---|"]
+    for m, r in per_cell.iterrows():
+        span = f"{r['min']}" if r["min"] == r["max"] else f"{r['min']}-{r['max']}"
+        lines.append(f"| `{m}` | {span} | {int(trials.get(m, 0)) if len(trials) else 0} |")
+    return "\n".join(lines)
+
+
 def _replayed(run: CommittedRun) -> dict[tuple, str]:
     """(task, backbone, method) -> ``"k/n"``: in how many of its cells the task LoRA's training was
     replayed (``results.csv``'s ``phase1_replayed``), for methods that have a Phase 1."""
@@ -950,7 +972,8 @@ def view_curves(run: CommittedRun) -> str:
 VIEWS = {"terminal": view_terminal, "command": view_command, "provenance": view_provenance, "table": view_table,
          "costs": view_costs, "selection": view_selection, "paper-scale": view_paper_scale,
          "forms": view_forms, "history": view_history, "folds": view_folds, "curves": view_curves,
-         "probe": view_probe, "verdicts": view_verdicts, "gate": view_gate}
+         "probe": view_probe, "verdicts": view_verdicts, "gate": view_gate,
+         "dev-choices": view_dev_choices}
 
 
 # ---------------------------------------------------------------------------- render and check
