@@ -339,6 +339,10 @@ def _has(rows: pd.DataFrame, column: str) -> bool:
     return column in rows and bool(rows[column].notna().all()) and bool((rows[column].astype(str) != "").all())
 
 
+CAPACITY_CONTROL = "{history=false}"
+"""The label suffix of a memory's trained capacity control (``--set mal.history=false``)."""
+
+
 def decompose(preds: pd.DataFrame, labels_by_task: dict, comparisons: list[dict], reference: str = "lora",
               n_resamples: int = 2000) -> list[dict]:
     """Per method x task x backbone against ``reference``: the **total** WA / UA / WF1 / Macro-F1
@@ -350,8 +354,13 @@ def decompose(preds: pd.DataFrame, labels_by_task: dict, comparisons: list[dict]
     utterances (:func:`benchbench.stats.history_slope`); the comparison's Holm p and declared family
     (from ``comparisons``); the :func:`verdict`.
 
-    Records ``{"method", "task", "backbone", "reference", "total", "dialogue", "capacity",
-    "history_slope", "holm_p", "family", "control", "verdict"}``; ``dialogue`` and ``capacity`` are
+    Where the run also holds the method's trained capacity control (the same label with
+    ``{history=false}``: the memory trained and evaluated without history), ``trained_control`` holds
+    ``{"control": its label, "difference": method - control}`` (what the history adds against a memory
+    trained without it), else ``None``.
+
+    Records ``{"method", "task", "backbone", "reference", "total", "trained_control", "dialogue",
+    "capacity", "history_slope", "holm_p", "family", "control", "verdict"}``; ``dialogue`` and ``capacity`` are
     ``None`` where the method's rows hold no history-free control (``control`` False: a run of an
     older suite, or a plugin whose state outlives ``reset``)."""
     from .stats import history_slope, paired_difference
@@ -378,7 +387,15 @@ def decompose(preds: pd.DataFrame, labels_by_task: dict, comparisons: list[dict]
                                                correct_ref=(j["prediction_ref"] == j["label"]).astype(float)),
                                       n_resamples=n_resamples)
             cmp = by_cmp.get((t, b, m), {})
+            trained = None
+            control_label = m + CAPACITY_CONTROL
+            if control_label in set(g["method"]):  # the same memory trained without history (history=false)
+                k = _paired_rows(g, m, control_label, ["dialogue_id", "label", "prediction"])
+                if not k.empty:
+                    trained = {"control": control_label,
+                               "difference": paired_difference(k, "prediction", "prediction_ref", labels, n_resamples)}
             out.append({"method": m, "task": t, "backbone": b, "reference": reference, "total": total,
+                        "trained_control": trained,
                         "dialogue": dialogue, "capacity": capacity, "history_slope": slope,
                         "holm_p": (cmp.get("dialogues") or {}).get("wilcoxon_p_holm"),
                         "family": cmp.get("family"), "control": bool(control),

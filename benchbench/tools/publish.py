@@ -627,6 +627,12 @@ def view_verdicts(run: CommittedRun, reference: str = "lora") -> str:
             "speaker (0, 1, 2, 3+). Holm p: Wilcoxon signed-rank over test dialogues, family: "
             f"{fam.get('name', '')} ({fam.get('size', '?')} comparisons). Verdict: the rule of docs/statistics.md "
             "(\"Verdicts\").")
+        trained = [f"`{m}` - `{d['trained_control']['control']}` {diff_text(d['trained_control']['difference']['wa'])}"
+                   for m, d in mine.items() if d.get("trained_control")]
+        if trained:
+            parts.append("What the history adds against the same memory *trained* without it (the capacity control "
+                         "`{history=false}`: reset before every utterance in training and evaluation; WA points, "
+                         "the same intervals): " + "; ".join(trained) + ".")
         folds = [f"`{m}` [{100 * d['total']['wa']['fold_ci_low']:+.2f}, {100 * d['total']['wa']['fold_ci_high']:+.2f}]"
                  for m, d in mine.items() if np.isfinite(d["total"]["wa"]["fold_ci_low"])]
         if folds and n_folds >= 5:
