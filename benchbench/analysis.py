@@ -540,7 +540,7 @@ def label_history_references(preds: pd.DataFrame, tasks: dict[str, TaskSummary],
         out.append({"task": t, "backbone": b, "name": "label_history", "kind": "reference", "ceiling": "label_history",
                     "wa": float(target.mean()), "reference": reference, "reference_wa": float(correct[0.0].mean()),
                     "strength": values[0] if len(values) == 1 else None, "strength_by_fold": chosen,
-                    "strength_chosen_on": "the other folds" if len(chosen) > 1 else "its own fold (one fold)",
+                    "strength_chosen_on": "the other folds" if len(chosen) > 1 else "its own fold, the run's only one",
                     "n_cells": int(g.groupby(["seed", "fold"]).ngroups), "n": int(len(g)),
                     "assumes": LABEL_HISTORY_ASSUMES})
     return out, rows_of
@@ -705,7 +705,7 @@ def strength_text(c: dict) -> str:
     chose differently (``"strength per fold 0.75, 1, ..."``), and where it was chosen."""
     if c.get("strength") is not None:
         where = c.get("strength_chosen_on")
-        return f"strength {c['strength']:g}" + (f" (chosen on {where})" if where else "")
+        return f"strength {c['strength']:g}" + (f", chosen on {where}" if where else "")
     by = c.get("strength_by_fold") or {}
     return "strength per fold " + ", ".join(f"{v:g}" for _, v in sorted(by.items())) + \
         f" (each chosen on {c.get('strength_chosen_on', 'the other folds')})"

@@ -123,8 +123,9 @@ def test_decompose_splits_a_capacity_gain_from_a_dialogue_gain():
     """Method "cap" is right everywhere, alone or in its dialogue (capacity only); "dlg" is right from
     the second turn on, and its history-free self is lora (the dialogue only)."""
     lora = lambda f, s, d, t: t == 0  # noqa: E731
-    preds = _preds_of({"lora": lora, "cap": lambda *k: True, "dlg": lambda f, s, d, t: True})
-    nohist = {"lora": lora, "cap": lambda *k: True, "dlg": lora}
+    preds = _preds_of({"lora": lora, "cap": lambda *k: True, "dlg": lambda f, s, d, t: True,
+                       "dlg{history=false}": lora})
+    nohist = {"lora": lora, "cap": lambda *k: True, "dlg": lora, "dlg{history=false}": lora}
     preds["prediction_nohist"] = [("a" if nohist[m](f, s, int(d.split("d")[1]), int(u.rsplit("t", 1)[1])) else "b")
                                   for m, f, s, d, u in preds[["method", "fold", "seed", "dialogue_id",
                                                               "utterance_id"]].itertuples(index=False)]
@@ -133,7 +134,11 @@ def test_decompose_splits_a_capacity_gain_from_a_dialogue_gain():
     assert out["cap"]["verdict"] == "gains through capacity only" and out["cap"]["dialogue"]["wa"]["diff"] == 0
     assert out["dlg"]["verdict"] == "gains through the dialogue" and out["dlg"]["capacity"]["wa"]["diff"] == 0
     assert out["dlg"]["total"]["wa"]["diff"] == pytest.approx(0.8)
-    assert out["dlg"]["family"]["size"] == 2 and out["dlg"]["holm_p"] is not None
+    assert out["dlg"]["family"]["size"] == 3 and out["dlg"]["holm_p"] is not None
+    # against the same memory trained without history (its capacity control), the history adds 0.8
+    assert out["dlg"]["trained_control"]["control"] == "dlg{history=false}"
+    assert out["dlg"]["trained_control"]["difference"]["wa"]["diff"] == pytest.approx(0.8)
+    assert out["cap"]["trained_control"] is None
 
 
 def test_the_phase_gate_audit_counts_hits_against_test():
@@ -251,7 +256,7 @@ def test_label_history_strength_is_chosen_on_the_other_folds():
     info = TaskSummary(["a", "b"], transitions={"0": A, "1": {"A": [[0.2, 0.8], [0.7, 0.3]], "prior": A["prior"]}})
     alone = {f: label_history_references(both[both["fold"] == f], {"toy": info})[0][0] for f in (0, 1)}
     assert (alone[0]["strength"], alone[1]["strength"]) == (0.5, 0.0)  # each fold's own best, on itself
-    assert alone[0]["strength_chosen_on"] == "its own fold (one fold)"
+    assert alone[0]["strength_chosen_on"] == "its own fold, the run's only one"
     (ref,), rows = label_history_references(both, {"toy": info})
     assert ref["strength_by_fold"] == {"0": 0.0, "1": 0.5} and ref["strength"] is None
     assert ref["strength_chosen_on"] == "the other folds"
@@ -259,3 +264,24 @@ def test_label_history_strength_is_chosen_on_the_other_folds():
     fold0 = target[target["fold"] == 0]["target_correct"]
     assert not fold0.any()  # strength 0 (chosen on fold 1) is lora itself, wrong everywhere on fold 0
     assert ref["wa"] == pytest.approx(target["target_correct"].mean())
+
+
+def test_the_published_verdicts_table_subtracts():
+    """In the committed main job, every method's WA minus lora's WA is its total difference, and the
+    total is the dialogue part plus the capacity part (the columns subtract, to the rounding)."""
+    import re
+
+    from benchbench.tools.publish import ROOT, CommittedRun, view_verdicts
+
+    run = CommittedRun(ROOT / "results" / "main-job-v3")
+    rows = [line.split(" | ") for line in view_verdicts(run).splitlines() if line.startswith("| `")]
+    num = lambda text: float(re.match(r"[+-]?[\d.]+", text.strip()).group(0))  # noqa: E731
+    lora = next(num(r[1]) for r in rows if r[0] == "| `lora`")
+    checked = 0
+    for r in rows:
+        if r[0] == "| `lora`":
+            continue
+        wa, total, dialogue, capacity = (num(x) for x in r[1:5])
+        assert abs(wa - lora - total) <= 0.011 and abs(dialogue + capacity - total) <= 0.011, r
+        checked += 1
+    assert checked == 3 and "family: each method against lora on synthetic" in view_verdicts(run)

@@ -621,7 +621,8 @@ def view_verdicts(run: CommittedRun, reference: str = "lora") -> str:
         parts.append(
             f"Differences in WA points: the mean over seed x fold cells (so WA - {reference}'s WA = total = from the "
             f"dialogue + capacity), with 95% intervals from a bootstrap over the {n_dlg} test dialogues resampled "
-            f"within the {n_folds} folds (seeds averaged within a dialogue). *From the dialogue*: the method minus "
+            f"within {'each of the ' + str(n_folds) + ' folds' if n_folds > 1 else 'the fold'} (seeds averaged "
+            "within a dialogue). *From the dialogue*: the method minus "
             "its own history-free control (the same fitted model, its state reset before every test utterance); "
             f"*capacity*: that control minus `{reference}`. Slope: the WA difference per earlier utterance of the "
             "speaker (0, 1, 2, 3+). Holm p: Wilcoxon signed-rank over test dialogues, family: "
