@@ -20,7 +20,7 @@ def test_every_generated_block_of_the_readme_and_the_docs_is_current():
     docs = [p.relative_to(ROOT).as_posix() for p in publish.documents()]
     assert "README.md" in docs and "docs/results.md" in docs
     readme = (ROOT / "README.md").read_text()
-    assert readme.count("<!-- results:main-job terminal -->") == 1  # the main job's output, once
+    assert readme.count("<!-- results:main-job-v3 terminal -->") == 1  # the main job's output, once
     assert len(readme.splitlines()) <= 250
 
 
