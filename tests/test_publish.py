@@ -119,6 +119,15 @@ def test_record_keeps_the_command_its_output_commit_and_machine(tmp_path):
         publish.record("x", ["python", "-c", "1"], results=tmp_path)
 
 
+def test_record_refuses_code_imported_from_another_checkout(tmp_path):
+    """A run recorded from a second checkout whose editable install points at the first would compute with
+    the first's methods under the second's commit: the recorder refuses, naming the package."""
+    publish.check_code_root()  # this checkout: every package resolves under it
+    with pytest.raises(ValueError, match=r"benchbench would be imported from .*not from the checkout being "
+                                         r"recorded"):
+        publish.check_code_root(tmp_path)
+
+
 def test_the_provenance_names_the_uncommitted_files_a_run_started_on():
     base = {"dirty": True, "commit": "a" * 40}
     assert publish._dirty_text({**base, "dirty_paths": ["tests/test_x.py"]}) == \

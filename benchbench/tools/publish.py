@@ -131,6 +131,28 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------------------- record
+CODE_PACKAGES = ("benchbench", "benchbench.methods", "benchbench.tasks", "benchbench.backbones",
+                 "benchbench.leaderboard")
+"""The packages a recorded command runs: all of them must come from the checkout whose commit the run
+records."""
+
+
+def check_code_root(root: Path = ROOT) -> None:
+    """``ValueError`` naming the package and where it would be imported from, when one of
+    :data:`CODE_PACKAGES` resolves outside ``root``. An editable install maps ``benchbench.methods``,
+    ``.tasks``, ``.backbones`` and ``.leaderboard`` to the checkout it was installed from, whatever
+    ``PYTHONPATH`` says, so a run recorded from a second checkout (a git worktree) would compute its cells
+    with the other checkout's methods while ``run.json`` names this one's commit."""
+    import importlib.util
+
+    for pkg in CODE_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        where = Path(spec.origin if spec and spec.origin else next(iter(spec.submodule_search_locations or []), "."))
+        if not where.resolve().is_relative_to(Path(root).resolve()):
+            raise ValueError(f"{pkg} would be imported from {where.parent}, not from the checkout being recorded "
+                             f"({root}): install this checkout (pip install -e {root}) or record from the other one")
+
+
 def record(name: str, command: list[str], results: Path = RESULTS) -> int:
     """Run ``command`` (a ``bench ...`` command line, or several separated by ``;`` tokens) and keep what
     it printed and wrote in ``results/<name>/`` (module docstring). Returns the exit status of the
@@ -142,8 +164,11 @@ def record(name: str, command: list[str], results: Path = RESULTS) -> int:
 
     Raises ``ValueError`` for a name that is not a plain folder name, a command that is not a
     ``bench`` command, a ``bench run`` command that sets ``--output`` or ``--tracking-uri`` itself
-    (the recorder owns both), and when ``results/<name>`` holds another command's run.
+    (the recorder owns both), when ``results/<name>`` holds another command's run, and when the
+    suite's packages would be imported from another checkout than the one recorded
+    (:func:`check_code_root`).
     """
+    check_code_root()
     if not re.fullmatch(r"[\w.-]+", name):
         raise ValueError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
     commands = [[]]
