@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from .metrics import METRICS
-from .stats import compare_all, interval
+from .stats import compare_all, interval, paired_rows
 from .task import TaskReference
 
 COST_COLUMNS = ("fit_seconds", "eval_ms_per_utterance", "trained_parameters", "peak_rss_mb", "peak_cuda_mb",
@@ -325,14 +325,15 @@ def verdict(total: dict, dialogue: dict | None, capacity: dict | None) -> str:
     return "gains, source unresolved"
 
 
-def _paired_rows(g: pd.DataFrame, method: str, reference: str, columns: list[str]) -> pd.DataFrame:
-    """``method``'s prediction rows (``columns``) joined with ``reference``'s prediction and correctness
-    (``prediction_ref``, ``correct_ref``) on fold, seed and utterance."""
-    keys = ["fold", "seed", "utterance_id"]
-    a = g[g["method"] == method].set_index(keys)
-    b = g[g["method"] == reference].set_index(keys)
-    ref = b[["prediction", "correct"]].rename(columns={"prediction": "prediction_ref", "correct": "correct_ref"})
-    return pd.merge(a[[c for c in columns if c in a]], ref, left_index=True, right_index=True).reset_index()
+def _against_reference(preds: pd.DataFrame, labels_by_task: dict, reference: str):
+    """``(task, backbone, that group's rows, its labels, method)`` for every method other than
+    ``reference`` of every task x backbone whose rows hold ``reference``, in order of appearance."""
+    for (t, b), g in preds.groupby(["task", "backbone"], sort=False):
+        if reference not in set(g["method"]):
+            continue
+        labels = list(labels_by_task.get(t) or sorted(g["label"].unique()))
+        for m in [x for x in dict.fromkeys(g["method"]) if x != reference]:
+            yield t, b, g, labels, m
 
 
 def _has(rows: pd.DataFrame, column: str) -> bool:
@@ -367,40 +368,33 @@ def decompose(preds: pd.DataFrame, labels_by_task: dict, comparisons: list[dict]
 
     by_cmp = {(c["task"], c["backbone"], c["method"]): c for c in comparisons if c.get("reference") == reference}
     out = []
-    for (t, b), g in preds.groupby(["task", "backbone"], sort=False):
-        labels = list(labels_by_task.get(t) or sorted(g["label"].unique()))
-        if reference not in set(g["method"]):
+    for t, b, g, labels, m in _against_reference(preds, labels_by_task, reference):
+        control = _has(g[g["method"] == m], "prediction_nohist")
+        j = paired_rows(g, m, reference, ["dialogue_id", "label", "prediction", "correct", "speaker_history",
+                                          "prediction_nohist"])
+        if j.empty:
             continue
-        for m in [x for x in dict.fromkeys(g["method"]) if x != reference]:
-            control = _has(g[g["method"] == m], "prediction_nohist")
-            j = _paired_rows(g, m, reference, ["dialogue_id", "label", "prediction", "correct", "speaker_history",
-                                               "prediction_nohist"])
-            if j.empty:
-                continue
-            total = paired_difference(j, "prediction", "prediction_ref", labels, n_resamples)
-            dialogue = paired_difference(j, "prediction", "prediction_nohist", labels, n_resamples) if control else None
-            capacity = paired_difference(j, "prediction_nohist", "prediction_ref", labels, n_resamples) \
-                if control else None
-            slope = None
-            if "speaker_history" in j:
-                slope = history_slope(j.assign(correct=(j["prediction"] == j["label"]).astype(float),
-                                               correct_ref=(j["prediction_ref"] == j["label"]).astype(float)),
-                                      n_resamples=n_resamples)
-            cmp = by_cmp.get((t, b, m), {})
-            trained = None
-            control_label = m + CAPACITY_CONTROL
-            if control_label in set(g["method"]):  # the same memory trained without history (history=false)
-                k = _paired_rows(g, m, control_label, ["dialogue_id", "label", "prediction"])
-                if not k.empty:
-                    trained = {"control": control_label,
-                               "difference": paired_difference(k, "prediction", "prediction_ref", labels, n_resamples)}
-            out.append({"method": m, "task": t, "backbone": b, "reference": reference, "total": total,
-                        "trained_control": trained,
-                        "dialogue": dialogue, "capacity": capacity, "history_slope": slope,
-                        "holm_p": (cmp.get("dialogues") or {}).get("wilcoxon_p_holm"),
-                        "family": cmp.get("family"), "control": bool(control),
-                        "verdict": verdict(total["wa"], dialogue["wa"] if dialogue else None,
-                                           capacity["wa"] if capacity else None)})
+        cmp = by_cmp.get((t, b, m), {})
+        # the comparison's difference is this one (stats.compare: the same rows, resamples and seed)
+        total = cmp.get("bootstrap") or paired_difference(j, "prediction", "prediction_ref", labels, n_resamples)
+        dialogue = paired_difference(j, "prediction", "prediction_nohist", labels, n_resamples) if control else None
+        capacity = paired_difference(j, "prediction_nohist", "prediction_ref", labels, n_resamples) \
+            if control else None
+        slope = history_slope(j, n_resamples=n_resamples) if "speaker_history" in j else None
+        trained = None
+        control_label = m + CAPACITY_CONTROL
+        if control_label in set(g["method"]):  # the same memory trained without history (history=false)
+            k = paired_rows(g, m, control_label, ["dialogue_id", "label", "prediction"])
+            if not k.empty:
+                trained = {"control": control_label,
+                           "difference": paired_difference(k, "prediction", "prediction_ref", labels, n_resamples)}
+        out.append({"method": m, "task": t, "backbone": b, "reference": reference, "total": total,
+                    "trained_control": trained,
+                    "dialogue": dialogue, "capacity": capacity, "history_slope": slope,
+                    "holm_p": (cmp.get("dialogues") or {}).get("wilcoxon_p_holm"),
+                    "family": cmp.get("family"), "control": bool(control),
+                    "verdict": verdict(total["wa"], dialogue["wa"] if dialogue else None,
+                                       capacity["wa"] if capacity else None)})
     return out
 
 
@@ -421,36 +415,30 @@ def phase_gate_audit(preds: pd.DataFrame, rows: pd.DataFrame, labels_by_task: di
     if preds.empty or "prediction_phase1" not in preds or not need <= set(rows.columns):
         return []
     dev = rows.drop_duplicates("cell_key").set_index("cell_key")
+    keep2 = dev["dev_score_phase2"].astype(float) > dev["dev_score_phase1"].astype(float)  # per cell: the gate
     out = []
-    for (t, b), g in preds.groupby(["task", "backbone"], sort=False):
-        labels = list(labels_by_task.get(t) or sorted(g["label"].unique()))
-        if reference not in set(g["method"]):
+    for t, b, g, labels, m in _against_reference(preds, labels_by_task, reference):
+        mine = g[g["method"] == m]
+        if not (_has(mine, "prediction_phase1") and _has(mine, "prediction_phase2")
+                and mine["cell_key"].isin(dev.index).all()):
             continue
-        for m in [x for x in dict.fromkeys(g["method"]) if x != reference]:
-            mine = g[g["method"] == m]
-            if not (_has(mine, "prediction_phase1") and _has(mine, "prediction_phase2")
-                    and mine["cell_key"].isin(dev.index).all()):
-                continue
-            d = dev.loc[mine["cell_key"], ["dev_score_phase1", "dev_score_phase2"]].to_numpy(float)
-            gated = np.where(d[:, 1] > d[:, 0], mine["prediction_phase2"], mine["prediction_phase1"])
-            g2 = pd.concat([g[g["method"] != m], mine.assign(prediction_gated=gated)])
-            j = _paired_rows(g2, m, reference, ["dialogue_id", "label", "prediction_phase1", "prediction_phase2",
-                                                "prediction_gated", "cell_key"])
-            per_cell = j.assign(c1=j["prediction_phase1"] == j["label"], c2=j["prediction_phase2"] == j["label"]
-                                ).groupby("cell_key")[["c1", "c2"]].mean()
-            cd = dev.loc[per_cell.index]
-            keep2 = cd["dev_score_phase2"].to_numpy(float) > cd["dev_score_phase1"].to_numpy(float)
-            c1, c2 = per_cell["c1"].to_numpy(), per_cell["c2"].to_numpy()
-            decisive = c1 != c2
-            hits, n_dec = int(((keep2 == (c2 > c1)) & decisive).sum()), int(decisive.sum())
-            p = float(stats.binomtest(hits, n_dec, 0.5, alternative="greater").pvalue) if n_dec else float("nan")
-            gate_on = int(cd["phase_gate"].astype(str).eq("True").sum()) if "phase_gate" in cd else 0
-            out.append({"method": m, "task": t, "backbone": b, "reference": reference,
-                        "always_phase2": paired_difference(j, "prediction_phase2", "prediction_ref", labels,
-                                                           n_resamples)["wa"],
-                        "gated": paired_difference(j, "prediction_gated", "prediction_ref", labels, n_resamples)["wa"],
-                        "kept": int(keep2.sum()), "n": int(len(keep2)), "hits": hits, "decisive": n_dec,
-                        "hit_rate": hits / n_dec if n_dec else float("nan"), "p_above_chance": p, "gate_on": gate_on})
+        j = paired_rows(g, m, reference, ["dialogue_id", "label", "prediction_phase1", "prediction_phase2",
+                                          "cell_key"])
+        j["prediction_gated"] = np.where(j["cell_key"].map(keep2), j["prediction_phase2"], j["prediction_phase1"])
+        per_cell = j.assign(c1=j["prediction_phase1"] == j["label"], c2=j["prediction_phase2"] == j["label"]
+                            ).groupby("cell_key")[["c1", "c2"]].mean()
+        k2 = keep2.loc[per_cell.index].to_numpy()
+        c1, c2 = per_cell["c1"].to_numpy(), per_cell["c2"].to_numpy()
+        decisive = c1 != c2
+        hits, n_dec = int(((k2 == (c2 > c1)) & decisive).sum()), int(decisive.sum())
+        p = float(stats.binomtest(hits, n_dec, 0.5, alternative="greater").pvalue) if n_dec else float("nan")
+        gate_on = int(dev.loc[per_cell.index, "phase_gate"].astype(str).eq("True").sum()) if "phase_gate" in dev else 0
+        out.append({"method": m, "task": t, "backbone": b, "reference": reference,
+                    "always_phase2": paired_difference(j, "prediction_phase2", "prediction_ref", labels,
+                                                       n_resamples)["wa"],
+                    "gated": paired_difference(j, "prediction_gated", "prediction_ref", labels, n_resamples)["wa"],
+                    "kept": int(k2.sum()), "n": int(len(k2)), "hits": hits, "decisive": n_dec,
+                    "hit_rate": hits / n_dec if n_dec else float("nan"), "p_above_chance": p, "gate_on": gate_on})
     return out
 
 

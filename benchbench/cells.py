@@ -216,17 +216,18 @@ def compute_cell(cell: Cell, progress: Callable[[str, dict], None] | None = None
     then ``status`` ``failed`` with the error and its traceback, and it has no predictions."""
     try:
         with torch_threads(cell.threads):
-            method, report, probs, seconds, tuning = _fit_and_stream(cell, progress)
+            method, report, streams, seconds, tuning = _fit_and_stream(cell, progress)
     except Exception as e:  # record and go on: other cells are independent
         log.error("cell %s failed: %s", cell.base, e)
         return CellRecord({**cell.base, "status": "failed", "error": f"{type(e).__name__}: {e}",
                            "traceback": traceback.format_exc()[-2000:]})
-    return _score(cell, method, report, probs, seconds, *tuning)
+    return _score(cell, method, report, streams, seconds, *tuning)
 
 
 def _fit_and_stream(cell: Cell, progress):
-    """``(method, its FitReport, probabilities per test dialogue, (fit seconds, eval seconds), (its
-    :class:`~benchbench.tuning.Tuning` or None, tuning seconds))``: the method tuned on the fold's dev
+    """``(method, its FitReport, (probabilities per test dialogue, the controls' by name: :func:`_controls`),
+    (fit seconds, eval seconds), (its :class:`~benchbench.tuning.Tuning` or None, tuning seconds))``:
+    the method tuned on the fold's dev
     split when ``cell.tune`` (:mod:`benchbench.tuning`), fitted on its train split (dev-selected)
     and streamed over its test split (label-free)."""
     cls = METHODS.get(cell.method)
@@ -312,12 +313,13 @@ def _controls(method, report: FitReport, test, probs) -> dict[str, list]:
     return out
 
 
-def _score(cell: Cell, method, report: FitReport, probs, seconds: tuple[float, float], tuning=None,
+def _score(cell: Cell, method, report: FitReport, streams: tuple, seconds: tuple[float, float], tuning=None,
            tuning_seconds: float = 0.0) -> CellRecord:
     """The record of a fitted and streamed cell: metrics over the scored utterances, costs, model
-    selection, tuning (``tuning_trials``, ``tuned_params``), the predictions table and the artifacts."""
+    selection, tuning (``tuning_trials``, ``tuned_params``), the predictions table and the artifacts.
+    ``streams``: the test probabilities per dialogue and the controls' (:func:`_controls`)."""
     cls, task, fold = METHODS.get(cell.method), cell.task, cell.fold
-    probs, controls = probs
+    probs, controls = streams
     # every utterance of the stream was predicted; only the scored ones count (IEMOCAP's fru, xxx,
     # ... are context only) and only they go into predictions.csv and the paired statistics
     y_true, p, keep = scored_only(fold.test, probs)

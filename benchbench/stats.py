@@ -225,6 +225,17 @@ def _rank_biserial(d: np.ndarray) -> float:
     return float((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
 
 
+def paired_rows(preds: pd.DataFrame, method: str, reference: str, columns: Sequence[str]) -> pd.DataFrame:
+    """``method``'s rows of ``preds`` (its ``columns`` that exist) joined with ``reference``'s prediction
+    and correctness (``prediction_ref``, ``correct_ref``) on the utterances both predicted (fold, seed,
+    utterance_id, which lead the result); empty where they share none."""
+    keys = ["fold", "seed", "utterance_id"]
+    a = preds[preds["method"] == method].set_index(keys)
+    b = preds[preds["method"] == reference].set_index(keys)
+    ref = b[["prediction", "correct"]].rename(columns={"prediction": "prediction_ref", "correct": "correct_ref"})
+    return pd.merge(a[[c for c in columns if c in a]], ref, left_index=True, right_index=True).reset_index()
+
+
 def compare(preds: pd.DataFrame, method: str, reference: str, labels: Sequence[str],
             n_resamples: int = 2000, seed: int = 0) -> dict:
     """Paired comparison of ``method`` against ``reference`` on the utterances both predicted.
@@ -232,11 +243,7 @@ def compare(preds: pd.DataFrame, method: str, reference: str, labels: Sequence[s
     ``preds``: rows of ``predictions.csv`` (columns method, fold, seed, dialogue_id, utterance_id,
     label, prediction, correct). Raises ``ValueError`` when the two share no test utterance.
     """
-    keys = ["fold", "seed", "utterance_id"]
-    a = preds[preds["method"] == method].set_index(keys)
-    b = preds[preds["method"] == reference].set_index(keys)
-    j = pd.merge(a[["dialogue_id", "label", "prediction", "correct"]], b[["prediction", "correct"]],
-                 left_index=True, right_index=True, how="inner", suffixes=("", "_ref")).reset_index()
+    j = paired_rows(preds, method, reference, ["dialogue_id", "label", "prediction", "correct"])
     if j.empty:
         raise ValueError(f"{method} and {reference} share no test utterance (same folds and seeds?)")
     clusters = (j["fold"].astype(str) + "/" + j["dialogue_id"].astype(str)).to_numpy()
